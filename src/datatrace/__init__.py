@@ -1,0 +1,55 @@
+"""datatrace: training data attribution for PyTorch.
+
+Which training examples made a model predict what it predicts, how sure that is, and
+which training data is mislabelled or harmful.
+
+    import datatrace as dt
+    task = dt.ClassificationTask(model)
+    ckpts = [dt.Checkpoint.from_module(model, weight=lr)]
+    fitted = dt.TracIn().fit(task, ckpts, (X_train, y_train))
+    S = fitted.attribute((X_test, y_test))      # (n_test, n_train), > 0 = proponent
+"""
+
+from .checkpoint import Checkpoint
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DatatraceError,
+    ModelError,
+    NonFiniteError,
+    StoreCorruptError,
+    StoreError,
+    StoreMismatchError,
+)
+from .features import FeatureSpec
+from .methods import FittedGradientAttributor, GradCos, GradDot, GradientAttributor, TracIn
+from .project import ProjectionSpec
+from .task import AbstractTask, ClassificationTask, RegressionTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractTask",
+    "Checkpoint",
+    "CheckpointError",
+    "ClassificationTask",
+    "ConfigError",
+    "DataError",
+    "DatatraceError",
+    "FeatureSpec",
+    "FittedGradientAttributor",
+    "GradCos",
+    "GradDot",
+    "GradientAttributor",
+    "ModelError",
+    "NonFiniteError",
+    "ProjectionSpec",
+    "RegressionTask",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreMismatchError",
+    "Task",
+    "TracIn",
+    "__version__",
+]

@@ -1,0 +1,144 @@
+"""Uniform random access to training or query data.
+
+Accepts what users have: a tuple/list of tensors ``(inputs, targets, ...)`` with a shared
+first dimension, a dict of such tensors (Hugging Face style batches), a
+``torch.utils.data.Dataset``, or a ``DataLoader`` (its dataset and collate function are
+used, in dataset order: attribution needs a fixed order, so a shuffling loader is read
+unshuffled). Examples are addressed by contiguous index ranges so that featurization can
+resume from the first unfinished range after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import default_collate as _default_collate
+
+from .errors import DataError
+
+Batch = Any  # a tuple/list of tensors or a dict of tensors, leading dimension = examples
+
+
+class ExampleSource:
+    """A fixed, ordered collection of examples read in index ranges.
+
+    Args:
+        data: tensors ``(inputs, targets)``, a dict of tensors, a Dataset or a DataLoader.
+        name: what the data is called in error messages ("training data", "queries").
+    """
+
+    def __init__(self, data: Any, name: str = "data") -> None:
+        self.name = name
+        self._tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None
+        self._dataset: Any = None
+        self._collate: Callable[[list[Any]], Batch] = _default_collate
+        if isinstance(data, ExampleSource):
+            self.__dict__.update(data.__dict__)
+            self.name = name
+            return
+        if isinstance(data, DataLoader):
+            if isinstance(data.dataset, IterableDataset):
+                raise DataError(
+                    f"{name}: an IterableDataset has no fixed order or length; "
+                    "materialise it into tensors or a map-style Dataset first"
+                )
+            self._dataset = data.dataset
+            if data.collate_fn is not None:
+                self._collate = data.collate_fn
+        elif isinstance(data, Dataset):
+            if isinstance(data, IterableDataset):
+                raise DataError(f"{name}: an IterableDataset has no fixed order or length")
+            self._dataset = data
+        elif isinstance(data, Mapping):
+            self._tensors = dict(data)
+            self._check_tensors(list(self._tensors.items()))
+        elif isinstance(data, (tuple, list)):
+            self._tensors = tuple(data)
+            self._check_tensors([(f"element {i}", t) for i, t in enumerate(self._tensors)])
+        elif isinstance(data, torch.Tensor):
+            raise DataError(
+                f"{name}: got a single tensor; pass a tuple (inputs, targets) so the loss "
+                "has its targets"
+            )
+        else:
+            raise DataError(
+                f"{name}: expected a tuple of tensors, a dict of tensors, a Dataset or a "
+                f"DataLoader, got {type(data).__name__}"
+            )
+        if len(self) == 0:
+            raise DataError(f"{name} is empty: there is nothing to attribute")
+
+    def _check_tensors(self, items: list[tuple[str, Any]]) -> None:
+        if not items:
+            raise DataError(f"{self.name}: no tensors given")
+        lengths = {}
+        for key, t in items:
+            if not isinstance(t, torch.Tensor):
+                raise DataError(f"{self.name}: {key} is a {type(t).__name__}, not a tensor")
+            if t.dim() == 0:
+                raise DataError(f"{self.name}: {key} is a scalar; need one row per example")
+            lengths[key] = t.shape[0]
+        if len(set(lengths.values())) > 1:
+            desc = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            raise DataError(
+                f"{self.name}: inputs and targets must have the same number of examples "
+                f"(first dimension), got {desc}"
+            )
+
+    def __len__(self) -> int:
+        if self._tensors is not None:
+            first = (
+                next(iter(self._tensors.values()))
+                if isinstance(self._tensors, Mapping)
+                else self._tensors[0]
+            )
+            return int(first.shape[0])
+        return len(self._dataset)
+
+    def batch(self, start: int, stop: int) -> Batch:
+        """Examples ``start..stop-1`` as one batch (tuple or dict of tensors)."""
+        if self._tensors is not None:
+            if isinstance(self._tensors, Mapping):
+                return {k: v[start:stop] for k, v in self._tensors.items()}
+            return tuple(t[start:stop] for t in self._tensors)
+        return self._collate([self._dataset[i] for i in range(start, stop)])
+
+    def ranges(self, batch_size: int) -> list[tuple[int, int]]:
+        """Contiguous ``(start, stop)`` ranges covering every example once."""
+        n = len(self)
+        return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+    def fingerprint(self, n_probe: int = 8) -> str:
+        """A cheap hash of the size and a few examples, to tell data sets apart in a store."""
+        h = hashlib.sha256(f"n={len(self)}".encode())
+        n = len(self)
+        for start in sorted({0, max(0, n - n_probe)}):
+            for t in _leaves(self.batch(start, min(n, start + n_probe))):
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _leaves(batch: Batch) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _leaves(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _leaves(v)]
+    return []
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor of a batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch

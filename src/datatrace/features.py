@@ -1,0 +1,293 @@
+"""Gradient features of one example set at one checkpoint, and the inner products between them.
+
+A :class:`GradientFeatures` is the resolved featurizer for one task: which parameters,
+which of them go through the factored ``nn.Linear`` path (input activation ⊗ output
+gradient, never forming the full gradient), and the optional random projection. Features
+are dicts of tensors with a leading example dimension:
+
+* ``"proj"``: the projected gradient, (batch, k), when a projection is set;
+* otherwise ``"dense"``: the flattened gradient of the non-factored parameters, (batch, p),
+  and for each factored layer ``"<layer>.a"`` (batch, in[+1 for the bias]) and
+  ``"<layer>.e"`` (batch, out).
+
+``⟨φ(z), φ(z')⟩`` is :meth:`GradientFeatures.pairwise`; its float64 twin is the dot product
+of flattened per-example gradients from :func:`datatrace.grads.per_example_grads_loop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DatatraceError, NonFiniteError
+from .grads import (
+    NotFactorable,
+    flatten_grads,
+    linear_factors,
+    per_example_grads,
+    per_example_grads_loop,
+    select_parameters,
+)
+from .project import ProjectionSpec, RandomProjector
+from .task import AbstractTask
+
+log = logging.getLogger("datatrace")
+Features = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a gradient feature is made of.
+
+    Args:
+        params: ``None`` (all trainable parameters) or parameter/module names.
+        projection_dim: ``None`` for exact gradients, else the random projection dimension.
+        projection_seed: seed of the projection matrix.
+        factored: use the factored path for ``nn.Linear`` layers (``None``: where it applies).
+        vmap: per-example gradients with ``torch.func.vmap`` (``None``: try it, fall back to
+            a per-example loop if the model cannot be traced).
+    """
+
+    params: tuple[str, ...] | None = None
+    projection_dim: int | None = None
+    projection_seed: int = 0
+    factored: bool | None = None
+    vmap: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.params is not None:
+            if isinstance(self.params, str):
+                object.__setattr__(self, "params", (self.params,))
+            else:
+                object.__setattr__(self, "params", tuple(self.params))
+            if not self.params:
+                raise ConfigError("params is an empty list; pass None to use every parameter")
+        if self.projection_dim is not None:
+            ProjectionSpec(self.projection_dim, self.projection_seed)  # validates
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "params": list(self.params) if self.params is not None else None,
+            "projection_dim": self.projection_dim,
+            "projection_seed": self.projection_seed if self.projection_dim else None,
+        }
+
+
+class GradientFeatures:
+    """The featurizer of :class:`FeatureSpec` bound to a task's model."""
+
+    def __init__(self, spec: FeatureSpec, task: AbstractTask) -> None:
+        self.spec = spec
+        self.task = task
+        module = task.model
+        self.names = select_parameters(module, spec.params)
+        shapes = dict(module.named_parameters())
+        self.sizes = [shapes[n].numel() for n in self.names]
+        self.layers = self._linear_layers(module) if spec.factored is not False else {}
+        if spec.factored and not self.layers:
+            raise ConfigError(
+                "factored=True needs selected parameters that belong to nn.Linear layers"
+            )
+        self.projector = (
+            RandomProjector(ProjectionSpec(spec.projection_dim, spec.projection_seed), self.sizes)
+            if spec.projection_dim is not None
+            else None
+        )
+        self._use_vmap = spec.vmap is not False
+        self._probed = False
+
+    def _linear_layers(self, module: nn.Module) -> dict[str, tuple[bool, bool]]:
+        """Linear layers whose selected parameters can be factored: {layer: (weight, bias)}."""
+        layers: dict[str, tuple[bool, bool]] = {}
+        for name, mod in module.named_modules():
+            if type(mod) is not nn.Linear:
+                continue
+            w, b = f"{name}.weight" in self.names, f"{name}.bias" in self.names
+            if w or b:
+                layers[name] = (w, b)
+        return layers
+
+    @property
+    def dense_names(self) -> list[str]:
+        factored = {f"{lay}.{p}" for lay in self.layers for p in ("weight", "bias")}
+        return [n for n in self.names if n not in factored]
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes)
+
+    def layout(self) -> dict[str, int]:
+        """Feature array names and their widths."""
+        if self.projector is not None:
+            return {"proj": self.projector.spec.dim}
+        module = self.task.model
+        out: dict[str, int] = {}
+        dense = self.dense_names
+        if dense:
+            shapes = dict(module.named_parameters())
+            out["dense"] = sum(shapes[n].numel() for n in dense)
+        for lay, (w, b) in self.layers.items():
+            lin = module.get_submodule(lay)
+            assert isinstance(lin, nn.Linear)
+            out[f"{lay}.a"] = (lin.in_features if w else 0) + (1 if b else 0)
+            out[f"{lay}.e"] = lin.out_features
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.spec.describe(),
+            "selected": self.names,
+            "factored_layers": sorted(self.layers),
+            "layout": self.layout(),
+        }
+
+    def compute(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        batch: Any,
+        measurement: bool,
+        offset: int,
+    ) -> Features:
+        """Features of one batch, (batch, width) each; ``offset`` = index of its first example."""
+        self.task.check_batch(self.task.model, batch, offset)
+        if not self._probed:
+            self._probe(params, buffers, batch)
+        grads, values = self._dense_grads(params, buffers, batch, measurement)
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.layers:
+            factors, values = linear_factors(
+                self.task, params, buffers, batch, list(self.layers), measurement
+            )
+        assert values is not None
+        _check_finite(values, grads, factors, offset, measurement)
+        if self.projector is not None:
+            for lay, (a, e) in factors.items():
+                w, b = self.layers[lay]
+                if w:
+                    grads[f"{lay}.weight"] = e[:, :, None] * a[:, None, :]
+                if b:
+                    grads[f"{lay}.bias"] = e
+            blocks = [grads[n].reshape(len(values), -1) for n in self.names]
+            return {"proj": self.projector(blocks)}
+        feats: Features = {}
+        if self.dense_names:
+            feats["dense"] = flatten_grads(grads, self.dense_names)
+        for lay, (a, e) in factors.items():
+            w, b = self.layers[lay]
+            parts = ([a] if w else []) + ([torch.ones_like(a[:, :1])] if b else [])
+            feats[f"{lay}.a"] = torch.cat(parts, dim=1)
+            feats[f"{lay}.e"] = e
+        return feats
+
+    def _dense_grads(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        batch: Any,
+        measurement: bool,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        names = self.dense_names
+        if not names:
+            return {}, None
+        if self._use_vmap:
+            try:
+                return per_example_grads(self.task, params, buffers, batch, names, measurement)
+            except DatatraceError:
+                raise  # the user's data or settings, not vmap
+            except Exception as exc:
+                if self.spec.vmap:
+                    raise
+                warnings.warn(
+                    f"vmap could not trace this model ({type(exc).__name__}: {exc}); "
+                    "falling back to a per-example loop (slower). Pass vmap=False to skip "
+                    "the attempt.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._use_vmap = False
+        return per_example_grads_loop(self.task, params, buffers, batch, names, measurement)
+
+    def _probe(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any
+    ) -> None:
+        """Keep only the Linear layers the factored path is exact for on this model."""
+        self._probed = True
+        if not self.layers:
+            return
+        try:
+            linear_factors(self.task, params, buffers, batch, list(self.layers))
+        except NotFactorable as exc:
+            if self.spec.factored:
+                raise ConfigError(f"factored=True does not apply: {exc}") from exc
+            log.info("factored Linear path off (%s); using dense per-example gradients", exc)
+            self.layers = {}
+
+    @staticmethod
+    def pairwise(q: Features, g: Features) -> torch.Tensor:
+        """Inner products ``⟨φ(q_j), φ(g_i)⟩``, shape (n_q, n_g)."""
+        out = None
+        for key in q:
+            if key.endswith(".a"):
+                continue
+            if key.endswith(".e"):
+                a = key[:-2] + ".a"
+                term = (q[key] @ g[key].T) * (q[a] @ g[a].T)
+            else:
+                term = q[key] @ g[key].T
+            out = term if out is None else out + term
+        assert out is not None
+        return out
+
+    @staticmethod
+    def sqnorm(g: Features) -> torch.Tensor:
+        """Squared norms ``‖φ(g_i)‖²``, shape (n_g,)."""
+        out = None
+        for key in g:
+            if key.endswith(".a"):
+                continue
+            if key.endswith(".e"):
+                a = key[:-2] + ".a"
+                term = (g[key] ** 2).sum(1) * (g[a] ** 2).sum(1)
+            else:
+                term = (g[key] ** 2).sum(1)
+            out = term if out is None else out + term
+        assert out is not None
+        return out
+
+
+def _check_finite(
+    values: torch.Tensor,
+    grads: dict[str, torch.Tensor],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    offset: int,
+    measurement: bool,
+) -> None:
+    bad_value = ~torch.isfinite(values)
+    bad = bad_value.clone()
+    for g in grads.values():
+        bad |= ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+    for a, e in factors.values():
+        bad |= ~(torch.isfinite(a).all(dim=1) & torch.isfinite(e).all(dim=1))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        idx = (rows + offset).tolist()
+        what = "measurement" if measurement else "loss"
+        kind = what if bool(bad_value.any()) else f"gradient of the {what}"
+        raise NonFiniteError(
+            f"non-finite (NaN or inf) {kind} at examples {idx[:20]}"
+            f"{' and more' if len(idx) > 20 else ''}; check these inputs/labels or the "
+            "checkpoint (a diverged model)",
+            indices=idx,
+        )
+
+
+def flat_dense(feats: Sequence[Features]) -> Features:
+    """Concatenate feature dicts along the example dimension."""
+    return {k: torch.cat([f[k] for f in feats], dim=0) for k in feats[0]}

@@ -1,0 +1,132 @@
+"""The one place that loops over data: featurize examples in batches, with progress bars,
+device moves and eval mode, into memory or into a resumable :class:`FeatureStore`."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ExampleSource, batch_to
+from .errors import NonFiniteError
+from .features import Features, GradientFeatures
+from .grads import bound_model
+from .store import FeatureStore
+
+State = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Progress bars on when asked, or by default when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run in eval mode (dropout off, batch-norm running statistics), then restore the flags."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def model_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def featurize(
+    features: GradientFeatures,
+    state: State,
+    source: ExampleSource,
+    measurement: bool,
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+    progress: bool | None = None,
+    desc: str = "featurizing",
+) -> Features:
+    """Features of examples ``start..stop-1`` of ``source``, in memory."""
+    stop = len(source) if stop is None else stop
+    device = model_device(features.task.model)
+    parts: list[Features] = []
+    ranges = [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
+    with eval_mode(features.task.model):
+        for s, e in tqdm(ranges, desc=desc, disable=not show_progress(progress), leave=False):
+            batch = batch_to(source.batch(s, e), device)
+            with _all_nonfinite(features, state, source, measurement, e, batch_size):
+                parts.append(features.compute(state[0], state[1], batch, measurement, offset=s))
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def featurize_into_store(
+    features: GradientFeatures,
+    states: list[State],
+    source: ExampleSource,
+    store: FeatureStore,
+    progress: bool | None = None,
+) -> int:
+    """Fill every unfinished chunk of ``store`` with training features; returns chunks computed."""
+    device = model_device(features.task.model)
+    done = [store.done(c) for c in range(len(states))]
+    todo = [
+        (c, k, r)
+        for c in range(len(states))
+        for k, r in enumerate(store.chunks())
+        if k not in done[c]
+    ]
+    with eval_mode(features.task.model):
+        for c, k, (s, e) in tqdm(
+            todo, desc="featurizing training data", disable=not show_progress(progress)
+        ):
+            batch = batch_to(source.batch(s, e), device)
+            params, buffers = states[c]
+            with _all_nonfinite(features, states[c], source, False, e, store.chunk_size):
+                feats = features.compute(params, buffers, batch, False, offset=s)
+            store.write(c, k, feats)
+    return len(todo)
+
+
+@contextlib.contextmanager
+def _all_nonfinite(
+    features: GradientFeatures,
+    state: State,
+    source: ExampleSource,
+    measurement: bool,
+    rest: int,
+    batch_size: int,
+) -> Iterator[None]:
+    """On a non-finite batch, scan the remaining examples' values (forward only) so the
+    error names every offending example, not just those of the first bad batch."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        task = features.task
+        value = task.measurement if measurement else task.loss
+        device = model_device(task.model)
+        bad = list(exc.indices)
+        with torch.no_grad():
+            for s in range(rest, len(source), batch_size):
+                batch = batch_to(source.batch(s, min(s + batch_size, len(source))), device)
+                vals = value(bound_model(task.model, {**state[1], **state[0]}), batch)
+                bad += (torch.isfinite(vals).logical_not().nonzero().flatten() + s).tolist()
+        if len(bad) == len(exc.indices):
+            raise
+        what = "measurement" if measurement else "loss"
+        raise NonFiniteError(
+            f"non-finite (NaN or inf) {what} or gradient at examples {bad[:20]}"
+            f"{f' and {len(bad) - 20} more' if len(bad) > 20 else ''}; check these "
+            "inputs/labels or the checkpoint (a diverged model)",
+            indices=bad,
+        ) from None
+
+
+def describe_store(store: FeatureStore) -> dict[str, Any]:
+    return {"path": str(store.path), "bytes": store.nbytes(), "chunks": len(store.chunks())}

@@ -1,0 +1,260 @@
+"""The gradient attributor: ``S[j, i] = Σ_c w_c ⟨φ_c(query_j), φ_c(train_i)⟩``.
+
+:class:`GradientAttributor` is the one engine behind Grad-Dot, Grad-Cos and TracIn (see
+:mod:`datatrace.methods.recipes`): a feature spec (which parameters, projection), whether
+features are normalised (cosine), and whether every checkpoint counts (weighted by its
+weight) or only the final one. Fitting featurizes the training set once per checkpoint
+into a :class:`~datatrace.store.FeatureStore`; scoring streams training blocks from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..data import ExampleSource
+from ..errors import CheckpointError, ConfigError
+from ..features import Features, FeatureSpec, GradientFeatures
+from ..featurize import featurize, featurize_into_store, model_device
+from ..scoring import running_top_k
+from ..store import FeatureStore
+from ..task import AbstractTask
+
+log = logging.getLogger("datatrace")
+
+
+@dataclass(frozen=True)
+class GradientAttributor:
+    """Scores from (optionally projected, optionally normalised) gradient inner products.
+
+    Args:
+        features: what a gradient feature is (parameters, projection).
+        normalize: divide by the feature norms (Grad-Cos).
+        all_checkpoints: sum over every checkpoint weighted by its weight (TracIn); if
+            False, use only the last checkpoint with weight 1 (Grad-Dot, Grad-Cos).
+        name: the method's name in logs and reports.
+    """
+
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    normalize: bool = False
+    all_checkpoints: bool = True
+    name: str = "gradient"
+
+    def fit(
+        self,
+        task: AbstractTask,
+        checkpoints: Sequence[Checkpoint],
+        train: Any,
+        *,
+        store: str | Path | None = None,
+        overwrite: bool = False,
+        batch_size: int = 256,
+        block_size: int = 8192,
+        progress: bool | None = None,
+    ) -> FittedGradientAttributor:
+        """Featurize the training data at every checkpoint used.
+
+        Args:
+            task: the model and its loss/measurement.
+            checkpoints: where gradients are taken (and with which weight).
+            train: training data (tuple of tensors, dict, Dataset or DataLoader).
+            store: directory of the feature store (reused when its settings match);
+                ``None`` for a temporary one removed with the fitted object.
+            overwrite: replace a store written with other settings.
+            batch_size: examples per featurization batch (and resumable chunk).
+            block_size: training examples per scoring block.
+            progress: progress bars (default: when stderr is a terminal).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        ckpts = _check_checkpoints(checkpoints)
+        if not self.all_checkpoints:
+            if len(ckpts) > 1:
+                log.info("%s uses only the last of %d checkpoints", self.name, len(ckpts))
+            ckpts = [ckpts[-1]]
+            weights = [1.0]
+        else:
+            weights = [c.weight for c in ckpts]
+        source = ExampleSource(train, "training data")
+        feats = GradientFeatures(self.features, task)
+        device = model_device(task.model)
+        states = [c.parameters_for(task.model, device) for c in ckpts]
+        dtype = next(iter(states[0][0].values())).dtype
+        fingerprint = {
+            "method": {"normalize": self.normalize},
+            "task": type(task).__name__,
+            "features": self.features.describe(),
+            "checkpoints": [c.fingerprint() for c in ckpts],
+            "data": source.fingerprint(),
+        }
+        tmp = None
+        if store is None:
+            tmp = tempfile.mkdtemp(prefix="datatrace-features-")
+            store = tmp
+        # Probe the model on one example: fixes the factored layout before the store is sized.
+        featurize(feats, states[0], source, False, batch_size, 0, 1, progress=False)
+        fs = FeatureStore(
+            store,
+            fingerprint,
+            feats.layout(),
+            len(source),
+            len(states),
+            dtype,
+            chunk_size=batch_size,
+            overwrite=overwrite,
+        )
+        computed = featurize_into_store(feats, states, source, fs, progress)
+        log.info(
+            "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
+            self.name,
+            "computed" if computed else "reused",
+            len(source),
+            len(states),
+            fs.path,
+            fs.nbytes() / 1e6,
+        )
+        fitted = FittedGradientAttributor(
+            self, task, feats, states, weights, source, fs, batch_size, block_size, progress
+        )
+        if tmp is not None:
+            weakref.finalize(fitted, shutil.rmtree, tmp, True)
+        return fitted
+
+
+def _check_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
+    if isinstance(checkpoints, Checkpoint):
+        checkpoints = [checkpoints]
+    ckpts = list(checkpoints)
+    if not ckpts:
+        raise CheckpointError("no checkpoints given; pass [dt.Checkpoint.from_module(model)]")
+    for c in ckpts:
+        if not isinstance(c, Checkpoint):
+            raise CheckpointError(
+                f"expected dt.Checkpoint objects, got {type(c).__name__}; wrap state dicts "
+                "with dt.Checkpoint.from_state_dict(sd, weight=lr)"
+            )
+    return ckpts
+
+
+class FittedGradientAttributor:
+    """A fitted gradient attributor: scores queries against the stored training features."""
+
+    def __init__(
+        self,
+        method: GradientAttributor,
+        task: AbstractTask,
+        features: GradientFeatures,
+        states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+        weights: list[float],
+        train: ExampleSource,
+        store: FeatureStore,
+        batch_size: int,
+        block_size: int,
+        progress: bool | None,
+    ) -> None:
+        self.method = method
+        self.task = task
+        self.features = features
+        self.states = states
+        self.weights = weights
+        self.train = train
+        self.store = store
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.progress = progress
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def query_features(self, queries: Any) -> list[Features]:
+        """Measurement-gradient features of the queries at each checkpoint used."""
+        source = ExampleSource(queries, "queries")
+        return [
+            featurize(
+                self.features,
+                st,
+                source,
+                True,
+                self.batch_size,
+                progress=self.progress,
+                desc="featurizing queries",
+            )
+            for st in self.states
+        ]
+
+    def _train_block(self, c: int, start: int, stop: int) -> Features:
+        device = model_device(self.task.model)
+        return {k: v.to(device) for k, v in self.store.read(c, start, stop).items()}
+
+    def score_blocks(self, queries: Any) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, S[:, start:stop])`` over training blocks; never the whole matrix."""
+        qfeats = self.query_features(queries)
+        qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats]
+        for start in range(0, self.n_train, self.block_size):
+            stop = min(start + self.block_size, self.n_train)
+            total = None
+            for c, (q, w) in enumerate(zip(qfeats, self.weights, strict=True)):
+                g = self._train_block(c, start, stop)
+                s = self.features.pairwise(q, g)
+                if self.method.normalize:
+                    gnorm = self.features.sqnorm(g).sqrt()
+                    s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]
+                s = s * w
+                total = s if total is None else total + s
+            assert total is not None
+            yield start, total
+
+    def attribute(self, queries: Any) -> torch.Tensor:
+        """Scores of every training example for every query, shape (n_query, n_train).
+
+        ``S[j, i] > 0``: training example i is a proponent of query j (training on it
+        lowered the query's loss).
+        """
+        return torch.cat([s for _, s in self.score_blocks(queries)], dim=1)
+
+    def top_k(
+        self, queries: Any, k: int = 10, opponents: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest scores (proponents) or smallest (``opponents=True``) per query.
+
+        Streams training blocks: memory is O(n_query × (k + block_size)).
+
+        Returns:
+            (values, indices), each (n_query, min(k, n_train)), best first.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        return running_top_k(self.score_blocks(queries), k, largest=not opponents)
+
+    def self_influence(self) -> torch.Tensor:
+        """``s_i = Σ_c w_c ‖φ_c(z_i)‖²`` (the score of each training example with itself,
+        measured by its training loss), shape (n_train,). High values flag suspected
+        mislabelled or atypical examples."""
+        out = []
+        for start in range(0, self.n_train, self.block_size):
+            stop = min(start + self.block_size, self.n_train)
+            total = None
+            for c, w in enumerate(self.weights):
+                sq = self.features.sqnorm(self._train_block(c, start, stop))
+                s = (sq / _safe(sq) if self.method.normalize else sq) * w
+                total = s if total is None else total + s
+            assert total is not None
+            out.append(total)
+        return torch.cat(out)
+
+
+def _safe(norm: torch.Tensor) -> torch.Tensor:
+    """Norms with exact zeros replaced by 1, so a zero gradient scores 0, not NaN."""
+    return torch.where(norm == 0, torch.ones_like(norm), norm)

@@ -1,0 +1,234 @@
+"""On-disk feature store: memory-mapped arrays plus a manifest, resumable after a crash.
+
+Layout of a store directory::
+
+    manifest.json          format tag, fingerprint (settings, checkpoints, data), layout
+    c{c}.{name}.npy        one (n, width) array per checkpoint c and feature name
+    c{c}.done.json         ids of the chunks of checkpoint c that are fully written
+
+A chunk is written to the arrays and flushed before its id is added to ``done`` (the
+file is replaced atomically), so a process killed at any point leaves a store whose
+``done`` chunks are intact; the next fit computes only the rest, with the same chunk
+boundaries, and so gives bit-identical features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StoreCorruptError, StoreMismatchError
+
+FORMAT = "datatrace-feature-store"
+VERSION = 1
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if old != new:
+        return [f"{prefix[:-1]}={old!r} in the store, {new!r} requested"]
+    return []
+
+
+class FeatureStore:
+    """A directory of per-checkpoint feature arrays for one fingerprint.
+
+    Args:
+        path: the directory (created if missing; must be empty or a store).
+        fingerprint: JSON-able description of everything the features depend on.
+        layout: feature name -> width.
+        n: number of examples.
+        n_checkpoints: number of checkpoints.
+        dtype: feature dtype.
+        chunk_size: examples per resumable chunk (a new store only; an existing one keeps
+            its own so that resumed chunks line up).
+        overwrite: replace an existing store written with other settings.
+
+    Raises:
+        StoreMismatchError: the directory holds a store with another fingerprint.
+        StoreCorruptError: the directory is not a datatrace store or is damaged.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fingerprint: dict[str, Any],
+        layout: dict[str, int],
+        n: int,
+        n_checkpoints: int,
+        dtype: torch.dtype,
+        chunk_size: int,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": fingerprint,
+            "layout": layout,
+            "n": n,
+            "n_checkpoints": n_checkpoints,
+            "dtype": str(dtype).replace("torch.", ""),
+        }
+        existing = self._read_manifest()
+        if existing is not None and overwrite:
+            self._clear()
+            existing = None
+        if existing is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            manifest["chunk_size"] = chunk_size
+            self._create(manifest)
+        else:
+            self._check(existing, manifest)
+            manifest["chunk_size"] = existing["chunk_size"]
+        self.manifest = manifest
+        self.chunk_size = int(manifest["chunk_size"])
+        self.n = n
+        self._arrays: dict[tuple[int, str], np.memmap] = {}
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        if not self.path.is_dir():
+            raise StoreCorruptError(f"store path {self.path} is a file, not a directory")
+        mfile = self.path / "manifest.json"
+        if not mfile.exists():
+            if any(self.path.iterdir()):
+                raise StoreCorruptError(
+                    f"{self.path} is not empty and has no manifest.json: not a datatrace "
+                    "store; choose an empty or new directory"
+                )
+            return None
+        try:
+            m = json.loads(mfile.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreCorruptError(
+                f"cannot read {mfile} ({exc}); delete the directory or pass overwrite=True"
+            ) from exc
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise StoreCorruptError(
+                f"{mfile} is not a datatrace feature store manifest; choose another directory"
+            )
+        if m.get("version") != VERSION:
+            raise StoreMismatchError(
+                f"store {self.path} has format version {m.get('version')}, this datatrace "
+                f"writes {VERSION}; pass overwrite=True or another path"
+            )
+        return m
+
+    def _clear(self) -> None:
+        for p in self.path.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def _file(self, c: int, name: str) -> Path:
+        return self.path / f"c{c}.{name}.npy"
+
+    def _create(self, manifest: dict[str, Any]) -> None:
+        for c in range(manifest["n_checkpoints"]):
+            for name, width in manifest["layout"].items():
+                mm = np.lib.format.open_memmap(
+                    self._file(c, name),
+                    mode="w+",
+                    dtype=np.dtype(manifest["dtype"]),
+                    shape=(manifest["n"], width),
+                )
+                del mm
+            _atomic_write_json(self.path / f"c{c}.done.json", [])
+        _atomic_write_json(self.path / "manifest.json", manifest)  # last: marks a valid store
+
+    def _check(self, existing: dict[str, Any], manifest: dict[str, Any]) -> None:
+        keys = ("fingerprint", "layout", "n", "n_checkpoints", "dtype")
+        diffs = _diff({k: existing.get(k) for k in keys}, {k: manifest[k] for k in keys})
+        if diffs:
+            raise StoreMismatchError(
+                f"features at {self.path} were written with other settings: "
+                + "; ".join(diffs[:6])
+                + ". Pass overwrite=True to replace them, or another store path."
+            )
+        for c in range(manifest["n_checkpoints"]):
+            for name, width in manifest["layout"].items():
+                f = self._file(c, name)
+                try:
+                    mm = np.load(f, mmap_mode="r")
+                except (OSError, ValueError) as exc:
+                    raise StoreCorruptError(
+                        f"store array {f} is missing or unreadable ({exc}); pass overwrite=True"
+                    ) from exc
+                if mm.shape != (manifest["n"], width):
+                    raise StoreCorruptError(
+                        f"store array {f} has shape {mm.shape}, expected "
+                        f"{(manifest['n'], width)}; pass overwrite=True"
+                    )
+
+    # -- reading and writing ---------------------------------------------------------------
+
+    def _array(self, c: int, name: str, writable: bool) -> np.memmap:
+        key = (c, name)
+        mm = self._arrays.get(key)
+        if mm is None or (writable and not mm.flags.writeable):
+            mm = np.load(self._file(c, name), mmap_mode="r+" if writable else "r")
+            self._arrays[key] = mm
+        return mm
+
+    def done(self, c: int) -> set[int]:
+        """Ids of the finished chunks of checkpoint ``c``."""
+        f = self.path / f"c{c}.done.json"
+        try:
+            return set(json.loads(f.read_text()))
+        except (OSError, ValueError) as exc:
+            raise StoreCorruptError(f"cannot read {f} ({exc}); pass overwrite=True") from exc
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every chunk."""
+        return [(s, min(s + self.chunk_size, self.n)) for s in range(0, self.n, self.chunk_size)]
+
+    def complete(self, c: int) -> bool:
+        return len(self.done(c)) == len(self.chunks())
+
+    def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
+        """Write chunk ``chunk`` of checkpoint ``c`` and mark it done (durably, in that order)."""
+        start, stop = self.chunks()[chunk]
+        for name, t in feats.items():
+            mm = self._array(c, name, writable=True)
+            mm[start:stop] = t.detach().cpu().numpy()
+            mm.flush()
+        done = self.done(c)
+        done.add(chunk)
+        _atomic_write_json(self.path / f"c{c}.done.json", sorted(done))
+
+    def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Features of examples ``start..stop-1`` at checkpoint ``c`` (a copy in memory)."""
+        return {
+            name: torch.from_numpy(np.array(self._array(c, name, writable=False)[start:stop]))
+            for name in self.manifest["layout"]
+        }
+
+    def nbytes(self) -> int:
+        item = np.dtype(self.manifest["dtype"]).itemsize
+        width = sum(self.manifest["layout"].values())
+        return int(self.n * width * item * self.manifest["n_checkpoints"])

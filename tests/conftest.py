@@ -1,0 +1,83 @@
+"""Small float64 models and data shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 5, hidden: int = 7, classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CNN(nn.Module):
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(4 * 3 * 3, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(torch.tanh(self.conv(x)))
+        return self.fc(h.flatten(1))
+
+
+class DictModel(nn.Module):
+    """Takes Hugging Face style keyword inputs: token ids and a mask."""
+
+    def __init__(self, vocab: int = 11, dim: int = 4, classes: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        e = self.emb(input_ids) * attention_mask[..., None]
+        pooled = e.sum(1) / attention_mask.sum(1, keepdim=True).clamp_min(1)
+        return self.head(torch.tanh(pooled))
+
+
+@pytest.fixture
+def mlp_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = MLP().double()
+    x = torch.randn(23, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,))
+    return model, x, y
+
+
+@pytest.fixture
+def cnn_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    model = CNN().double()
+    x = torch.randn(9, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    return model, x, y
+
+
+@pytest.fixture
+def dict_data() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(2)
+    model = DictModel().double()
+    batch = {
+        "input_ids": torch.randint(0, 11, (8, 6)),
+        "attention_mask": (torch.rand(8, 6) > 0.3).double(),
+        "labels": torch.randint(0, 2, (8,)),
+    }
+    return model, batch
+
+
+def perturbed(model: nn.Module, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict near the model's: another 'checkpoint' of the same architecture."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        for k, v in model.state_dict().items()
+    }

@@ -1,0 +1,85 @@
+"""Random projection: E[PᵀP] = I, inner products within the JL bound, streaming == dense."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import datatrace as dt
+from datatrace.features import FeatureSpec, GradientFeatures
+from datatrace.grads import flatten_grads, per_example_grads_loop, select_parameters
+from datatrace.project import ProjectionSpec, RandomProjector
+
+
+@pytest.mark.parametrize("rademacher", [False, True])
+def test_expected_gram_is_identity(rademacher):
+    p, k, trials = 6, 50, 400
+    acc = torch.zeros(p, p, dtype=torch.float64)
+    for seed in range(trials):
+        P = RandomProjector(ProjectionSpec(k, seed, rademacher), [p]).matrix()  # (p, k) = Pᵀ
+        acc += P @ P.T
+    mean = acc / trials
+    # each entry of PᵀP averages k*trials products of unit-variance/k terms: sd ≈ 1/sqrt(k*trials)
+    assert (mean - torch.eye(p, dtype=torch.float64)).abs().max() < 6 / math.sqrt(k * trials)
+
+
+def test_inner_products_within_the_jl_bound():
+    torch.manual_seed(0)
+    n, p, k, eps = 30, 2_000, 1_024, 0.25
+    x = torch.randn(n, p, dtype=torch.float64)
+    proj = RandomProjector(ProjectionSpec(k, seed=3), [p])
+    px = proj([x])
+    # JL: k >= 8 ln(n) / eps² (= 435 here) keeps all pairwise inner products within
+    # eps·‖x‖‖y‖ with high probability
+    assert k >= 8 * math.log(n) / eps**2
+    err = (px @ px.T - x @ x.T).abs()
+    norms = x.norm(dim=1)
+    assert (err <= eps * norms[:, None] * norms[None, :]).all()
+    rel = (err / (norms[:, None] * norms[None, :])).max().item()
+    assert rel < 0.2
+
+
+def test_streamed_blocks_equal_the_dense_matrix():
+    torch.manual_seed(1)
+    sizes = [37, 5, 100]
+    blocks = [torch.randn(4, s, dtype=torch.float64) for s in sizes]
+    small = RandomProjector(
+        ProjectionSpec(16, seed=9), sizes, max_block_elems=16 * 7, cache_bytes=0
+    )  # slices of 7 rows, regenerated every call
+    dense = torch.cat(blocks, dim=1) @ small.matrix()
+    torch.testing.assert_close(small(blocks), dense, rtol=1e-12, atol=1e-12)
+    big = RandomProjector(ProjectionSpec(16, seed=9), sizes, max_block_elems=16 * 7)
+    torch.testing.assert_close(big(blocks), dense, rtol=1e-12, atol=1e-12)  # same P, cached
+
+
+def test_projection_is_seeded():
+    a = RandomProjector(ProjectionSpec(8, seed=1), [10]).matrix()
+    b = RandomProjector(ProjectionSpec(8, seed=1), [10]).matrix()
+    c = RandomProjector(ProjectionSpec(8, seed=2), [10]).matrix()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_projected_features_equal_projected_gradients(mlp_data):
+    """The factored path projects outer products with the same P as the dense gradient."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    feats = GradientFeatures(FeatureSpec(projection_dim=12, projection_seed=4), task)
+    out = feats.compute(params, buffers, (x, y), False, 0)["proj"]
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, (x, y), names)
+    torch.testing.assert_close(
+        out, flatten_grads(g, names) @ feats.projector.matrix(), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_projected_tracin_approximates_exact_tracin(mlp_data):
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ck = [dt.Checkpoint.from_module(model)]
+    exact = dt.TracIn().fit(task, ck, (x, y), progress=False).attribute((x, y))
+    approx = dt.TracIn(projection_dim=2048).fit(task, ck, (x, y), progress=False).attribute((x, y))
+    corr = torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1]
+    assert corr > 0.97

@@ -1,0 +1,149 @@
+"""Feature store: reuse, mismatch and corruption errors, crash-resume with bit-identical scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import datatrace as dt
+from datatrace import featurize as featurize_mod
+
+
+def _fit(model, x, y, path, **kw):
+    spec = kw.pop("spec", dt.TracIn())
+    return spec.fit(
+        dt.ClassificationTask(model),
+        [dt.Checkpoint.from_module(model, weight=0.1)],
+        (x, y),
+        store=path,
+        progress=False,
+        **kw,
+    )
+
+
+def test_store_round_trip_reuses_features(mlp_data, tmp_path, monkeypatch):
+    model, x, y = mlp_data
+    first = _fit(model, x, y, tmp_path / "s", batch_size=4)
+    S1 = first.attribute((x[:3], y[:3]))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["n"] == 23 and manifest["chunk_size"] == 4
+    calls = []
+    real = featurize_mod.GradientFeatures.compute
+
+    def counting(self, *a, **k):
+        calls.append(a[3])  # measurement flag
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(featurize_mod.GradientFeatures, "compute", counting)
+    again = _fit(model, x, y, tmp_path / "s", batch_size=4)
+    assert calls.count(False) == 1  # only the one-example layout probe; no training chunk
+    torch.testing.assert_close(again.attribute((x[:3], y[:3])), S1, rtol=0, atol=0)
+
+
+def test_other_settings_raise_a_mismatch_naming_the_fix(mlp_data, tmp_path):
+    model, x, y = mlp_data
+    _fit(model, x, y, tmp_path / "s", spec=dt.TracIn(projection_dim=8))
+    with pytest.raises(dt.StoreMismatchError, match=r"projection_dim=8 .*16 requested.*overwrite"):
+        _fit(model, x, y, tmp_path / "s", spec=dt.TracIn(projection_dim=16))
+    with pytest.raises(dt.StoreMismatchError, match="checkpoints"):
+        other = type(model)().double()
+        _fit(other, x, y, tmp_path / "s", spec=dt.TracIn(projection_dim=8))
+    with pytest.raises(dt.StoreMismatchError, match="n=23"):
+        _fit(model, x[:20], y[:20], tmp_path / "s", spec=dt.TracIn(projection_dim=8))
+    fresh = _fit(model, x, y, tmp_path / "s", spec=dt.TracIn(projection_dim=16), overwrite=True)
+    assert fresh.store.manifest["layout"] == {"proj": 16}
+
+
+def test_foreign_and_corrupt_stores_are_refused(mlp_data, tmp_path):
+    model, x, y = mlp_data
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hello")
+    with pytest.raises(dt.StoreCorruptError, match="not a datatrace store"):
+        _fit(model, x, y, foreign)
+    bad = tmp_path / "bad"
+    _fit(model, x, y, bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(dt.StoreCorruptError, match="cannot read"):
+        _fit(model, x, y, bad)
+    trunc = tmp_path / "trunc"
+    _fit(model, x, y, trunc)
+    arr = next(trunc.glob("c0.*.npy"))
+    np.save(arr, np.zeros((3, 2)))
+    with pytest.raises(dt.StoreCorruptError, match="shape"):
+        _fit(model, x, y, trunc)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(dt.StoreCorruptError, match="is a file"):
+        _fit(model, x, y, tmp_path / "file")
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    import datatrace as dt
+    sys.path.insert(0, {tests!r})
+    from conftest import MLP
+
+    class Slow(torch.utils.data.Dataset):
+        def __init__(self, x, y, delay):
+            self.x, self.y, self.delay = x, y, delay
+        def __len__(self):
+            return len(self.x)
+        def __getitem__(self, i):
+            time.sleep(self.delay)
+            return self.x[i], self.y[i]
+
+    torch.manual_seed(0)
+    model = MLP(d_in=5, hidden=16, classes=3)
+    x = torch.randn(200, 5); y = torch.randint(0, 3, (200,))
+    ckpts = [dt.Checkpoint.from_module(model, weight=0.5)]
+    torch.manual_seed(1)
+    ckpts.append(dt.Checkpoint.from_state_dict(
+        {{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}}, weight=0.2))
+    delay = float(sys.argv[2])
+    fitted = dt.TracIn(params={params}, projection_dim={proj}).fit(
+        dt.ClassificationTask(model), ckpts, Slow(x, y, delay), store=sys.argv[1],
+        batch_size=10, progress=False)
+    S = fitted.attribute((x[:7], y[:7]))
+    torch.save(S, sys.argv[1] + ".scores.pt")
+    """
+)
+
+
+@pytest.mark.parametrize(("params", "proj"), [(None, None), (None, 32)])
+def test_killed_featurization_resumes_bit_identically(tmp_path, params, proj):
+    tests = str(Path(__file__).parent)
+    script = tmp_path / "job.py"
+    script.write_text(RESUME_SCRIPT.format(tests=tests, params=params, proj=proj))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # uninterrupted reference
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, str(script), str(ref), "0"], check=True, env=env)
+    # run slowly, kill -9 once some (not all) chunks are done, then resume
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(script), str(store), "0.01"], env=env)
+    done_file = store / "c0.done.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if done_file.exists() and len(json.loads(done_file.read_text() or "[]")) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(done_file.read_text())
+    assert 3 <= len(done) < 20, "the kill should land half way through featurization"
+    assert not Path(str(store) + ".scores.pt").exists()
+    subprocess.run([sys.executable, str(script), str(store), "0"], check=True, env=env)
+    s_ref = torch.load(str(ref) + ".scores.pt", weights_only=True)
+    s_res = torch.load(str(store) + ".scores.pt", weights_only=True)
+    assert torch.equal(s_ref, s_res)  # bit-identical
