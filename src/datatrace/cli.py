@@ -1,0 +1,56 @@
+"""The ``datatrace`` command (a thin layer over the library)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import DatatraceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datatrace", description="Training data attribution for PyTorch."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is cached where")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="find flipped labels in scikit-learn's digits with TracIn")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, flips and training")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("datatrace-demo"),
+        help="output folder (default: ./datatrace-demo)",
+    )
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        if args.command == "demo":
+            from .demo import DemoConfig, run
+
+            run(
+                DemoConfig(
+                    seed=args.seed,
+                    out=args.out,
+                    quick=args.quick,
+                    progress=False if args.no_progress else None,
+                )
+            )
+    except DatatraceError as exc:
+        print(f"datatrace: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
