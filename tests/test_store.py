@@ -147,3 +147,20 @@ def test_killed_featurization_resumes_bit_identically(tmp_path, params, proj):
     s_ref = torch.load(str(ref) + ".scores.pt", weights_only=True)
     s_res = torch.load(str(store) + ".scores.pt", weights_only=True)
     assert torch.equal(s_ref, s_res)  # bit-identical
+
+
+def test_features_over_the_disk_budget_are_streamed_with_equal_scores(mlp_data, tmp_path):
+    model, x, y = mlp_data
+    for spec in (dt.TracIn(), dt.GradCos(projection_dim=8)):
+        stored = _fit(model, x, y, tmp_path / "s", spec=spec, overwrite=True)
+        streamed = _fit(model, x, y, tmp_path / "t", spec=spec, max_store_bytes=0, block_size=5)
+        assert streamed.store is None and not (tmp_path / "t").exists()
+        torch.testing.assert_close(
+            streamed.attribute((x[:4], y[:4])),
+            stored.attribute((x[:4], y[:4])),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+        torch.testing.assert_close(
+            streamed.self_influence(), stored.self_influence(), rtol=1e-12, atol=1e-12
+        )

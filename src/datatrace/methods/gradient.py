@@ -60,6 +60,7 @@ class GradientAttributor:
         batch_size: int = 256,
         block_size: int = 8192,
         progress: bool | None = None,
+        max_store_bytes: int | None = 8 << 30,
     ) -> FittedGradientAttributor:
         """Featurize the training data at every checkpoint used.
 
@@ -73,6 +74,9 @@ class GradientAttributor:
             batch_size: examples per featurization batch (and resumable chunk).
             block_size: training examples per scoring block.
             progress: progress bars (default: when stderr is a terminal).
+            max_store_bytes: cache training features on disk only up to this size
+                (``None``: no limit); above it they are recomputed block by block at
+                scoring time (same scores, more compute, no disk).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -98,32 +102,47 @@ class GradientAttributor:
             "checkpoints": [c.fingerprint() for c in ckpts],
             "data": source.fingerprint(),
         }
-        tmp = None
-        if store is None:
-            tmp = tempfile.mkdtemp(prefix="datatrace-features-")
-            store = tmp
         # Probe the model on one example: fixes the factored layout before the store is sized.
         featurize(feats, states[0], source, False, batch_size, 0, 1, progress=False)
-        fs = FeatureStore(
-            store,
-            fingerprint,
-            feats.layout(),
-            len(source),
-            len(states),
-            dtype,
-            chunk_size=batch_size,
-            overwrite=overwrite,
-        )
-        computed = featurize_into_store(feats, states, source, fs, progress)
-        log.info(
-            "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
-            self.name,
-            "computed" if computed else "reused",
-            len(source),
-            len(states),
-            fs.path,
-            fs.nbytes() / 1e6,
-        )
+        width = sum(feats.layout().values())
+        nbytes = len(source) * width * dtype.itemsize * len(states)
+        fs, tmp = None, None
+        if max_store_bytes is not None and nbytes > max_store_bytes:
+            log.info(
+                "%s: training features would take %.1f MB > max_store_bytes; not cached, "
+                "recomputed block by block when scoring (set projection_dim or params, or "
+                "raise max_store_bytes, to cache them)",
+                self.name,
+                nbytes / 1e6,
+            )
+        else:
+            if store is None:
+                store = tmp = tempfile.mkdtemp(prefix="datatrace-features-")
+            try:
+                fs = FeatureStore(
+                    store,
+                    fingerprint,
+                    feats.layout(),
+                    len(source),
+                    len(states),
+                    dtype,
+                    chunk_size=batch_size,
+                    overwrite=overwrite,
+                )
+                computed = featurize_into_store(feats, states, source, fs, progress)
+            except BaseException:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info(
+                "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
+                self.name,
+                "computed" if computed else "reused",
+                len(source),
+                len(states),
+                fs.path,
+                fs.nbytes() / 1e6,
+            )
         fitted = FittedGradientAttributor(
             self, task, feats, states, weights, source, fs, batch_size, block_size, progress
         )
@@ -158,7 +177,7 @@ class FittedGradientAttributor:
         states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
         weights: list[float],
         train: ExampleSource,
-        store: FeatureStore,
+        store: FeatureStore | None,
         batch_size: int,
         block_size: int,
         progress: bool | None,
@@ -195,6 +214,17 @@ class FittedGradientAttributor:
         ]
 
     def _train_block(self, c: int, start: int, stop: int) -> Features:
+        if self.store is None:  # not cached: recompute (same features, bit for bit per batch)
+            return featurize(
+                self.features,
+                self.states[c],
+                self.train,
+                False,
+                self.batch_size,
+                start,
+                stop,
+                progress=False,
+            )
         device = model_device(self.task.model)
         return {k: v.to(device) for k, v in self.store.read(c, start, stop).items()}
 
