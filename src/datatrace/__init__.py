@@ -11,6 +11,16 @@ which training data is mislabelled or harmful.
 """
 
 from .checkpoint import Checkpoint
+from .curvature import (
+    EKFAC,
+    KFAC,
+    Arnoldi,
+    ConjugateGradient,
+    ExactHessian,
+    GaussNewton,
+    InfluenceWarning,
+    LiSSA,
+)
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -23,25 +33,43 @@ from .errors import (
     StoreMismatchError,
 )
 from .features import FeatureSpec
-from .methods import FittedGradientAttributor, GradCos, GradDot, GradientAttributor, TracIn
+from .methods import (
+    DataInf,
+    FittedGradientAttributor,
+    GradCos,
+    GradDot,
+    GradientAttributor,
+    Influence,
+    TracIn,
+)
 from .project import ProjectionSpec
 from .task import AbstractTask, ClassificationTask, RegressionTask, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
+    "KFAC",
     "AbstractTask",
+    "Arnoldi",
     "Checkpoint",
     "CheckpointError",
     "ClassificationTask",
     "ConfigError",
+    "ConjugateGradient",
     "DataError",
+    "DataInf",
     "DatatraceError",
+    "ExactHessian",
     "FeatureSpec",
     "FittedGradientAttributor",
+    "GaussNewton",
     "GradCos",
     "GradDot",
     "GradientAttributor",
+    "Influence",
+    "InfluenceWarning",
+    "LiSSA",
     "ModelError",
     "NonFiniteError",
     "ProjectionSpec",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, ModelError
+from .errors import ConfigError, DataError, ModelError
 
 ModelFn = Callable[..., Any]
 PerExampleFn = Callable[[ModelFn, Any], torch.Tensor]
@@ -53,6 +53,18 @@ class AbstractTask(ABC):
 
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:  # noqa: B027
         """Validate a batch before differentiating (raise DataError); default: nothing."""
+
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        """Model outputs (batch, d) that the loss is a function of (for Gauss–Newton/K-FAC)."""
+        raise ConfigError(
+            f"{type(self).__name__} does not split its loss into outputs and an output loss, "
+            "which Gauss-Newton, K-FAC and EK-FAC need; use dt.ExactHessian or CG/LiSSA/"
+            "Arnoldi, or give dt.Task output_fn= and output_loss_fn="
+        )
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Per-example loss (batch,) as a function of :meth:`outputs`."""
+        raise ConfigError(f"{type(self).__name__} has no output loss; see outputs()")
 
 
 def _split_supervised(batch: Any, target_key: str) -> tuple[tuple[Any, ...], dict, torch.Tensor]:
@@ -114,6 +126,16 @@ class ClassificationTask(AbstractTask):
         logits, y = self.logits(model, batch)
         return F.cross_entropy(logits, y, reduction="none")
 
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        return self.logits(model, batch)[0]
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        _, _, y = _split_supervised(batch, self.target_key)
+        return F.cross_entropy(outputs, y, reduction="none")
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        return _split_supervised(batch, self.target_key)[2]
+
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:
         _, _, y = _split_supervised(batch, self.target_key)
         if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -142,13 +164,20 @@ class RegressionTask(AbstractTask):
         self.target_key = target_key
 
     def loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        return self.output_loss(self.outputs(model, batch), batch)
+
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
         args, kwargs, y = _split_supervised(batch, self.target_key)
         out = _as_tensor_output(model(*args, **kwargs))
         if out.shape[0] != y.shape[0] or out[0].numel() != y[0].numel():
             raise DataError(
                 f"regression output {tuple(out.shape)} does not match targets {tuple(y.shape)}"
             )
-        diff = out.reshape(out.shape[0], -1) - y.reshape(y.shape[0], -1).to(out.dtype)
+        return out.reshape(out.shape[0], -1)
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        _, _, y = _split_supervised(batch, self.target_key)
+        diff = outputs - y.reshape(y.shape[0], -1).to(outputs.dtype)
         return (diff**2).sum(dim=1)
 
 
@@ -159,6 +188,9 @@ class Task(AbstractTask):
         model: the module whose parameters are differentiated.
         loss_fn: per-example training loss.
         measurement_fn: per-example measurement to explain; defaults to ``loss_fn``.
+        output_fn: optional ``output_fn(model, batch) -> (batch, d)`` and
+        output_loss_fn: ``output_loss_fn(outputs, batch) -> (batch,)`` with
+            ``loss_fn == output_loss_fn(output_fn(...))``; needed by Gauss-Newton and K-FAC.
     """
 
     def __init__(
@@ -166,10 +198,26 @@ class Task(AbstractTask):
         model: nn.Module,
         loss_fn: PerExampleFn,
         measurement_fn: PerExampleFn | None = None,
+        output_fn: PerExampleFn | None = None,
+        output_loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(model)
         self._loss_fn = loss_fn
         self._measurement_fn = measurement_fn or loss_fn
+        if (output_fn is None) != (output_loss_fn is None):
+            raise ConfigError("give both output_fn and output_loss_fn, or neither")
+        self._output_fn = output_fn
+        self._output_loss_fn = output_loss_fn
+
+    def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
+        if self._output_fn is None:
+            return super().outputs(model, batch)
+        return self._output_fn(model, batch)
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        if self._output_loss_fn is None:
+            return super().output_loss(outputs, batch)
+        return _per_example(self._output_loss_fn(outputs, batch), "output_loss_fn")
 
     def loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
         return _per_example(self._loss_fn(model, batch), "loss_fn")

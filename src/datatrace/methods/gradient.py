@@ -9,6 +9,7 @@ into a :class:`~datatrace.store.FeatureStore`; scoring streams training blocks f
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint
+from ..curvature.problem import CurvatureProblem
 from ..data import ExampleSource
 from ..errors import CheckpointError, ConfigError
 from ..features import Features, FeatureSpec, GradientFeatures
@@ -42,12 +44,25 @@ class GradientAttributor:
         all_checkpoints: sum over every checkpoint weighted by its weight (TracIn); if
             False, use only the last checkpoint with weight 1 (Grad-Dot, Grad-Cos).
         name: the method's name in logs and reports.
+        preconditioner: ``None`` (identity), or a curvature preconditioner
+            (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``...): scores become
+            influence ``(1/n) Σ_c w_c q_cᵀ (H_c + λI)⁻¹ g_c`` (needs exact dense features).
     """
 
     features: FeatureSpec = field(default_factory=FeatureSpec)
     normalize: bool = False
     all_checkpoints: bool = True
     name: str = "gradient"
+    preconditioner: Any = None
+
+    def __post_init__(self) -> None:
+        if self.preconditioner is not None and (
+            self.features.projection_dim is not None or self.features.factored is not False
+        ):
+            raise ConfigError(
+                "a preconditioner needs exact dense gradient features: "
+                "FeatureSpec(projection_dim=None, factored=False)"
+            )
 
     def fit(
         self,
@@ -146,6 +161,8 @@ class GradientAttributor:
         fitted = FittedGradientAttributor(
             self, task, feats, states, weights, source, fs, batch_size, block_size, progress
         )
+        if self.preconditioner is not None:
+            fitted.fit_preconditioners(self.preconditioner)
         if tmp is not None:
             weakref.finalize(fitted, shutil.rmtree, tmp, True)
         return fitted
@@ -192,6 +209,48 @@ class FittedGradientAttributor:
         self.batch_size = batch_size
         self.block_size = block_size
         self.progress = progress
+        self.preconditioners: list[Any] = []
+        self.scale = 1.0
+
+    def fit_preconditioners(self, spec: Any) -> None:
+        """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
+        from ..curvature import FitContext
+
+        for c, (params, buffers) in enumerate(self.states):
+            problem = CurvatureProblem(
+                self.task, self.features.names, params, buffers, self.train, self.batch_size
+            )
+            lambda0 = float(
+                sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
+                / (problem.n * problem.p)
+            )
+            cache = self.store.path / f"curvature-c{c}" if self.store is not None else None
+            ctx = FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
+            fitted = spec.fit(ctx)
+            log.info(
+                "%s: checkpoint %d: lambda0 %.3g, damping %.3g",
+                self.method.name,
+                c,
+                lambda0,
+                fitted.damping,
+            )
+            self.preconditioners.append(fitted)
+        self.scale = 1.0 / self.n_train
+
+    @property
+    def damping(self) -> list[float]:
+        """The damping used at each checkpoint (influence methods)."""
+        return [pc.damping for pc in self.preconditioners]
+
+    def _blocks(self, c: int) -> Iterator[tuple[int, Features]]:
+        for start in range(0, self.n_train, self.block_size):
+            stop = min(start + self.block_size, self.n_train)
+            yield start, self._train_block(c, start, stop)
+
+    def _precondition(self, c: int, feats: Features) -> Features:
+        if not self.preconditioners:
+            return feats
+        return {"dense": self.preconditioners[c].solve(feats["dense"])}
 
     @property
     def n_train(self) -> int:
@@ -230,7 +289,7 @@ class FittedGradientAttributor:
 
     def score_blocks(self, queries: Any) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, S[:, start:stop])`` over training blocks; never the whole matrix."""
-        qfeats = self.query_features(queries)
+        qfeats = [self._precondition(c, q) for c, q in enumerate(self.query_features(queries))]
         qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats]
         for start in range(0, self.n_train, self.block_size):
             stop = min(start + self.block_size, self.n_train)
@@ -241,7 +300,7 @@ class FittedGradientAttributor:
                 if self.method.normalize:
                     gnorm = self.features.sqnorm(g).sqrt()
                     s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]
-                s = s * w
+                s = s * (w * self.scale)
                 total = s if total is None else total + s
             assert total is not None
             yield start, total
@@ -270,15 +329,20 @@ class FittedGradientAttributor:
 
     def self_influence(self) -> torch.Tensor:
         """``s_i = Σ_c w_c ‖φ_c(z_i)‖²`` (the score of each training example with itself,
-        measured by its training loss), shape (n_train,). High values flag suspected
-        mislabelled or atypical examples."""
+        measured by its training loss; ``(1/n) Σ_c w_c g_cᵀ (H_c + λI)⁻¹ g_c`` for influence
+        methods), shape (n_train,). High values flag suspected mislabelled or atypical
+        examples."""
         out = []
         for start in range(0, self.n_train, self.block_size):
             stop = min(start + self.block_size, self.n_train)
             total = None
             for c, w in enumerate(self.weights):
-                sq = self.features.sqnorm(self._train_block(c, start, stop))
-                s = (sq / _safe(sq) if self.method.normalize else sq) * w
+                g = self._train_block(c, start, stop)
+                if self.preconditioners:
+                    sq = (self._precondition(c, g)["dense"] * g["dense"]).sum(1)
+                else:
+                    sq = self.features.sqnorm(g)
+                s = (sq / _safe(sq) if self.method.normalize else sq) * (w * self.scale)
                 total = s if total is None else total + s
             assert total is not None
             out.append(total)

@@ -1,0 +1,32 @@
+"""Curvature preconditioners ``(H + λI)⁻¹`` for influence functions.
+
+* ``ExactHessian`` / ``GaussNewton``: form and eigendecompose (small models; the reference).
+* ``ConjugateGradient``: matrix-free, all queries at once; exact up to ``tol``.
+* ``LiSSA``: stochastic Neumann series; cheap per step, noisy.
+* ``Arnoldi``: top-r eigenpairs; good when the spectrum decays fast.
+* ``KFAC`` / ``EKFAC``: Kronecker-factored Gauss–Newton for Linear/Conv2d layers; scale to
+  large models. EK-FAC is the better of the two.
+* ``DataInfPreconditioner``: DataInf's closed form (per layer, from training gradients).
+"""
+
+from .base import DAMPING_FACTOR, InfluenceWarning
+from .context import FitContext
+from .datainf import DataInfPreconditioner
+from .kfac import EKFAC, KFAC
+from .problem import CurvatureProblem
+from .solvers import Arnoldi, ConjugateGradient, ExactHessian, GaussNewton, LiSSA
+
+__all__ = [
+    "DAMPING_FACTOR",
+    "EKFAC",
+    "KFAC",
+    "Arnoldi",
+    "ConjugateGradient",
+    "CurvatureProblem",
+    "DataInfPreconditioner",
+    "ExactHessian",
+    "FitContext",
+    "GaussNewton",
+    "InfluenceWarning",
+    "LiSSA",
+]

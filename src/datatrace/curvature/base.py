@@ -1,0 +1,73 @@
+"""Preconditioner settings, damping, and the interface of a fitted preconditioner.
+
+Damping: every preconditioner takes ``damping=None`` (the default: ``DAMPING_FACTOR × λ₀``
+with ``λ₀`` the mean squared per-example gradient entry, Grosse et al. 2023) or a number
+``>= 0`` used as is. The value used is reported as ``fitted.damping``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Protocol
+
+import torch
+
+from ..errors import ConfigError
+
+#: Multiplier of λ₀ used when ``damping=None``; chosen by leave-one-out agreement on a
+#: digits MLP (see bench/RESULTS.md and tests/test_influence_quality.py).
+DAMPING_FACTOR = 0.1
+
+
+class InfluenceWarning(UserWarning):
+    """Scores may be unreliable (e.g. a Hessian that is not positive definite)."""
+
+
+class FittedPreconditioner(Protocol):
+    """Applies an approximation of ``(H + λI)⁻¹`` to a batch of flat vectors."""
+
+    damping: float
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(H + λI)⁻¹ v`` for each row v of ``vectors`` (m, p); returns (m, p)."""
+        ...
+
+
+def check_damping(damping: float | None) -> None:
+    if damping is None:
+        return
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise ConfigError(f"damping must be a number >= 0 or None, got {damping!r}")
+    if not math.isfinite(damping) or damping < 0:
+        raise ConfigError(
+            f"damping must be >= 0, got {damping!r}; use 0.0 for none or None for the default"
+        )
+
+
+def resolve_damping(damping: float | None, lambda0: float) -> float:
+    """The damping to use: the given value, or ``DAMPING_FACTOR × λ₀``."""
+    return float(damping) if damping is not None else DAMPING_FACTOR * float(lambda0)
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def warn_not_positive_definite(smallest: float, damping: float, what: str) -> None:
+    """Warn that ``H + λI`` has a non-positive eigenvalue, saying what to do."""
+    warnings.warn(
+        f"{what} + damping is not positive definite (smallest eigenvalue of {what} "
+        f"{smallest:.3g}, damping {damping:.3g}): influence scores are unreliable. Use "
+        f"dt.GaussNewton (positive semi-definite) or damping > {-smallest:.3g}.",
+        InfluenceWarning,
+        stacklevel=3,
+    )
+
+
+def eigen_solve(
+    evals: torch.Tensor, evecs: torch.Tensor, damping: float, vectors: torch.Tensor
+) -> torch.Tensor:
+    """``U diag(1/(Λ + λ)) Uᵀ v`` for each row v."""
+    return ((vectors @ evecs) / (evals + damping)) @ evecs.T
