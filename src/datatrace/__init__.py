@@ -10,6 +10,7 @@ which training data is mislabelled or harmful.
     S = fitted.attribute((X_test, y_test))      # (n_test, n_train), > 0 = proponent
 """
 
+from . import metrics
 from .checkpoint import Checkpoint
 from .curvature import (
     EKFAC,
@@ -34,13 +35,17 @@ from .errors import (
 )
 from .features import FeatureSpec
 from .methods import (
+    TRAK,
     DataInf,
     FittedGradientAttributor,
     GradCos,
     GradDot,
     GradientAttributor,
     Influence,
+    SweepPoint,
     TracIn,
+    damping_sweep,
+    mean_squared_gradient,
 )
 from .project import ProjectionSpec
 from .task import AbstractTask, ClassificationTask, RegressionTask, Task
@@ -50,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EKFAC",
     "KFAC",
+    "TRAK",
     "AbstractTask",
     "Arnoldi",
     "Checkpoint",
@@ -77,7 +83,11 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoreMismatchError",
+    "SweepPoint",
     "Task",
     "TracIn",
     "__version__",
+    "damping_sweep",
+    "mean_squared_gradient",
+    "metrics",
 ]

@@ -246,6 +246,11 @@ class GradientFeatures:
         return out
 
     @staticmethod
+    def pairwise_diagonal(q: Features, g: Features) -> torch.Tensor:
+        """``⟨φ(q_i), φ(g_i)⟩`` row by row (dense or projected features), shape (n,)."""
+        return sum((q[k] * g[k]).sum(1) for k in g)  # type: ignore[return-value]
+
+    @staticmethod
     def sqnorm(g: Features) -> torch.Tensor:
         """Squared norms ``‖φ(g_i)‖²``, shape (n_g,)."""
         out = None

@@ -5,6 +5,8 @@
   examples found against the fraction inspected.
 * :func:`found_at`: that curve read at given inspection fractions.
 * :func:`detection_auc`: the area under it (1 = perfect, ≈ 0.5 = random ranking).
+* :func:`agreement`: per-query Pearson, Spearman and cosine between score rows and truth
+  rows (e.g. leave-one-out retraining), mean and standard error over queries.
 """
 
 from __future__ import annotations
@@ -61,3 +63,61 @@ def detection_auc(scores: torch.Tensor, corrupted: torch.Tensor) -> float:
     """Area under the found-vs-inspected curve (trapezoid rule)."""
     inspected, found = detection_curve(scores, corrupted)
     return float(torch.trapezoid(found, inspected))
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks along the last dimension (ties share their mean rank), as float64."""
+    x = x.double()
+    order = x.argsort(dim=-1, stable=True)
+    sorted_x = x.gather(-1, order)
+    pos = torch.arange(x.shape[-1], dtype=torch.float64).expand_as(x)
+    ranks = torch.empty_like(x)
+    out = []
+    for row_x, row_pos, row_order in zip(sorted_x, pos, order, strict=True):
+        _, inverse, counts = torch.unique_consecutive(
+            row_x, return_inverse=True, return_counts=True
+        )
+        ends = counts.cumsum(0).double() - 1
+        mean_rank = ends - (counts.double() - 1) / 2
+        r = torch.empty_like(row_pos)
+        r[row_order] = mean_rank[inverse]
+        out.append(r)
+    ranks = torch.stack(out) if out else ranks
+    return ranks
+
+
+def _rowwise_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    return (a * b).sum(1) / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def agreement(scores: torch.Tensor, truth: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Per-query agreement of score rows with truth rows, as (mean, standard error).
+
+    Args:
+        scores: (n_query, n) attribution scores.
+        truth: (n_query, n) ground truth in the same units and sign.
+
+    Returns:
+        ``{"pearson": (mean, se), "spearman": (mean, se), "cosine": (mean, se)}``; the
+        standard error is ``std / sqrt(n_query)`` (0 for one query).
+    """
+    if scores.shape != truth.shape or scores.dim() != 2 or scores.shape[1] < 2:
+        raise DataError(
+            f"scores {tuple(scores.shape)} and truth {tuple(truth.shape)} must both be "
+            "(n_query, n) with n >= 2"
+        )
+    a, b = scores.double(), truth.double()
+    cos_den = a.norm(dim=1) * b.norm(dim=1)
+    per = {
+        "pearson": _rowwise_pearson(a, b),
+        "spearman": _rowwise_pearson(_ranks(a), _ranks(b)),
+        "cosine": (a * b).sum(1) / torch.where(cos_den == 0, torch.ones_like(cos_den), cos_den),
+    }
+    out = {}
+    for k, v in per.items():
+        se = float(v.std() / v.numel() ** 0.5) if v.numel() > 1 else 0.0
+        out[k] = (float(v.mean()), se)
+    return out

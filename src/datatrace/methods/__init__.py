@@ -3,13 +3,19 @@
 from .gradient import FittedGradientAttributor, GradientAttributor
 from .influence import DataInf, Influence
 from .recipes import GradCos, GradDot, TracIn
+from .sweep import SweepPoint, damping_sweep, mean_squared_gradient
+from .trak import TRAK
 
 __all__ = [
+    "TRAK",
     "DataInf",
     "FittedGradientAttributor",
     "GradCos",
     "GradDot",
     "GradientAttributor",
     "Influence",
+    "SweepPoint",
     "TracIn",
+    "damping_sweep",
+    "mean_squared_gradient",
 ]

@@ -56,11 +56,14 @@ class GradientAttributor:
     preconditioner: Any = None
 
     def __post_init__(self) -> None:
-        if self.preconditioner is not None and (
-            self.features.projection_dim is not None or self.features.factored is not False
+        if self.preconditioner is None:
+            return
+        projected_ok = getattr(self.preconditioner, "accepts_projection", False)
+        if self.features.factored is not False or (
+            self.features.projection_dim is not None and not projected_ok
         ):
             raise ConfigError(
-                "a preconditioner needs exact dense gradient features: "
+                f"{type(self.preconditioner).__name__} needs exact dense gradient features: "
                 "FeatureSpec(projection_dim=None, factored=False)"
             )
 
@@ -211,6 +214,8 @@ class FittedGradientAttributor:
         self.progress = progress
         self.preconditioners: list[Any] = []
         self.scale = 1.0
+        #: optional per-checkpoint weights of each training example's column, (n_train,)
+        self.column_weights: list[torch.Tensor] | None = None
 
     def fit_preconditioners(self, spec: Any) -> None:
         """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
@@ -250,7 +255,7 @@ class FittedGradientAttributor:
     def _precondition(self, c: int, feats: Features) -> Features:
         if not self.preconditioners:
             return feats
-        return {"dense": self.preconditioners[c].solve(feats["dense"])}
+        return {k: self.preconditioners[c].solve(v) for k, v in feats.items()}
 
     @property
     def n_train(self) -> int:
@@ -301,6 +306,8 @@ class FittedGradientAttributor:
                     gnorm = self.features.sqnorm(g).sqrt()
                     s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]
                 s = s * (w * self.scale)
+                if self.column_weights is not None:
+                    s = s * self.column_weights[c][start:stop].to(s)
                 total = s if total is None else total + s
             assert total is not None
             yield start, total
@@ -339,10 +346,12 @@ class FittedGradientAttributor:
             for c, w in enumerate(self.weights):
                 g = self._train_block(c, start, stop)
                 if self.preconditioners:
-                    sq = (self._precondition(c, g)["dense"] * g["dense"]).sum(1)
+                    sq = self.features.pairwise_diagonal(self._precondition(c, g), g)
                 else:
                     sq = self.features.sqnorm(g)
                 s = (sq / _safe(sq) if self.method.normalize else sq) * (w * self.scale)
+                if self.column_weights is not None:
+                    s = s * self.column_weights[c][start:stop].to(s)
                 total = s if total is None else total + s
             assert total is not None
             out.append(total)
