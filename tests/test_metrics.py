@@ -48,12 +48,23 @@ def test_damping_sweep_reuses_the_store_and_reports_dampings(mlp_data, tmp_path)
     model, x, y = mlp_data
     task = dt.ClassificationTask(model)
     ckpts = [dt.Checkpoint.from_module(model)]
-    truth = dt.Influence(dt.GaussNewton(damping=0.05)).fit(
-        task, ckpts, (x, y), progress=False).attribute((x[:4], y[:4]))
+    truth = (
+        dt.Influence(dt.GaussNewton(damping=0.05))
+        .fit(task, ckpts, (x, y), progress=False)
+        .attribute((x[:4], y[:4]))
+    )
     lam0 = dt.mean_squared_gradient(task, ckpts[0], (x, y))
-    points = dt.damping_sweep(lambda d: dt.Influence(dt.GaussNewton(damping=d)), task, ckpts,
-                              (x, y), (x[:4], y[:4]), multipliers=(0.05 / lam0, 100.0),
-                              truth=truth, store=tmp_path / "s", progress=False)
+    points = dt.damping_sweep(
+        lambda d: dt.Influence(dt.GaussNewton(damping=d)),
+        task,
+        ckpts,
+        (x, y),
+        (x[:4], y[:4]),
+        multipliers=(0.05 / lam0, 100.0),
+        truth=truth,
+        store=tmp_path / "s",
+        progress=False,
+    )
     assert points[0].damping == pytest.approx(0.05)
     assert points[0].agreement["pearson"][0] == pytest.approx(1.0)
     assert points[1].agreement["pearson"][0] < 1.0

@@ -44,32 +44,37 @@ def test_trak_with_projection_at_least_the_parameter_count_is_the_exact_formula(
     model, x, y = data
     p = sum(t.numel() for t in model.parameters())  # 66 < 120 examples: Gram is invertible
     fitted = dt.TRAK(projection_dim=p + 14, damping=0.0).fit(
-        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y),
-        progress=False)
+        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y), progress=False
+    )
     S = fitted.attribute((x[:5], y[:5]))
     ref = trak_reference(model.state_dict(), x, y, x[:5], y[:5])
     torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-9 * ref.abs().max().item())
     exact = dt.TRAK(projection_dim=None, damping=0.0).fit(
-        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y),
-        progress=False)
+        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y), progress=False
+    )
     torch.testing.assert_close(exact.attribute((x[:5], y[:5])), ref, rtol=1e-8, atol=1e-12)
-    torch.testing.assert_close(fitted.self_influence(), fitted.attribute((x, y)).diagonal(),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        fitted.self_influence(), fitted.attribute((x, y)).diagonal(), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_trak_averages_checkpoints(data):
     model, x, y = data
     sd1, sd2 = perturbed(model, 0.2, 1), perturbed(model, 0.2, 2)
-    ckpts = [dt.Checkpoint.from_state_dict(sd1, weight=0.9),
-             dt.Checkpoint.from_state_dict(sd2, weight=0.1)]
-    S = dt.TRAK(projection_dim=None, damping=0.0).fit(
-        dt.ClassificationTask(model), ckpts, (x, y), progress=False).attribute((x[:3], y[:3]))
-    ref = (trak_reference(sd1, x, y, x[:3], y[:3]) + trak_reference(sd2, x, y, x[:3], y[:3]))
+    ckpts = [
+        dt.Checkpoint.from_state_dict(sd1, weight=0.9),
+        dt.Checkpoint.from_state_dict(sd2, weight=0.1),
+    ]
+    S = (
+        dt.TRAK(projection_dim=None, damping=0.0)
+        .fit(dt.ClassificationTask(model), ckpts, (x, y), progress=False)
+        .attribute((x[:3], y[:3]))
+    )
+    ref = trak_reference(sd1, x, y, x[:3], y[:3]) + trak_reference(sd2, x, y, x[:3], y[:3])
     torch.testing.assert_close(S, ref / 2, rtol=1e-8, atol=1e-12)
 
 
 def test_trak_needs_a_classification_task(data):
-    model, x, y = data
+    model, x, _ = data
     with pytest.raises(dt.ConfigError, match="ClassificationTask"):
-        dt.TRAK().fit(dt.RegressionTask(model), [dt.Checkpoint.from_module(model)],
-                      (x, x[:, :3]))
+        dt.TRAK().fit(dt.RegressionTask(model), [dt.Checkpoint.from_module(model)], (x, x[:, :3]))

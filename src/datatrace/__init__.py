@@ -10,7 +10,7 @@ which training data is mislabelled or harmful.
     S = fitted.attribute((X_test, y_test))      # (n_test, n_train), > 0 = proponent
 """
 
-from . import metrics
+from . import metrics, truth
 from .checkpoint import Checkpoint
 from .curvature import (
     EKFAC,
@@ -90,4 +90,5 @@ __all__ = [
     "damping_sweep",
     "mean_squared_gradient",
     "metrics",
+    "truth",
 ]
