@@ -117,12 +117,15 @@ class CurvatureProblem:
 
     # -- full matrices (small models only; callers check the size) --------------------------
 
-    def hessian(self) -> torch.Tensor:
-        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p)."""
+    def hessian(self, chunk: int = 512) -> torch.Tensor:
+        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p), from Hessian-vector products with ``chunk``
+        basis vectors at a time (bounded memory, unlike one vmap over all p)."""
         total = torch.zeros(self.p, self.p, dtype=self.theta.dtype, device=self.theta.device)
+        eye = torch.eye(self.p, dtype=self.theta.dtype, device=self.theta.device)
         for batch in self.batches():
-            total += hessian(lambda t, b=batch: self.loss_sum(t, b))(self.theta)
-        return total / self.n
+            for s in range(0, self.p, chunk):
+                total[s : s + chunk] += self.hvp_batch(eye[s : s + chunk], batch)
+        return (total + total.T) / (2 * self.n)
 
     def gauss_newton(self) -> torch.Tensor:
         """``G = (1/n) Σ_i J_iᵀ ∇²_out ℓ_i J_i``, (p, p), positive semi-definite for convex ℓ."""

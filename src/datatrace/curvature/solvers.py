@@ -45,6 +45,36 @@ class EigenPreconditioner:
         return eigen_solve(self.evals, self.evecs, self.damping, vectors)
 
 
+@dataclass
+class CholeskyPreconditioner:
+    """``(M + λI)⁻¹`` from the Cholesky factor of a positive definite ``M + λI``."""
+
+    factor: torch.Tensor
+    damping: float
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(vectors.T, self.factor).T
+
+
+def _dense_inverse(
+    matrix: torch.Tensor, damping: float, what: str
+) -> CholeskyPreconditioner | EigenPreconditioner:
+    """Cholesky when ``M + λI`` is positive definite (fast); otherwise eigendecompose, warn
+    with the smallest eigenvalue, and invert anyway (what exact influence does)."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    factor, info = torch.linalg.cholesky_ex(matrix + damping * eye)
+    if int(info) == 0:
+        return CholeskyPreconditioner(factor, damping)
+    evals, evecs = torch.linalg.eigh(matrix)
+    if what == "the Gauss-Newton matrix":
+        raise ConfigError(
+            f"the Gauss-Newton matrix is singular (smallest eigenvalue {float(evals[0]):.3g})"
+            f" and damping is {damping:.3g}; use damping > 0"
+        )
+    warn_not_positive_definite(float(evals[0]), damping, what)
+    return EigenPreconditioner(evals, evecs, damping)
+
+
 def _check_size(p: int, max_params: int, what: str) -> None:
     if p > max_params:
         gb = p * p * 8 / 1e9
@@ -71,13 +101,10 @@ class ExactHessian:
         check_damping(self.damping)
         check_positive("max_params", self.max_params)
 
-    def fit(self, ctx: FitContext) -> EigenPreconditioner:
+    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | EigenPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
         damping = resolve_damping(self.damping, ctx.lambda0)
-        evals, evecs = torch.linalg.eigh(ctx.problem.hessian())
-        if float(evals[0]) + damping <= 0:
-            warn_not_positive_definite(float(evals[0]), damping, "the Hessian")
-        return EigenPreconditioner(evals, evecs, damping)
+        return _dense_inverse(ctx.problem.hessian(), damping, "the Hessian")
 
 
 @dataclass(frozen=True)
@@ -91,16 +118,10 @@ class GaussNewton:
         check_damping(self.damping)
         check_positive("max_params", self.max_params)
 
-    def fit(self, ctx: FitContext) -> EigenPreconditioner:
+    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | EigenPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Gauss-Newton matrix")
         damping = resolve_damping(self.damping, ctx.lambda0)
-        evals, evecs = torch.linalg.eigh(ctx.problem.gauss_newton())
-        if float(evals[0]) + damping <= 0:
-            raise ConfigError(
-                f"the Gauss-Newton matrix is singular (smallest eigenvalue {float(evals[0]):.3g})"
-                f" and damping is {damping:.3g}; use damping > 0"
-            )
-        return EigenPreconditioner(evals, evecs, damping)
+        return _dense_inverse(ctx.problem.gauss_newton(), damping, "the Gauss-Newton matrix")
 
 
 @dataclass
