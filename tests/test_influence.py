@@ -64,7 +64,7 @@ def _fit(model, x, y, pre, ckpts=None, **kw):
     [
         dt.ExactHessian(damping=0.5),
         dt.ConjugateGradient(damping=0.5, max_iter=500, tol=1e-12),
-        dt.LiSSA(damping=0.5, depth=3000),
+        dt.LiSSA(damping=0.5, depth=400),
         dt.Arnoldi(rank=59, damping=0.5),  # full rank: 7·5+7 + 3·7+3 = 66 ≥ 59? see below
     ],
     ids=["exact", "cg", "lissa", "arnoldi"],
