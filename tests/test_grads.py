@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MLP, perturbed
@@ -150,3 +151,50 @@ def test_checkpoint_state_is_used_not_the_module(mlp_data):
     torch.testing.assert_close(flatten_grads(g, names), ref, rtol=1e-10, atol=1e-12)
     # the user's module still has its own weights
     assert not torch.allclose(model.fc1.weight, other.fc1.weight)
+
+
+def test_hooked_conv_and_linear_gradients_equal_vmap(cnn_data):
+    model, x, y = cnn_data
+    task = dt.ClassificationTask(model)
+    params, buffers = _params(model)
+    for spec in (FeatureSpec(factored=False), FeatureSpec(projection_dim=16)):
+        hooked = GradientFeatures(spec, task)
+        plain = GradientFeatures(
+            FeatureSpec(factored=False, layer_hooks=False, projection_dim=spec.projection_dim),
+            task,
+        )
+        assert set(hooked.hooked) == {"conv", "fc"} and not hooked.vmap_names
+        assert plain.vmap_names == select_parameters(model, None)
+        for measurement in (False, True):
+            a = hooked.compute(params, buffers, (x, y), measurement, 0)
+            b = plain.compute(params, buffers, (x, y), measurement, 0)
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_called_twice_falls_back_to_vmap():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = dt.ClassificationTask(model)
+    params, buffers = _params(model)
+    feats = GradientFeatures(FeatureSpec(), task)
+    f = feats.compute(params, buffers, (x, y), False, 0)
+    assert set(feats.hooked) == {"head"} and feats.vmap_names == ["shared.weight", "shared.bias"]
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, (x, y), names)
+    flat = flatten_grads(g, names)
+    torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+    with pytest.raises(dt.ConfigError, match="factored=True does not apply"):
+        forced = GradientFeatures(FeatureSpec(params=("shared",), factored=True), task)
+        forced.compute(params, buffers, (x, y), False, 0)

@@ -131,7 +131,7 @@ def test_killed_featurization_resumes_bit_identically(tmp_path, params, proj):
     subprocess.run([sys.executable, str(script), str(ref), "0"], check=True, env=env)
     # run slowly, kill -9 once some (not all) chunks are done, then resume
     store = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, str(script), str(store), "0.01"], env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(store), "0.02"], env=env)
     done_file = store / "c0.done.json"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -28,8 +28,10 @@ from torch import nn
 from .errors import ConfigError, DatatraceError, NonFiniteError
 from .grads import (
     NotFactorable,
+    conv_grads,
     flatten_grads,
-    linear_factors,
+    hookable,
+    layer_io,
     per_example_grads,
     per_example_grads_loop,
     select_parameters,
@@ -49,15 +51,20 @@ class FeatureSpec:
         params: ``None`` (all trainable parameters) or parameter/module names.
         projection_dim: ``None`` for exact gradients, else the random projection dimension.
         projection_seed: seed of the projection matrix.
-        factored: use the factored path for ``nn.Linear`` layers (``None``: where it applies).
-        vmap: per-example gradients with ``torch.func.vmap`` (``None``: try it, fall back to
-            a per-example loop if the model cannot be traced).
+        factored: keep ``nn.Linear`` gradients as their two factors (``None``: where it
+            applies, i.e. without projection).
+        layer_hooks: per-example gradients of ``nn.Linear``/``nn.Conv2d`` layers from one
+            batched backward pass with hooks (requires examples that do not interact in
+            eval mode); ``False``: vmap for every parameter.
+        vmap: per-example gradients of other parameters with ``torch.func.vmap`` (``None``:
+            try it, fall back to a per-example loop if the model cannot be traced).
     """
 
     params: tuple[str, ...] | None = None
     projection_dim: int | None = None
     projection_seed: int = 0
     factored: bool | None = None
+    layer_hooks: bool = True
     vmap: bool | None = None
 
     def __post_init__(self) -> None:
@@ -89,10 +96,13 @@ class GradientFeatures:
         self.names = select_parameters(module, spec.params)
         shapes = dict(module.named_parameters())
         self.sizes = [shapes[n].numel() for n in self.names]
-        self.layers = self._linear_layers(module) if spec.factored is not False else {}
-        if spec.factored and not self.layers:
+        self.hooked = self._hookable_layers(module) if spec.layer_hooks else {}
+        if spec.factored and not any(
+            type(module.get_submodule(n)) is nn.Linear for n in self.hooked
+        ):
             raise ConfigError(
-                "factored=True needs selected parameters that belong to nn.Linear layers"
+                "factored=True needs selected parameters that belong to nn.Linear layers "
+                "(and layer_hooks=True)"
             )
         self.projector = (
             RandomProjector(ProjectionSpec(spec.projection_dim, spec.projection_seed), self.sizes)
@@ -102,11 +112,11 @@ class GradientFeatures:
         self._use_vmap = spec.vmap is not False
         self._probed = False
 
-    def _linear_layers(self, module: nn.Module) -> dict[str, tuple[bool, bool]]:
-        """Linear layers whose selected parameters can be factored: {layer: (weight, bias)}."""
+    def _hookable_layers(self, module: nn.Module) -> dict[str, tuple[bool, bool]]:
+        """Linear/Conv2d layers with selected parameters: {layer: (weight, bias)}."""
         layers: dict[str, tuple[bool, bool]] = {}
         for name, mod in module.named_modules():
-            if type(mod) is not nn.Linear:
+            if not hookable(mod):
                 continue
             w, b = f"{name}.weight" in self.names, f"{name}.bias" in self.names
             if w or b:
@@ -114,9 +124,30 @@ class GradientFeatures:
         return layers
 
     @property
+    def layers(self) -> dict[str, tuple[bool, bool]]:
+        """The Linear layers kept factored: {layer: (weight selected, bias selected)}."""
+        if self.spec.factored is False or self.projector is not None:
+            return {}
+        module = self.task.model
+        return {
+            n: wb for n, wb in self.hooked.items() if type(module.get_submodule(n)) is nn.Linear
+        }
+
+    @staticmethod
+    def _owned(layers: dict[str, tuple[bool, bool]]) -> set[str]:
+        return {f"{lay}.{p}" for lay in layers for p in ("weight", "bias")}
+
+    @property
     def dense_names(self) -> list[str]:
-        factored = {f"{lay}.{p}" for lay in self.layers for p in ("weight", "bias")}
+        """Parameters stored as dense flattened gradients (model order)."""
+        factored = self._owned(self.layers)
         return [n for n in self.names if n not in factored]
+
+    @property
+    def vmap_names(self) -> list[str]:
+        """Parameters whose per-example gradients come from vmap (not from hooks)."""
+        hooked = self._owned(self.hooked)
+        return [n for n in self.names if n not in hooked]
 
     @property
     def num_params(self) -> int:
@@ -161,19 +192,12 @@ class GradientFeatures:
             self._probe(params, buffers, batch)
         grads, values = self._dense_grads(params, buffers, batch, measurement)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.layers:
-            factors, values = linear_factors(
-                self.task, params, buffers, batch, list(self.layers), measurement
-            )
+        if self.hooked:
+            io, values = layer_io(self.task, params, buffers, batch, list(self.hooked), measurement)
+            factors = self._split_layer_grads(io, grads)
         assert values is not None
         _check_finite(values, grads, factors, offset, measurement)
         if self.projector is not None:
-            for lay, (a, e) in factors.items():
-                w, b = self.layers[lay]
-                if w:
-                    grads[f"{lay}.weight"] = e[:, :, None] * a[:, None, :]
-                if b:
-                    grads[f"{lay}.bias"] = e
             blocks = [grads[n].reshape(len(values), -1) for n in self.names]
             return {"proj": self.projector(blocks)}
         feats: Features = {}
@@ -186,6 +210,28 @@ class GradientFeatures:
             feats[f"{lay}.e"] = e
         return feats
 
+    def _split_layer_grads(
+        self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], grads: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Factored layers' (a, e) returned; other hooked layers' gradients put in ``grads``."""
+        factored = self.layers
+        factors = {}
+        for lay, (x, e) in io.items():
+            if lay in factored:
+                factors[lay] = (x, e)
+                continue
+            w, b = self.hooked[lay]
+            mod = self.task.model.get_submodule(lay)
+            if isinstance(mod, nn.Conv2d):
+                gw, gb = conv_grads(mod, x, e)
+            else:
+                gw, gb = e[:, :, None] * x[:, None, :], e
+            if w:
+                grads[f"{lay}.weight"] = gw
+            if b:
+                grads[f"{lay}.bias"] = gb
+        return factors
+
     def _dense_grads(
         self,
         params: dict[str, torch.Tensor],
@@ -193,7 +239,7 @@ class GradientFeatures:
         batch: Any,
         measurement: bool,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        names = self.dense_names
+        names = self.vmap_names
         if not names:
             return {}, None
         if self._use_vmap:
@@ -217,17 +263,18 @@ class GradientFeatures:
     def _probe(
         self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any
     ) -> None:
-        """Keep only the Linear layers the factored path is exact for on this model."""
+        """Keep only the layers the hooked path is exact for on this model (the others fall
+        back to vmap)."""
         self._probed = True
-        if not self.layers:
-            return
-        try:
-            linear_factors(self.task, params, buffers, batch, list(self.layers))
-        except NotFactorable as exc:
-            if self.spec.factored:
-                raise ConfigError(f"factored=True does not apply: {exc}") from exc
-            log.info("factored Linear path off (%s); using dense per-example gradients", exc)
-            self.layers = {}
+        while self.hooked:
+            try:
+                layer_io(self.task, params, buffers, batch, list(self.hooked))
+                return
+            except NotFactorable as exc:
+                if self.spec.factored and exc.layer in self.layers:
+                    raise ConfigError(f"factored=True does not apply: {exc}") from exc
+                log.info("%s; its per-example gradients come from vmap", exc)
+                del self.hooked[exc.layer]
 
     @staticmethod
     def pairwise(q: Features, g: Features) -> torch.Tensor:
@@ -275,14 +322,20 @@ def _check_finite(
     measurement: bool,
 ) -> None:
     bad_value = ~torch.isfinite(values)
+    # A row sum is non-finite if any entry is (one pass, no boolean copy of the gradients);
+    # rows flagged only by an overflowing sum are re-checked entry by entry below.
+    rows = [g.reshape(g.shape[0], -1) for g in grads.values()]
+    rows += [t for pair in factors.values() for t in pair]
+    suspect = bad_value.clone()
+    for r in rows:
+        suspect |= ~torch.isfinite(r.sum(dim=1))
+    if not bool(suspect.any()):
+        return
     bad = bad_value.clone()
-    for g in grads.values():
-        bad |= ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
-    for a, e in factors.values():
-        bad |= ~(torch.isfinite(a).all(dim=1) & torch.isfinite(e).all(dim=1))
+    for r in rows:
+        bad |= ~torch.isfinite(r).all(dim=1)
     if bool(bad.any()):
-        rows = bad.nonzero().flatten()
-        idx = (rows + offset).tolist()
+        idx = (bad.nonzero().flatten() + offset).tolist()
         what = "measurement" if measurement else "loss"
         kind = what if bool(bad_value.any()) else f"gradient of the {what}"
         raise NonFiniteError(

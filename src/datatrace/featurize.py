@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,8 +73,13 @@ def featurize_into_store(
     source: ExampleSource,
     store: FeatureStore,
     progress: bool | None = None,
+    commit_every: float = 1.0,
 ) -> int:
-    """Fill every unfinished chunk of ``store`` with training features; returns chunks computed."""
+    """Fill every unfinished chunk of ``store`` with training features; returns chunks computed.
+
+    Written chunks are committed (flushed, then marked done) every ``commit_every`` seconds
+    and at the end, also when featurization fails, so a crash loses at most that much work.
+    """
     device = model_device(features.task.model)
     done = [store.done(c) for c in range(len(states))]
     todo = [
@@ -82,7 +88,8 @@ def featurize_into_store(
         for k, r in enumerate(store.chunks())
         if k not in done[c]
     ]
-    with eval_mode(features.task.model):
+    last_commit = time.monotonic()
+    with eval_mode(features.task.model), _committing(store):
         for c, k, (s, e) in tqdm(
             todo, desc="featurizing training data", disable=not show_progress(progress)
         ):
@@ -91,7 +98,18 @@ def featurize_into_store(
             with _all_nonfinite(features, states[c], source, False, e, store.chunk_size):
                 feats = features.compute(params, buffers, batch, False, offset=s)
             store.write(c, k, feats)
+            if time.monotonic() - last_commit > commit_every:
+                store.commit()
+                last_commit = time.monotonic()
     return len(todo)
+
+
+@contextlib.contextmanager
+def _committing(store: FeatureStore) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        store.commit()
 
 
 @contextlib.contextmanager

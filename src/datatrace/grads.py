@@ -5,10 +5,12 @@ Implementations:
 * :func:`per_example_grads`: ``vmap(grad(functional_call))``, the fast default.
 * :func:`per_example_grads_loop`: one ``autograd.grad`` per example; the slow, obviously
   correct twin, and the fallback for models vmap cannot trace.
-* :func:`linear_factors`: for ``nn.Linear`` layers applied once per example, the factors of
-  the per-example weight gradient ``e ⊗ a`` (output gradient, input activation) from one
-  batched forward/backward pass, so the full gradient is never formed (TracIn's last-layer
-  trick: ``⟨e⊗a, e'⊗a'⟩ = (e·e')(a·a')``).
+* :func:`layer_io`: for ``nn.Linear`` and ``nn.Conv2d`` layers called once per forward, the
+  layer inputs and output gradients of every example from one batched forward/backward
+  pass (scoped hooks). For Linear layers these are the factors of the per-example weight
+  gradient ``e ⊗ a``, kept factored so the full gradient is never formed (TracIn's
+  last-layer trick: ``⟨e⊗a, e'⊗a'⟩ = (e·e')(a·a')``); :func:`conv_grads` turns a Conv2d's
+  into its per-example gradient (unfolded patches times output gradients).
 
 Parameter selection (:func:`select_parameters`) accepts parameter names (``fc.weight``) and
 module names (``fc`` selects all of its parameters).
@@ -21,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -133,7 +136,21 @@ def per_example_grads_loop(
     return grads, torch.stack(vals)
 
 
-def linear_factors(
+HOOKABLE = (nn.Linear, nn.Conv2d)
+
+
+def hookable(module: nn.Module) -> bool:
+    """Whether per-example gradients of this module's parameters can come from hooks."""
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and (not isinstance(module.padding, str) or module.padding == "valid")
+    )
+
+
+def layer_io(
     task: AbstractTask,
     params: Params,
     buffers: Params,
@@ -141,17 +158,20 @@ def linear_factors(
     layers: Sequence[str],
     measurement: bool = False,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Input activations and output gradients of ``nn.Linear`` layers, per example.
+    """Inputs and output gradients of ``nn.Linear``/``nn.Conv2d`` layers, per example, from
+    one batched forward/backward pass (scoped forward hooks).
 
-    The per-example weight gradient of layer ``l`` is ``outer(e, a)`` and its bias gradient
-    ``e``. Valid when each layer is called once per forward on a (batch, features) input
-    and examples do not interact (model in eval mode).
+    The per-example weight gradient of a Linear layer is ``outer(e, a)`` and its bias
+    gradient ``e``; a Conv2d layer's is ``Σ_positions e_p ⊗ patch_p`` (see
+    :func:`conv_grads`). Valid when each layer is called once per forward (Linear on a
+    (batch, features) input) and examples do not interact (model in eval mode).
 
     Returns:
-        ({layer: (a, e)}, values): ``a`` (batch, in_features), ``e`` (batch, out_features).
+        ({layer: (input, output gradient)}, values): Linear ``a`` (batch, in) and ``e``
+        (batch, out); Conv2d input (batch, C, H, W) and ``e`` (batch, out, H', W').
 
     Raises:
-        NotFactorable: a layer is not called exactly once on a 2-D input.
+        NotFactorable: a layer is not called exactly once, or a Linear input is not 2-D.
     """
     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in layers}
     handles = []
@@ -171,19 +191,39 @@ def linear_factors(
         for h in handles:
             h.remove()
     for name, calls in captured.items():
-        if len(calls) != 1 or calls[0][0].dim() != 2:
-            raise NotFactorable(f"layer {name!r} is not called once on a 2-D input")
+        if len(calls) != 1:
+            raise NotFactorable(name, f"layer {name!r} is called {len(calls)} times per forward")
+        if type(task.model.get_submodule(name)) is nn.Linear and calls[0][0].dim() != 2:
+            raise NotFactorable(name, f"Linear layer {name!r} gets a {calls[0][0].dim()}-D input")
     outputs = [captured[n][0][1] for n in layers]
     # Summing per-example values is exact here: example b's output gradient depends only on b.
-    out_grads = torch.autograd.grad(values.sum(), outputs)
-    factors = {
-        n: (captured[n][0][0].detach(), g.detach()) for n, g in zip(layers, out_grads, strict=True)
-    }
-    return factors, values.detach()
+    out_grads = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
+    io = {}
+    for n, g in zip(layers, out_grads, strict=True):
+        out = captured[n][0][1]
+        io[n] = (captured[n][0][0].detach(), torch.zeros_like(out) if g is None else g.detach())
+    return io, values.detach()
+
+
+def conv_grads(
+    conv: nn.Conv2d, x: torch.Tensor, e: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (weight, bias) gradients of a Conv2d from its input ``x`` and output
+    gradient ``e``: ``Σ_p e_p patch_pᵀ`` (unfolded patches), shapes (batch, *weight.shape)
+    and (batch, out)."""
+    pad = 0 if isinstance(conv.padding, str) else conv.padding
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, pad, conv.stride)  # (b, in*k*k, P)
+    eg = e.flatten(2)  # (b, out, P)
+    weight = torch.bmm(eg, cols.transpose(1, 2)).reshape(x.shape[0], *conv.weight.shape)
+    return weight, eg.sum(2)
 
 
 class NotFactorable(Exception):
-    """Internal: the factored Linear path does not apply to this model/selection."""
+    """Internal: the hooked layer path does not apply to ``layer`` of this model."""
+
+    def __init__(self, layer: str, message: str) -> None:
+        super().__init__(message)
+        self.layer = layer
 
 
 def _batch_len(batch: Any) -> int:

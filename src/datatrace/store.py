@@ -6,10 +6,11 @@ Layout of a store directory::
     c{c}.{name}.npy        one (n, width) array per checkpoint c and feature name
     c{c}.done.json         ids of the chunks of checkpoint c that are fully written
 
-A chunk is written to the arrays and flushed before its id is added to ``done`` (the
-file is replaced atomically), so a process killed at any point leaves a store whose
-``done`` chunks are intact; the next fit computes only the rest, with the same chunk
-boundaries, and so gives bit-identical features.
+Chunks are written to the arrays and, at each :meth:`FeatureStore.commit`, flushed to
+disk before their ids are added to ``done`` (the file is replaced atomically), so a
+process killed at any point leaves a store whose ``done`` chunks are intact; the next fit
+computes only the rest, with the same chunk boundaries, and so gives bit-identical
+features.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class FeatureStore:
         self.chunk_size = int(manifest["chunk_size"])
         self.n = n
         self._arrays: dict[tuple[int, str], np.memmap] = {}
+        self._pending: dict[int, set[int]] = {}
 
     # -- opening -------------------------------------------------------------------------
 
@@ -211,15 +213,19 @@ class FeatureStore:
         return len(self.done(c)) == len(self.chunks())
 
     def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
-        """Write chunk ``chunk`` of checkpoint ``c`` and mark it done (durably, in that order)."""
+        """Write chunk ``chunk`` of checkpoint ``c``; it counts as done after :meth:`commit`."""
         start, stop = self.chunks()[chunk]
         for name, t in feats.items():
-            mm = self._array(c, name, writable=True)
-            mm[start:stop] = t.detach().cpu().numpy()
-            mm.flush()
-        done = self.done(c)
-        done.add(chunk)
-        _atomic_write_json(self.path / f"c{c}.done.json", sorted(done))
+            self._array(c, name, writable=True)[start:stop] = t.detach().cpu().numpy()
+        self._pending.setdefault(c, set()).add(chunk)
+
+    def commit(self) -> None:
+        """Flush written chunks to disk, then record them as done (in that order)."""
+        for c, chunks in self._pending.items():
+            for name in self.manifest["layout"]:
+                self._array(c, name, writable=True).flush()
+            _atomic_write_json(self.path / f"c{c}.done.json", sorted(self.done(c) | chunks))
+        self._pending = {}
 
     def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Features of examples ``start..stop-1`` at checkpoint ``c`` (a copy in memory)."""
