@@ -81,6 +81,7 @@ class FeatureStore:
         chunk_size: int,
         overwrite: bool = False,
     ) -> None:
+        self._writers: dict[tuple[int, str], tuple[int, int, int]] = {}  # fd, offset, row
         self.path = Path(path)
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -106,6 +107,7 @@ class FeatureStore:
         self.chunk_size = int(manifest["chunk_size"])
         self.n = n
         self._arrays: dict[tuple[int, str], np.memmap] = {}
+
         self._pending: dict[int, set[int]] = {}
 
     # -- opening -------------------------------------------------------------------------
@@ -189,13 +191,33 @@ class FeatureStore:
 
     # -- reading and writing ---------------------------------------------------------------
 
-    def _array(self, c: int, name: str, writable: bool) -> np.memmap:
+    def _array(self, c: int, name: str) -> np.memmap:
+        """The array as a memory map (mapped read-write so tensors can view it without a
+        copy; datatrace only writes through :meth:`write`)."""
         key = (c, name)
         mm = self._arrays.get(key)
-        if mm is None or (writable and not mm.flags.writeable):
-            mm = np.load(self._file(c, name), mmap_mode="r+" if writable else "r")
+        if mm is None:
+            mm = np.load(self._file(c, name), mmap_mode="r+")
             self._arrays[key] = mm
         return mm
+
+    def _writer(self, c: int, name: str) -> tuple[int, int, int]:
+        """(file descriptor, data offset, bytes per row) for positional writes."""
+        key = (c, name)
+        if key not in self._writers:
+            mm = self._array(c, name)
+            fd = os.open(self._file(c, name), os.O_WRONLY)
+            self._writers[key] = (fd, int(mm.offset), int(mm.strides[0]))
+        return self._writers[key]
+
+    def close(self) -> None:
+        """Release file descriptors (maps stay valid for reading)."""
+        for fd, _, _ in self._writers.values():
+            os.close(fd)
+        self._writers = {}
+
+    def __del__(self) -> None:
+        self.close()
 
     def done(self, c: int) -> set[int]:
         """Ids of the finished chunks of checkpoint ``c``."""
@@ -214,23 +236,26 @@ class FeatureStore:
 
     def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
         """Write chunk ``chunk`` of checkpoint ``c``; it counts as done after :meth:`commit`."""
-        start, stop = self.chunks()[chunk]
+        start, _ = self.chunks()[chunk]
+        dtype = np.dtype(self.manifest["dtype"])
         for name, t in feats.items():
-            self._array(c, name, writable=True)[start:stop] = t.detach().cpu().numpy()
+            fd, offset, row = self._writer(c, name)
+            data = np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+            os.pwrite(fd, data.data, offset + start * row)  # plain write: no page faults
         self._pending.setdefault(c, set()).add(chunk)
 
     def commit(self) -> None:
         """Flush written chunks to disk, then record them as done (in that order)."""
         for c, chunks in self._pending.items():
             for name in self.manifest["layout"]:
-                self._array(c, name, writable=True).flush()
+                os.fsync(self._writer(c, name)[0])
             _atomic_write_json(self.path / f"c{c}.done.json", sorted(self.done(c) | chunks))
         self._pending = {}
 
     def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Features of examples ``start..stop-1`` at checkpoint ``c`` (a copy in memory)."""
+        """Features of examples ``start..stop-1`` at checkpoint ``c`` (views of the map)."""
         return {
-            name: torch.from_numpy(np.array(self._array(c, name, writable=False)[start:stop]))
+            name: torch.from_numpy(self._array(c, name)[start:stop])
             for name in self.manifest["layout"]
         }
 
