@@ -339,3 +339,17 @@ def test_not_positive_definite_hessian_warns(setup):
         _fit(model, x, y, dt.ExactHessian(damping=0.0))
     with pytest.warns(dt.InfluenceWarning, match="negative curvature"):
         _fit(model, x, y, dt.ConjugateGradient(damping=0.0, max_iter=50)).attribute((x[:2], y[:2]))
+
+
+def test_stochastic_lissa_on_a_dataset_approximates_exact(setup):
+    model, x, y, xq, yq = setup
+    ds = torch.utils.data.TensorDataset(x, y)
+    task = dt.ClassificationTask(model)
+    ckpts = [dt.Checkpoint.from_module(model)]
+    exact = dt.Influence(dt.ExactHessian(damping=0.5)).fit(task, ckpts, ds, progress=False)
+    lissa = dt.Influence(dt.LiSSA(damping=0.5, depth=300, repeat=4, batch_size=8)).fit(
+        task, ckpts, ds, progress=False
+    )
+    a, b = exact.attribute((xq, yq)), lissa.attribute((xq, yq))
+    assert torch.isfinite(b).all()
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
