@@ -164,3 +164,34 @@ def test_features_over_the_disk_budget_are_streamed_with_equal_scores(mlp_data, 
         torch.testing.assert_close(
             streamed.self_influence(), stored.self_influence(), rtol=1e-12, atol=1e-12
         )
+
+
+def test_changing_any_example_invalidates_the_store(mlp_data, tmp_path):
+    model, x, y = mlp_data
+    _fit(model, x, y, tmp_path / "s")
+    x2 = x.clone()
+    x2[11, 2] += 1.0  # a middle example, not the first or last
+    with pytest.raises(dt.StoreMismatchError, match="data"):
+        _fit(model, x2, y, tmp_path / "s")
+    y2 = y.clone()
+    y2[12] = (y2[12] + 1) % 3
+    with pytest.raises(dt.StoreMismatchError, match="data"):
+        _fit(model, x, y2, tmp_path / "s")
+
+
+def test_temporary_features_live_in_memory_or_a_temporary_directory(mlp_data, tmp_path):
+    model, x, y = mlp_data
+    on_disk = _fit(model, x, y, tmp_path / "s")
+    in_memory = _fit(model, x, y, None)
+    assert in_memory.store.path is None
+    spilled = _fit(model, x, y, None, max_memory_bytes=0)
+    assert spilled.store.path is not None and spilled.store.path.exists()
+    ref = on_disk.attribute((x[:4], y[:4]))
+    for fitted in (in_memory, spilled):
+        torch.testing.assert_close(fitted.attribute((x[:4], y[:4])), ref, rtol=0, atol=0)
+    path = spilled.store.path
+    del spilled, fitted
+    import gc
+
+    gc.collect()
+    assert not path.exists()  # the temporary directory goes with the fitted object

@@ -121,15 +121,22 @@ class ExampleSource:
         n = len(self)
         return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
-    def fingerprint(self, n_probe: int = 8) -> str:
-        """A cheap hash of the size and a few examples, to tell data sets apart in a store."""
-        h = hashlib.sha256(f"n={len(self)}".encode())
-        n = len(self)
-        for start in sorted({0, max(0, n - n_probe)}):
-            for t in _leaves(self.batch(start, min(n, start + n_probe))):
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+    def fingerprint(self, batch_size: int = 1024) -> str:
+        """A hash of every example (shapes, dtypes and bytes), so that a store is never
+        reused for data that changed anywhere. Tensors are hashed in place; a Dataset is
+        read once for it."""
+        h = hashlib.blake2b(f"n={len(self)}".encode(), digest_size=16)
+        parts = (
+            [self._tensors]
+            if self._tensors is not None
+            else (self.batch(s, e) for s, e in self.ranges(batch_size))
+        )
+        for part in parts:
+            for t in _leaves(part):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        return h.hexdigest()
 
 
 def _leaves(batch: Batch) -> list[torch.Tensor]:

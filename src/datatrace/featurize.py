@@ -7,7 +7,6 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from .data import ExampleSource, batch_to
 from .errors import NonFiniteError
 from .features import Features, GradientFeatures
 from .grads import bound_model
-from .store import FeatureStore
+from .store import FeatureStore, MemoryFeatureStore
 
 State = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -71,7 +70,7 @@ def featurize_into_store(
     features: GradientFeatures,
     states: list[State],
     source: ExampleSource,
-    store: FeatureStore,
+    store: FeatureStore | MemoryFeatureStore,
     progress: bool | None = None,
     commit_every: float = 1.0,
 ) -> int:
@@ -105,7 +104,7 @@ def featurize_into_store(
 
 
 @contextlib.contextmanager
-def _committing(store: FeatureStore) -> Iterator[None]:
+def _committing(store: FeatureStore | MemoryFeatureStore) -> Iterator[None]:
     try:
         yield
     finally:
@@ -144,7 +143,3 @@ def _all_nonfinite(
             "inputs/labels or the checkpoint (a diverged model)",
             indices=bad,
         ) from None
-
-
-def describe_store(store: FeatureStore) -> dict[str, Any]:
-    return {"path": str(store.path), "bytes": store.nbytes(), "chunks": len(store.chunks())}

@@ -263,3 +263,57 @@ class FeatureStore:
         item = np.dtype(self.manifest["dtype"]).itemsize
         width = sum(self.manifest["layout"].values())
         return int(self.n * width * item * self.manifest["n_checkpoints"])
+
+
+class MemoryFeatureStore:
+    """The :class:`FeatureStore` interface, in RAM: for temporary features (``store=None``)
+    that fit in memory, where writing them to disk would only cost time.
+
+    Args:
+        layout: feature name -> width.
+        n: number of examples.
+        n_checkpoints: number of checkpoints.
+        dtype: feature dtype.
+        chunk_size: examples per chunk.
+    """
+
+    path = None
+
+    def __init__(
+        self,
+        layout: dict[str, int],
+        n: int,
+        n_checkpoints: int,
+        dtype: torch.dtype,
+        chunk_size: int,
+    ) -> None:
+        self.manifest: dict[str, Any] = {"layout": layout, "n": n, "n_checkpoints": n_checkpoints}
+        self.n = n
+        self.chunk_size = chunk_size
+        self._arrays = {
+            (c, name): torch.empty(n, width, dtype=dtype)
+            for c in range(n_checkpoints)
+            for name, width in layout.items()
+        }
+        self._done: dict[int, set[int]] = {c: set() for c in range(n_checkpoints)}
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.chunk_size, self.n)) for s in range(0, self.n, self.chunk_size)]
+
+    def done(self, c: int) -> set[int]:
+        return set(self._done[c])
+
+    def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
+        start, stop = self.chunks()[chunk]
+        for name, t in feats.items():
+            self._arrays[(c, name)][start:stop] = t.detach().cpu()
+        self._done[c].add(chunk)
+
+    def commit(self) -> None:
+        """Nothing to flush."""
+
+    def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {name: self._arrays[(c, name)][start:stop] for name in self.manifest["layout"]}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._arrays.values())

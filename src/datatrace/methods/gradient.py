@@ -26,9 +26,9 @@ from ..curvature.problem import CurvatureProblem
 from ..data import ExampleSource
 from ..errors import CheckpointError, ConfigError
 from ..features import Features, FeatureSpec, GradientFeatures
-from ..featurize import featurize, featurize_into_store, model_device
+from ..featurize import State, featurize, featurize_into_store, model_device
 from ..scoring import running_top_k
-from ..store import FeatureStore
+from ..store import FeatureStore, MemoryFeatureStore
 from ..task import AbstractTask
 
 log = logging.getLogger("datatrace")
@@ -79,6 +79,7 @@ class GradientAttributor:
         block_size: int = 8192,
         progress: bool | None = None,
         max_store_bytes: int | None = 8 << 30,
+        max_memory_bytes: int = 4 << 30,
     ) -> FittedGradientAttributor:
         """Featurize the training data at every checkpoint used.
 
@@ -86,8 +87,9 @@ class GradientAttributor:
             task: the model and its loss/measurement.
             checkpoints: where gradients are taken (and with which weight).
             train: training data (tuple of tensors, dict, Dataset or DataLoader).
-            store: directory of the feature store (reused when its settings match);
-                ``None`` for a temporary one removed with the fitted object.
+            store: directory of the feature store (reused when its settings match, resumed
+                after a crash); ``None``: temporary features, in memory up to
+                ``max_memory_bytes``, else in a temporary directory.
             overwrite: replace a store written with other settings.
             batch_size: examples per featurization batch (and resumable chunk).
             block_size: training examples per scoring block.
@@ -95,6 +97,7 @@ class GradientAttributor:
             max_store_bytes: cache training features on disk only up to this size
                 (``None``: no limit); above it they are recomputed block by block at
                 scoring time (same scores, more compute, no disk).
+            max_memory_bytes: with ``store=None``, keep features in RAM up to this size.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -113,19 +116,16 @@ class GradientAttributor:
         device = model_device(task.model)
         states = [c.parameters_for(task.model, device) for c in ckpts]
         dtype = next(iter(states[0][0].values())).dtype
-        fingerprint = {
-            "method": {"normalize": self.normalize},
-            "task": type(task).__name__,
-            "features": self.features.describe(),
-            "checkpoints": [c.fingerprint() for c in ckpts],
-            "data": source.fingerprint(),
-        }
         # Probe the model on one example: fixes the factored layout before the store is sized.
         featurize(feats, states[0], source, False, batch_size, 0, 1, progress=False)
-        width = sum(feats.layout().values())
-        nbytes = len(source) * width * dtype.itemsize * len(states)
-        fs, tmp = None, None
-        if max_store_bytes is not None and nbytes > max_store_bytes:
+        nbytes = len(source) * sum(feats.layout().values()) * dtype.itemsize * len(states)
+        fs: FeatureStore | MemoryFeatureStore | None = None
+        tmp = None
+        if store is None and nbytes <= max_memory_bytes:
+            fs = MemoryFeatureStore(feats.layout(), len(source), len(states), dtype, batch_size)
+            featurize_into_store(feats, states, source, fs, progress)
+            log.info("%s: training features in memory (%.1f MB)", self.name, nbytes / 1e6)
+        elif max_store_bytes is not None and nbytes > max_store_bytes:
             log.info(
                 "%s: training features would take %.1f MB > max_store_bytes; not cached, "
                 "recomputed block by block when scoring (set projection_dim or params, or "
@@ -137,30 +137,22 @@ class GradientAttributor:
             if store is None:
                 store = tmp = tempfile.mkdtemp(prefix="datatrace-features-")
             try:
-                fs = FeatureStore(
+                fs = self._disk_store(
+                    task,
+                    ckpts,
+                    states,
+                    feats,
+                    source,
                     store,
-                    fingerprint,
-                    feats.layout(),
-                    len(source),
-                    len(states),
                     dtype,
-                    chunk_size=batch_size,
-                    overwrite=overwrite,
+                    batch_size,
+                    overwrite,
+                    progress,
                 )
-                computed = featurize_into_store(feats, states, source, fs, progress)
             except BaseException:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            log.info(
-                "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
-                self.name,
-                "computed" if computed else "reused",
-                len(source),
-                len(states),
-                fs.path,
-                fs.nbytes() / 1e6,
-            )
         fitted = FittedGradientAttributor(
             self, task, feats, states, weights, source, fs, batch_size, block_size, progress
         )
@@ -169,6 +161,49 @@ class GradientAttributor:
         if tmp is not None:
             weakref.finalize(fitted, shutil.rmtree, tmp, True)
         return fitted
+
+    def _disk_store(
+        self,
+        task: AbstractTask,
+        ckpts: list[Checkpoint],
+        states: list[State],
+        feats: GradientFeatures,
+        source: ExampleSource,
+        path: str | Path,
+        dtype: torch.dtype,
+        batch_size: int,
+        overwrite: bool,
+        progress: bool | None,
+    ) -> FeatureStore:
+        """Open (or create) the fingerprinted store at ``path`` and fill what is missing."""
+        fingerprint = {
+            "method": {"normalize": self.normalize},
+            "task": type(task).__name__,
+            "features": self.features.describe(),
+            "checkpoints": [c.fingerprint() for c in ckpts],
+            "data": source.fingerprint(),
+        }
+        fs = FeatureStore(
+            path,
+            fingerprint,
+            feats.layout(),
+            len(source),
+            len(ckpts),
+            dtype,
+            chunk_size=batch_size,
+            overwrite=overwrite,
+        )
+        computed = featurize_into_store(feats, states, source, fs, progress)
+        log.info(
+            "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
+            self.name,
+            "computed" if computed else "reused",
+            len(source),
+            len(ckpts),
+            fs.path,
+            fs.nbytes() / 1e6,
+        )
+        return fs
 
 
 def _check_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
@@ -197,7 +232,7 @@ class FittedGradientAttributor:
         states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
         weights: list[float],
         train: ExampleSource,
-        store: FeatureStore | None,
+        store: FeatureStore | MemoryFeatureStore | None,
         batch_size: int,
         block_size: int,
         progress: bool | None,
@@ -229,7 +264,8 @@ class FittedGradientAttributor:
                 sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
                 / (problem.n * problem.p)
             )
-            cache = self.store.path / f"curvature-c{c}" if self.store is not None else None
+            path = self.store.path if self.store is not None else None
+            cache = path / f"curvature-c{c}" if path is not None else None
             ctx = FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
             fitted = spec.fit(ctx)
             log.info(
