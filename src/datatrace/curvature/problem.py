@@ -117,14 +117,16 @@ class CurvatureProblem:
 
     # -- full matrices (small models only; callers check the size) --------------------------
 
-    def hessian(self, chunk: int = 512) -> torch.Tensor:
-        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p), from Hessian-vector products with ``chunk``
-        basis vectors at a time (bounded memory, unlike one vmap over all p)."""
+    def hessian(self, chunk: int = 1024) -> torch.Tensor:
+        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p): reverse-over-reverse, one forward/backward graph
+        per batch pulled back along ``chunk`` basis vectors at a time (bounded memory)."""
         total = torch.zeros(self.p, self.p, dtype=self.theta.dtype, device=self.theta.device)
         eye = torch.eye(self.p, dtype=self.theta.dtype, device=self.theta.device)
         for batch in self.batches():
+            grad_fn = torch.func.grad(lambda t, b=batch: self.loss_sum(t, b))
+            pullback = vjp(grad_fn, self.theta)[1]
             for s in range(0, self.p, chunk):
-                total[s : s + chunk] += self.hvp_batch(eye[s : s + chunk], batch)
+                total[s : s + chunk] += vmap(pullback)(eye[s : s + chunk])[0]
         return (total + total.T) / (2 * self.n)
 
     def gauss_newton(self) -> torch.Tensor:
