@@ -1,10 +1,13 @@
-"""The gradient attributor: ``S[j, i] = Σ_c w_c ⟨φ_c(query_j), φ_c(train_i)⟩``.
+"""The gradient attributor: ``S[j, i] = Σ_c w_c ⟨φ_c(query_j), P_c φ_c(train_i)⟩``.
 
-:class:`GradientAttributor` is the one engine behind Grad-Dot, Grad-Cos and TracIn (see
-:mod:`datatrace.methods.recipes`): a feature spec (which parameters, projection), whether
-features are normalised (cosine), and whether every checkpoint counts (weighted by its
-weight) or only the final one. Fitting featurizes the training set once per checkpoint
-into a :class:`~datatrace.store.FeatureStore`; scoring streams training blocks from it.
+:class:`GradientAttributor` is the one engine behind every gradient method (see
+:mod:`datatrace.methods.recipes`, :mod:`~datatrace.methods.influence` and
+:mod:`~datatrace.methods.trak`): a feature spec (which parameters, projection), whether
+features are normalised (cosine), whether every checkpoint counts (weighted by its
+weight) or only the final one, and an optional curvature preconditioner ``P_c`` (then
+scores carry influence's ``1/n``). Fitting featurizes the training set once per
+checkpoint into a :class:`~datatrace.store.FeatureStore` (or memory); scoring streams
+training blocks from it.
 """
 
 from __future__ import annotations
