@@ -353,3 +353,19 @@ def test_stochastic_lissa_on_a_dataset_approximates_exact(setup):
     a, b = exact.attribute((xq, yq)), lissa.attribute((xq, yq))
     assert torch.isfinite(b).all()
     assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+
+
+def test_indefinite_hessian_is_still_inverted_exactly(setup):
+    model, x, y, xq, yq = setup
+    from datatrace.curvature.solvers import smallest_eigenvalue
+
+    H = exact_hessian(model, x, y)
+    true_min = torch.linalg.eigvalsh(H).min().item()
+    assert smallest_eigenvalue(H) == pytest.approx(true_min, rel=0.05)
+    lam = -true_min / 2  # H + λI indefinite but invertible
+    with pytest.warns(dt.InfluenceWarning, match="not positive definite"):
+        fitted = _fit(model, x, y, dt.ExactHessian(damping=lam))
+    ref = reference(model, x, y, xq, yq, lam)
+    torch.testing.assert_close(
+        fitted.attribute((xq, yq)), ref, rtol=1e-8, atol=1e-10 * ref.abs().max().item()
+    )

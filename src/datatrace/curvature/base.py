@@ -65,7 +65,7 @@ def warn_not_positive_definite(smallest: float, damping: float, what: str) -> No
     """Warn that ``H + λI`` has a non-positive eigenvalue, saying what to do."""
     warnings.warn(
         f"{what} + damping is not positive definite (smallest eigenvalue of {what} "
-        f"{smallest:.3g}, damping {damping:.3g}): influence scores are unreliable. Use "
+        f"≈ {smallest:.3g}, damping {damping:.3g}): influence scores are unreliable. Use "
         f"dt.GaussNewton (positive semi-definite) or damping > {-smallest:.3g}.",
         InfluenceWarning,
         stacklevel=3,

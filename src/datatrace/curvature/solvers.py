@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,23 +57,72 @@ class CholeskyPreconditioner:
         return torch.cholesky_solve(vectors.T, self.factor).T
 
 
+@dataclass
+class LUPreconditioner:
+    """``(M + λI)⁻¹`` from the LU factors of an indefinite (but invertible) ``M + λI``."""
+
+    lu: torch.Tensor
+    pivots: torch.Tensor
+    damping: float
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.lu_solve(self.lu, self.pivots, vectors.T).T
+
+
+def krylov_eigenpairs(
+    apply: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, n_iter: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz pairs of a symmetric operator from ``n_iter`` Arnoldi (here: Lanczos) steps with
+    full reorthogonalisation: eigenvalues (m,) ascending and vectors (p, m), m <= n_iter.
+    Extreme eigenvalues converge first; exact when the Krylov space becomes invariant."""
+    p = like.numel()
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(p, generator=g, dtype=torch.float64).to(like)
+    basis = [v / v.norm()]
+    hess = torch.zeros(n_iter + 1, n_iter, dtype=v.dtype, device=v.device)
+    for k in range(n_iter):
+        w = apply(basis[k])
+        q = torch.stack(basis)
+        for _ in range(2):  # classical Gram-Schmidt, twice: keeps the basis orthogonal
+            coef = q @ w
+            w = w - coef @ q
+            hess[: k + 1, k] += coef
+        hess[k + 1, k] = w.norm()
+        if float(hess[k + 1, k]) <= 1e-10 * float(hess[: k + 1, k].abs().max()):
+            break  # the Krylov space is invariant: its eigenpairs are exact
+        basis.append(w / hess[k + 1, k])
+    m = min(len(basis), n_iter)
+    small = hess[:m, :m]
+    evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+    return evals, torch.stack(basis[:m]).T @ evecs
+
+
+def smallest_eigenvalue(matrix: torch.Tensor, n_iter: int = 80) -> float:
+    """The smallest eigenvalue of a symmetric matrix from a short Lanczos run (cheap next to
+    an eigendecomposition; the smallest Ritz value converges from above)."""
+    evals, _ = krylov_eigenpairs(lambda v: matrix @ v, matrix[0], min(n_iter, matrix.shape[0]))
+    return float(evals[0])
+
+
 def _dense_inverse(
     matrix: torch.Tensor, damping: float, what: str
-) -> CholeskyPreconditioner | EigenPreconditioner:
-    """Cholesky when ``M + λI`` is positive definite (fast); otherwise eigendecompose, warn
-    with the smallest eigenvalue, and invert anyway (what exact influence does)."""
+) -> CholeskyPreconditioner | LUPreconditioner:
+    """Cholesky when ``M + λI`` is positive definite (fast); otherwise warn with (an
+    estimate of) the smallest eigenvalue and invert by LU anyway (what exact influence
+    does), or refuse for the Gauss–Newton matrix, which is singular then."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     factor, info = torch.linalg.cholesky_ex(matrix + damping * eye)
     if int(info) == 0:
         return CholeskyPreconditioner(factor, damping)
-    evals, evecs = torch.linalg.eigh(matrix)
+    smallest = smallest_eigenvalue(matrix)
     if what == "the Gauss-Newton matrix":
         raise ConfigError(
-            f"the Gauss-Newton matrix is singular (smallest eigenvalue {float(evals[0]):.3g})"
+            f"the Gauss-Newton matrix is singular (smallest eigenvalue ≈ {smallest:.3g})"
             f" and damping is {damping:.3g}; use damping > 0"
         )
-    warn_not_positive_definite(float(evals[0]), damping, what)
-    return EigenPreconditioner(evals, evecs, damping)
+    warn_not_positive_definite(min(smallest, -damping), damping, what)
+    lu, pivots = torch.linalg.lu_factor(matrix + damping * eye)
+    return LUPreconditioner(lu, pivots, damping)
 
 
 def _check_size(p: int, max_params: int, what: str) -> None:
@@ -101,7 +151,7 @@ class ExactHessian:
         check_damping(self.damping)
         check_positive("max_params", self.max_params)
 
-    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | EigenPreconditioner:
+    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LUPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
         damping = resolve_damping(self.damping, ctx.lambda0)
         return _dense_inverse(ctx.problem.hessian(), damping, "the Hessian")
@@ -118,7 +168,7 @@ class GaussNewton:
         check_damping(self.damping)
         check_positive("max_params", self.max_params)
 
-    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | EigenPreconditioner:
+    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LUPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Gauss-Newton matrix")
         damping = resolve_damping(self.damping, ctx.lambda0)
         return _dense_inverse(ctx.problem.gauss_newton(), damping, "the Gauss-Newton matrix")
@@ -335,27 +385,11 @@ class Arnoldi:
         op = _MatrixFree(problem, self.gauss_newton, 0.0)
         n_iter = min(p, self.n_iter if self.n_iter is not None else 2 * self.rank + 20)
         n_iter = max(n_iter, self.rank)
-        g = torch.Generator().manual_seed(self.seed)
-        v = torch.randn(p, generator=g, dtype=torch.float64).to(problem.theta)
-        basis = [v / v.norm()]
-        hess = torch.zeros(n_iter + 1, n_iter, dtype=v.dtype, device=v.device)
-        for k in range(n_iter):
-            w = op.apply(basis[k][None])[0]
-            q = torch.stack(basis)
-            for _ in range(2):  # classical Gram-Schmidt, twice: keeps the basis orthogonal
-                coef = q @ w
-                w = w - coef @ q
-                hess[: k + 1, k] += coef
-            hess[k + 1, k] = w.norm()
-            if float(hess[k + 1, k]) <= 1e-10 * float(hess[: k + 1, k].abs().max()):
-                break  # the Krylov space is invariant: its eigenpairs are exact
-            basis.append(w / hess[k + 1, k])
-        m = min(len(basis), n_iter)
-        q = torch.stack(basis[:m])
-        small = hess[:m, :m]
-        evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+        evals, vecs = krylov_eigenpairs(
+            lambda v: op.apply(v[None])[0], problem.theta, n_iter, self.seed
+        )
         keep = evals.abs().argsort(descending=True)[: self.rank]
-        evals, vecs = evals[keep], q.T @ evecs[:, keep]
+        evals, vecs = evals[keep], vecs[:, keep]
         if float(evals.min()) + damping <= 0:
             warn_not_positive_definite(float(evals.min()), damping, "the Hessian")
         return EigenPreconditioner(evals, vecs, damping)
