@@ -80,13 +80,11 @@ class CurvatureProblem:
     # -- products -------------------------------------------------------------------------
 
     def hvp_batch(self, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
-        """``Σ_{i∈batch} ∇²ℓ_i v`` for each row v of ``vectors`` (m, p)."""
+        """``Σ_{i∈batch} ∇²ℓ_i v`` for each row v of ``vectors`` (m, p): reverse-over-reverse,
+        one graph for the batch pulled back along every v (H is symmetric)."""
         grad_fn = torch.func.grad(lambda t: self.loss_sum(t, batch))
-
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(grad_fn, (self.theta,), (v,))[1]
-
-        return vmap(one)(vectors)
+        pullback = vjp(grad_fn, self.theta)[1]
+        return vmap(pullback)(vectors)[0]
 
     def gnvp_batch(self, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
         """``Σ_{i∈batch} J_iᵀ H_out,i J_i v`` for each row v of ``vectors`` (m, p)."""
@@ -118,15 +116,13 @@ class CurvatureProblem:
     # -- full matrices (small models only; callers check the size) --------------------------
 
     def hessian(self, chunk: int = 1024) -> torch.Tensor:
-        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p): reverse-over-reverse, one forward/backward graph
-        per batch pulled back along ``chunk`` basis vectors at a time (bounded memory)."""
+        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p), from Hessian-vector products with ``chunk`` basis
+        vectors at a time (bounded memory)."""
         total = torch.zeros(self.p, self.p, dtype=self.theta.dtype, device=self.theta.device)
         eye = torch.eye(self.p, dtype=self.theta.dtype, device=self.theta.device)
         for batch in self.batches():
-            grad_fn = torch.func.grad(lambda t, b=batch: self.loss_sum(t, b))
-            pullback = vjp(grad_fn, self.theta)[1]
             for s in range(0, self.p, chunk):
-                total[s : s + chunk] += vmap(pullback)(eye[s : s + chunk])[0]
+                total[s : s + chunk] += self.hvp_batch(eye[s : s + chunk], batch)
         return (total + total.T) / (2 * self.n)
 
     def gauss_newton(self) -> torch.Tensor:
