@@ -56,11 +56,17 @@ The float64 exact reference is also checked against an independent computation (
 ``torch.func.hessian``, ``torch.linalg.solve``), which also gives the Hessian's spectrum
 (LiSSA's ``scale`` for both libraries = 1.5 x the largest |eigenvalue| of H + lam).
 
-Timing: a warm-up run of every cell on a slice (50 train x 10 test), then N full runs
-interleaved across libraries (cells of ``--isolate`` methods, by default ``exact``, run each
-timed run in a fresh worker process that first warms up on a tiny MLP 64-16-10: dattri's
-explicit Hessian alone peaks at ~14 GB), ``gc.collect()`` + ``os.sync()`` and a wait for an idle
-machine before each (untimed); the median wall clock (``time.perf_counter``) is reported.
+Timing: N full runs per cell, interleaved across cells (run 1 of every cell, then run 2...).
+By default (``--isolate all``) every timed run is a fresh worker process that first warms up
+on a tiny MLP 64-16-10 (60 x 10 examples: imports, torch.func, hooks, LAPACK) and then
+runs the full workload once, as a user's script would. In one long-lived process a run's
+speed depends on the heap that earlier runs left behind (datatrace's exact Hessian builds 2x
+faster after dattri's CG has left ~20 GB of freed heap: fewer page faults), and dattri's
+explicit Hessian alone peaks at ~14 GB. Cells not isolated warm up once on a slice (50 x 10)
+in the main process. Before each run (untimed): ``gc.collect()``, glibc ``malloc_trim``,
+``os.sync()`` and a wait for an idle machine. The median (and min) wall clock
+(``time.perf_counter``) is reported; ``mem GB`` is the peak resident memory above the level
+before the run.
 A cell whose first full run takes more than ``--slow-threshold`` s (default 60) is run only
 once (``n`` column). datatrace's time is ``fit`` (featurize into its temporary on-disk store
 + fit the preconditioner) plus ``attribute``; peers' times are everything their API needs
@@ -862,12 +868,16 @@ def worker_main(args: argparse.Namespace) -> int:
     tiny = tiny_workload()
     run_cell(fn, tiny, warm_settings(st, tiny))
     gc.collect()
+    if spec.get("profile"):
+        text = profile_run(fn, wl, st, spec["profile"])
+        torch.save({"S": None, "t": {}, "notes": [text]}, spec["out"])
+        return 0
     S, t, notes = run_cell(fn, wl, st)
     torch.save({"S": S, "t": t, "notes": notes}, spec["out"])
     return 0
 
 
-def run_isolated(cell: Cell, workload_path: str, threads: int) -> tuple:
+def run_isolated(cell: Cell, workload_path: str, threads: int, profile: str | None = None) -> tuple:
     import subprocess
 
     fd, out = tempfile.mkstemp(prefix="bench-influence-", suffix=".pt")
@@ -877,6 +887,7 @@ def run_isolated(cell: Cell, workload_path: str, threads: int) -> tuple:
         "settings": cell.settings.__dict__,
         "runner": cell.fn.__name__,
         "out": out,
+        "profile": profile,
     }
     try:
         proc = subprocess.run(
@@ -901,27 +912,43 @@ def run_isolated(cell: Cell, workload_path: str, threads: int) -> tuple:
     return d["S"], d["t"], d["notes"]
 
 
-def profile_datatrace(cell: Cell, wl: Workload, top: int = 14) -> str:
-    """cProfile of one datatrace run of ``cell``: top functions by internal and cumulative time."""
+def profile_run(fn: Callable, wl: Workload, st: Settings, label: str, top: int = 14) -> str:
+    """cProfile of one datatrace run (fit + attribute only): top functions by internal and
+    by cumulative time, plus the minor page faults of the run."""
+    import resource
+
     global _PROFILER
-    quiet()
     pr = _PROFILER = cProfile.Profile()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     try:
-        _, t, _ = run_cell(cell.fn, wl, cell.settings)
+        _, t, _ = run_cell(fn, wl, st)
     finally:
         _PROFILER = None
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     lines = [
-        f"cProfile of datatrace {cell.method} {cell.variant} (fit {t['fit']:.2f}s, attribute "
-        f"{t['attribute']:.2f}s, profiler overhead included):"
+        f"cProfile of datatrace {label} (fit {t['fit']:.2f}s, attribute {t['attribute']:.2f}s, "
+        f"profiler overhead included; {faults / 1e6:.2f}M minor page faults in the run):"
     ]
-    for key, label in (("tottime", "internal"), ("cumulative", "cumulative")):
+    for key, what in (("tottime", "internal"), ("cumulative", "cumulative")):
         buf = io.StringIO()
         pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(top)
         body = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
         start = next((i for i, ln in enumerate(body) if ln.lstrip().startswith("ncalls")), 0)
-        lines.append(f"  top {top} by {label} time:")
-        lines += ["    " + ln for ln in body[start : start + top + 1]]
+        lines.append(f"  top {top} by {what} time:")
+        lines += ["    " + ln.replace(_SITE, "") for ln in body[start : start + top + 1]]
     return "\n".join(lines)
+
+
+_SITE = os.path.dirname(os.path.dirname(torch.__file__)) + os.sep  # shortened in profiles
+
+
+def profile_datatrace(cell: Cell, wl: Workload, workload_path: str, threads: int) -> str:
+    """Profile one datatrace run of ``cell`` (in a fresh worker when the cell is isolated)."""
+    label = f"{cell.method} {cell.variant}".strip()
+    quiet()
+    if cell.isolate:
+        return run_isolated(cell, workload_path, threads, profile=label)[2][0]
+    return profile_run(cell.fn, wl, cell.settings, label)
 
 
 # ----------------------------------------------------------------------------- main
@@ -1003,10 +1030,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--isolate",
-        default="exact",
-        help="methods whose timed runs each get a fresh worker process (comma "
-        "list, 'all' or 'none'; default exact: dattri's explicit Hessian peaks at "
-        "~14 GB and memory is not always returned between runs)",
+        default="all",
+        help="methods whose timed runs each get a fresh worker process (comma list, 'all' "
+        "or 'none'). Default all: in one long-lived process a run's speed depends on the "
+        "heap left by earlier runs (datatrace's exact Hessian builds 2x faster after "
+        "dattri's CG has left ~20 GB of freed heap: fewer page faults), and dattri's "
+        "explicit Hessian alone peaks at ~14 GB",
     )
     ap.add_argument("--json", default=None, help="write results to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1204,6 +1233,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(
                     n_runs=len(c.times["total"]),
                     median_s=med["total"],
+                    min_s=min(c.times["total"]),
                     fit_s=med["fit"],
                     attribute_s=med["attribute"],
                     mem_gb=max(c.times["mem_gb"]),
@@ -1279,7 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         hdr = (
             f"{'method':8s} {'variant':22s} {'library':11s} {'API':21s} {'n':>2s} "
-            f"{'median s':>9s} {'ratio':>7s} {'mem GB':>6s} {'r(H)':>7s} {'r(GN)':>7s} {'scale':>6s}  notes"
+            f"{'median s':>9s} {'min s':>7s} {'ratio':>7s} {'mem GB':>6s} {'r(H)':>7s} {'r(GN)':>7s} {'scale':>6s}  notes"
         )
         print(hdr)
         print("-" * len(hdr))
@@ -1300,7 +1330,7 @@ def main(argv: list[str] | None = None) -> int:
             rg = f"{r['pearson_GN']:.4f}"
             print(
                 f"{r['method']:8s} {r['variant']:22s} {r['library']:11s} {r['api']:21s} "
-                f"{r['n_runs']:2d} {r['median_s']:9.2f} {ratio:>7s} {r['mem_gb']:6.2f} "
+                f"{r['n_runs']:2d} {r['median_s']:9.2f} {r['min_s']:7.2f} {ratio:>7s} {r['mem_gb']:6.2f} "
                 f"{r['pearson_H']:7.4f} "
                 f"{rg:>7s} {r['scale_vs_H']:6.3f}  {'; '.join(notes)}"
             )
@@ -1342,7 +1372,7 @@ def main(argv: list[str] | None = None) -> int:
                 if m == "CG":  # profile the longest matched count
                     cell = [c for c in cells if c.method == m and c.library == "datatrace"][-1]
                 print()
-                prof = profile_datatrace(cell, wl)
+                prof = profile_datatrace(cell, wl, wl_path, args.threads)
                 profiles[f"{lam:g}/{m}"] = prof
                 print(prof, flush=True)
         for c in cells:
