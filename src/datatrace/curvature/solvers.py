@@ -109,11 +109,20 @@ def _dense_inverse(
 ) -> CholeskyPreconditioner | LUPreconditioner:
     """Cholesky when ``M + λI`` is positive definite (fast); otherwise warn with (an
     estimate of) the smallest eigenvalue and invert by LU anyway (what exact influence
-    does), or refuse for the Gauss–Newton matrix, which is singular then."""
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    factor, info = torch.linalg.cholesky_ex(matrix + damping * eye)
+    does), or refuse for the Gauss–Newton matrix, which is singular then.
+
+    ``matrix`` is consumed (λ is added to its diagonal in place: a 10k-parameter model's
+    Hessian is 370 MB in float32); only its lower triangle is trusted until Cholesky fails.
+    """
+    matrix.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0:
         return CholeskyPreconditioner(factor, damping)
+    del factor
+    lower = matrix.tril()
+    matrix = lower + lower.tril(-1).T  # symmetric from the lower triangle
+    del lower
+    matrix.diagonal().sub_(damping)
     smallest = smallest_eigenvalue(matrix)
     if what == "the Gauss-Newton matrix":
         raise ConfigError(
@@ -121,7 +130,8 @@ def _dense_inverse(
             f" and damping is {damping:.3g}; use damping > 0"
         )
     warn_not_positive_definite(min(smallest, -damping), damping, what)
-    lu, pivots = torch.linalg.lu_factor(matrix + damping * eye)
+    matrix.diagonal().add_(damping)
+    lu, pivots = torch.linalg.lu_factor(matrix)
     return LUPreconditioner(lu, pivots, damping)
 
 
@@ -154,7 +164,7 @@ class ExactHessian:
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LUPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
         damping = resolve_damping(self.damping, ctx.lambda0)
-        return _dense_inverse(ctx.problem.hessian(), damping, "the Hessian")
+        return _dense_inverse(ctx.problem.hessian(symmetrize=False), damping, "the Hessian")
 
 
 @dataclass(frozen=True)
