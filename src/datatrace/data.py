@@ -107,14 +107,17 @@ class ExampleSource:
             return tuple(t[start:stop] for t in self._tensors)
         return self._collate([self._dataset[i] for i in range(start, stop)])
 
-    def take(self, indices: Sequence[int]) -> Batch:
+    def take(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         """The examples at ``indices`` (any order, repeats allowed) as one batch."""
         if self._tensors is not None:
-            idx = torch.as_tensor(list(indices), dtype=torch.long)
+            if isinstance(indices, torch.Tensor):
+                idx = indices.to("cpu", torch.long)
+            else:
+                idx = torch.as_tensor(list(indices), dtype=torch.long)
             if isinstance(self._tensors, Mapping):
                 return {k: v[idx] for k, v in self._tensors.items()}
             return tuple(t[idx] for t in self._tensors)
-        return self._collate([self._dataset[i] for i in indices])
+        return self._collate([self._dataset[int(i)] for i in indices])
 
     def ranges(self, batch_size: int) -> list[tuple[int, int]]:
         """Contiguous ``(start, stop)`` ranges covering every example once."""

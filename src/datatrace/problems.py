@@ -53,9 +53,17 @@ def load_sklearn(
 
 
 def lbfgs_fit(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, max_iter: int = 500
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    alpha: float,
+    max_iter: int = 500,
+    n_total: int | None = None,
 ) -> nn.Module:
-    """Minimise ``mean cross-entropy + α‖θ‖²`` with full-batch L-BFGS (in place)."""
+    """Minimise ``(1/N) Σ cross-entropy + α‖θ‖²`` with full-batch L-BFGS (in place), where
+    ``N = n_total`` (default ``len(x)``): retraining without some examples keeps N = the
+    full training-set size, so removing an example removes exactly its term of the
+    objective (what influence functions and scores predict), not also re-weighting α."""
     opt = torch.optim.LBFGS(
         model.parameters(),
         lr=1,
@@ -68,7 +76,7 @@ def lbfgs_fit(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y, reduction="sum") / (n_total or len(x))
         loss = loss + alpha * sum((p**2).sum() for p in model.parameters())
         loss.backward()
         return loss
@@ -98,7 +106,7 @@ def _problem(
     def train_fn(indices: torch.Tensor, seed: int) -> nn.Module:
         model = make()
         model.load_state_dict(full.state_dict())
-        return lbfgs_fit(model, xt[indices], yt[indices], alpha)
+        return lbfgs_fit(model, xt[indices], yt[indices], alpha, n_total=n_train)
 
     return Problem(name, full, (xt, yt), (x[te], y[te]), alpha, train_fn)
 
