@@ -68,3 +68,49 @@ def test_damping_sweep_reuses_the_store_and_reports_dampings(mlp_data, tmp_path)
     assert points[0].damping == pytest.approx(0.05)
     assert points[0].agreement["pearson"][0] == pytest.approx(1.0)
     assert points[1].agreement["pearson"][0] < 1.0
+
+
+def test_lds_perfect_linear_datamodel_is_one_and_random_is_zero():
+    g = torch.Generator().manual_seed(1)
+    n, q, m = 60, 30, 80
+    scores = torch.randn(q, n, generator=g, dtype=torch.float64)
+    masks = dt.truth.subset_masks(n, m, 0.5, seed=0)
+    base = torch.randn(q, generator=g, dtype=torch.float64)
+    outputs = base + (~masks).double() @ scores.T  # exactly the scores' linear prediction
+    res = dt.metrics.lds(scores, masks, outputs)
+    assert res.mean == pytest.approx(1.0, abs=1e-12)
+    assert res.per_query.shape == (q,)
+    rand = dt.metrics.lds(torch.randn(q, n, generator=g, dtype=torch.float64), masks, outputs)
+    assert abs(rand.mean) < 4 * rand.se + 0.05
+    flipped = dt.metrics.lds(-scores, masks, outputs)
+    assert flipped.mean == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_lds_matches_scipy_and_rejects_bad_shapes():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    masks = torch.rand(12, 20, generator=g) < 0.5
+    outputs = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    res = dt.metrics.lds(scores, masks, outputs)
+    pred = (~masks).double() @ scores.T
+    want = [spearmanr(pred[:, j], outputs[:, j]).statistic for j in range(5)]
+    np.testing.assert_allclose(res.per_query.numpy(), want, atol=1e-12)
+    assert res.mean == pytest.approx(np.mean(want), abs=1e-12)
+    with pytest.raises(dt.DataError, match="shapes"):
+        dt.metrics.lds(scores, masks, outputs.T)
+    outputs[:, 0] = 1.0  # constant: undefined for that query
+    with pytest.warns(RuntimeWarning, match="constant"):
+        res = dt.metrics.lds(scores, masks, outputs)
+    assert torch.isnan(res.per_query[0]) and res.mean == pytest.approx(np.mean(want[1:]))
+
+
+def test_top_k_overlap_hand_case():
+    truth = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    scores = torch.tensor([[5.0, 0.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    mean, se = dt.metrics.top_k_overlap(scores, truth, k=2)
+    assert mean == pytest.approx(0.75)  # query 0: {0, 2} vs {0, 1}; query 1: all
+    assert se == pytest.approx(np.std([0.5, 1.0], ddof=1) / np.sqrt(2))
+    low, _ = dt.metrics.top_k_overlap(scores, truth, k=2, largest=False)
+    assert low == pytest.approx(0.75)  # query 0: {1, 4} vs {3, 4}
+    with pytest.raises(dt.DataError):
+        dt.metrics.top_k_overlap(scores, truth, k=6)

@@ -7,11 +7,16 @@
 * :func:`detection_auc`: the area under it (1 = perfect, ≈ 0.5 = random ranking).
 * :func:`agreement`: per-query Pearson, Spearman and cosine between score rows and truth
   rows (e.g. leave-one-out retraining), mean and standard error over queries.
+* :func:`lds`: the linear datamodeling score (Park et al. 2023) against subset retraining.
+* :func:`top_k_overlap`: per query, the share of the truth's k most positive examples that
+  the scores also rank in their top k.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -121,3 +126,87 @@ def agreement(scores: torch.Tensor, truth: torch.Tensor) -> dict[str, tuple[floa
         se = float(v.std() / v.numel() ** 0.5) if v.numel() > 1 else 0.0
         out[k] = (float(v.mean()), se)
     return out
+
+
+def _mean_se(v: torch.Tensor) -> tuple[float, float]:
+    se = float(v.std() / v.numel() ** 0.5) if v.numel() > 1 else 0.0
+    return float(v.mean()), se
+
+
+class LDSResult(NamedTuple):
+    """``mean`` and standard error ``se`` over the queries with a defined score, and the
+    score of every query (``per_query``; NaN where the outputs or predictions are constant
+    over subsets)."""
+
+    mean: float
+    se: float
+    per_query: torch.Tensor
+
+
+def lds(scores: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor) -> LDSResult:
+    """Linear datamodeling score of attribution scores against subset retraining.
+
+    The scores predict the measurement of query j under the model trained on subset
+    ``S_m`` as ``f(z_j; θ) + Σ_{i ∉ S_m} scores[j, i]`` (datatrace's sign: a score is the
+    effect of removing i); the LDS of query j is the Spearman correlation over subsets of
+    that prediction with the actual ``outputs[m, j]``.
+
+    Args:
+        scores: (n_query, n_train).
+        masks: bool (n_subsets, n_train), True = in the subset.
+        outputs: (n_subsets, n_query), e.g. from :func:`datatrace.truth.subset_retraining`.
+    """
+    if scores.dim() != 2 or masks.dim() != 2 or outputs.dim() != 2:
+        raise DataError("scores, masks and outputs must all be 2-D")
+    n_query, n_train = scores.shape
+    if masks.shape[1] != n_train or outputs.shape != (masks.shape[0], n_query):
+        raise DataError(
+            f"shapes do not fit: scores {tuple(scores.shape)} (n_query, n_train), masks "
+            f"{tuple(masks.shape)} (n_subsets, n_train), outputs {tuple(outputs.shape)} "
+            "(n_subsets, n_query)"
+        )
+    if masks.shape[0] < 3:
+        raise DataError("the LDS needs at least 3 subsets")
+    for name, t in (("scores", scores), ("outputs", outputs)):
+        if not bool(torch.isfinite(t).all()):
+            raise DataError(f"{name} contain NaN or inf")
+    removed = (~masks.bool()).double()
+    predicted = removed @ scores.double().T  # (n_subsets, n_query)
+    a, b = _ranks(predicted.T), _ranks(outputs.double().T)
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    per = torch.where(denom > 0, (a * b).sum(1) / denom.clamp_min(1e-300), torch.nan)
+    ok = torch.isfinite(per)
+    if not bool(ok.any()):
+        raise DataError("every query's predictions or outputs are constant over subsets")
+    if not bool(ok.all()):
+        warnings.warn(
+            f"{int((~ok).sum())} queries have constant predictions or outputs over subsets; "
+            "their LDS is NaN and left out of the mean",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    mean, se = _mean_se(per[ok])
+    return LDSResult(mean, se, per)
+
+
+def top_k_overlap(
+    scores: torch.Tensor, truth: torch.Tensor, k: int, largest: bool = True
+) -> tuple[float, float]:
+    """Mean (and standard error over queries) of ``|top_k(scores_j) ∩ top_k(truth_j)| / k``.
+
+    ``largest=False`` compares the k most negative instead (the opponents).
+    """
+    if scores.shape != truth.shape or scores.dim() != 2:
+        raise DataError(
+            f"scores {tuple(scores.shape)} and truth {tuple(truth.shape)} must both be (n_query, n)"
+        )
+    if not 0 < k <= scores.shape[1]:
+        raise DataError(f"k must be in [1, {scores.shape[1]}], got {k}")
+    a = scores.double().topk(k, dim=1, largest=largest).indices
+    b = truth.double().topk(k, dim=1, largest=largest).indices
+    hit = torch.zeros_like(scores, dtype=torch.bool)
+    hit.scatter_(1, a, True)
+    per = hit.gather(1, b).double().sum(1) / k
+    return _mean_se(per)
