@@ -10,7 +10,7 @@ which training data is mislabelled or harmful.
     S = fitted.attribute((X_test, y_test))      # (n_test, n_train), > 0 = proponent
 """
 
-from . import metrics, truth
+from . import distributed, evaluate, metrics, problems, truth
 from .checkpoint import Checkpoint
 from .curvature import (
     EKFAC,
@@ -88,7 +88,10 @@ __all__ = [
     "TracIn",
     "__version__",
     "damping_sweep",
+    "distributed",
+    "evaluate",
     "mean_squared_gradient",
     "metrics",
+    "problems",
     "truth",
 ]

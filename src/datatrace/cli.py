@@ -27,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev = sub.add_parser(
+        "evaluate",
+        help="compare attribution methods with gold standards (further training, LOO, LDS)",
+        description="Run the methods x gold standards described in a TOML config; writes "
+        "results.json, results.csv and agreement.png and prints a table. Keys and defaults: "
+        "datatrace.evaluate.SCHEMA; an example: examples/wei2024-digits.toml.",
+    )
+    ev.add_argument("config", type=Path, help="the experiment's TOML file")
+    ev.add_argument("--out", type=Path, default=None, help="output folder (overrides config)")
     return parser
 
 
@@ -46,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress=False if args.no_progress else None,
                 )
             )
+        elif args.command == "evaluate":
+            from .evaluate import main as evaluate_main
+
+            return evaluate_main(str(args.config), None if args.out is None else str(args.out))
     except DatatraceError as exc:
         print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
