@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metrics, truth
+from . import distributed, metrics, truth
 from .checkpoint import Checkpoint
 from .curvature import (
     EKFAC,
@@ -44,7 +44,7 @@ from .curvature import (
 from .errors import ConfigError
 from .methods import DataInf, GradCos, GradDot, Influence, TracIn
 from .methods.trak import TRAK
-from .problems import DATASETS, load_sklearn
+from .problems import DATASETS, lbfgs_fit, load_sklearn
 from .task import AbstractTask, ClassificationTask
 
 METHODS = (
@@ -58,7 +58,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": "experiment", "seed": 0, "out": "evaluate-out", "progress": False},
     "data": {"dataset": "digits", "n_train": 300, "n_query": 30, "entry": ""},
     "model": {"kind": "mlp", "hidden": 32, "activation": "tanh", "alpha": 1e-3},
-    "train": {"epochs": 30, "lr": 0.1, "batch_size": 32, "momentum": 0.9, "checkpoints": 5},
+    "train": {
+        "epochs": 30,
+        "lr": 0.1,
+        "batch_size": 32,
+        "momentum": 0.9,
+        "checkpoints": 5,
+        "retrain": "sgd",  # or "lbfgs": polish to the optimum; retrain warm-started
+    },
     "methods": {
         "use": ["graddot", "gradcos", "tracin", "datainf", "cg", "ekfac"],
         "damping": [-1.0],
@@ -180,6 +187,12 @@ def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
             f"unknown dataset {cfg['data']['dataset']!r}"
             + _suggest(cfg["data"]["dataset"], DATASETS)
         )
+    if cfg["train"]["retrain"] not in ("sgd", "lbfgs"):
+        raise ConfigError(
+            "train.retrain must be 'sgd' (from scratch, same seed and batch order) or "
+            f"'lbfgs' (warm start from the final model, to convergence), got "
+            f"{cfg['train']['retrain']!r}"
+        )
     if cfg["model"]["kind"] not in ("mlp", "logreg"):
         raise ConfigError(f"model.kind must be 'mlp' or 'logreg', got {cfg['model']['kind']!r}")
     if cfg["model"]["activation"] not in ("tanh", "relu"):
@@ -209,15 +222,19 @@ def sgd_train(
     momentum: float,
     alpha: float,
     checkpoints: int = 0,
+    keep: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[Checkpoint]]:
     """Train from a seeded initialisation with SGD on ``mean CE + α‖θ‖²`` (cosine learning
     rate decay); keep ``checkpoints`` evenly spaced snapshots weighted by their learning
-    rate (TracIn's weights)."""
+    rate (TracIn's weights). With ``keep`` (bool over the rows of x), the batch order is
+    that of the full data with the other rows skipped, so retraining without a few
+    examples differs from the full run by those examples only, not by a new shuffle."""
     torch.manual_seed(seed)
     model = make()
     g = torch.Generator().manual_seed(seed)
+    n_rows = len(x) if keep is None else int(keep.sum())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    per_epoch = math.ceil(len(x) / batch_size)
+    per_epoch = math.ceil(n_rows / batch_size)
     total = epochs * per_epoch
     marks = (
         {round(epochs * (c + 1) / checkpoints) for c in range(checkpoints)}
@@ -227,7 +244,10 @@ def sgd_train(
     ckpts: list[Checkpoint] = []
     step = 0
     for epoch in range(1, epochs + 1):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+        order = torch.randperm(len(x), generator=g)
+        if keep is not None:
+            order = order[keep[order]]
+        for idx in order.split(batch_size):
             rate = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             for group in opt.param_groups:
                 group["lr"] = rate
@@ -262,15 +282,28 @@ def builtin_experiment(cfg: dict[str, Any]) -> Experiment:
     def fit(
         indices: torch.Tensor, seed: int, checkpoints: int = 0
     ) -> tuple[nn.Module, list[Checkpoint]]:
+        keep = torch.zeros(n_train, dtype=torch.bool)
+        keep[indices] = True
         return sgd_train(
-            make, xt[indices], yt[indices], seed, t["epochs"], t["lr"], t["batch_size"],
-            t["momentum"], cfg["model"]["alpha"], checkpoints,
+            make, xt, yt, seed, t["epochs"], t["lr"], t["batch_size"],
+            t["momentum"], cfg["model"]["alpha"], checkpoints, keep=keep,
         )  # fmt: skip
 
     model, ckpts = fit(torch.arange(n_train), cfg[""]["seed"], max(1, t["checkpoints"]))
+    alpha = cfg["model"]["alpha"]
+    if t["retrain"] == "lbfgs":
+        # the model explained is the optimum that leave-one-out retraining starts from and
+        # compares with: polish the SGD result to convergence (the last checkpoint too)
+        lbfgs_fit(model, xt, yt, alpha, max_iter=3000)
+        last = ckpts[-1]
+        ckpts[-1] = Checkpoint.from_module(model, weight=last.weight, name=last.name + "+lbfgs")
 
     def train_fn(indices: torch.Tensor, seed: int) -> nn.Module:
-        return fit(indices, seed)[0]
+        if t["retrain"] == "sgd":
+            return fit(indices, seed)[0]
+        warm = make()
+        warm.load_state_dict(model.state_dict())
+        return lbfgs_fit(warm, xt[indices], yt[indices], alpha, n_total=n_train)
 
     task = ClassificationTask(model, num_classes=k)
     with torch.no_grad():
@@ -440,6 +473,9 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
         },
         "seconds": time.perf_counter() - t0,
     }
+    if distributed.world()[0] != 0:  # under torchrun every rank has the results; one writes
+        report["plot"] = None
+        return report
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     with open(out_dir / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["truth", "step", "method", "metric", "mean", "se"])
@@ -534,6 +570,8 @@ def table(report: dict[str, Any], max_steps: int = 5) -> str:
 def main(path: str, out: str | None = None) -> int:
     cfg = load_config(path)
     report = run(cfg, out)
+    if distributed.world()[0] != 0:
+        return 0
     print(f"{report['name']}: {report['experiment']}", file=sys.stderr)
     print(table(report))
     out_dir = Path(out if out is not None else cfg[""]["out"])
