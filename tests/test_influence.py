@@ -363,9 +363,78 @@ def test_indefinite_hessian_is_still_inverted_exactly(setup):
     true_min = torch.linalg.eigvalsh(H).min().item()
     assert smallest_eigenvalue(H) == pytest.approx(true_min, rel=0.05)
     lam = -true_min / 2  # H + λI indefinite but invertible
-    with pytest.warns(dt.InfluenceWarning, match="not positive definite"):
+    negative = int((torch.linalg.eigvalsh(H) + lam < 0).sum())
+    with pytest.warns(dt.InfluenceWarning, match=f"not positive definite \\({negative} of 66"):
         fitted = _fit(model, x, y, dt.ExactHessian(damping=lam))
     ref = reference(model, x, y, xq, yq, lam)
     torch.testing.assert_close(
         fitted.attribute((xq, yq)), ref, rtol=1e-8, atol=1e-10 * ref.abs().max().item()
     )
+
+
+class TwiceLinear(torch.nn.Module):
+    """The same Linear applied twice: its block has no Kronecker closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(5, 5)
+        self.out = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class SequenceLinear(torch.nn.Module):
+    """A Linear on (batch, time, features): not the per-example-vector case."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(5, 8)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.proj(x.view(len(x), 1, 5).expand(len(x), 2, 5) * 0.7))
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer"),
+    [("mlp", "fc1"), ("mlp-weights-only", "fc1"), ("cnn", "fc"), ("twice", "out"),
+     ("sequence", "out")],  # proj sees 3-D inputs: not eligible
+)  # fmt: skip
+def test_structured_hessian_equals_products_and_func_hessian(kind, layer, cnn_data):
+    torch.manual_seed(3)
+    if kind == "cnn":
+        model, x, y = cnn_data
+    else:
+        model = {"twice": TwiceLinear, "sequence": SequenceLinear}.get(kind, MLP)().double()
+        x, y = torch.randn(11, 5, dtype=torch.float64), torch.randint(0, 3, (11,))
+    params = dict(model.named_parameters())
+    names = [n for n in params if not (kind == "mlp-weights-only" and n == "fc1.bias")]
+    problem = CurvatureProblem(
+        dt.ClassificationTask(model),
+        names,
+        {k: v.detach() for k, v in params.items()},
+        {},
+        ExampleSource((x, y)),
+        batch_size=4,
+    )
+    chosen = problem._kronecker_layer()
+    assert (chosen[0] if chosen else None) == layer
+    fast = problem.hessian()
+    slow = problem.hessian_by_products()
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    if kind != "mlp-weights-only":
+        state = {k: v.detach() for k, v in params.items()}
+        torch.testing.assert_close(fast, exact_hessian(model, x, y, state), rtol=1e-9, atol=1e-11)
+
+
+def test_ldl_inertia_counts_negative_eigenvalues():
+    from datatrace.curvature.solvers import ldl_inertia
+
+    g = torch.Generator().manual_seed(0)
+    for p, shift in [(7, 0.0), (40, 0.3), (40, -0.3), (64, 2.0), (64, -2.0)]:
+        a = torch.randn(p, p, generator=g, dtype=torch.float64)
+        m = (a + a.T) / 2 + shift * torch.eye(p, dtype=torch.float64)
+        factors, pivots = torch.linalg.ldl_factor(m)
+        assert ldl_inertia(factors, pivots) == int((torch.linalg.eigvalsh(m) < 0).sum())

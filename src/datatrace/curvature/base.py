@@ -61,10 +61,13 @@ def check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def warn_not_positive_definite(smallest: float, damping: float, what: str) -> None:
+def warn_not_positive_definite(
+    smallest: float, damping: float, what: str, negative: int | None = None, p: int = 0
+) -> None:
     """Warn that ``H + λI`` has a non-positive eigenvalue, saying what to do."""
+    count = f"{negative:,} of {p:,} eigenvalues of it negative, " if negative else ""
     warnings.warn(
-        f"{what} + damping is not positive definite (smallest eigenvalue of {what} "
+        f"{what} + damping is not positive definite ({count}smallest eigenvalue of {what} "
         f"≈ {smallest:.3g}, damping {damping:.3g}): influence scores are unreliable. Use "
         f"dt.GaussNewton (positive semi-definite) or damping > {-smallest:.3g}.",
         InfluenceWarning,

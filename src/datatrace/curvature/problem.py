@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, hessian, jacrev, jvp, vjp, vmap
+from torch import nn
+from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from ..data import ExampleSource, batch_to
 from ..grads import _unsqueeze
@@ -115,23 +116,157 @@ class CurvatureProblem:
 
     # -- full matrices (small models only; callers check the size) --------------------------
 
-    def hessian(self, chunk: int = 128, symmetrize: bool = True) -> torch.Tensor:
-        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p), from Hessian-vector products with ``chunk`` basis
-        vectors at a time. Small chunks keep the vmapped intermediates (chunk × batch ×
-        width) in cache: 128 builds a 9,610-parameter MLP's Hessian twice as fast as 1,024.
-        ``symmetrize=False`` skips averaging H with Hᵀ (round-off only; Cholesky reads one
-        triangle anyway) and saves a p × p temporary."""
-        total = torch.zeros(self.p, self.p, dtype=self.theta.dtype, device=self.theta.device)
-        eye = torch.eye(chunk, dtype=self.theta.dtype, device=self.theta.device)
-        for batch in self.batches():
-            for s in range(0, self.p, chunk):
-                m = min(chunk, self.p - s)
-                basis = torch.zeros(m, self.p, dtype=self.theta.dtype, device=self.theta.device)
-                basis[:, s : s + m] = eye[:m, :m]
-                total[s : s + m] += self.hvp_batch(basis, batch)
+    def hessian(
+        self, chunk: int = 128, symmetrize: bool = True, structured: bool = True
+    ) -> torch.Tensor:
+        """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p).
+
+        Rows come from Hessian-vector products with ``chunk`` basis vectors at a time
+        (small chunks keep the vmapped intermediates, chunk × batch × width, in cache). With
+        ``structured`` (default), the diagonal block of the largest eligible ``nn.Linear``
+        layer (called once per forward on (batch, features) inputs) is formed in closed form
+        instead, ``Σ_i (ã_i ã_iᵀ) ⊗ ∂²ℓ_i/∂s²`` (ã = the layer's input with a 1 for the
+        bias, s = its output), and its rows of the other columns by symmetry: for an MLP
+        whose first layer holds most parameters that replaces most of the products. The
+        same matrix as the all-products path (:meth:`hessian_by_products`), to round-off.
+        ``symmetrize=False`` skips averaging H with Hᵀ (Cholesky reads one triangle)."""
+        layer = self._kronecker_layer() if structured else None
+        if layer is None:
+            return self.hessian_by_products(chunk, symmetrize)
+        w_idx, b_idx = layer[1], layer[2]
+        block = torch.cat([w_idx, b_idx]) if b_idx is not None else w_idx
+        in_block = torch.zeros(self.p, dtype=torch.bool)
+        in_block[block] = True
+        rows = torch.nonzero(~in_block).flatten().to(self.theta.device)
+        total = self._rows_by_products(rows, chunk)
+        block = block.to(self.theta.device)
+        total[block[:, None], rows[None, :]] = total[rows[:, None], block[None, :]].T
+        self._kronecker_block(layer, total)
         if symmetrize:
             total = (total + total.T) / 2
         return total.div_(self.n)
+
+    def hessian_by_products(self, chunk: int = 128, symmetrize: bool = True) -> torch.Tensor:
+        """``H`` from ``p`` Hessian-vector products (any model)."""
+        total = self._rows_by_products(torch.arange(self.p, device=self.theta.device), chunk)
+        if symmetrize:
+            total = (total + total.T) / 2
+        return total.div_(self.n)
+
+    def _rows_by_products(self, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+        """A (p, p) matrix holding ``Σ_i ∇²ℓ_i`` in the given rows (zeros elsewhere)."""
+        dev, dt = self.theta.device, self.theta.dtype
+        total = torch.zeros(self.p, self.p, dtype=dt, device=dev)
+        for batch in self.batches():
+            for s in range(0, rows.numel(), chunk):
+                part = rows[s : s + chunk]
+                basis = torch.zeros(part.numel(), self.p, dtype=dt, device=dev)
+                basis[torch.arange(part.numel(), device=dev), part] = 1
+                total[part] += self.hvp_batch(basis, batch)
+        return total
+
+    def _kronecker_layer(self) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+        """(module name, flat indices of its weight, of its bias or None) of the largest
+        selected ``nn.Linear`` whose diagonal Hessian block has the Kronecker closed form:
+        called exactly once per forward, on a (batch, features) input, weight selected.
+        None when no layer qualifies (or the model does not run one example at a time)."""
+        offsets, start = {}, 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            offsets[name] = (start, start + size)
+            start += size
+        calls: dict[str, list[int]] = {}
+        hooks = []
+        candidates = {}
+        for mname, mod in self.task.model.named_modules():
+            wname = f"{mname}.weight" if mname else "weight"
+            if type(mod) is nn.Linear and wname in offsets:
+                candidates[mname] = mod
+
+                def hook(m: Any, inp: Any, out: Any, key: str = mname) -> None:
+                    calls.setdefault(key, []).append(inp[0].dim())
+
+                hooks.append(mod.register_forward_hook(hook))
+        if not candidates:
+            for h in hooks:
+                h.remove()
+            return None
+        try:
+            batch = next(iter(self.batches()))
+            with torch.no_grad():
+                self.task.loss(self.model_at(self.theta), batch)
+        except Exception:
+            return None
+        finally:
+            for h in hooks:
+                h.remove()
+        best = None
+        for mname in candidates:
+            if calls.get(mname) != [2]:
+                continue
+            w = offsets[f"{mname}.weight" if mname else "weight"]
+            b = offsets.get(f"{mname}.bias" if mname else "bias")
+            size = (w[1] - w[0]) + (0 if b is None else b[1] - b[0])
+            if best is None or size > best[0]:
+                best = (size, mname, w, b)
+        if best is None or best[0] < 2 * self.p // 10:
+            return None  # not worth it: the products would still do most of the work
+        _, mname, w, b = best
+        w_idx = torch.arange(w[0], w[1])
+        b_idx = None if b is None else torch.arange(b[0], b[1])
+        return mname, w_idx, b_idx
+
+    def _kronecker_block(
+        self, layer: tuple[str, torch.Tensor, torch.Tensor | None], total: torch.Tensor
+    ) -> None:
+        """Write ``Σ_i ∇²ℓ_i`` restricted to the layer's own parameters into ``total``."""
+        mname, w_idx, b_idx = layer
+        module = self.task.model.get_submodule(mname)
+        assert isinstance(module, nn.Linear)
+        d_out, d_in = module.out_features, module.in_features
+        dev, dt = self.theta.device, self.theta.dtype
+
+        def loss_of_probe(probe: torch.Tensor, example: Any) -> tuple[torch.Tensor, Any]:
+            seen: list[torch.Tensor] = []
+
+            def hook(m: Any, inp: Any, out: torch.Tensor) -> torch.Tensor:
+                seen.append(inp[0])
+                return out + probe
+
+            handle = module.register_forward_hook(hook)
+            try:
+                loss = self.task.loss(self.model_at(self.theta), _unsqueeze(example)).sum()
+            finally:
+                handle.remove()
+            return loss, seen[0][0]
+
+        curvature = vmap(
+            jacfwd(torch.func.grad(loss_of_probe, has_aux=True), has_aux=True),
+            in_dims=(None, 0),
+        )
+        probe = torch.zeros(d_out, dtype=dt, device=dev)
+        ww = torch.zeros(d_out * d_out, d_in * d_in, dtype=dt, device=dev)
+        wb = torch.zeros(d_out, d_in, d_out, dtype=dt, device=dev)
+        bb = torch.zeros(d_out, d_out, dtype=dt, device=dev)
+        step = max(1, min(self.batch_size, (1 << 24) // max(1, d_out * d_out + d_in * d_in)))
+        for s, e in self.train.ranges(step):
+            batch = batch_to(self.train.batch(s, e), dev)
+            m_i, a_i = curvature(probe, batch)  # (b, out, out), (b, in)
+            m_i = (m_i + m_i.transpose(1, 2)) / 2
+            outer = (a_i[:, :, None] * a_i[:, None, :]).reshape(len(a_i), -1)
+            ww.addmm_(m_i.reshape(len(m_i), -1).T, outer)
+            wb += torch.einsum("bop,bj->ojp", m_i, a_i)
+            bb += m_i.sum(0)
+        w_rows = w_idx.to(dev)
+        w0 = int(w_idx[0])
+        if not bool((w_idx == torch.arange(w0, w0 + w_idx.numel())).all()):
+            raise AssertionError("weight indices must be contiguous")
+        view = total[w0 : w0 + d_out * d_in, w0 : w0 + d_out * d_in].view(d_out, d_in, d_out, d_in)
+        view.copy_(ww.view(d_out, d_out, d_in, d_in).permute(0, 2, 1, 3))
+        if b_idx is not None:
+            b_rows = b_idx.to(dev)
+            total[w_rows[:, None], b_rows[None, :]] = wb.reshape(d_out * d_in, d_out)
+            total[b_rows[:, None], w_rows[None, :]] = wb.reshape(d_out * d_in, d_out).T
+            total[b_rows[:, None], b_rows[None, :]] = bb
 
     def gauss_newton(self) -> torch.Tensor:
         """``G = (1/n) Σ_i J_iᵀ ∇²_out ℓ_i J_i``, (p, p), positive semi-definite for convex ℓ."""

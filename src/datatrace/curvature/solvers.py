@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,15 +59,37 @@ class CholeskyPreconditioner:
 
 
 @dataclass
-class LUPreconditioner:
-    """``(M + λI)⁻¹`` from the LU factors of an indefinite (but invertible) ``M + λI``."""
+class LDLPreconditioner:
+    """``(M + λI)⁻¹`` from the symmetric-indefinite (Bunch–Kaufman) ``LDLᵀ`` factors of an
+    indefinite but invertible ``M + λI``; ``negative`` counts its negative eigenvalues
+    (Sylvester's law of inertia, read off D)."""
 
-    lu: torch.Tensor
+    factors: torch.Tensor
     pivots: torch.Tensor
     damping: float
+    negative: int = 0
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.lu_solve(self.lu, self.pivots, vectors.T).T
+        return torch.linalg.ldl_solve(self.factors, self.pivots, vectors.T).T
+
+
+def ldl_inertia(factors: torch.Tensor, pivots: torch.Tensor) -> int:
+    """Negative eigenvalues of ``L D Lᵀ`` = negative eigenvalues of the block-diagonal D
+    (1×1 blocks where the pivot is positive, 2×2 where two consecutive pivots are negative,
+    LAPACK's convention)."""
+    d = factors.diagonal().double().cpu()
+    off = factors.diagonal(-1).double().cpu()
+    piv = pivots.cpu()
+    negative, k, p = 0, 0, d.numel()
+    while k < p:
+        if int(piv[k]) > 0 or k == p - 1:
+            negative += int(d[k] < 0)
+            k += 1
+        else:  # 2×2 block [[d_k, o_k], [o_k, d_{k+1}]]
+            det = d[k] * d[k + 1] - off[k] ** 2
+            negative += 1 if det < 0 else (2 if d[k] < 0 else 0)
+            k += 2
+    return negative
 
 
 def krylov_eigenpairs(
@@ -106,33 +129,42 @@ def smallest_eigenvalue(matrix: torch.Tensor, n_iter: int = 80) -> float:
 
 def _dense_inverse(
     matrix: torch.Tensor, damping: float, what: str
-) -> CholeskyPreconditioner | LUPreconditioner:
+) -> CholeskyPreconditioner | LDLPreconditioner:
     """Cholesky when ``M + λI`` is positive definite (fast); otherwise warn with (an
-    estimate of) the smallest eigenvalue and invert by LU anyway (what exact influence
-    does), or refuse for the Gauss–Newton matrix, which is singular then.
+    estimate of) the smallest eigenvalue and the number of negative ones, and invert by
+    ``LDLᵀ`` anyway (what exact influence does); refuse for the Gauss–Newton matrix, which
+    is singular then.
+
+    For the Hessian a short Lanczos run first (≈ 0.4 s at p = 10k): its smallest Ritz value
+    is an upper bound on the smallest eigenvalue, so when it is already below −λ the
+    Cholesky attempt (which would fail late, after most of its work) is skipped.
 
     ``matrix`` is consumed (λ is added to its diagonal in place: a 10k-parameter model's
-    Hessian is 370 MB in float32); only its lower triangle is trusted until Cholesky fails.
+    Hessian is 370 MB in float32); only its lower triangle is used by the factorizations.
     """
-    matrix.diagonal().add_(damping)
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
-        return CholeskyPreconditioner(factor, damping)
-    del factor
-    lower = matrix.tril()
-    matrix = lower + lower.tril(-1).T  # symmetric from the lower triangle
-    del lower
-    matrix.diagonal().sub_(damping)
-    smallest = smallest_eigenvalue(matrix)
-    if what == "the Gauss-Newton matrix":
+    hessian = what != "the Gauss-Newton matrix"
+    estimate = smallest_eigenvalue(matrix, n_iter=30) if hessian else math.inf
+    if estimate + damping > 0:
+        matrix.diagonal().add_(damping)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            return CholeskyPreconditioner(factor, damping)
+        del factor
+        matrix.diagonal().sub_(damping)
+        lower = matrix.tril()
+        matrix = lower + lower.tril(-1).T  # symmetric from the lower triangle
+        del lower
+        estimate = smallest_eigenvalue(matrix)  # the short run had not converged
+    if not hessian:
         raise ConfigError(
-            f"the Gauss-Newton matrix is singular (smallest eigenvalue ≈ {smallest:.3g})"
+            f"the Gauss-Newton matrix is singular (smallest eigenvalue ≈ {estimate:.3g})"
             f" and damping is {damping:.3g}; use damping > 0"
         )
-    warn_not_positive_definite(min(smallest, -damping), damping, what)
     matrix.diagonal().add_(damping)
-    lu, pivots = torch.linalg.lu_factor(matrix)
-    return LUPreconditioner(lu, pivots, damping)
+    factors, pivots, _ = torch.linalg.ldl_factor_ex(matrix)
+    negative = ldl_inertia(factors, pivots)
+    warn_not_positive_definite(min(estimate, -damping), damping, what, negative, matrix.shape[0])
+    return LDLPreconditioner(factors, pivots, damping, negative)
 
 
 def _check_size(p: int, max_params: int, what: str) -> None:
@@ -161,7 +193,7 @@ class ExactHessian:
         check_damping(self.damping)
         check_positive("max_params", self.max_params)
 
-    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LUPreconditioner:
+    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
         damping = resolve_damping(self.damping, ctx.lambda0)
         return _dense_inverse(ctx.problem.hessian(symmetrize=False), damping, "the Hessian")
@@ -178,7 +210,7 @@ class GaussNewton:
         check_damping(self.damping)
         check_positive("max_params", self.max_params)
 
-    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LUPreconditioner:
+    def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Gauss-Newton matrix")
         damping = resolve_damping(self.damping, ctx.lambda0)
         return _dense_inverse(ctx.problem.gauss_newton(), damping, "the Gauss-Newton matrix")
