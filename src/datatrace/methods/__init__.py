@@ -1,5 +1,11 @@
 """Methods (recipes over the gradient attributor): GradDot, GradCos, TracIn."""
 
+from .datamodel import (
+    DistilledDatamodel,
+    FittedDistilledDatamodel,
+    Recorder,
+    kmeans_groups,
+)
 from .gradient import FittedGradientAttributor, GradientAttributor
 from .influence import DataInf, Influence
 from .recipes import GradCos, GradDot, TracIn
@@ -9,13 +15,17 @@ from .trak import TRAK
 __all__ = [
     "TRAK",
     "DataInf",
+    "DistilledDatamodel",
+    "FittedDistilledDatamodel",
     "FittedGradientAttributor",
     "GradCos",
     "GradDot",
     "GradientAttributor",
     "Influence",
+    "Recorder",
     "SweepPoint",
     "TracIn",
     "damping_sweep",
+    "kmeans_groups",
     "mean_squared_gradient",
 ]

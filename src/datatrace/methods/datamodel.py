@@ -1,0 +1,590 @@
+"""Distilled Datamodel (Ye et al., CVPR 2024), as reconstructed in METHODS.md.
+
+**Offline** (from saved checkpoints, or during training with :meth:`DistilledDatamodel.recorder`):
+each group of training examples G_k gets a small synthetic set s_k (``synset_per_group``
+inputs, initialised from real members, labels fixed, each standing for ``|G_k|/m`` real
+examples). At every trajectory point θ_t, processed from the last to the first (the
+"reverse" walk from the final model), the synthetic inputs are moved by Adam to minimise a
+layer-wise gradient distance between the synset's contribution to the mean training loss
+and the group's::
+
+    D_k(θ_t) = Σ_layers ‖ĝ_k,l − g_k,l‖² / ‖g_k,l‖²
+    g_k = (1/n) Σ_{i ∈ G_k} ∇ℓ(z_i; θ_t),   ĝ_k = (|G_k| / (n m)) Σ_{s ∈ s_k} ∇ℓ(s; θ_t)
+
+(summed over groups, each trajectory point weighted by its checkpoint weight).
+
+**Online**: the distilled objective ``L̂(θ) = Σ_k ĝ-weighted synset losses`` stands in for
+the mean training loss. For group k, the final model is fast-learned for ``unlearn_steps``
+gradient steps on ``L̂`` without s_k, and the reference model the same steps on all of
+``L̂`` (the adjustment cancels drift of L̂ itself)::
+
+    A[j, k] = f(z_j; θ₋ₖ) − f(z_j; θ₀)
+
+the sign and units of every datatrace score (positive: removing group k raises the query's
+loss). All K + 1 fast-learned models train together (stacked parameters, ``vmap``). A
+datamodel mode drops random subsets of groups and fits a linear model from masks to
+outputs; :meth:`FittedDistilledDatamodel.unlearn` returns the fast-unlearned module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ..checkpoint import Checkpoint
+from ..data import ExampleSource, batch_to
+from ..errors import CheckpointError, ConfigError, DataError, StoreCorruptError, StoreMismatchError
+from ..featurize import eval_mode, model_device, show_progress
+from ..task import AbstractTask
+
+_FORMAT = "datatrace-ddm"
+
+
+def kmeans_groups(
+    labels: torch.Tensor, features: torch.Tensor, clusters_per_class: int, seed: int = 0,
+    iters: int = 50,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Class-wise k-means: group ids (n,) numbered class by class, and each group's class
+    (the hierarchy class → cluster). Deterministic given ``seed`` (k-means++ start)."""
+    labels = labels.flatten().long()
+    x = features.reshape(len(features), -1).double()
+    if len(x) != len(labels):
+        raise DataError(f"{len(labels)} labels but {len(x)} feature rows")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(len(x), dtype=torch.long)
+    group_class: list[int] = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        k = min(clusters_per_class, len(members))
+        xc = x[members]
+        centres = xc[torch.randint(len(xc), (1,), generator=g)]
+        while len(centres) < k:  # k-means++
+            d2 = torch.cdist(xc, centres).min(1).values ** 2
+            probs = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
+            pick = torch.multinomial(probs / probs.sum(), 1, generator=g)
+            centres = torch.cat([centres, xc[pick]])
+        for _ in range(iters):
+            assign = torch.cdist(xc, centres).argmin(1)
+            new = torch.stack(
+                [xc[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)]
+            )
+            if torch.allclose(new, centres):
+                break
+            centres = new
+        assign = torch.cdist(xc, centres).argmin(1)
+        used = torch.unique(assign)
+        for j in used.tolist():
+            ids[members[assign == j]] = len(group_class)
+            group_class.append(int(c))
+    return ids, torch.tensor(group_class)
+
+
+def _split(batch: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise DataError(
+            f"the Distilled Datamodel needs {what} as (inputs, labels) tensors; got "
+            f"{type(batch).__name__}"
+        )
+    x, y = batch
+    if not torch.is_floating_point(x):
+        raise DataError(f"{what} inputs must be floating point (they are optimised)")
+    return x, y
+
+
+@dataclass
+class DistilledDatamodel:
+    """Distilled Datamodel settings.
+
+    Args:
+        groups: group id of every training example (LongTensor (n,), ids 0..K-1, every
+            group non-empty); ``None``: class-wise k-means on the inputs,
+            ``clusters_per_class`` per class.
+        synset_per_group: synthetic examples per group (m ≤ the smallest group).
+        steps_per_point: Adam steps on the synsets at each trajectory point.
+        lr: Adam learning rate, in units of the inputs' standard deviation.
+        unlearn_steps, unlearn_lr: online fast-learning: gradient steps and their step
+            size (``None``: 1 / (the largest eigenvalue of the distilled Hessian at θ_T,
+            by power iteration), the largest stable step).
+        weight_decay: the L2 coefficient of training (``α‖θ‖²`` → ``weight_decay=2α``), kept
+            in the fast-learned objective.
+        seed: synset initialisation and k-means seed.
+    """
+
+    groups: torch.Tensor | None = None
+    synset_per_group: int = 4
+    clusters_per_class: int = 2
+    steps_per_point: int = 30
+    lr: float = 0.05
+    unlearn_steps: int = 30
+    unlearn_lr: float | None = None
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("synset_per_group", "clusters_per_class", "unlearn_steps"):
+            if not int(getattr(self, name)) >= 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.steps_per_point < 0 or not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError("steps_per_point >= 0, lr > 0 and weight_decay >= 0 are required")
+        if self.unlearn_lr is not None and not self.unlearn_lr > 0:
+            raise ConfigError(f"unlearn_lr must be > 0, got {self.unlearn_lr!r}")
+
+    # -- offline -------------------------------------------------------------------------
+
+    def fit(
+        self,
+        task: AbstractTask,
+        checkpoints: Sequence[Checkpoint],
+        train: Any,
+        *,
+        store: str | os.PathLike[str] | None = None,
+        progress: bool | None = None,
+    ) -> FittedDistilledDatamodel:
+        """Distil from saved checkpoints (weights = their learning rates), last first. With
+        ``store=DIR`` the synsets are saved after every trajectory point (safetensors +
+        JSON) and an interrupted fit resumes there, with the same result."""
+        if not checkpoints:
+            raise CheckpointError("no checkpoints given")
+        src = ExampleSource(train, "training data")
+        distiller = _Distiller(self, task, src, checkpoints[-1])
+        points = list(reversed(list(checkpoints)))
+        distiller.run(
+            [(c.parameters_for(task.model, distiller.device)[0], c.weight) for c in points],
+            [c.fingerprint() for c in points],
+            store,
+            progress,
+        )
+        return distiller.fitted()
+
+    def recorder(self, task: AbstractTask, train: Any, every: int = 1) -> Recorder:
+        """For use inside a training loop: ``rec.observe(model, batch_indices, lr)`` after
+        every step (it snapshots θ every ``every`` steps, weighted by the learning rate
+        summed since the last snapshot), then ``rec.finish(model)`` distils."""
+        return Recorder(self, task, ExampleSource(train, "training data"), every)
+
+
+@dataclass
+class Recorder:
+    ddm: DistilledDatamodel
+    task: AbstractTask
+    train: ExampleSource
+    every: int
+    points: list[Checkpoint] = field(default_factory=list)
+    _steps: int = 0
+    _lr_sum: float = 0.0
+
+    def observe(self, model: nn.Module, batch_indices: Any = None, lr: float = 1.0) -> None:
+        """Record one training step (``batch_indices`` is accepted for API symmetry; the
+        group targets use whole groups, so it is not needed)."""
+        self._steps += 1
+        self._lr_sum += float(lr)
+        if self._steps % self.every == 0:
+            self.points.append(Checkpoint.from_module(model, weight=self._lr_sum))
+            self._lr_sum = 0.0
+
+    def finish(
+        self, model: nn.Module, store: str | os.PathLike[str] | None = None
+    ) -> FittedDistilledDatamodel:
+        points = list(self.points)
+        if not points or self._lr_sum > 0:
+            points.append(Checkpoint.from_module(model, weight=max(self._lr_sum, 1e-12)))
+        return self.ddm.fit(self.task, points, self.train, store=store)
+
+
+class _Distiller:
+    def __init__(
+        self, ddm: DistilledDatamodel, task: AbstractTask, train: ExampleSource, final: Checkpoint
+    ) -> None:
+        self.ddm, self.task, self.train = ddm, task, train
+        self.device = model_device(task.model)
+        x, y = _split(train.batch(0, len(train)), "the training data")
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        n = len(train)
+        if ddm.groups is None:
+            ids, _ = kmeans_groups(y.cpu(), x.cpu(), ddm.clusters_per_class, ddm.seed)
+        else:
+            ids = torch.as_tensor(ddm.groups).long().flatten().cpu()
+            if ids.numel() != n:
+                raise DataError(f"groups has {ids.numel()} entries for {n} training examples")
+            if int(ids.min()) < 0:
+                raise DataError("group ids must be >= 0")
+        sizes = torch.bincount(ids)
+        empty = torch.nonzero(sizes == 0).flatten().tolist()
+        if empty:
+            raise DataError(f"groups {empty[:10]} are empty; number groups 0..K-1")
+        m = ddm.synset_per_group
+        small = torch.nonzero(sizes < m).flatten().tolist()
+        if small:
+            raise DataError(
+                f"synset_per_group={m} is larger than groups {small[:10]} (sizes "
+                f"{sizes[small[:10]].tolist()}); use a smaller m or larger groups"
+            )
+        self.ids, self.sizes, self.n, self.k = ids, sizes, n, len(sizes)
+        g = torch.Generator().manual_seed(ddm.seed)
+        init = torch.stack(
+            [torch.nonzero(ids == k).flatten()[torch.randperm(int(sizes[k]), generator=g)[:m]]
+             for k in range(self.k)]
+        )  # fmt: skip
+        self.init_index = init  # (K, m) training indices
+        self.syn_x = self.x[init.to(self.device)].clone()  # (K, m, ...)
+        self.syn_y = self.y[init.to(self.device)].clone()
+        self.weights = (sizes.double() / (n * m)).to(self.device, self.x.dtype)  # (K,)
+        self.scale = float(self.x.std()) or 1.0
+        self.names = [nm for nm, p in task.model.named_parameters() if p.requires_grad]
+        self.final = final
+        self.history: list[tuple[float, float]] = []  # (objective before, after) per point
+
+    # per-example loss of one synthetic / real example under params
+    def _loss1(self, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        def model(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.task.model, {**fixed, **params}, args, kwargs)
+
+        return self.task.loss(model, (x[None], y[None]))[0]
+
+    def group_targets(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """g_k = (1/n) Σ_{i ∈ G_k} ∇ℓ_i at θ, per parameter: (K, *shape)."""
+        params = {nm: state[nm].detach() for nm in self.names}
+        fixed = {k: v for k, v in state.items() if k not in params}
+        out = {nm: torch.zeros(self.k, *p.shape, dtype=p.dtype, device=p.device)
+               for nm, p in params.items()}  # fmt: skip
+        ids = self.ids.to(self.device)
+        for s in range(0, self.n, 512):
+            xb, yb, gb = self.x[s : s + 512], self.y[s : s + 512], ids[s : s + 512]
+            per = vmap(grad(self._loss1), in_dims=(None, None, 0, 0))(params, fixed, xb, yb)
+            for nm, t in per.items():
+                out[nm].index_add_(0, gb, t)
+        return {nm: t / self.n for nm, t in out.items()}
+
+    def objective(
+        self, syn_x: torch.Tensor, state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        params = {nm: state[nm].detach() for nm in self.names}
+        fixed = {k: v for k, v in state.items() if k not in params}
+        k, m = syn_x.shape[:2]
+        flat_x = syn_x.reshape(k * m, *syn_x.shape[2:])
+        flat_y = self.syn_y.reshape(k * m, *self.syn_y.shape[2:])
+        per = vmap(grad(self._loss1), in_dims=(None, None, 0, 0))(params, fixed, flat_x, flat_y)
+        total = syn_x.new_zeros(())
+        for nm, t in per.items():
+            ghat = t.reshape(k, m, -1).sum(1) * self.weights[:, None]
+            g = target[nm].reshape(k, -1)
+            denom = (g * g).sum(1) + 1e-12 * float((g * g).sum(1).max()) + 1e-30
+            total = total + (((ghat - g) ** 2).sum(1) / denom).sum()
+        return total
+
+    def run(
+        self,
+        points: list[tuple[dict[str, torch.Tensor], float]],
+        fingerprints: list[str],
+        store: str | os.PathLike[str] | None,
+        progress: bool | None,
+    ) -> None:
+        ddm = self.ddm
+        syn = self.syn_x.clone().requires_grad_(True)
+        opt = torch.optim.Adam([syn], lr=ddm.lr * self.scale)
+        start = 0
+        settings = self._settings(fingerprints)
+        path = Path(store) if store is not None else None
+        if path is not None and (path / "meta.json").exists():
+            start = self._resume(path, settings, syn, opt)
+        total_w = sum(w for _, w in points) or 1.0
+        it = range(start, len(points))
+        if show_progress(progress):
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="distilling", unit="point", initial=start, total=len(points))
+        for p in it:
+            state, weight = points[p]
+            target = self.group_targets(state)
+            before = float(self.objective(syn.detach(), state, target))
+            for _ in range(ddm.steps_per_point):
+                opt.zero_grad()
+                loss = self.objective(syn, state, target) * (weight / total_w * len(points))
+                loss.backward()
+                opt.step()
+            after = float(self.objective(syn.detach(), state, target))
+            self.history.append((before, after))
+            if path is not None:
+                self._save(path, settings, syn, opt, p + 1)
+        self.syn_x = syn.detach()
+
+    def _settings(self, fingerprints: list[str]) -> dict[str, Any]:
+        d = asdict(self.ddm)
+        d["groups"] = None if self.ddm.groups is None else "given"
+        return {
+            "ddm": d,
+            "group_ids": self.ids.tolist(),
+            "train": self.train.fingerprint(),
+            "points": fingerprints,
+        }
+
+    def _save(self, path: Path, settings: dict[str, Any], syn: torch.Tensor,
+              opt: torch.optim.Optimizer, done: int) -> None:  # fmt: skip
+        path.mkdir(parents=True, exist_ok=True)
+        st = opt.state[syn]
+        tensors = {"syn_x": syn.detach().cpu().contiguous(), "syn_y": self.syn_y.cpu().contiguous(),
+                   "weights": self.weights.cpu(), "group_ids": self.ids,
+                   "init_index": self.init_index}  # fmt: skip
+        if st:
+            tensors.update(exp_avg=st["exp_avg"].cpu(), exp_avg_sq=st["exp_avg_sq"].cpu(),
+                           adam_step=torch.as_tensor(st["step"]).reshape(1).double())  # fmt: skip
+        tmp = path / f"synset.safetensors.tmp{os.getpid()}"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path / "synset.safetensors")
+        meta = {"format": _FORMAT, "settings": settings, "done": done, "history": self.history}
+        tmpj = path / f"meta.json.tmp{os.getpid()}"
+        tmpj.write_text(json.dumps(meta))
+        os.replace(tmpj, path / "meta.json")
+
+    def _resume(self, path: Path, settings: dict[str, Any], syn: torch.Tensor,
+                opt: torch.optim.Optimizer) -> int:  # fmt: skip
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            tensors = load_file(str(path / "synset.safetensors"))
+        except Exception as exc:
+            raise StoreCorruptError(
+                f"{path} is unreadable ({exc}); delete it to start over"
+            ) from exc
+        if meta.get("format") != _FORMAT:
+            raise StoreCorruptError(f"{path} is not a Distilled Datamodel store")
+        for key in settings:
+            if meta["settings"].get(key) != settings[key]:
+                raise StoreMismatchError(
+                    f"the synset in {path} was distilled with other {key}; use another "
+                    "directory (or delete it) to distil again"
+                )
+        with torch.no_grad():
+            syn.copy_(tensors["syn_x"].to(syn))
+        if "exp_avg" in tensors:
+            opt.state[syn] = {
+                "step": torch.tensor(float(tensors["adam_step"][0])),
+                "exp_avg": tensors["exp_avg"].to(syn),
+                "exp_avg_sq": tensors["exp_avg_sq"].to(syn),
+            }
+        self.history = [(float(h[0]), float(h[1])) for h in meta.get("history", [])]
+        return int(meta["done"])
+
+    def fitted(self) -> FittedDistilledDatamodel:
+        return FittedDistilledDatamodel(
+            self.task,
+            self.final,
+            self.syn_x,
+            self.syn_y,
+            self.weights,
+            self.ids,
+            self.ddm,
+            history=list(self.history),
+        )
+
+
+class FittedDistilledDatamodel:
+    """Synsets distilled for one training run; attribute, unlearn, datamodel, save/load."""
+
+    def __init__(
+        self,
+        task: AbstractTask,
+        final: Checkpoint,
+        syn_x: torch.Tensor,
+        syn_y: torch.Tensor,
+        weights: torch.Tensor,
+        group_ids: torch.Tensor,
+        ddm: DistilledDatamodel,
+        history: list[tuple[float, float]] | None = None,
+    ) -> None:
+        self.task, self.final, self.ddm = task, final, ddm
+        self.syn_x, self.syn_y, self.weights = syn_x.detach(), syn_y, weights
+        self.group_ids = group_ids
+        self.k = syn_x.shape[0]
+        self.history = history or []
+        self.device = model_device(task.model)
+        params, buffers = final.parameters_for(task.model, self.device)
+        self.names = [nm for nm, p in task.model.named_parameters() if p.requires_grad]
+        self.start = {nm: params[nm].detach() for nm in self.names}
+        self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
+        self._lr: float | None = ddm.unlearn_lr
+
+    @property
+    def n_groups(self) -> int:
+        return self.k
+
+    # -- the distilled objective ----------------------------------------------------------
+
+    def _sample_losses(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per synthetic example losses (K·m,) under one parameter set."""
+        k, m = self.syn_x.shape[:2]
+
+        def model(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.task.model, {**self.fixed, **params}, args, kwargs)
+
+        x = self.syn_x.reshape(k * m, *self.syn_x.shape[2:])
+        y = self.syn_y.reshape(k * m, *self.syn_y.shape[2:])
+        return self.task.loss(model, (x, y))
+
+    def _step_size(self) -> float:
+        if self._lr is None:
+            m = self.syn_x.shape[1]
+            w = self.weights.repeat_interleave(m)
+
+            def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
+                return (self._sample_losses(params) * w).sum()
+
+            gen = torch.Generator().manual_seed(0)
+            v = {nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                 for nm, p in self.start.items()}  # fmt: skip
+            top = 1.0
+            for _ in range(30):
+                norm = math.sqrt(sum(float((t * t).sum()) for t in v.values())) or 1.0
+                v = {nm: t / norm for nm, t in v.items()}
+                hv = torch.func.jvp(grad(total), (self.start,), (v,))[1]
+                top = math.sqrt(sum(float((t * t).sum()) for t in hv.values()))
+                v = hv
+            self._lr = 1.0 / (top + self.ddm.weight_decay + 1e-12)
+        return self._lr
+
+    def _fast_learn(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train R models from θ_T at once, model r on the groups where ``keep[r]`` (R, K)
+        is True; returns stacked parameters (R, ...)."""
+        r_models, m = keep.shape[0], self.syn_x.shape[1]
+        w = (self.weights[None, :] * keep.to(self.weights)).repeat_interleave(m, dim=1)  # (R, K·m)
+        params = {
+            nm: p.unsqueeze(0).repeat(r_models, *[1] * p.dim()) for nm, p in self.start.items()
+        }
+        lr, wd = self._step_size(), self.ddm.weight_decay
+        per_model = vmap(self._sample_losses)
+        with eval_mode(self.task.model):
+            for _ in range(self.ddm.unlearn_steps):
+                live = {nm: p.detach().requires_grad_(True) for nm, p in params.items()}
+                loss = (per_model(live) * w).sum()
+                grads = torch.autograd.grad(loss, list(live.values()))
+                params = {nm: (p - lr * (g + wd * p)).detach()
+                          for (nm, p), g in zip(live.items(), grads, strict=True)}  # fmt: skip
+        return params
+
+    def _measure(self, params: dict[str, torch.Tensor], queries: ExampleSource) -> torch.Tensor:
+        """(n_query, R) measurements of the stacked models."""
+        r_models = next(iter(params.values())).shape[0]
+        cols = []
+        with torch.no_grad(), eval_mode(self.task.model):
+            for r in range(r_models):
+                state = {**self.fixed, **{nm: p[r] for nm, p in params.items()}}
+
+                def model(*args: Any, _s: Any = state, **kwargs: Any) -> Any:
+                    return functional_call(self.task.model, _s, args, kwargs)
+
+                cols.append(torch.cat([
+                    self.task.measurement(model, batch_to(queries.batch(s, e), self.device))
+                    for s, e in queries.ranges(1024)
+                ]))  # fmt: skip
+        return torch.stack(cols, dim=1)
+
+    # -- online --------------------------------------------------------------------------
+
+    def attribute(self, queries: Any, groups: Sequence[int] | None = None,
+                  chunk: int = 64) -> torch.Tensor:  # fmt: skip
+        """``A[j, k] = f(z_j; θ₋ₖ) − f(z_j; θ₀)``, (n_query, n_groups) (or the given groups)."""
+        q = ExampleSource(queries, "queries")
+        chosen = list(range(self.k)) if groups is None else [int(g) for g in groups]
+        if any(not 0 <= g < self.k for g in chosen):
+            raise ConfigError(f"group indices must be within [0, {self.k})")
+        full = torch.ones(1, self.k, dtype=torch.bool)
+        base = self._measure(self._fast_learn(full), q)[:, 0]
+        cols = []
+        for s in range(0, len(chosen), chunk):
+            part = chosen[s : s + chunk]
+            keep = torch.ones(len(part), self.k, dtype=torch.bool)
+            keep[torch.arange(len(part)), torch.tensor(part)] = False
+            cols.append(self._measure(self._fast_learn(keep), q))
+        return (torch.cat(cols, dim=1) - base[:, None]).double().cpu()
+
+    def unlearn(self, k: int | Sequence[int]) -> nn.Module:
+        """A copy of the model with group(s) ``k`` fast-unlearned (θ₋ₖ)."""
+        drop = [k] if isinstance(k, int) else list(k)
+        if any(not 0 <= g < self.k for g in drop):
+            raise ConfigError(f"group indices must be within [0, {self.k})")
+        keep = torch.ones(1, self.k, dtype=torch.bool)
+        keep[0, drop] = False
+        params = self._fast_learn(keep)
+        model = copy.deepcopy(self.task.model)
+        model.load_state_dict(
+            {**self.fixed, **{nm: p[0] for nm, p in params.items()}}, strict=False
+        )
+        return model
+
+    def datamodel(
+        self, queries: Any, n_subsets: int = 64, fraction: float = 0.5, seed: int = 0,
+        ridge: float = 1e-3,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Datamodel mode: fast-learn on random subsets of groups (each kept with
+        ``fraction``), fit ``outputs ≈ c + masks · w`` per query by ridge regression.
+        Returns ``(A, masks, outputs)`` with ``A = −w`` (n_query, K), the removal effect."""
+        q = ExampleSource(queries, "queries")
+        from ..truth import subset_masks
+
+        masks = subset_masks(self.k, n_subsets, fraction, seed)
+        outs = []
+        for s in range(0, n_subsets, 64):
+            outs.append(self._measure(self._fast_learn(masks[s : s + 64]), q))
+        outputs = torch.cat(outs, dim=1).T.double().cpu()  # (n_subsets, n_query)
+        design = torch.cat([torch.ones(n_subsets, 1), masks.double()], dim=1)
+        reg = ridge * torch.eye(design.shape[1], dtype=torch.float64)
+        reg[0, 0] = 0
+        coef = torch.linalg.solve(design.T @ design + reg, design.T @ outputs)
+        return -coef[1:].T.contiguous(), masks, outputs
+
+    def group_scores_to_examples(self, scores: torch.Tensor) -> torch.Tensor:
+        """Spread group scores to examples (n_query, n_train): each example gets its group's
+        score divided by the group size (so they sum back to the group's)."""
+        sizes = torch.bincount(self.group_ids, minlength=self.k).double()
+        return (scores / sizes)[:, self.group_ids]
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the synsets (safetensors) and metadata (JSON) to directory ``path``."""
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        save_file({"syn_x": self.syn_x.cpu().contiguous(), "syn_y": self.syn_y.cpu().contiguous(),
+                   "weights": self.weights.cpu(), "group_ids": self.group_ids.cpu()},
+                  str(p / "fitted.safetensors"))  # fmt: skip
+        d = asdict(self.ddm)
+        d["groups"] = None
+        meta = {"format": _FORMAT, "ddm": d, "final": self.final.fingerprint(),
+                "history": self.history}  # fmt: skip
+        (p / "fitted.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], task: AbstractTask, final: Checkpoint
+    ) -> FittedDistilledDatamodel:
+        """Read what :meth:`save` wrote; ``final`` must be the checkpoint it was fitted at."""
+        p = Path(path)
+        try:
+            meta = json.loads((p / "fitted.json").read_text())
+            t = load_file(str(p / "fitted.safetensors"))
+        except Exception as exc:
+            raise StoreCorruptError(
+                f"cannot read a fitted Distilled Datamodel from {p}: {exc}"
+            ) from exc
+        if meta.get("format") != _FORMAT:
+            raise StoreCorruptError(f"{p} is not a Distilled Datamodel")
+        if meta["final"] != final.fingerprint():
+            raise StoreMismatchError(
+                f"{p} was fitted at another final checkpoint ({meta['final']}, given "
+                f"{final.fingerprint()})"
+            )
+        ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+        dev = model_device(task.model)
+        return cls(task, final, t["syn_x"].to(dev), t["syn_y"].to(dev), t["weights"].to(dev),
+                   t["group_ids"], ddm, [tuple(h) for h in meta.get("history", [])])  # fmt: skip

@@ -1,0 +1,196 @@
+"""Distilled Datamodel: gradient matching, the first-order limit, twins, persistence, errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MLP
+
+import datatrace as dt
+from datatrace.methods.datamodel import _Distiller, kmeans_groups
+
+
+def trained(n: int = 24, steps: int = 60, seed: int = 0):
+    """A small MLP trained by SGD with 3 learning-rate-weighted checkpoints."""
+    torch.manual_seed(seed)
+    model = MLP().double()
+    x = torch.randn(n, 5, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    ckpts = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step % (steps // 3) == 0:
+            ckpts.append(dt.Checkpoint.from_module(model, weight=0.3 * steps // 3))
+    q = (torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    return dt.ClassificationTask(model), ckpts, (x, y), q
+
+
+def test_gradient_matching_decreases_its_objective() -> None:
+    task, ckpts, train, _ = trained()
+    groups = torch.arange(24) % 4
+    fitted = dt.DistilledDatamodel(groups=groups, synset_per_group=2, steps_per_point=40).fit(
+        task, ckpts, train
+    )
+    assert len(fitted.history) == 3
+    for before, after in fitted.history:
+        assert after < before, fitted.history
+    assert fitted.history[0][1] < 0.3 * fitted.history[0][0]  # the first point, from real init
+
+
+def test_synset_equal_to_the_group_gives_the_first_order_removal_effect() -> None:
+    """m = |G_k| real members, no distillation, one small step: removing s_k moves θ by
+    +η g_k (g_k = (1/n) Σ_{i∈G_k} ∇ℓ_i), so A[j, k] ≈ (η/n) Σ_{i∈G_k} q_j · g_i."""
+    task, ckpts, train, q = trained()
+    groups = torch.arange(24) // 6  # 4 groups of 6
+    eta = 1e-5
+    ddm = dt.DistilledDatamodel(
+        groups=groups, synset_per_group=6, steps_per_point=0, unlearn_steps=1, unlearn_lr=eta
+    )
+    fitted = ddm.fit(task, ckpts, train)
+    A = fitted.attribute(q)
+    per_example = dt.GradDot().fit(task, ckpts[-1:], train).attribute(q)
+    want = torch.stack([per_example[:, groups == k].sum(1) for k in range(4)], 1) * eta / 24
+    torch.testing.assert_close(A, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+
+
+def test_stacked_fast_learning_equals_a_plain_loop() -> None:
+    """The vmapped K+1 models against one deep-copied module per group trained by hand."""
+    task, ckpts, train, q = trained()
+    groups = torch.arange(24) % 3
+    ddm = dt.DistilledDatamodel(groups=groups, synset_per_group=3, steps_per_point=5,
+                                unlearn_steps=7, weight_decay=0.01)  # fmt: skip
+    fitted = ddm.fit(task, ckpts, train)
+    A = fitted.attribute(q)
+    lr = fitted._step_size()
+    x, y = fitted.syn_x, fitted.syn_y  # (K, m, 5), (K, m)
+
+    def loop(drop: int | None) -> torch.Tensor:
+        model = copy.deepcopy(task.model)
+        model.load_state_dict(ckpts[-1].state)
+        for _ in range(7):
+            model.zero_grad()
+            loss = sum(
+                fitted.weights[k] * F.cross_entropy(model(x[k]), y[k], reduction="sum")
+                for k in range(3) if k != drop
+            )  # fmt: skip
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * (p.grad + 0.01 * p)
+        with torch.no_grad():
+            return F.cross_entropy(model(q[0]), q[1], reduction="none")
+
+    base = loop(None)
+    want = torch.stack([loop(k) - base for k in range(3)], 1)
+    torch.testing.assert_close(A, want, rtol=1e-9, atol=1e-12)
+    model = fitted.unlearn(1)
+    with torch.no_grad():
+        got = F.cross_entropy(model(q[0]), q[1], reduction="none") - base
+    torch.testing.assert_close(got, want[:, 1], rtol=1e-9, atol=1e-12)
+
+
+def test_save_load_and_resume_after_interruption(tmp_path: Path, monkeypatch) -> None:
+    task, ckpts, train, q = trained()
+    ddm = dt.DistilledDatamodel(groups=torch.arange(24) % 4, synset_per_group=2,
+                                steps_per_point=10)  # fmt: skip
+    whole = ddm.fit(task, ckpts, train)
+    whole.save(tmp_path / "saved")
+    loaded = dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, ckpts[-1])
+    torch.testing.assert_close(loaded.attribute(q), whole.attribute(q), rtol=0, atol=0)
+    with pytest.raises(dt.StoreMismatchError, match="final checkpoint"):
+        dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, ckpts[0])
+
+    calls = {"n": 0}
+    original = _Distiller.group_targets
+
+    def crashing(self, state):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash at the third trajectory point")
+        return original(self, state)
+
+    monkeypatch.setattr(_Distiller, "group_targets", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        ddm.fit(task, ckpts, train, store=tmp_path / "run")
+    monkeypatch.setattr(_Distiller, "group_targets", original)
+    resumed = ddm.fit(task, ckpts, train, store=tmp_path / "run")
+    torch.testing.assert_close(resumed.syn_x, whole.syn_x, rtol=0, atol=0)
+    assert resumed.history == whole.history
+    other = dt.DistilledDatamodel(groups=torch.arange(24) % 4, synset_per_group=2,
+                                  steps_per_point=11)  # fmt: skip
+    with pytest.raises(dt.StoreMismatchError):
+        other.fit(task, ckpts, train, store=tmp_path / "run")
+
+
+def test_bad_input() -> None:
+    task, ckpts, train, _ = trained()
+    with pytest.raises(dt.DataError, match="24 training examples"):
+        dt.DistilledDatamodel(groups=torch.zeros(23, dtype=torch.long)).fit(task, ckpts, train)
+    with pytest.raises(dt.DataError, match="empty"):
+        dt.DistilledDatamodel(groups=torch.arange(24) % 3 * 2).fit(task, ckpts, train)
+    with pytest.raises(dt.DataError, match="larger than groups"):
+        dt.DistilledDatamodel(groups=torch.arange(24) % 8, synset_per_group=4).fit(
+            task, ckpts, train
+        )
+    with pytest.raises(dt.DataError, match=r"\(inputs, labels\)"):
+        dt.DistilledDatamodel(groups=torch.arange(24) % 2).fit(
+            task, ckpts, {"x": train[0], "labels": train[1]}
+        )
+    with pytest.raises(dt.ConfigError):
+        dt.DistilledDatamodel(synset_per_group=0)
+    fitted = dt.DistilledDatamodel(groups=torch.arange(24) % 2, steps_per_point=0).fit(
+        task, ckpts, train
+    )
+    with pytest.raises(dt.ConfigError, match="within"):
+        fitted.unlearn(2)
+
+
+def test_kmeans_groups_are_class_pure_and_deterministic() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20, 2, generator=g) + 5, torch.randn(20, 2, generator=g) - 5])
+    labels = torch.tensor([0, 1] * 20)
+    ids, cls = kmeans_groups(labels, x, clusters_per_class=2, seed=1)
+    again, _ = kmeans_groups(labels, x, clusters_per_class=2, seed=1)
+    assert torch.equal(ids, again) and len(cls) == 4
+    for k in range(4):
+        assert (labels[ids == k] == cls[k]).all()
+        members = x[ids == k]
+        assert (members[:, 0] > 0).all() or (members[:, 0] < 0).all()  # the two blobs
+
+
+def test_datamodel_mode_and_recorder_agree_with_attribute() -> None:
+    task, ckpts, train, q = trained()
+    ddm = dt.DistilledDatamodel(groups=torch.arange(24) % 6, synset_per_group=2,
+                                steps_per_point=10, unlearn_steps=10)  # fmt: skip
+    fitted = ddm.fit(task, ckpts, train)
+    A = fitted.attribute(q)
+    A_dm, masks, outputs = fitted.datamodel(q, n_subsets=96, fraction=0.5)
+    assert masks.shape == (96, 6) and outputs.shape == (96, 6)
+    r = torch.corrcoef(torch.stack([A.flatten(), A_dm.flatten()]))[0, 1]
+    assert r > 0.9, r
+    per_example = fitted.group_scores_to_examples(A)
+    assert per_example.shape == (6, 24)
+    torch.testing.assert_close(per_example[:, train[1] >= 0].sum(1), A.sum(1))
+
+    # the recorder inside a plain loop: 60 steps, a snapshot every 20 = the checkpoints above
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = train
+    rec = dt.DistilledDatamodel(groups=torch.arange(24) % 6, synset_per_group=2,
+                                steps_per_point=10, unlearn_steps=10).recorder(
+        dt.ClassificationTask(model), train, every=20)  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.observe(model, torch.arange(24), lr=0.3)
+    fitted2 = rec.finish(model)
+    torch.testing.assert_close(fitted2.attribute(q), A, rtol=1e-9, atol=1e-12)
