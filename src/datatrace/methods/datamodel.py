@@ -52,11 +52,17 @@ _FORMAT = "datatrace-ddm"
 
 
 def kmeans_groups(
-    labels: torch.Tensor, features: torch.Tensor, clusters_per_class: int, seed: int = 0,
+    labels: torch.Tensor,
+    features: torch.Tensor,
+    clusters_per_class: int,
+    seed: int = 0,
     iters: int = 50,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    min_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-wise k-means: group ids (n,) numbered class by class, and each group's class
-    (the hierarchy class → cluster). Deterministic given ``seed`` (k-means++ start)."""
+    (the hierarchy class → cluster). Deterministic given ``seed`` (k-means++ start).
+    Clusters smaller than ``min_size`` are dissolved into the others (so a synset of that
+    many examples fits every group)."""
     labels = labels.flatten().long()
     x = features.reshape(len(features), -1).double()
     if len(x) != len(labels):
@@ -66,7 +72,7 @@ def kmeans_groups(
     group_class: list[int] = []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
-        k = min(clusters_per_class, len(members))
+        k = max(1, min(clusters_per_class, len(members) // max(1, min_size)))
         xc = x[members]
         centres = xc[torch.randint(len(xc), (1,), generator=g)]
         while len(centres) < k:  # k-means++
@@ -74,17 +80,24 @@ def kmeans_groups(
             probs = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
             pick = torch.multinomial(probs / probs.sum(), 1, generator=g)
             centres = torch.cat([centres, xc[pick]])
-        for _ in range(iters):
+        while True:
+            for _ in range(iters):
+                assign = torch.cdist(xc, centres).argmin(1)
+                new = torch.stack(
+                    [
+                        xc[assign == j].mean(0) if (assign == j).any() else centres[j]
+                        for j in range(len(centres))
+                    ]
+                )
+                if torch.allclose(new, centres):
+                    break
+                centres = new
             assign = torch.cdist(xc, centres).argmin(1)
-            new = torch.stack(
-                [xc[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)]
-            )
-            if torch.allclose(new, centres):
+            counts = torch.bincount(assign, minlength=len(centres))
+            if len(centres) == 1 or int(counts.min()) >= min_size:
                 break
-            centres = new
-        assign = torch.cdist(xc, centres).argmin(1)
-        used = torch.unique(assign)
-        for j in used.tolist():
+            centres = centres[torch.arange(len(centres)) != int(counts.argmin())]
+        for j in torch.unique(assign).tolist():
             ids[members[assign == j]] = len(group_class)
             group_class.append(int(c))
     return ids, torch.tensor(group_class)
@@ -113,9 +126,9 @@ class DistilledDatamodel:
         synset_per_group: synthetic examples per group (m ≤ the smallest group).
         steps_per_point: Adam steps on the synsets at each trajectory point.
         lr: Adam learning rate, in units of the inputs' standard deviation.
-        unlearn_steps, unlearn_lr: online fast-learning: gradient steps and their step
-            size (``None``: 1 / (the largest eigenvalue of the distilled Hessian at θ_T,
-            by power iteration), the largest stable step).
+        unlearn_steps, unlearn_lr, unlearn_momentum: online fast-learning: heavy-ball
+            gradient steps, their step size (``None``: 1 / the largest eigenvalue of the
+            distilled Hessian at θ_T, by power iteration during ``fit``) and momentum.
         weight_decay: the L2 coefficient of training (``α‖θ‖²`` → ``weight_decay=2α``), kept
             in the fast-learned objective.
         seed: synset initialisation and k-means seed.
@@ -126,8 +139,9 @@ class DistilledDatamodel:
     clusters_per_class: int = 2
     steps_per_point: int = 30
     lr: float = 0.05
-    unlearn_steps: int = 30
+    unlearn_steps: int = 20
     unlearn_lr: float | None = None
+    unlearn_momentum: float = 0.8
     weight_decay: float = 0.0
     seed: int = 0
 
@@ -139,6 +153,8 @@ class DistilledDatamodel:
             raise ConfigError("steps_per_point >= 0, lr > 0 and weight_decay >= 0 are required")
         if self.unlearn_lr is not None and not self.unlearn_lr > 0:
             raise ConfigError(f"unlearn_lr must be > 0, got {self.unlearn_lr!r}")
+        if not 0 <= self.unlearn_momentum < 1:
+            raise ConfigError(f"unlearn_momentum must be in [0, 1), got {self.unlearn_momentum!r}")
 
     # -- offline -------------------------------------------------------------------------
 
@@ -212,7 +228,9 @@ class _Distiller:
         self.x, self.y = x.to(self.device), y.to(self.device)
         n = len(train)
         if ddm.groups is None:
-            ids, _ = kmeans_groups(y.cpu(), x.cpu(), ddm.clusters_per_class, ddm.seed)
+            ids, _ = kmeans_groups(
+                y.cpu(), x.cpu(), ddm.clusters_per_class, ddm.seed, min_size=ddm.synset_per_group
+            )
         else:
             ids = torch.as_tensor(ddm.groups).long().flatten().cpu()
             if ids.numel() != n:
@@ -233,9 +251,11 @@ class _Distiller:
         self.ids, self.sizes, self.n, self.k = ids, sizes, n, len(sizes)
         g = torch.Generator().manual_seed(ddm.seed)
         init = torch.stack(
-            [torch.nonzero(ids == k).flatten()[torch.randperm(int(sizes[k]), generator=g)[:m]]
-             for k in range(self.k)]
-        )  # fmt: skip
+            [
+                torch.nonzero(ids == k).flatten()[torch.randperm(int(sizes[k]), generator=g)[:m]]
+                for k in range(self.k)
+            ]
+        )
         self.init_index = init  # (K, m) training indices
         self.syn_x = self.x[init.to(self.device)].clone()  # (K, m, ...)
         self.syn_y = self.y[init.to(self.device)].clone()
@@ -246,8 +266,13 @@ class _Distiller:
         self.history: list[tuple[float, float]] = []  # (objective before, after) per point
 
     # per-example loss of one synthetic / real example under params
-    def _loss1(self, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _loss1(
+        self,
+        params: dict[str, torch.Tensor],
+        fixed: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> torch.Tensor:
         def model(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.task.model, {**fixed, **params}, args, kwargs)
 
@@ -257,8 +282,10 @@ class _Distiller:
         """g_k = (1/n) Σ_{i ∈ G_k} ∇ℓ_i at θ, per parameter: (K, *shape)."""
         params = {nm: state[nm].detach() for nm in self.names}
         fixed = {k: v for k, v in state.items() if k not in params}
-        out = {nm: torch.zeros(self.k, *p.shape, dtype=p.dtype, device=p.device)
-               for nm, p in params.items()}  # fmt: skip
+        out = {
+            nm: torch.zeros(self.k, *p.shape, dtype=p.dtype, device=p.device)
+            for nm, p in params.items()
+        }
         ids = self.ids.to(self.device)
         for s in range(0, self.n, 512):
             xb, yb, gb = self.x[s : s + 512], self.y[s : s + 512], ids[s : s + 512]
@@ -330,16 +357,29 @@ class _Distiller:
             "points": fingerprints,
         }
 
-    def _save(self, path: Path, settings: dict[str, Any], syn: torch.Tensor,
-              opt: torch.optim.Optimizer, done: int) -> None:  # fmt: skip
+    def _save(
+        self,
+        path: Path,
+        settings: dict[str, Any],
+        syn: torch.Tensor,
+        opt: torch.optim.Optimizer,
+        done: int,
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         st = opt.state[syn]
-        tensors = {"syn_x": syn.detach().cpu().contiguous(), "syn_y": self.syn_y.cpu().contiguous(),
-                   "weights": self.weights.cpu(), "group_ids": self.ids,
-                   "init_index": self.init_index}  # fmt: skip
+        tensors = {
+            "syn_x": syn.detach().cpu().contiguous(),
+            "syn_y": self.syn_y.cpu().contiguous(),
+            "weights": self.weights.cpu(),
+            "group_ids": self.ids,
+            "init_index": self.init_index,
+        }
         if st:
-            tensors.update(exp_avg=st["exp_avg"].cpu(), exp_avg_sq=st["exp_avg_sq"].cpu(),
-                           adam_step=torch.as_tensor(st["step"]).reshape(1).double())  # fmt: skip
+            tensors.update(
+                exp_avg=st["exp_avg"].cpu(),
+                exp_avg_sq=st["exp_avg_sq"].cpu(),
+                adam_step=torch.as_tensor(st["step"]).reshape(1).double(),
+            )
         tmp = path / f"synset.safetensors.tmp{os.getpid()}"
         save_file(tensors, str(tmp))
         os.replace(tmp, path / "synset.safetensors")
@@ -348,8 +388,9 @@ class _Distiller:
         tmpj.write_text(json.dumps(meta))
         os.replace(tmpj, path / "meta.json")
 
-    def _resume(self, path: Path, settings: dict[str, Any], syn: torch.Tensor,
-                opt: torch.optim.Optimizer) -> int:  # fmt: skip
+    def _resume(
+        self, path: Path, settings: dict[str, Any], syn: torch.Tensor, opt: torch.optim.Optimizer
+    ) -> int:
         try:
             meta = json.loads((path / "meta.json").read_text())
             tensors = load_file(str(path / "synset.safetensors"))
@@ -441,8 +482,10 @@ class FittedDistilledDatamodel:
                 return (self._sample_losses(params) * w).sum()
 
             gen = torch.Generator().manual_seed(0)
-            v = {nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-                 for nm, p in self.start.items()}  # fmt: skip
+            v = {
+                nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                for nm, p in self.start.items()
+            }
             top = 1.0
             for _ in range(30):
                 norm = math.sqrt(sum(float((t * t).sum()) for t in v.values())) or 1.0
@@ -461,15 +504,18 @@ class FittedDistilledDatamodel:
         params = {
             nm: p.unsqueeze(0).repeat(r_models, *[1] * p.dim()) for nm, p in self.start.items()
         }
-        lr, wd = self._step_size(), self.ddm.weight_decay
+        velocity = {nm: torch.zeros_like(p) for nm, p in params.items()}
+        lr, wd, mu = self._step_size(), self.ddm.weight_decay, self.ddm.unlearn_momentum
         per_model = vmap(self._sample_losses)
-        with eval_mode(self.task.model):
+        with eval_mode(self.task.model), torch.enable_grad():  # also when called under no_grad
             for _ in range(self.ddm.unlearn_steps):
                 live = {nm: p.detach().requires_grad_(True) for nm, p in params.items()}
                 loss = (per_model(live) * w).sum()
                 grads = torch.autograd.grad(loss, list(live.values()))
-                params = {nm: (p - lr * (g + wd * p)).detach()
-                          for (nm, p), g in zip(live.items(), grads, strict=True)}  # fmt: skip
+                with torch.no_grad():
+                    for (nm, p), g in zip(live.items(), grads, strict=True):
+                        velocity[nm] = mu * velocity[nm] + g + wd * p
+                        params[nm] = (p - lr * velocity[nm]).detach()
         return params
 
     def _measure(self, params: dict[str, torch.Tensor], queries: ExampleSource) -> torch.Tensor:
@@ -483,16 +529,21 @@ class FittedDistilledDatamodel:
                 def model(*args: Any, _s: Any = state, **kwargs: Any) -> Any:
                     return functional_call(self.task.model, _s, args, kwargs)
 
-                cols.append(torch.cat([
-                    self.task.measurement(model, batch_to(queries.batch(s, e), self.device))
-                    for s, e in queries.ranges(1024)
-                ]))  # fmt: skip
+                cols.append(
+                    torch.cat(
+                        [
+                            self.task.measurement(model, batch_to(queries.batch(s, e), self.device))
+                            for s, e in queries.ranges(1024)
+                        ]
+                    )
+                )
         return torch.stack(cols, dim=1)
 
     # -- online --------------------------------------------------------------------------
 
-    def attribute(self, queries: Any, groups: Sequence[int] | None = None,
-                  chunk: int = 64) -> torch.Tensor:  # fmt: skip
+    def attribute(
+        self, queries: Any, groups: Sequence[int] | None = None, chunk: int = 64
+    ) -> torch.Tensor:
         """``A[j, k] = f(z_j; θ₋ₖ) − f(z_j; θ₀)``, (n_query, n_groups) (or the given groups)."""
         q = ExampleSource(queries, "queries")
         chosen = list(range(self.k)) if groups is None else [int(g) for g in groups]
@@ -523,9 +574,13 @@ class FittedDistilledDatamodel:
         return model
 
     def datamodel(
-        self, queries: Any, n_subsets: int = 64, fraction: float = 0.5, seed: int = 0,
+        self,
+        queries: Any,
+        n_subsets: int = 64,
+        fraction: float = 0.5,
+        seed: int = 0,
         ridge: float = 1e-3,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Datamodel mode: fast-learn on random subsets of groups (each kept with
         ``fraction``), fit ``outputs ≈ c + masks · w`` per query by ridge regression.
         Returns ``(A, masks, outputs)`` with ``A = −w`` (n_query, K), the removal effect."""
@@ -555,13 +610,24 @@ class FittedDistilledDatamodel:
         """Write the synsets (safetensors) and metadata (JSON) to directory ``path``."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
-        save_file({"syn_x": self.syn_x.cpu().contiguous(), "syn_y": self.syn_y.cpu().contiguous(),
-                   "weights": self.weights.cpu(), "group_ids": self.group_ids.cpu()},
-                  str(p / "fitted.safetensors"))  # fmt: skip
+        save_file(
+            {
+                "syn_x": self.syn_x.cpu().contiguous(),
+                "syn_y": self.syn_y.cpu().contiguous(),
+                "weights": self.weights.cpu(),
+                "group_ids": self.group_ids.cpu(),
+            },
+            str(p / "fitted.safetensors"),
+        )
         d = asdict(self.ddm)
         d["groups"] = None
-        meta = {"format": _FORMAT, "ddm": d, "final": self.final.fingerprint(),
-                "history": self.history}  # fmt: skip
+        meta = {
+            "format": _FORMAT,
+            "ddm": d,
+            "final": self.final.fingerprint(),
+            "history": self.history,
+            "step_size": self._step_size(),
+        }
         (p / "fitted.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -586,5 +652,15 @@ class FittedDistilledDatamodel:
             )
         ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
         dev = model_device(task.model)
-        return cls(task, final, t["syn_x"].to(dev), t["syn_y"].to(dev), t["weights"].to(dev),
-                   t["group_ids"], ddm, [tuple(h) for h in meta.get("history", [])])  # fmt: skip
+        out = cls(
+            task,
+            final,
+            t["syn_x"].to(dev),
+            t["syn_y"].to(dev),
+            t["weights"].to(dev),
+            t["group_ids"],
+            ddm,
+            [(float(a), float(b)) for a, b in meta.get("history", [])],
+        )
+        out._lr = meta.get("step_size", out._lr)
+        return out
