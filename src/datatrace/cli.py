@@ -36,6 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("config", type=Path, help="the experiment's TOML file")
     ev.add_argument("--out", type=Path, default=None, help="output folder (overrides config)")
+    for name, text in (
+        ("featurize", "compute a config's training features into a store (torchrun-aware)"),
+        ("score", "top-k proponents/opponents (and optionally the full matrix) from a store"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("config", type=Path, help="an experiment TOML (as for evaluate)")
+        cmd.add_argument("--store", type=Path, required=True, help="feature store directory")
+        cmd.add_argument("--method", default="tracin", help="graddot, gradcos, tracin, ...")
+        cmd.add_argument("--projection-dim", type=int, default=None)
+        cmd.add_argument("--batch-size", type=int, default=256)
+        if name == "score":
+            cmd.add_argument("--top-k", type=int, default=10)
+            cmd.add_argument("--opponents", action="store_true")
+            cmd.add_argument("--matrix", type=Path, default=None, help="write S to this .npy")
+            cmd.add_argument("--out", type=Path, default=None, help="top-k as CSV")
     return parser
 
 
@@ -55,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress=False if args.no_progress else None,
                 )
             )
+        elif args.command in ("featurize", "score"):
+            from .commands import featurize_main, score_main
+
+            return (featurize_main if args.command == "featurize" else score_main)(args)
         elif args.command == "evaluate":
             from .evaluate import main as evaluate_main
 

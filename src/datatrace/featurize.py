@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import ExampleSource, batch_to
 from .errors import NonFiniteError
 from .features import Features, GradientFeatures
@@ -73,13 +74,19 @@ def featurize_into_store(
     store: FeatureStore | MemoryFeatureStore,
     progress: bool | None = None,
     commit_every: float = 1.0,
+    shard: bool = False,
 ) -> int:
     """Fill every unfinished chunk of ``store`` with training features; returns chunks computed.
 
     Written chunks are committed (flushed, then marked done) every ``commit_every`` seconds
     and at the end, also when featurization fails, so a crash loses at most that much work.
+    With ``shard`` under torchrun, rank r computes every size-th unfinished chunk from r,
+    and the call returns when all ranks are done (a shared store directory, or a memory
+    store merged across ranks).
     """
     device = model_device(features.task.model)
+    if shard:
+        distributed.barrier()  # every rank sees the same finished chunks
     done = [store.done(c) for c in range(len(states))]
     todo = [
         (c, k, r)
@@ -87,6 +94,8 @@ def featurize_into_store(
         for k, r in enumerate(store.chunks())
         if k not in done[c]
     ]
+    rank, size = distributed.world() if shard else (0, 1)
+    todo = todo[rank::size]
     last_commit = time.monotonic()
     with eval_mode(features.task.model), _committing(store):
         for c, k, (s, e) in tqdm(
@@ -100,6 +109,10 @@ def featurize_into_store(
             if time.monotonic() - last_commit > commit_every:
                 store.commit()
                 last_commit = time.monotonic()
+    if shard and size > 1:
+        if isinstance(store, MemoryFeatureStore):
+            store.merge_ranks()
+        distributed.barrier()  # all chunks written and committed before anyone reads
     return len(todo)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import StoreCorruptError, StoreMismatchError
 
 FORMAT = "datatrace-feature-store"
@@ -220,12 +221,20 @@ class FeatureStore:
         self.close()
 
     def done(self, c: int) -> set[int]:
-        """Ids of the finished chunks of checkpoint ``c``."""
-        f = self.path / f"c{c}.done.json"
-        try:
-            return set(json.loads(f.read_text()))
-        except (OSError, ValueError) as exc:
-            raise StoreCorruptError(f"cannot read {f} ({exc}); pass overwrite=True") from exc
+        """Ids of the finished chunks of checkpoint ``c`` (written by any rank: rank 0 and
+        single processes record them in ``c{c}.done.json``, rank r > 0 of a torchrun job in
+        ``c{c}.done.r{r}.json``)."""
+        out: set[int] = set()
+        for f in [self.path / f"c{c}.done.json", *sorted(self.path.glob(f"c{c}.done.r*.json"))]:
+            try:
+                out |= set(json.loads(f.read_text()))
+            except (OSError, ValueError) as exc:
+                raise StoreCorruptError(f"cannot read {f} ({exc}); pass overwrite=True") from exc
+        return out
+
+    def _done_file(self, c: int) -> Path:
+        rank = distributed.world()[0]
+        return self.path / (f"c{c}.done.json" if rank == 0 else f"c{c}.done.r{rank}.json")
 
     def chunks(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of every chunk."""
@@ -249,7 +258,9 @@ class FeatureStore:
         for c, chunks in self._pending.items():
             for name in self.manifest["layout"]:
                 os.fsync(self._writer(c, name)[0])
-            _atomic_write_json(self.path / f"c{c}.done.json", sorted(self.done(c) | chunks))
+            f = self._done_file(c)
+            mine = set(json.loads(f.read_text())) if f.exists() else set()
+            _atomic_write_json(f, sorted(mine | chunks))
         self._pending = {}
 
     def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -291,7 +302,7 @@ class MemoryFeatureStore:
         self.n = n
         self.chunk_size = chunk_size
         self._arrays = {
-            (c, name): torch.empty(n, width, dtype=dtype)
+            (c, name): torch.zeros(n, width, dtype=dtype)
             for c in range(n_checkpoints)
             for name, width in layout.items()
         }
@@ -311,6 +322,14 @@ class MemoryFeatureStore:
 
     def commit(self) -> None:
         """Nothing to flush."""
+
+    def merge_ranks(self) -> None:
+        """Under torchrun: every rank computed its own chunks into zeros; one all-reduce
+        (sum) gives every rank all of them, bit-identical to one process."""
+        for t in self._arrays.values():
+            distributed.all_sum(t)
+        full = set(range(len(self.chunks())))
+        self._done = {c: set(full) for c in self._done}
 
     def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
         return {name: self._arrays[(c, name)][start:stop] for name in self.manifest["layout"]}

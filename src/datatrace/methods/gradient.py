@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .. import distributed
 from ..checkpoint import Checkpoint
 from ..curvature.problem import CurvatureProblem
 from ..data import ExampleSource
@@ -117,6 +119,7 @@ class GradientAttributor:
         source = ExampleSource(train, "training data")
         feats = GradientFeatures(self.features, task)
         device = model_device(task.model)
+        distributed.ensure_initialized(device)
         states = [c.parameters_for(task.model, device) for c in ckpts]
         dtype = next(iter(states[0][0].values())).dtype
         # Probe the model on one example: fixes the factored layout before the store is sized.
@@ -126,7 +129,7 @@ class GradientAttributor:
         tmp = None
         if store is None and nbytes <= max_memory_bytes:
             fs = MemoryFeatureStore(feats.layout(), len(source), len(states), dtype, batch_size)
-            featurize_into_store(feats, states, source, fs, progress)
+            featurize_into_store(feats, states, source, fs, progress, shard=True)
             log.info("%s: training features in memory (%.1f MB)", self.name, nbytes / 1e6)
         elif max_store_bytes is not None and nbytes > max_store_bytes:
             log.info(
@@ -151,6 +154,7 @@ class GradientAttributor:
                     batch_size,
                     overwrite,
                     progress,
+                    shared=tmp is None,  # a temporary directory is per rank: not shared
                 )
             except BaseException:
                 if tmp is not None:
@@ -177,8 +181,11 @@ class GradientAttributor:
         batch_size: int,
         overwrite: bool,
         progress: bool | None,
+        shared: bool = True,
     ) -> FeatureStore:
-        """Open (or create) the fingerprinted store at ``path`` and fill what is missing."""
+        """Open (or create) the fingerprinted store at ``path`` and fill what is missing.
+        Under torchrun with a ``shared`` directory, rank 0 creates (or checks, or
+        overwrites) the store, then every rank fills its share of the missing chunks."""
         fingerprint = {
             "method": {"normalize": self.normalize},
             "task": type(task).__name__,
@@ -186,17 +193,27 @@ class GradientAttributor:
             "checkpoints": [c.fingerprint() for c in ckpts],
             "data": source.fingerprint(),
         }
-        fs = FeatureStore(
-            path,
-            fingerprint,
-            feats.layout(),
-            len(source),
-            len(ckpts),
-            dtype,
-            chunk_size=batch_size,
-            overwrite=overwrite,
-        )
-        computed = featurize_into_store(feats, states, source, fs, progress)
+        rank, size = distributed.world() if shared else (0, 1)
+
+        def open_store(overwrite: bool) -> FeatureStore:
+            return FeatureStore(
+                path,
+                fingerprint,
+                feats.layout(),
+                len(source),
+                len(ckpts),
+                dtype,
+                chunk_size=batch_size,
+                overwrite=overwrite,
+            )
+
+        if size > 1:
+            fs = open_store(overwrite) if rank == 0 else None
+            distributed.barrier()
+            fs = fs or open_store(False)
+        else:
+            fs = open_store(overwrite)
+        computed = featurize_into_store(feats, states, source, fs, progress, shard=shared)
         log.info(
             "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
             self.name,
@@ -331,11 +348,14 @@ class FittedGradientAttributor:
         device = model_device(self.task.model)
         return {k: v.to(device) for k, v in self.store.read(c, start, stop).items()}
 
-    def score_blocks(self, queries: Any) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, S[:, start:stop])`` over training blocks; never the whole matrix."""
+    def score_blocks(
+        self, queries: Any, starts: Sequence[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, S[:, start:stop])`` over training blocks (all, or those starting
+        at ``starts``, multiples of ``block_size``); never the whole matrix."""
         qfeats = [self._precondition(c, q) for c, q in enumerate(self.query_features(queries))]
         qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats]
-        for start in range(0, self.n_train, self.block_size):
+        for start in range(0, self.n_train, self.block_size) if starts is None else starts:
             stop = min(start + self.block_size, self.n_train)
             total = None
             for c, (q, w) in enumerate(zip(qfeats, self.weights, strict=True)):
@@ -358,6 +378,31 @@ class FittedGradientAttributor:
         lowered the query's loss).
         """
         return torch.cat([s for _, s in self.score_blocks(queries)], dim=1)
+
+    def attribute_to_file(self, queries: Any, path: str | Path) -> Path:
+        """Write ``S`` (n_query, n_train) to an ``.npy`` file block by block: memory stays
+        O(n_query × block_size) whatever n_train. Under torchrun the training blocks are
+        split across the ranks (``path`` must be on a filesystem they share); every rank
+        returns when the file is complete."""
+        out = Path(path)
+        n_query = len(ExampleSource(queries, "queries"))
+        dtype = np.dtype(str(next(iter(self.states[0][0].values())).dtype).replace("torch.", ""))
+        rank, size = distributed.world()
+        if rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            mm = np.lib.format.open_memmap(
+                out, mode="w+", dtype=dtype, shape=(n_query, self.n_train)
+            )
+            del mm
+        distributed.barrier()
+        mm = np.load(out, mmap_mode="r+")
+        starts = list(range(0, self.n_train, self.block_size))[rank::size]
+        for start, block in self.score_blocks(queries, starts):
+            mm[:, start : start + block.shape[1]] = block.detach().cpu().numpy()
+        mm.flush()
+        del mm
+        distributed.barrier()
+        return out
 
     def top_k(
         self, queries: Any, k: int = 10, opponents: bool = False

@@ -1,0 +1,104 @@
+"""``datatrace featurize`` and ``datatrace score``: the attribution of an experiment config
+(the model, data and queries of ``datatrace evaluate``'s TOML) from the command line, into a
+feature store that ``torchrun`` ranks fill together.
+
+    datatrace featurize CONFIG.toml --store DIR [--method tracin] [--projection-dim K]
+    datatrace score CONFIG.toml --store DIR [--top-k 10] [--matrix S.npy] [--out top.csv]
+
+Both run unchanged under ``torchrun --nproc_per_node=N`` (and across machines with
+``--nnodes``, a rendezvous endpoint and a store directory on a filesystem every machine
+mounts): the training set's chunks are split across the ranks, the full matrix's blocks
+too, and the results equal a single process's.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import distributed
+from .errors import ConfigError
+from .evaluate import builtin_experiment, load_config, make_method
+from .methods import GradCos, GradDot, TracIn
+from .methods.gradient import FittedGradientAttributor
+
+FIRST_ORDER = {"graddot": GradDot, "gradcos": GradCos, "tracin": TracIn}
+
+
+def _fit(args: Any) -> tuple[FittedGradientAttributor, Any, float]:
+    cfg = load_config(args.config)
+    if cfg["data"]["entry"]:
+        from .evaluate import _load_entry
+
+        exp = _load_entry(cfg["data"]["entry"])(cfg)
+    else:
+        exp = builtin_experiment(cfg)
+    name = args.method
+    if name in FIRST_ORDER:
+        method = FIRST_ORDER[name](projection_dim=args.projection_dim)
+    elif args.projection_dim is not None:
+        raise ConfigError("--projection-dim applies to graddot, gradcos and tracin only")
+    else:
+        method = make_method(name, cfg["methods"], None)
+    if not hasattr(method, "fit"):
+        raise ConfigError(f"method {name!r} cannot be used here")
+    ckpts = exp.checkpoints if name == "tracin" else exp.checkpoints[-1:]
+    t0 = time.perf_counter()
+    fitted = method.fit(
+        exp.task, ckpts, exp.train, store=args.store, batch_size=args.batch_size, progress=None
+    )
+    if not isinstance(fitted, FittedGradientAttributor):
+        raise ConfigError(f"method {name!r} does not use a feature store")
+    return fitted, exp, time.perf_counter() - t0
+
+
+def featurize_main(args: Any) -> int:
+    fitted, _, seconds = _fit(args)
+    if distributed.world()[0] == 0:
+        print(
+            f"features of {fitted.n_train} training examples in {args.store} "
+            f"({seconds:.2f} s, {distributed.world()[1]} process(es))",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def score_main(args: Any) -> int:
+    fitted, exp, _ = _fit(args)
+    rank = distributed.world()[0]
+    if args.matrix is not None:
+        path = fitted.attribute_to_file(exp.queries, args.matrix)
+        if rank == 0:
+            print(
+                f"wrote the {len(exp.queries[0])} x {fitted.n_train} scores to {path}",
+                file=sys.stderr,
+            )
+    values, indices = fitted.top_k(exp.queries, k=args.top_k, opponents=args.opponents)
+    if rank != 0:
+        return 0
+    rows = [
+        {"query": j, "rank": r + 1, "train_index": int(indices[j, r]), "score": float(values[j, r])}
+        for j in range(values.shape[0])
+        for r in range(values.shape[1])
+    ]
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["query", "rank", "train_index", "score"])
+            w.writeheader()
+            w.writerows(rows)
+        print(
+            f"wrote top-{args.top_k} {'opponents' if args.opponents else 'proponents'} to {out}",
+            file=sys.stderr,
+        )
+    else:
+        for j in range(min(values.shape[0], 5)):
+            best = ", ".join(
+                f"{int(i)} ({float(v):+.3g})" for v, i in zip(values[j], indices[j], strict=True)
+            )
+            print(f"query {j}: {best}")
+    return 0

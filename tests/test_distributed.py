@@ -1,0 +1,121 @@
+"""torchrun: featurization sharded across ranks into one store equals one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from conftest import MLP
+import datatrace as dt
+torch.manual_seed(0)
+model = MLP().double()
+x = torch.randn(37, 5, dtype=torch.float64)
+y = torch.randint(0, 3, (37,))
+task = dt.ClassificationTask(model)
+ckpts = [dt.Checkpoint.from_module(model, weight=0.5)]
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.1)
+ckpts.append(dt.Checkpoint.from_module(model, weight=0.25))
+q = (x[:4] + 0.1, y[:4])
+out = {{}}
+for name, store in (("memory", None), ("disk", {store!r})):
+    fitted = dt.TracIn().fit(task, ckpts, (x, y), store=store, batch_size=5, progress=False)
+    out[name] = fitted.attribute(q)
+    out[name + "_self"] = fitted.self_influence()
+    proj = dt.TracIn(projection_dim=16).fit(task, ckpts, (x, y), batch_size=5, progress=False)
+    out[name + "_proj"] = proj.attribute(q)
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+torch.save(out, {out!r}.format(rank))
+"""
+
+
+def test_sharded_featurization_equals_one_process(tmp_path: Path) -> None:
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    single = SCRIPT.format(tests=tests, store=str(tmp_path / "s1"), out=str(tmp_path / "one{}.pt"))
+    proc = subprocess.run([sys.executable, "-c", single], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    script = tmp_path / "shard.py"
+    script.write_text(
+        SCRIPT.format(tests=tests, store=str(tmp_path / "s2"), out=str(tmp_path / "rank{}.pt"))
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    want = torch.load(tmp_path / "one0.pt", weights_only=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    # the two ranks each recorded their own chunks; together they are all of them
+    files = sorted(p.name for p in (tmp_path / "s2").glob("c0.done*.json"))
+    assert files == ["c0.done.json", "c0.done.r1.json"]
+    import json
+
+    parts = [set(json.loads((tmp_path / "s2" / f).read_text())) for f in files]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    assert parts[0] | parts[1] == set(range(8))  # 37 examples in chunks of 5
+
+
+CONFIG = """
+[data]
+dataset = "iris"
+n_train = 60
+n_query = 5
+[model]
+kind = "logreg"
+[train]
+epochs = 5
+checkpoints = 2
+"""
+
+
+def test_cli_featurize_and_score_under_torchrun_equal_one_process(tmp_path: Path) -> None:
+    import csv
+
+    import numpy as np
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(CONFIG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    entry = [sys.executable, "-m", "datatrace.cli"]
+    common = ["--method", "tracin", "--batch-size", "7"]
+    one = subprocess.run(
+        [*entry, "score", str(cfg), "--store", str(tmp_path / "s1"), *common,
+         "--matrix", str(tmp_path / "one.npy"), "--out", str(tmp_path / "one.csv")],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    feat = subprocess.run(
+        [*run, "-m", "datatrace.cli", "featurize", str(cfg), "--store", str(tmp_path / "s2"),
+         *common],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert feat.returncode == 0, feat.stderr.decode()[-3000:]
+    two = subprocess.run(
+        [*run, "-m", "datatrace.cli", "score", str(cfg), "--store", str(tmp_path / "s2"),
+         *common, "--matrix", str(tmp_path / "two.npy"), "--out", str(tmp_path / "two.csv")],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a, b = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+    assert a.shape == (5, 60) and np.array_equal(a, b)
+    with open(tmp_path / "one.csv") as f1, open(tmp_path / "two.csv") as f2:
+        rows1, rows2 = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert rows1 == rows2 and len(rows1) == 5 * 10
+    best = [int(r["train_index"]) for r in rows1 if r["rank"] == "1"]
+    assert best == [int(i) for i in np.argmax(a, axis=1)]
