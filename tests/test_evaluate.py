@@ -58,6 +58,10 @@ def test_unknown_keys_and_bad_values_are_errors_with_suggestions() -> None:
         resolve_config({"train": {"epochs": "ten"}})
     with pytest.raises(dt.ConfigError, match="did you mean 'digits'"):
         resolve_config({"data": {"dataset": "digit"}})
+    with pytest.raises(dt.ConfigError, match="out of range"):
+        resolve_config({"truth": {"indices": -5}})
+    with pytest.raises(dt.ConfigError, match="out of range"):
+        resolve_config({"truth": {"lds": {"fraction": 1.5}}})
     cfg = resolve_config({"methods": {"damping": 1}})
     assert cfg["methods"]["damping"] == [1.0] and cfg["truth.further_training"]["seeds"] == 10
 
@@ -80,9 +84,12 @@ def test_small_run_writes_results_and_resumes_from_cache(tmp_path: Path, capsys)
     assert loo["exact"] > 0.5, loo  # SGD-trained logreg: influence tracks retraining
     assert (tmp_path / "out" / "agreement.png").stat().st_size > 1000
     # rerun: every gold-standard job comes from the cache, same numbers
+    jobs = sorted((tmp_path / "out" / "cache").rglob("job-*.safetensors"))
+    assert len(jobs) == 2 + 9 + 6  # FT: 2 seeds x 1 chunk; LOO: 8 + the full run; LDS: 6
+    before = [p.stat().st_mtime_ns for p in jobs]
     again = dt.evaluate.run(load_config(cfg_path))
     assert again["results"] == report["results"]
-    assert sum(again["truth_seconds"].values()) < sum(report["truth_seconds"].values())
+    assert [p.stat().st_mtime_ns for p in jobs] == before  # nothing recomputed
 
 
 def entry_point(cfg: dict) -> Experiment:

@@ -65,10 +65,12 @@ def test_group_leave_out_by_ids_and_bad_groups() -> None:
     want = dt.truth.group_leave_out(train_fn, task, train, queries, lists)
     assert got.shape == (5, 3)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    as_list = dt.truth.group_leave_out(train_fn, task, train, queries, ids.tolist())
+    torch.testing.assert_close(as_list, want, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="no members"):
         dt.truth.group_leave_out(train_fn, task, train, queries, torch.arange(12) % 3 * 2)
-    with pytest.raises(ConfigError, match="within"):
-        dt.truth.group_leave_out(train_fn, task, train, queries, [[0, 12]])
+    with pytest.raises(ConfigError, match=r"group 1: .*within"):
+        dt.truth.group_leave_out(train_fn, task, train, queries, [[0], [0, 12]])
     with pytest.raises(ConfigError, match="seeds"):
         dt.truth.leave_one_out(train_fn, task, train, queries, seeds=())
 
@@ -135,6 +137,13 @@ def test_cache_resumes_after_interruption_and_checks_settings(tmp_path: Path) ->
     again = CountingTrain(train_fn)
     dt.truth.leave_one_out(again, task, train, queries, seeds=(0, 1), cache=tmp_path)
     assert again.calls == 0
+    keyed = tmp_path / "keyed"  # a tuple key survives the JSON round trip
+    dt.truth.leave_one_out(train_fn, task, train, queries, [0], cache=keyed, cache_key=("v", 1))
+    counting = CountingTrain(train_fn)
+    dt.truth.leave_one_out(counting, task, train, queries, [0], cache=keyed, cache_key=("v", 1))
+    assert counting.calls == 0
+    with pytest.raises(StoreMismatchError, match="cache_key"):
+        dt.truth.leave_one_out(train_fn, task, train, queries, [0], cache=keyed, cache_key="v2")
     with pytest.raises(StoreMismatchError, match="seeds"):
         dt.truth.leave_one_out(train_fn, task, train, queries, seeds=(0, 2), cache=tmp_path)
     with pytest.raises(StoreMismatchError, match="train"):

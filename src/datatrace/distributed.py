@@ -29,6 +29,8 @@ def ensure_initialized(device: torch.device | None = None) -> None:
     (``WORLD_SIZE`` > 1) and nobody has yet."""
     if env_world_size() > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
         atexit.register(_destroy)  # a live gloo group aborts the interpreter at exit
 
@@ -56,7 +58,7 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size > 1:
         if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            moved = t.cuda()
+            moved = t.to(torch.device("cuda", torch.cuda.current_device()))
             dist.all_reduce(moved)
             t.copy_(moved.cpu())
         else:

@@ -41,6 +41,7 @@ from .curvature import (
     GaussNewton,
     LiSSA,
 )
+from .data import ExampleSource
 from .errors import ConfigError
 from .methods import DataInf, GradCos, GradDot, Influence, TracIn
 from .methods.trak import TRAK
@@ -145,6 +146,21 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]
     return out
 
 
+def _check_range(where: str, key: str, value: Any) -> None:
+    """Counts are >= 1, the seed >= 0, rates > 0, momentum/alpha >= 0, fractions in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    bad = (
+        (key == "seed" and value < 0)
+        or (key in ("momentum", "alpha") and value < 0)
+        or (key == "lr" and not value > 0)
+        or (key == "fraction" and not 0 < value < 1)
+        or (isinstance(value, int) and key != "seed" and value < 1)
+    )
+    if bad:
+        raise ConfigError(f"{where} = {value!r} is out of range")
+
+
 def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed config and return ``{section: {key: value}}`` with defaults."""
     given = _flatten(raw)
@@ -172,6 +188,7 @@ def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(
                     f"{where} must be {want.__name__}, got {type(value).__name__} {value!r}"
                 )
+            _check_range(where, key, value)
             values[key] = value
         cfg[section] = values
     for name in cfg["methods"]["use"]:
@@ -385,12 +402,15 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     if not isinstance(exp, Experiment) or not exp.checkpoints:
         raise ConfigError("the experiment must be an Experiment with at least one checkpoint")
     final = exp.checkpoints[-1]
-    n_train = len(exp.train[0]) if isinstance(exp.train, tuple) else len(exp.train)
+    n_train = len(ExampleSource(exp.train, "training data"))
     g = torch.Generator().manual_seed(top["seed"] + 1)
     n_idx = min(cfg["truth"]["indices"], n_train)
     indices = torch.sort(torch.randperm(n_train, generator=g)[:n_idx]).values
     cache = out_dir / "cache" if cfg["truth"]["cache"] else None
-    key = {"config": {s: v for s, v in cfg.items() if s in ("", "data", "model", "train")}}
+    key = {
+        "config": {s: v for s, v in cfg.items() if s in ("data", "model", "train")},
+        "seed": top["seed"],
+    }
 
     # scores
     scores: dict[str, torch.Tensor] = {}

@@ -88,14 +88,17 @@ class _JobCache:
         self, path: str | os.PathLike[str], settings: dict[str, Any], info: dict[str, Any]
     ) -> None:
         self.path = Path(path)
-        self.settings = settings
+        # as JSON will give them back (tuples become lists), so equal settings compare equal
+        try:
+            self.settings = json.loads(json.dumps(settings, sort_keys=True))
+        except TypeError as exc:
+            raise ConfigError(f"cache_key and settings must be JSON-serialisable: {exc}") from exc
+        settings = self.settings
         manifest = self.path / "manifest.json"
         rank, _ = distributed.world()
         if rank == 0:
             self.path.mkdir(parents=True, exist_ok=True)
-            if manifest.exists():
-                self._check(manifest)
-            else:
+            if not manifest.exists():
                 tmp = manifest.with_suffix(".json.tmp")
                 body = {
                     "format": _FORMAT,
@@ -105,9 +108,8 @@ class _JobCache:
                 }
                 tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
                 os.replace(tmp, manifest)
-        distributed.barrier()
-        if rank != 0:
-            self._check(manifest)
+        distributed.barrier()  # then every rank checks (none is left waiting on a failure)
+        self._check(manifest)
 
     def _check(self, manifest: Path) -> None:
         try:
@@ -178,20 +180,30 @@ def _run_jobs(
         from tqdm.auto import tqdm
 
         it = tqdm(mine, desc=what, unit="job")
-    for k in it:
-        result = store.load(k) if store is not None else None
-        if result is None:
-            result = job(k).detach().to("cpu", torch.float64)
-            if tuple(result.shape) != shape:
-                raise DataError(f"{what} job {k} gave shape {tuple(result.shape)}, not {shape}")
-            if store is not None:
-                store.save(k, result)
-        elif tuple(result.shape) != shape:
-            raise StoreCorruptError(
-                f"cached job {store.file(k) if store else k} has shape "
-                f"{tuple(result.shape)}, expected {shape}; delete it to recompute"
-            )
-        out[k] = result
+    failure: BaseException | None = None
+    try:
+        for k in it:
+            result = store.load(k) if store is not None else None
+            if result is None:
+                result = job(k).detach().to("cpu", torch.float64)
+                if tuple(result.shape) != shape:
+                    raise DataError(f"{what} job {k} gave shape {tuple(result.shape)}, not {shape}")
+                if store is not None:
+                    store.save(k, result)
+            elif tuple(result.shape) != shape:
+                raise StoreCorruptError(
+                    f"cached job {store.file(k) if store else k} has shape "
+                    f"{tuple(result.shape)}, expected {shape}; delete it to recompute"
+                )
+            out[k] = result
+    except BaseException as exc:
+        failure = exc
+    # every rank learns whether any failed, instead of waiting forever in the all-reduce
+    failed = distributed.all_sum(torch.tensor([1.0 if failure is not None else 0.0]))
+    if failure is not None:
+        raise failure
+    if float(failed[0]) > 0:
+        raise DataError(f"{what}: another rank failed (see its error); finished jobs are cached")
     return distributed.all_sum(out)
 
 
@@ -328,6 +340,12 @@ def leave_one_out(
 
 
 def _group_list(groups: Any, n: int) -> list[torch.Tensor]:
+    if (
+        not isinstance(groups, torch.Tensor)
+        and len(groups) == n
+        and all(isinstance(g, (int,)) or (hasattr(g, "ndim") and g.ndim == 0) for g in groups)
+    ):
+        groups = torch.as_tensor([int(g) for g in groups])  # a plain list/array of group ids
     if isinstance(groups, torch.Tensor) and groups.dim() == 1 and groups.numel() == n:
         ids = groups.long()
         if int(ids.min()) < 0:
@@ -341,9 +359,14 @@ def _group_list(groups: Any, n: int) -> list[torch.Tensor]:
         raise ConfigError(
             f"groups as a tensor must be group ids of shape ({n},), got {tuple(groups.shape)}"
         )
-    out = [_indices(g, n) for g in groups]
-    if not out:
+    if not len(groups):
         raise ConfigError("groups is empty")
+    out = []
+    for k, g in enumerate(groups):
+        try:
+            out.append(_indices(g, n))
+        except ConfigError as exc:
+            raise ConfigError(f"group {k}: {exc}") from exc
     return out
 
 

@@ -173,15 +173,16 @@ class DistilledDatamodel:
         if not checkpoints:
             raise CheckpointError("no checkpoints given")
         src = ExampleSource(train, "training data")
-        distiller = _Distiller(self, task, src, checkpoints[-1])
-        points = list(reversed(list(checkpoints)))
-        distiller.run(
-            [(c.parameters_for(task.model, distiller.device)[0], c.weight) for c in points],
-            [c.fingerprint() for c in points],
-            store,
-            progress,
-        )
-        return distiller.fitted()
+        with eval_mode(task.model):  # dropout off, batch-norm statistics frozen
+            distiller = _Distiller(self, task, src, checkpoints[-1])
+            points = list(reversed(list(checkpoints)))
+            distiller.run(
+                [(c.parameters_for(task.model, distiller.device)[0], c.weight) for c in points],
+                [c.fingerprint() for c in points],
+                store,
+                progress,
+            )
+            return distiller.fitted()
 
     def recorder(self, task: AbstractTask, train: Any, every: int = 1) -> Recorder:
         """For use inside a training loop: ``rec.observe(model, batch_indices, lr)`` after
@@ -227,12 +228,18 @@ class _Distiller:
         x, y = _split(train.batch(0, len(train)), "the training data")
         self.x, self.y = x.to(self.device), y.to(self.device)
         n = len(train)
+        self.group_class: torch.Tensor | None = None
         if ddm.groups is None:
-            ids, _ = kmeans_groups(
+            ids, self.group_class = kmeans_groups(
                 y.cpu(), x.cpu(), ddm.clusters_per_class, ddm.seed, min_size=ddm.synset_per_group
             )
         else:
-            ids = torch.as_tensor(ddm.groups).long().flatten().cpu()
+            ids = torch.as_tensor(ddm.groups).long().cpu()
+            if ids.dim() != 1:
+                raise DataError(
+                    "groups must be one group id per training example (1-D); for overlapping "
+                    "or partial groups use dt.truth.group_leave_out's index lists instead"
+                )
             if ids.numel() != n:
                 raise DataError(f"groups has {ids.numel()} entries for {n} training examples")
             if int(ids.min()) < 0:
@@ -324,7 +331,7 @@ class _Distiller:
         start = 0
         settings = self._settings(fingerprints)
         path = Path(store) if store is not None else None
-        if path is not None and (path / "meta.json").exists():
+        if path is not None and (path / "synset.safetensors").exists():
             start = self._resume(path, settings, syn, opt)
         total_w = sum(w for _, w in points) or 1.0
         it = range(start, len(points))
@@ -336,9 +343,12 @@ class _Distiller:
             state, weight = points[p]
             target = self.group_targets(state)
             before = float(self.objective(syn.detach(), state, target))
+            # Adam ignores the scale of the loss: weight each point through its step size
+            for group in opt.param_groups:
+                group["lr"] = ddm.lr * self.scale * weight / total_w * len(points)
             for _ in range(ddm.steps_per_point):
                 opt.zero_grad()
-                loss = self.objective(syn, state, target) * (weight / total_w * len(points))
+                loss = self.objective(syn, state, target)
                 loss.backward()
                 opt.step()
             after = float(self.objective(syn.detach(), state, target))
@@ -380,26 +390,27 @@ class _Distiller:
                 exp_avg_sq=st["exp_avg_sq"].cpu(),
                 adam_step=torch.as_tensor(st["step"]).reshape(1).double(),
             )
-        tmp = path / f"synset.safetensors.tmp{os.getpid()}"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / "synset.safetensors")
         meta = {"format": _FORMAT, "settings": settings, "done": done, "history": self.history}
-        tmpj = path / f"meta.json.tmp{os.getpid()}"
-        tmpj.write_text(json.dumps(meta))
-        os.replace(tmpj, path / "meta.json")
+        # one file, one atomic rename: the synsets, the optimizer and the progress together
+        tmp = path / f"synset.safetensors.tmp{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, path / "synset.safetensors")
 
     def _resume(
         self, path: Path, settings: dict[str, Any], syn: torch.Tensor, opt: torch.optim.Optimizer
     ) -> int:
+        from safetensors import safe_open
+
+        f = path / "synset.safetensors"
         try:
-            meta = json.loads((path / "meta.json").read_text())
-            tensors = load_file(str(path / "synset.safetensors"))
+            with safe_open(str(f), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {})["meta"])
+            tensors = load_file(str(f))
         except Exception as exc:
-            raise StoreCorruptError(
-                f"{path} is unreadable ({exc}); delete it to start over"
-            ) from exc
-        if meta.get("format") != _FORMAT:
+            raise StoreCorruptError(f"{f} is unreadable ({exc}); delete it to start over") from exc
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "settings" not in meta:
             raise StoreCorruptError(f"{path} is not a Distilled Datamodel store")
+        settings = json.loads(json.dumps(settings))
         for key in settings:
             if meta["settings"].get(key) != settings[key]:
                 raise StoreMismatchError(
@@ -455,6 +466,7 @@ class FittedDistilledDatamodel:
         self.start = {nm: params[nm].detach() for nm in self.names}
         self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
         self._lr: float | None = ddm.unlearn_lr
+        self.group_class: torch.Tensor | None = None  # k-means groups: each group's class
 
     @property
     def n_groups(self) -> int:
@@ -475,26 +487,31 @@ class FittedDistilledDatamodel:
 
     def _step_size(self) -> float:
         if self._lr is None:
-            m = self.syn_x.shape[1]
-            w = self.weights.repeat_interleave(m)
-
-            def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
-                return (self._sample_losses(params) * w).sum()
-
-            gen = torch.Generator().manual_seed(0)
-            v = {
-                nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-                for nm, p in self.start.items()
-            }
-            top = 1.0
-            for _ in range(30):
-                norm = math.sqrt(sum(float((t * t).sum()) for t in v.values())) or 1.0
-                v = {nm: t / norm for nm, t in v.items()}
-                hv = torch.func.jvp(grad(total), (self.start,), (v,))[1]
-                top = math.sqrt(sum(float((t * t).sum()) for t in hv.values()))
-                v = hv
-            self._lr = 1.0 / (top + self.ddm.weight_decay + 1e-12)
+            with eval_mode(self.task.model):
+                self._lr = self._power_step()
         return self._lr
+
+    def _power_step(self) -> float:
+        """1 / the largest eigenvalue of the distilled objective's Hessian at θ_T."""
+        m = self.syn_x.shape[1]
+        w = self.weights.repeat_interleave(m)
+
+        def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return (self._sample_losses(params) * w).sum()
+
+        gen = torch.Generator().manual_seed(0)
+        v = {
+            nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+            for nm, p in self.start.items()
+        }
+        top = 1.0
+        for _ in range(30):
+            norm = math.sqrt(sum(float((t * t).sum()) for t in v.values())) or 1.0
+            v = {nm: t / norm for nm, t in v.items()}
+            hv = torch.func.jvp(grad(total), (self.start,), (v,))[1]
+            top = math.sqrt(sum(float((t * t).sum()) for t in hv.values()))
+            v = hv
+        return 1.0 / (top + self.ddm.weight_decay + 1e-12)
 
     def _fast_learn(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Train R models from θ_T at once, model r on the groups where ``keep[r]`` (R, K)
@@ -546,7 +563,11 @@ class FittedDistilledDatamodel:
     ) -> torch.Tensor:
         """``A[j, k] = f(z_j; θ₋ₖ) − f(z_j; θ₀)``, (n_query, n_groups) (or the given groups)."""
         q = ExampleSource(queries, "queries")
+        if len(q) == 0:
+            raise DataError("the queries are empty")
         chosen = list(range(self.k)) if groups is None else [int(g) for g in groups]
+        if not chosen:
+            raise ConfigError("groups is empty")
         if any(not 0 <= g < self.k for g in chosen):
             raise ConfigError(f"group indices must be within [0, {self.k})")
         full = torch.ones(1, self.k, dtype=torch.bool)
@@ -559,9 +580,9 @@ class FittedDistilledDatamodel:
             cols.append(self._measure(self._fast_learn(keep), q))
         return (torch.cat(cols, dim=1) - base[:, None]).double().cpu()
 
-    def unlearn(self, k: int | Sequence[int]) -> nn.Module:
+    def unlearn(self, k: Any) -> nn.Module:
         """A copy of the model with group(s) ``k`` fast-unlearned (θ₋ₖ)."""
-        drop = [k] if isinstance(k, int) else list(k)
+        drop = [int(g) for g in k] if isinstance(k, (list, tuple)) else [int(k)]
         if any(not 0 <= g < self.k for g in drop):
             raise ConfigError(f"group indices must be within [0, {self.k})")
         keep = torch.ones(1, self.k, dtype=torch.bool)
@@ -581,9 +602,11 @@ class FittedDistilledDatamodel:
         seed: int = 0,
         ridge: float = 1e-3,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Datamodel mode: fast-learn on random subsets of groups (each kept with
-        ``fraction``), fit ``outputs ≈ c + masks · w`` per query by ridge regression.
-        Returns ``(A, masks, outputs)`` with ``A = −w`` (n_query, K), the removal effect."""
+        """Datamodel mode: fast-learn on random subsets of groups (``fraction`` of them
+        kept), and fit per query the linear datamodel of the removal effects,
+        ``f(θ_S) − f(θ₀) ≈ Σ_{k ∉ S} A[j, k]`` (least squares, ``ridge`` on A). Returns
+        ``(A, masks, outputs)``: A (n_query, K) in the units of :meth:`attribute`, masks
+        bool (n_subsets, K) (True = kept), outputs (n_subsets, n_query)."""
         q = ExampleSource(queries, "queries")
         from ..truth import subset_masks
 
@@ -592,11 +615,12 @@ class FittedDistilledDatamodel:
         for s in range(0, n_subsets, 64):
             outs.append(self._measure(self._fast_learn(masks[s : s + 64]), q))
         outputs = torch.cat(outs, dim=1).T.double().cpu()  # (n_subsets, n_query)
-        design = torch.cat([torch.ones(n_subsets, 1), masks.double()], dim=1)
-        reg = ridge * torch.eye(design.shape[1], dtype=torch.float64)
-        reg[0, 0] = 0
-        coef = torch.linalg.solve(design.T @ design + reg, design.T @ outputs)
-        return -coef[1:].T.contiguous(), masks, outputs
+        full = torch.ones(1, self.k, dtype=torch.bool)
+        base = self._measure(self._fast_learn(full), q)[:, 0].double().cpu()
+        removed = (~masks).double()
+        reg = ridge * torch.eye(self.k, dtype=torch.float64)
+        coef = torch.linalg.solve(removed.T @ removed + reg, removed.T @ (outputs - base))
+        return coef.T.contiguous(), masks, outputs
 
     def group_scores_to_examples(self, scores: torch.Tensor) -> torch.Tensor:
         """Spread group scores to examples (n_query, n_train): each example gets its group's
