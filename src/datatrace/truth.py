@@ -244,6 +244,11 @@ def _base_settings(
         "kind": kind,
         "train_fn": _callable_name(train_fn),
         "task": type(task).__qualname__,
+        "task_settings": {
+            k: repr(v)
+            for k, v in sorted(vars(task).items())
+            if k != "model" and isinstance(v, (int, float, str, bool, type(None)))
+        },
         "n_train": len(tr),
         "train": tr.fingerprint(),
         "n_query": len(q),

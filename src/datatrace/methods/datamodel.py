@@ -570,15 +570,15 @@ class FittedDistilledDatamodel:
             raise ConfigError("groups is empty")
         if any(not 0 <= g < self.k for g in chosen):
             raise ConfigError(f"group indices must be within [0, {self.k})")
-        full = torch.ones(1, self.k, dtype=torch.bool)
-        base = self._measure(self._fast_learn(full), q)[:, 0]
         cols = []
         for s in range(0, len(chosen), chunk):
             part = chosen[s : s + chunk]
-            keep = torch.ones(len(part), self.k, dtype=torch.bool)
-            keep[torch.arange(len(part)), torch.tensor(part)] = False
-            cols.append(self._measure(self._fast_learn(keep), q))
-        return (torch.cat(cols, dim=1) - base[:, None]).double().cpu()
+            # row 0: the reference θ₀ (all groups), trained in the same stack as the others
+            keep = torch.ones(len(part) + 1, self.k, dtype=torch.bool)
+            keep[torch.arange(1, len(part) + 1), torch.tensor(part)] = False
+            out = self._measure(self._fast_learn(keep), q).double()
+            cols.append(out[:, 1:] - out[:, :1])
+        return torch.cat(cols, dim=1).cpu()
 
     def unlearn(self, k: Any) -> nn.Module:
         """A copy of the model with group(s) ``k`` fast-unlearned (θ₋ₖ)."""
