@@ -157,7 +157,7 @@ def test_hooked_conv_and_linear_gradients_equal_vmap(cnn_data):
     model, x, y = cnn_data
     task = dt.ClassificationTask(model)
     params, buffers = _params(model)
-    for spec in (FeatureSpec(factored=False), FeatureSpec(projection_dim=16)):
+    for spec in (FeatureSpec(factored=False), FeatureSpec(projection_dim=16, kronecker=False)):
         hooked = GradientFeatures(spec, task)
         plain = GradientFeatures(
             FeatureSpec(factored=False, layer_hooks=False, projection_dim=spec.projection_dim),

@@ -17,12 +17,14 @@ of flattened per-example gradients from :func:`datatrace.grads.per_example_grads
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DatatraceError, NonFiniteError
@@ -58,6 +60,12 @@ class FeatureSpec:
             eval mode); ``False``: vmap for every parameter.
         vmap: per-example gradients of other parameters with ``torch.func.vmap`` (``None``:
             try it, fall back to a per-example loop if the model cannot be traced).
+        kronecker: with a projection, project hooked layers' gradients ``e aᵀ`` (summed
+            over positions for Conv2d) through Kronecker-structured rows ``u_r ⊗ v_r``:
+            ``φ_r = (u_r·e)(v_r·a)/√k``, from the two factors, never forming the gradient
+            (``E[φ·φ'] = ⟨g, g'⟩`` as for a dense Gaussian projection; cost O(k(out+in))
+            instead of O(k·out·in) per example). ``None``: for Linear layers (Conv2d only
+            when asked: with many positions the dense path is cheaper); ``False``: never.
     """
 
     params: tuple[str, ...] | None = None
@@ -66,6 +74,7 @@ class FeatureSpec:
     factored: bool | None = None
     layer_hooks: bool = True
     vmap: bool | None = None
+    kronecker: bool | None = None
 
     def __post_init__(self) -> None:
         if self.params is not None:
@@ -79,11 +88,14 @@ class FeatureSpec:
             ProjectionSpec(self.projection_dim, self.projection_seed)  # validates
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "params": list(self.params) if self.params is not None else None,
             "projection_dim": self.projection_dim,
             "projection_seed": self.projection_seed if self.projection_dim else None,
         }
+        if self.projection_dim is not None:
+            out["kronecker"] = self.kronecker
+        return out
 
 
 class GradientFeatures:
@@ -104,11 +116,26 @@ class GradientFeatures:
                 "factored=True needs selected parameters that belong to nn.Linear layers "
                 "(and layer_hooks=True)"
             )
+        self.kr_layers: list[str] = []
+        if spec.projection_dim is not None and spec.kronecker is not False:
+            self.kr_layers = [
+                n
+                for n in self.hooked
+                if spec.kronecker or type(module.get_submodule(n)) is nn.Linear
+            ]
+        owned = self._owned({n: (True, True) for n in self.kr_layers})
+        self.dense_proj_names = [n for n in self.names if n not in owned]
         self.projector = (
-            RandomProjector(ProjectionSpec(spec.projection_dim, spec.projection_seed), self.sizes)
+            RandomProjector(
+                ProjectionSpec(spec.projection_dim, spec.projection_seed),
+                [shapes[n].numel() for n in self.dense_proj_names],
+            )
             if spec.projection_dim is not None
             else None
         )
+        self._kr: dict[
+            tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]
+        ] = {}
         self._use_vmap = spec.vmap is not False
         self._probed = False
 
@@ -192,14 +219,23 @@ class GradientFeatures:
             self._probe(params, buffers, batch)
         grads, values = self._dense_grads(params, buffers, batch, measurement)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        kr_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.hooked:
             io, values = layer_io(self.task, params, buffers, batch, list(self.hooked), measurement)
+            kr_io = {lay: io.pop(lay) for lay in self.kr_layers}
             factors = self._split_layer_grads(io, grads)
         assert values is not None
         _check_finite(values, grads, factors, offset, measurement)
         if self.projector is not None:
-            blocks = [grads[n].reshape(len(values), -1) for n in self.names]
-            return {"proj": self.projector(blocks)}
+            blocks = [grads[n].reshape(len(values), -1) for n in self.dense_proj_names]
+            if blocks:
+                out = self.projector(blocks)
+            else:
+                like = next(iter(kr_io.values()))[1]
+                out = like.new_zeros(len(values), self.projector.spec.dim)
+            for lay, (x, e) in kr_io.items():
+                out += self._kronecker_project(lay, x, e)
+            return {"proj": out}
         feats: Features = {}
         if self.dense_names:
             feats["dense"] = flatten_grads(grads, self.dense_names)
@@ -209,6 +245,47 @@ class GradientFeatures:
             feats[f"{lay}.a"] = torch.cat(parts, dim=1)
             feats[f"{lay}.e"] = e
         return feats
+
+    def _kronecker_factors(
+        self, lay: str, out_dim: int, in_dim: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U`` (k, out) and ``V`` (k, in') of layer ``lay``: seeded by the projection seed
+        and the layer's position, identical on every process and device."""
+        key = (lay, like.dtype, like.device)
+        if key not in self._kr:
+            spec = self.projector.spec if self.projector is not None else None
+            assert spec is not None
+            pos = self.kr_layers.index(lay)
+            g = torch.Generator().manual_seed(
+                (spec.seed * 1_000_003 + 104_729 * (pos + 1)) % (2**63 - 1)
+            )
+            mats = []
+            for dim in (out_dim, in_dim):
+                if spec.rademacher:
+                    m = (torch.randint(0, 2, (spec.dim, dim), generator=g) * 2 - 1).double()
+                else:
+                    m = torch.randn(spec.dim, dim, generator=g, dtype=torch.float64)
+                mats.append(m.to(dtype=like.dtype, device=like.device))
+            self._kr[key] = (mats[0], mats[1])
+        return self._kr[key]
+
+    def _kronecker_project(self, lay: str, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``Σ_positions (U e_t) ⊙ (V ã_t) / √k`` for one hooked layer, (batch, k)."""
+        w, b = self.hooked[lay]
+        mod = self.task.model.get_submodule(lay)
+        if isinstance(mod, nn.Conv2d):
+            pad = 0 if isinstance(mod.padding, str) else mod.padding
+            a = F.unfold(x, mod.kernel_size, mod.dilation, pad, mod.stride)  # (B, in·kk, T)
+            et = e.flatten(2)  # (B, out, T)
+        else:
+            a, et = x[:, :, None], e[:, :, None]
+        parts = ([a] if w else []) + ([torch.ones_like(a[:, :1])] if b else [])
+        a = torch.cat(parts, dim=1)
+        u, v = self._kronecker_factors(lay, et.shape[1], a.shape[1], et)
+        ue = torch.einsum("ko,bot->bkt", u, et)
+        va = torch.einsum("ki,bit->bkt", v, a)
+        assert self.projector is not None
+        return (ue * va).sum(2) / math.sqrt(self.projector.spec.dim)
 
     def _split_layer_grads(
         self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], grads: dict[str, torch.Tensor]
