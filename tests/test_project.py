@@ -102,7 +102,11 @@ def _explicit_kronecker(feats, model, names, k):
         weight = shapes[f"{lay}.weight"]
         out_dim, in_dim = weight.shape[0], weight[0].numel()
         u, v = feats._kronecker_factors(lay, out_dim, in_dim * w + b, weight.double())
-        full = torch.einsum("ro,rj->ojr", u, v) / k**0.5  # (out, in', k)
+        # rows u_{c,i} ⊗ v_{c,j} of each block c, the first k of them in (c, i, j) order
+        m = feats.spec.kronecker_block
+        uc, vc = u.view(-1, m, out_dim), v.view(-1, m, in_dim * w + b)
+        rows = torch.einsum("cio,cjn->cijon", uc, vc).reshape(-1, out_dim, in_dim * w + b)[:k]
+        full = rows.permute(1, 2, 0) / k**0.5  # (out, in', k)
         if w:
             cols[f"{lay}.weight"] = full[:, :in_dim].reshape(out_dim * in_dim, k)
         if b:
@@ -110,8 +114,9 @@ def _explicit_kronecker(feats, model, names, k):
     return torch.cat([cols[n] for n in names])
 
 
+@pytest.mark.parametrize("block", [1, 3])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn-weights-only"])
-def test_kronecker_projection_equals_its_explicit_matrix(kind, mlp_data, cnn_data):
+def test_kronecker_projection_equals_its_explicit_matrix(kind, block, mlp_data, cnn_data):
     """Factored layers are projected from (a, e) without forming e aᵀ; the result equals the
     explicit Kronecker-row matrix applied to the float64 per-example gradients."""
     model, x, y = cnn_data if kind.startswith("cnn") else mlp_data
@@ -119,7 +124,10 @@ def test_kronecker_projection_equals_its_explicit_matrix(kind, mlp_data, cnn_dat
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     sel = ("conv.weight", "fc") if kind == "cnn-weights-only" else None
     feats = GradientFeatures(
-        FeatureSpec(params=sel, projection_dim=24, projection_seed=3, kronecker=True), task
+        FeatureSpec(
+            params=sel, projection_dim=24, projection_seed=3, kronecker=True, kronecker_block=block
+        ),
+        task,
     )
     assert feats.kr_layers  # the Kronecker path is taken
     out = feats.compute(params, buffers, (x, y), False, 0)["proj"]

@@ -60,12 +60,17 @@ class FeatureSpec:
             eval mode); ``False``: vmap for every parameter.
         vmap: per-example gradients of other parameters with ``torch.func.vmap`` (``None``:
             try it, fall back to a per-example loop if the model cannot be traced).
-        kronecker: with a projection, project hooked layers' gradients ``e aᵀ`` (summed
-            over positions for Conv2d) through Kronecker-structured rows ``u_r ⊗ v_r``:
-            ``φ_r = (u_r·e)(v_r·a)/√k``, from the two factors, never forming the gradient
-            (``E[φ·φ'] = ⟨g, g'⟩`` as for a dense Gaussian projection; cost O(k(out+in))
-            instead of O(k·out·in) per example). ``None``: for Linear layers (Conv2d only
-            when asked: with many positions the dense path is cheaper); ``False``: never.
+        kronecker: with a projection, project hooked layers' gradients ``G = e ãᵀ`` (summed
+            over positions for Conv2d) from the two factors, never forming G, with r
+            independent Kronecker-product blocks: ``φ = [vec(U_c e (V_c ã)ᵀ)]_c / √k``
+            (U_c, V_c Gaussian m × out and m × in', m = ``kronecker_block``, r = k/m²;
+            ``E[φ·φ'] = ⟨G, G'⟩`` like a dense Gaussian projection; per-layer features are
+            summed). Cost O(k(out + in)/m + k) per example instead of O(k·out·in); the
+            variance of inner products grows about like √m (m = 1: independent rows
+            u_r ⊗ v_r, closest to a dense projection). ``None``: for Linear layers
+            (Conv2d only when asked: with many positions the dense path can be cheaper);
+            ``False``: never.
+        kronecker_block: m above.
     """
 
     params: tuple[str, ...] | None = None
@@ -75,6 +80,7 @@ class FeatureSpec:
     layer_hooks: bool = True
     vmap: bool | None = None
     kronecker: bool | None = None
+    kronecker_block: int = 4
 
     def __post_init__(self) -> None:
         if self.params is not None:
@@ -86,6 +92,12 @@ class FeatureSpec:
                 raise ConfigError("params is an empty list; pass None to use every parameter")
         if self.projection_dim is not None:
             ProjectionSpec(self.projection_dim, self.projection_seed)  # validates
+        if isinstance(self.kronecker_block, bool) or not (
+            isinstance(self.kronecker_block, int) and self.kronecker_block >= 1
+        ):
+            raise ConfigError(
+                f"kronecker_block must be a positive integer, got {self.kronecker_block!r}"
+            )
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -95,6 +107,7 @@ class FeatureSpec:
         }
         if self.projection_dim is not None:
             out["kronecker"] = self.kronecker
+            out["kronecker_block"] = self.kronecker_block
         return out
 
 
@@ -249,28 +262,32 @@ class GradientFeatures:
     def _kronecker_factors(
         self, lay: str, out_dim: int, in_dim: int, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U`` (k, out) and ``V`` (k, in') of layer ``lay``: seeded by the projection seed
-        and the layer's position, identical on every process and device."""
+        """``U`` (r·m, out) and ``V`` (r·m, in'), ``m = kronecker_block``, ``r = ⌈k/m²⌉``:
+        r independent Gaussian blocks, seeded by the projection seed and the layer's
+        position (identical on every process and device)."""
         key = (lay, like.dtype, like.device)
         if key not in self._kr:
             spec = self.projector.spec if self.projector is not None else None
             assert spec is not None
+            m = self.spec.kronecker_block
+            r = -(-spec.dim // (m * m))
             pos = self.kr_layers.index(lay)
-            g = torch.Generator().manual_seed(
-                (spec.seed * 1_000_003 + 104_729 * (pos + 1)) % (2**63 - 1)
-            )
+            seed = (spec.seed * 1_000_003 + 104_729 * (pos + 1)) % (2**63 - 1)
+            g = torch.Generator().manual_seed(seed)
             mats = []
             for dim in (out_dim, in_dim):
                 if spec.rademacher:
-                    m = (torch.randint(0, 2, (spec.dim, dim), generator=g) * 2 - 1).double()
+                    mat = (torch.randint(0, 2, (r * m, dim), generator=g) * 2 - 1).double()
                 else:
-                    m = torch.randn(spec.dim, dim, generator=g, dtype=torch.float64)
-                mats.append(m.to(dtype=like.dtype, device=like.device))
+                    mat = torch.randn(r * m, dim, generator=g, dtype=torch.float64)
+                mats.append(mat.to(dtype=like.dtype, device=like.device))
             self._kr[key] = (mats[0], mats[1])
         return self._kr[key]
 
     def _kronecker_project(self, lay: str, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """``Σ_positions (U e_t) ⊙ (V ã_t) / √k`` for one hooked layer, (batch, k)."""
+        """``[vec(U_c G V_cᵀ)]_c / √k`` (first k entries), ``G = Σ_t e_t ã_tᵀ`` the layer's
+        per-example [weight | bias] gradient, computed from the factors: r independent
+        m × m Kronecker-product blocks ``U_c ⊗ V_c``, (batch, k)."""
         w, b = self.hooked[lay]
         mod = self.task.model.get_submodule(lay)
         if isinstance(mod, nn.Conv2d):
@@ -282,10 +299,19 @@ class GradientFeatures:
         parts = ([a] if w else []) + ([torch.ones_like(a[:, :1])] if b else [])
         a = torch.cat(parts, dim=1)
         u, v = self._kronecker_factors(lay, et.shape[1], a.shape[1], et)
-        ue = torch.einsum("ko,bot->bkt", u, et)
-        va = torch.einsum("ki,bit->bkt", v, a)
+        m = self.spec.kronecker_block
+        batch, steps = et.shape[0], et.shape[2]
         assert self.projector is not None
-        return (ue * va).sum(2) / math.sqrt(self.projector.spec.dim)
+        k = self.projector.spec.dim
+        if steps == 1:  # Linear: two GEMMs, then an outer product per block
+            ue = (et[:, :, 0] @ u.T).view(batch, -1, m)  # (B, r, m)
+            va = (a[:, :, 0] @ v.T).view(batch, -1, m)
+            blocks = ue[:, :, :, None] * va[:, :, None, :]  # (B, r, m, m)
+        else:  # Conv2d: sum the per-position outer products
+            ue = torch.einsum("ko,bot->bkt", u, et).view(batch, -1, m, steps)
+            va = torch.einsum("ki,bit->bkt", v, a).view(batch, -1, m, steps)
+            blocks = torch.matmul(ue, va.transpose(2, 3))
+        return blocks.flatten(1)[:, :k] / math.sqrt(k)
 
     def _split_layer_grads(
         self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], grads: dict[str, torch.Tensor]
