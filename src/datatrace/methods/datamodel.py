@@ -466,6 +466,7 @@ class FittedDistilledDatamodel:
         self.start = {nm: params[nm].detach() for nm in self.names}
         self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
         self._lr: float | None = ddm.unlearn_lr
+        self._vmap_measure = True
         self.group_class: torch.Tensor | None = None  # k-means groups: each group's class
 
     @property
@@ -536,25 +537,29 @@ class FittedDistilledDatamodel:
         return params
 
     def _measure(self, params: dict[str, torch.Tensor], queries: ExampleSource) -> torch.Tensor:
-        """(n_query, R) measurements of the stacked models."""
+        """(n_query, R) measurements of the stacked models: one vmapped call per query
+        batch (a loop over models if the measurement cannot be vmapped)."""
         r_models = next(iter(params.values())).shape[0]
-        cols = []
+
+        def one(p: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            def model(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(self.task.model, {**self.fixed, **p}, args, kwargs)
+
+            return self.task.measurement(model, batch)
+
+        rows = []
         with torch.no_grad(), eval_mode(self.task.model):
-            for r in range(r_models):
-                state = {**self.fixed, **{nm: p[r] for nm, p in params.items()}}
-
-                def model(*args: Any, _s: Any = state, **kwargs: Any) -> Any:
-                    return functional_call(self.task.model, _s, args, kwargs)
-
-                cols.append(
-                    torch.cat(
-                        [
-                            self.task.measurement(model, batch_to(queries.batch(s, e), self.device))
-                            for s, e in queries.ranges(1024)
-                        ]
-                    )
-                )
-        return torch.stack(cols, dim=1)
+            for s, e in queries.ranges(1024):
+                batch = batch_to(queries.batch(s, e), self.device)
+                if self._vmap_measure:
+                    try:
+                        rows.append(vmap(one, in_dims=(0, None))(params, batch).T)
+                        continue
+                    except Exception:
+                        self._vmap_measure = False
+                cols = [one({nm: t[r] for nm, t in params.items()}, batch) for r in range(r_models)]
+                rows.append(torch.stack(cols, dim=1))
+        return torch.cat(rows, dim=0)
 
     # -- online --------------------------------------------------------------------------
 
