@@ -81,3 +81,39 @@ def perturbed(model: nn.Module, scale: float, seed: int) -> dict[str, torch.Tens
         k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype)
         for k, v in model.state_dict().items()
     }
+
+
+def single_process_env() -> dict[str, str]:
+    """The environment for a subprocess run outside any torchrun job, one thread (so that
+    one process and each rank compute with the same kernels)."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def assert_two_ranks_equal_one_process(tmp_path, make_script) -> None:
+    """Run ``make_script(out_pattern, sharded)`` once as a plain process and once under
+    ``torchrun --nproc_per_node=2``; every tensor each rank saved must equal the single
+    process's bit for bit. The script saves a dict of tensors to ``out_pattern.format(rank)``."""
+    import subprocess
+    import sys
+
+    import torch
+
+    env = single_process_env()
+    single = make_script(str(tmp_path / "one{}.pt"), False)
+    proc = subprocess.run([sys.executable, "-c", single], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    script = tmp_path / "shard.py"
+    script.write_text(make_script(str(tmp_path / "rank{}.pt"), True))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    want = torch.load(tmp_path / "one0.pt", weights_only=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from conftest import assert_two_ranks_equal_one_process, single_process_env
 
 SCRIPT = """
 import sys, torch
@@ -40,24 +39,12 @@ torch.save(out, {out!r}.format(rank))
 
 def test_sharded_featurization_equals_one_process(tmp_path: Path) -> None:
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    single = SCRIPT.format(tests=tests, store=str(tmp_path / "s1"), out=str(tmp_path / "one{}.pt"))
-    proc = subprocess.run([sys.executable, "-c", single], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    script = tmp_path / "shard.py"
-    script.write_text(
-        SCRIPT.format(tests=tests, store=str(tmp_path / "s2"), out=str(tmp_path / "rank{}.pt"))
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    want = torch.load(tmp_path / "one0.pt", weights_only=True)
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for key, value in want.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+    def make(out: str, sharded: bool) -> str:
+        store = str(tmp_path / ("s2" if sharded else "s1"))
+        return SCRIPT.format(tests=tests, store=store, out=out)
+
+    assert_two_ranks_equal_one_process(tmp_path, make)
     # the two ranks each recorded their own chunks; together they are all of them
     files = sorted(p.name for p in (tmp_path / "s2").glob("c0.done*.json"))
     assert files == ["c0.done.json", "c0.done.r1.json"]
@@ -88,9 +75,7 @@ def test_cli_featurize_and_score_under_torchrun_equal_one_process(tmp_path: Path
 
     cfg = tmp_path / "exp.toml"
     cfg.write_text(CONFIG)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = single_process_env()
     entry = [sys.executable, "-m", "datatrace.cli"]
     common = ["--method", "tracin", "--batch-size", "7"]
     one = subprocess.run(

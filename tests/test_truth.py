@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP
+from conftest import MLP, assert_two_ranks_equal_one_process
 from torch import nn
 
 import datatrace as dt
@@ -216,24 +215,12 @@ def mlp_further():
 
 def test_sharded_runs_equal_single_process(tmp_path: Path) -> None:
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    single = SHARD_SCRIPT.format(tests=tests, cache=None, out=str(tmp_path / "single{}.pt"))
-    proc = subprocess.run([sys.executable, "-c", single], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    script = tmp_path / "shard.py"
-    script.write_text(
-        SHARD_SCRIPT.format(tests=tests, cache=str(tmp_path / "c"), out=str(tmp_path / "rank{}.pt"))
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    want = torch.load(tmp_path / "single0.pt", weights_only=True)
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for key, value in want.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+    def make(out: str, sharded: bool) -> str:
+        cache = str(tmp_path / "c") if sharded else None
+        return SHARD_SCRIPT.format(tests=tests, cache=cache, out=out)
+
+    assert_two_ranks_equal_one_process(tmp_path, make)
     # the ranks together filled one cache: a single process now recomputes nothing
     task, train, queries, train_fn = ridge_problem()
     counting = CountingTrain(train_fn)
