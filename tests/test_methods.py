@@ -162,3 +162,17 @@ def test_sign_training_on_a_proponent_lowers_the_query_loss(mlp_data):
         before = F.cross_entropy(model(x[:3]), y[:3], reduction="none")
         after = F.cross_entropy(m(x[:3]), y[:3], reduction="none")
         torch.testing.assert_close((before - after).detach(), eta * S[:, i], rtol=1e-3, atol=1e-9)
+
+
+def test_merged_top_k_equals_one_pass():
+    """Top-k lists of disjoint blocks, merged, equal one running pass (ties included)."""
+    from datatrace.scoring import merge_top_k, running_top_k
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (4, 37), generator=g).double()  # many ties
+    blocks = [(s, scores[:, s : s + 5]) for s in range(0, 37, 5)]
+    for largest in (True, False):
+        want = running_top_k(blocks, 9, largest)
+        parts = [running_top_k(blocks[r::3], 9, largest) for r in range(3)]
+        got = merge_top_k(parts, 9, largest)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -36,3 +36,19 @@ def running_top_k(
         best_v, best_i = scores.gather(1, order), idx.gather(1, order)
     assert best_v is not None and best_i is not None
     return best_v, best_i
+
+
+def merge_top_k(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], k: int, largest: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge top-k lists computed over disjoint training blocks (e.g. by different ranks)
+    into the top-k over all of them, with :func:`running_top_k`'s tie rule (equal scores:
+    lower training index first), so the result equals one pass over every block."""
+    values = torch.cat([v for v, _ in parts], dim=1)
+    indices = torch.cat([i for _, i in parts], dim=1)
+    by_index = torch.sort(indices, dim=1, stable=True).indices
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    order = torch.sort(values, dim=1, descending=largest, stable=True).indices[
+        :, : min(k, values.shape[1])
+    ]
+    return values.gather(1, order), indices.gather(1, order)

@@ -32,7 +32,7 @@ from ..data import ExampleSource
 from ..errors import CheckpointError, ConfigError
 from ..features import Features, FeatureSpec, GradientFeatures
 from ..featurize import State, featurize, featurize_into_store, model_device
-from ..scoring import running_top_k
+from ..scoring import merge_top_k, running_top_k
 from ..store import FeatureStore, MemoryFeatureStore
 from ..task import AbstractTask
 
@@ -409,14 +409,30 @@ class FittedGradientAttributor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest scores (proponents) or smallest (``opponents=True``) per query.
 
-        Streams training blocks: memory is O(n_query × (k + block_size)).
+        Streams training blocks: memory is O(n_query × (k + block_size)). Under torchrun
+        the blocks are split across the ranks and the lists merged (every rank returns
+        the single-process result).
 
         Returns:
             (values, indices), each (n_query, min(k, n_train)), best first.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
-        return running_top_k(self.score_blocks(queries), k, largest=not opponents)
+        rank, size = distributed.world()
+        if size == 1:
+            return running_top_k(self.score_blocks(queries), k, largest=not opponents)
+        # under torchrun: each rank scores its share of the training blocks, then the
+        # per-rank top-k lists are merged (same result as one process, on every rank)
+        starts = list(range(0, self.n_train, self.block_size))[rank::size]
+        local = (
+            running_top_k(self.score_blocks(queries, starts), k, largest=not opponents)
+            if starts
+            else None
+        )
+        gathered: list[Any] = [None] * size
+        torch.distributed.all_gather_object(gathered, local)
+        parts = [(v.cpu(), i.cpu()) for g in gathered if g is not None for v, i in [g]]
+        return merge_top_k(parts, k, largest=not opponents)
 
     def self_influence(self) -> torch.Tensor:
         """``s_i = Σ_c w_c ‖φ_c(z_i)‖²`` (the score of each training example with itself,
