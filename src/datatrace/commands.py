@@ -21,7 +21,7 @@ from typing import Any
 
 from . import distributed
 from .errors import ConfigError
-from .evaluate import builtin_experiment, load_config, make_method
+from .evaluate import build_experiment, load_config, make_method
 from .methods import GradCos, GradDot, TracIn
 from .methods.gradient import FittedGradientAttributor
 
@@ -30,12 +30,7 @@ FIRST_ORDER = {"graddot": GradDot, "gradcos": GradCos, "tracin": TracIn}
 
 def _fit(args: Any) -> tuple[FittedGradientAttributor, Any, float]:
     cfg = load_config(args.config)
-    if cfg["data"]["entry"]:
-        from .evaluate import _load_entry
-
-        exp = _load_entry(cfg["data"]["entry"])(cfg)
-    else:
-        exp = builtin_experiment(cfg)
+    exp = build_experiment(cfg)
     name = args.method
     if name in FIRST_ORDER:
         method = FIRST_ORDER[name](projection_dim=args.projection_dim)

@@ -344,6 +344,15 @@ def _load_entry(entry: str) -> Callable[[dict[str, Any]], Experiment]:
     return fn
 
 
+def build_experiment(cfg: dict[str, Any]) -> Experiment:
+    """The config's experiment: its ``data.entry`` function's, or the built-in one."""
+    entry = cfg["data"]["entry"]
+    exp = _load_entry(entry)(cfg) if entry else builtin_experiment(cfg)
+    if not isinstance(exp, Experiment) or not exp.checkpoints:
+        raise ConfigError("the experiment must be an Experiment with at least one checkpoint")
+    return exp
+
+
 # -- methods ----------------------------------------------------------------------------------
 
 
@@ -396,11 +405,7 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = top["progress"]
     t0 = time.perf_counter()
-    exp = (
-        _load_entry(cfg["data"]["entry"])(cfg) if cfg["data"]["entry"] else builtin_experiment(cfg)
-    )
-    if not isinstance(exp, Experiment) or not exp.checkpoints:
-        raise ConfigError("the experiment must be an Experiment with at least one checkpoint")
+    exp = build_experiment(cfg)
     final = exp.checkpoints[-1]
     n_train = len(ExampleSource(exp.train, "training data"))
     g = torch.Generator().manual_seed(top["seed"] + 1)

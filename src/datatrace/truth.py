@@ -38,14 +38,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from . import distributed
 from .checkpoint import Checkpoint
 from .data import ExampleSource, batch_to
 from .errors import ConfigError, DataError, StoreCorruptError, StoreMismatchError
 from .featurize import eval_mode, model_device, show_progress
-from .grads import _unsqueeze
+from .grads import _unsqueeze, bound_model
 from .task import AbstractTask
 
 TrainFn = Callable[[torch.Tensor, int], nn.Module]
@@ -64,6 +64,54 @@ def measure(
         for s, e in queries.ranges(batch_size):
             out.append(task.measurement(model, batch_to(queries.batch(s, e), device)))
     return torch.cat(out)
+
+
+def measure_stacked(
+    task: AbstractTask,
+    fixed: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    queries: ExampleSource,
+    device: torch.device,
+) -> torch.Tensor:
+    """``task.measurement`` of every query under each of R stacked parameter sets
+    (``params[name]`` has a leading dimension R; ``fixed`` holds buffers and the other
+    parameters), shape (n_query, R): one vmapped call per query batch, a loop over the R
+    models where the measurement cannot be vmapped."""
+    r_models = next(iter(params.values())).shape[0]
+
+    def one(p: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return task.measurement(bound_model(task.model, {**fixed, **p}), batch)
+
+    rows = []
+    use_vmap = True
+    with torch.no_grad(), eval_mode(task.model):
+        for s, e in queries.ranges(1024):
+            batch = batch_to(queries.batch(s, e), device)
+            if use_vmap:
+                try:
+                    rows.append(vmap(one, in_dims=(0, None))(params, batch).T)
+                    continue
+                except Exception:  # e.g. data-dependent control flow: loop instead
+                    use_vmap = False
+            cols = [one({nm: t[r] for nm, t in params.items()}, batch) for r in range(r_models)]
+            rows.append(torch.stack(cols, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def stacked_sgd_step(
+    params: dict[str, torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    velocity: dict[str, torch.Tensor],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """One ``torch.optim.SGD`` step (momentum, weight decay, no dampening) on stacked
+    parameters, in place of ``params`` and ``velocity`` (same keys, grads in key order)."""
+    with torch.no_grad():
+        for (nm, p), g in zip(list(params.items()), grads, strict=True):
+            velocity[nm] = momentum * velocity[nm] + g + weight_decay * p
+            params[nm] = (p - lr * velocity[nm]).detach()
 
 
 # -- the job runner -------------------------------------------------------------------------
@@ -516,12 +564,7 @@ class _FurtherTrainer:
         self.device = device
 
     def _per_example(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        state = {**self.fixed, **params}
-
-        def model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.task.model, state, args, kwargs)
-
-        return self.task.loss(model, batch)
+        return self.task.loss(bound_model(self.task.model, {**self.fixed, **params}), batch)
 
     def run(
         self, left_out: torch.Tensor, batches: list[torch.Tensor], evals: list[int]
@@ -542,7 +585,9 @@ class _FurtherTrainer:
         with eval_mode(self.task.model):
             for t in range(len(batches) + 1):
                 if t in evals:
-                    results.append(self._measure(params))
+                    results.append(
+                        measure_stacked(self.task, self.fixed, params, self.queries, self.device)
+                    )
                 if t == len(batches):
                     break
                 idx = batches[t]
@@ -557,32 +602,8 @@ class _FurtherTrainer:
                     own = single(live, extra)  # (K,)
                     loss = loss - (own * has.to(own.dtype)).sum() / n
                 grads = torch.autograd.grad(loss, list(live.values()))
-                with torch.no_grad():
-                    for (nm, p), g in zip(live.items(), grads, strict=True):
-                        if self.weight_decay:
-                            g = g + self.weight_decay * p
-                        if self.momentum:
-                            velocity[nm].mul_(self.momentum).add_(g)
-                            g = velocity[nm]
-                        params[nm] = (p - self.lr * g).detach()
+                stacked_sgd_step(params, grads, velocity, self.lr, self.momentum, self.weight_decay)
         return torch.stack(results)
-
-    def _measure(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        k = next(iter(params.values())).shape[0]
-        cols = []
-        with torch.no_grad():
-            for m in range(k):
-                state = {**self.fixed, **{n: p[m] for n, p in params.items()}}
-
-                def model(*args: Any, _s: Any = state, **kwargs: Any) -> Any:
-                    return functional_call(self.task.model, _s, args, kwargs)
-
-                rows = [
-                    self.task.measurement(model, batch_to(self.queries.batch(s, e), self.device))
-                    for s, e in self.queries.ranges(1024)
-                ]
-                cols.append(torch.cat(rows))
-        return torch.stack(cols, dim=-1)  # (n_query, K)
 
 
 def _further_train_loop(

@@ -40,13 +40,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..checkpoint import Checkpoint
-from ..data import ExampleSource, batch_to
+from ..data import ExampleSource
 from ..errors import CheckpointError, ConfigError, DataError, StoreCorruptError, StoreMismatchError
 from ..featurize import eval_mode, model_device, show_progress
+from ..grads import bound_model
 from ..task import AbstractTask
+from ..truth import measure_stacked, stacked_sgd_step, subset_masks
 
 _FORMAT = "datatrace-ddm"
 
@@ -280,9 +282,7 @@ class _Distiller:
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> torch.Tensor:
-        def model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.task.model, {**fixed, **params}, args, kwargs)
-
+        model = bound_model(self.task.model, {**fixed, **params})
         return self.task.loss(model, (x[None], y[None]))[0]
 
     def group_targets(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -466,7 +466,6 @@ class FittedDistilledDatamodel:
         self.start = {nm: params[nm].detach() for nm in self.names}
         self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
         self._lr: float | None = ddm.unlearn_lr
-        self._vmap_measure = True
         self.group_class: torch.Tensor | None = None  # k-means groups: each group's class
 
     @property
@@ -478,10 +477,7 @@ class FittedDistilledDatamodel:
     def _sample_losses(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per synthetic example losses (K·m,) under one parameter set."""
         k, m = self.syn_x.shape[:2]
-
-        def model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.task.model, {**self.fixed, **params}, args, kwargs)
-
+        model = bound_model(self.task.model, {**self.fixed, **params})
         x = self.syn_x.reshape(k * m, *self.syn_x.shape[2:])
         y = self.syn_y.reshape(k * m, *self.syn_y.shape[2:])
         return self.task.loss(model, (x, y))
@@ -530,36 +526,12 @@ class FittedDistilledDatamodel:
                 live = {nm: p.detach().requires_grad_(True) for nm, p in params.items()}
                 loss = (per_model(live) * w).sum()
                 grads = torch.autograd.grad(loss, list(live.values()))
-                with torch.no_grad():
-                    for (nm, p), g in zip(live.items(), grads, strict=True):
-                        velocity[nm] = mu * velocity[nm] + g + wd * p
-                        params[nm] = (p - lr * velocity[nm]).detach()
+                stacked_sgd_step(params, grads, velocity, lr, mu, wd)
         return params
 
     def _measure(self, params: dict[str, torch.Tensor], queries: ExampleSource) -> torch.Tensor:
-        """(n_query, R) measurements of the stacked models: one vmapped call per query
-        batch (a loop over models if the measurement cannot be vmapped)."""
-        r_models = next(iter(params.values())).shape[0]
-
-        def one(p: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-            def model(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(self.task.model, {**self.fixed, **p}, args, kwargs)
-
-            return self.task.measurement(model, batch)
-
-        rows = []
-        with torch.no_grad(), eval_mode(self.task.model):
-            for s, e in queries.ranges(1024):
-                batch = batch_to(queries.batch(s, e), self.device)
-                if self._vmap_measure:
-                    try:
-                        rows.append(vmap(one, in_dims=(0, None))(params, batch).T)
-                        continue
-                    except Exception:
-                        self._vmap_measure = False
-                cols = [one({nm: t[r] for nm, t in params.items()}, batch) for r in range(r_models)]
-                rows.append(torch.stack(cols, dim=1))
-        return torch.cat(rows, dim=0)
+        """(n_query, R) measurements of the stacked models."""
+        return measure_stacked(self.task, self.fixed, params, queries, self.device)
 
     # -- online --------------------------------------------------------------------------
 
@@ -613,7 +585,6 @@ class FittedDistilledDatamodel:
         ``(A, masks, outputs)``: A (n_query, K) in the units of :meth:`attribute`, masks
         bool (n_subsets, K) (True = kept), outputs (n_subsets, n_query)."""
         q = ExampleSource(queries, "queries")
-        from ..truth import subset_masks
 
         masks = subset_masks(self.k, n_subsets, fraction, seed)
         outs = []
