@@ -26,32 +26,24 @@ single-process result (see :mod:`datatrace.distributed`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import vmap
 
-from . import distributed
 from .checkpoint import Checkpoint
 from .data import ExampleSource, batch_to
-from .errors import ConfigError, DataError, StoreCorruptError, StoreMismatchError
-from .featurize import eval_mode, model_device, show_progress
+from .errors import ConfigError, DataError
+from .featurize import eval_mode, model_device
 from .grads import _unsqueeze, bound_model
+from .jobs import callable_name, digest, run_jobs
 from .task import AbstractTask
 
 TrainFn = Callable[[torch.Tensor, int], nn.Module]
-
-_FORMAT = "datatrace-truth"
-_VERSION = 1
 
 
 def measure(
@@ -114,147 +106,6 @@ def stacked_sgd_step(
             params[nm] = (p - lr * velocity[nm]).detach()
 
 
-# -- the job runner -------------------------------------------------------------------------
-
-
-def _digest(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous()
-    h = hashlib.blake2b(f"{tuple(t.shape)}:{t.dtype}".encode(), digest_size=12)
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _callable_name(fn: Any) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-
-
-class _JobCache:
-    """One directory: ``manifest.json`` (the settings) and ``job-<k>.safetensors`` per
-    finished job. Rank 0 writes the manifest; every rank writes only its own jobs."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], settings: dict[str, Any], info: dict[str, Any]
-    ) -> None:
-        self.path = Path(path)
-        # as JSON will give them back (tuples become lists), so equal settings compare equal
-        try:
-            self.settings = json.loads(json.dumps(settings, sort_keys=True))
-        except TypeError as exc:
-            raise ConfigError(f"cache_key and settings must be JSON-serialisable: {exc}") from exc
-        settings = self.settings
-        manifest = self.path / "manifest.json"
-        rank, _ = distributed.world()
-        if rank == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not manifest.exists():
-                tmp = manifest.with_suffix(".json.tmp")
-                body = {
-                    "format": _FORMAT,
-                    "version": _VERSION,
-                    "settings": settings,
-                    "info": info,  # recorded, not checked
-                }
-                tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
-                os.replace(tmp, manifest)
-        distributed.barrier()  # then every rank checks (none is left waiting on a failure)
-        self._check(manifest)
-
-    def _check(self, manifest: Path) -> None:
-        try:
-            body = json.loads(manifest.read_text())
-        except (OSError, ValueError) as exc:
-            raise StoreCorruptError(
-                f"{manifest} is unreadable ({exc}); delete {self.path} to start over"
-            ) from exc
-        if not isinstance(body, dict) or body.get("format") != _FORMAT:
-            raise StoreCorruptError(f"{self.path} is not a datatrace truth cache")
-        if body.get("version") != _VERSION:
-            raise StoreMismatchError(
-                f"{self.path} was written by truth-cache version {body.get('version')}, "
-                f"this datatrace writes {_VERSION}; use another cache directory"
-            )
-        old = body.get("settings", {})
-        for key in sorted(set(old) | set(self.settings)):
-            if old.get(key) != self.settings.get(key):
-                raise StoreMismatchError(
-                    f"the truth cache {self.path} was written with {key}={old.get(key)!r}, "
-                    f"this call has {key}={self.settings.get(key)!r}; use another cache "
-                    "directory (or delete this one) to recompute"
-                )
-
-    def file(self, k: int) -> Path:
-        return self.path / f"job-{k:06d}.safetensors"
-
-    def load(self, k: int) -> torch.Tensor | None:
-        f = self.file(k)
-        if not f.exists():
-            return None
-        try:
-            return load_file(str(f))["result"]
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise StoreCorruptError(
-                f"cached job {f} is unreadable ({exc}); delete that file to recompute it"
-            ) from exc
-
-    def save(self, k: int, result: torch.Tensor) -> None:
-        f = self.file(k)
-        tmp = f.with_name(f.name + f".tmp{os.getpid()}")
-        save_file({"result": result.detach().cpu().contiguous()}, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, f)
-
-
-def _run_jobs(
-    n_jobs: int,
-    shape: tuple[int, ...],
-    job: Callable[[int], torch.Tensor],
-    settings: dict[str, Any],
-    cache: str | os.PathLike[str] | None,
-    progress: bool | None,
-    what: str,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Run jobs ``0..n_jobs-1`` (this rank's share, skipping cached ones) and merge: every
-    rank gets the (n_jobs, *shape) float64 result."""
-    distributed.ensure_initialized(device)
-    info = {"train_fn": settings.pop("train_fn", None)}
-    store = _JobCache(cache, settings, info) if cache is not None else None
-    out = torch.zeros(n_jobs, *shape, dtype=torch.float64)
-    mine = distributed.my_jobs(n_jobs)
-    bar = show_progress(progress)
-    it: Iterable[int] = mine
-    if bar:
-        from tqdm.auto import tqdm
-
-        it = tqdm(mine, desc=what, unit="job")
-    failure: BaseException | None = None
-    try:
-        for k in it:
-            result = store.load(k) if store is not None else None
-            if result is None:
-                result = job(k).detach().to("cpu", torch.float64)
-                if tuple(result.shape) != shape:
-                    raise DataError(f"{what} job {k} gave shape {tuple(result.shape)}, not {shape}")
-                if store is not None:
-                    store.save(k, result)
-            elif tuple(result.shape) != shape:
-                raise StoreCorruptError(
-                    f"cached job {store.file(k) if store else k} has shape "
-                    f"{tuple(result.shape)}, expected {shape}; delete it to recompute"
-                )
-            out[k] = result
-    except BaseException as exc:
-        failure = exc
-    # every rank learns whether any failed, instead of waiting forever in the all-reduce
-    failed = distributed.all_sum(torch.tensor([1.0 if failure is not None else 0.0]))
-    if failure is not None:
-        raise failure
-    if float(failed[0]) > 0:
-        raise DataError(f"{what}: another rank failed (see its error); finished jobs are cached")
-    return distributed.all_sum(out)
-
-
 def _sources(train: Any, queries: Any) -> tuple[ExampleSource, ExampleSource]:
     tr = ExampleSource(train, "training data")
     q = ExampleSource(queries, "queries")
@@ -290,7 +141,7 @@ def _base_settings(
 ) -> dict[str, Any]:
     return {
         "kind": kind,
-        "train_fn": _callable_name(train_fn),
+        "train_fn": callable_name(train_fn),
         "task": type(task).__qualname__,
         "task_settings": {
             k: repr(v)
@@ -332,7 +183,7 @@ def _removal_runs(
         keep_masks.append(mask)
     settings = _base_settings(kind, train_fn, task, tr, q, cache_key)
     settings["seeds"] = seed_list
-    settings["removed"] = _digest(torch.cat([torch.tensor([len(g)]) for g in removed] + removed))
+    settings["removed"] = digest(torch.cat([torch.tensor([len(g)]) for g in removed] + removed))
     per_seed = n_groups + 1
 
     def job(k: int) -> torch.Tensor:
@@ -340,7 +191,7 @@ def _removal_runs(
         keep = everything if g < 0 else everything[keep_masks[g]]
         return measure(task, train_fn(keep, seed), q)
 
-    runs = _run_jobs(
+    runs = run_jobs(
         len(seed_list) * per_seed, (len(q),), job, settings, cache, progress, kind
     ).view(len(seed_list), per_seed, len(q))
     delta = runs[:, 1:, :] - runs[:, :1, :]  # (seeds, groups, query)
@@ -500,7 +351,7 @@ def subset_retraining(
     def job(k: int) -> torch.Tensor:
         return measure(task, train_fn(torch.nonzero(masks[k]).flatten(), seed + k), q)
 
-    outputs = _run_jobs(n_subsets, (len(q),), job, settings, cache, progress, "subsets")
+    outputs = run_jobs(n_subsets, (len(q),), job, settings, cache, progress, "subsets")
     return masks, outputs
 
 
@@ -723,7 +574,7 @@ def further_training(
     settings = _base_settings("further_training", "-", task, tr, q, cache_key)
     settings.update(
         checkpoint=start.fingerprint(),
-        indices=_digest(idx),
+        indices=digest(idx),
         seeds=seed_list,
         total_steps=total,
         eval_steps=evals,
@@ -773,7 +624,7 @@ def further_training(
         pad[..., : delta.shape[-1]] = delta
         return pad
 
-    res = _run_jobs(
+    res = run_jobs(
         len(seed_list) * len(chunks),
         (len(evals), len(q), chunk),
         job,
