@@ -35,6 +35,10 @@ for name, store in (("memory", None), ("disk", {store!r})):
     out[name + "_opp_v"], out[name + "_opp_i"] = fitted.top_k(q, k=40, opponents=True)
     proj = dt.TracIn(projection_dim=16).fit(task, ckpts, (x, y), batch_size=5, progress=False)
     out[name + "_proj"] = proj.attribute(q)
+for name, store in (("bf16_memory", None), ("bf16_disk", {store!r} + "_bf16")):
+    bf = dt.TracIn(feature_dtype=torch.bfloat16)
+    fitted = bf.fit(task, ckpts, (x, y), store=store, batch_size=5, progress=False)
+    out[name] = fitted.attribute(q)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 torch.save(out, {out!r}.format(rank))
 """

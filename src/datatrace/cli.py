@@ -46,6 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--method", default="tracin", help="graddot, gradcos, tracin, ...")
         cmd.add_argument("--projection-dim", type=int, default=None)
         cmd.add_argument("--batch-size", type=int, default=256)
+        cmd.add_argument(
+            "--device",
+            default="auto",
+            help="auto (CUDA when available, cuda:LOCAL_RANK under torchrun), cpu, cuda:N",
+        )
+        cmd.add_argument(
+            "--feature-dtype",
+            choices=("float32", "bfloat16"),
+            default=None,
+            help="keep features in bfloat16 (half the store; error bound in the README)",
+        )
+        cmd.add_argument(
+            "--tf32", action="store_true", help="score with TF32 matmuls on CUDA (see README)"
+        )
         if name == "score":
             cmd.add_argument("--top-k", type=int, default=10)
             cmd.add_argument("--opponents", action="store_true")

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import distributed
 from .errors import ConfigError
 from .evaluate import build_experiment, load_config, make_method
@@ -30,12 +32,19 @@ FIRST_ORDER = {"graddot": GradDot, "gradcos": GradCos, "tracin": TracIn}
 
 def _fit(args: Any) -> tuple[FittedGradientAttributor, Any, float]:
     cfg = load_config(args.config)
+    device = distributed.resolve_device(args.device)
     exp = build_experiment(cfg)
+    exp.task.model.to(device)
     name = args.method
+    feature_dtype = None if args.feature_dtype is None else getattr(torch, args.feature_dtype)
     if name in FIRST_ORDER:
-        method = FIRST_ORDER[name](projection_dim=args.projection_dim)
-    elif args.projection_dim is not None:
-        raise ConfigError("--projection-dim applies to graddot, gradcos and tracin only")
+        method = FIRST_ORDER[name](
+            projection_dim=args.projection_dim, feature_dtype=feature_dtype, tf32=args.tf32
+        )
+    elif args.projection_dim is not None or feature_dtype is not None or args.tf32:
+        raise ConfigError(
+            "--projection-dim, --feature-dtype and --tf32 apply to graddot, gradcos and tracin only"
+        )
     else:
         method = make_method(name, cfg["methods"], None)
     if not hasattr(method, "fit"):

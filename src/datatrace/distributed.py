@@ -69,3 +69,30 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The device a command runs on: ``"auto"`` (or ``None``) is CUDA when available (under
+    torchrun ``cuda:LOCAL_RANK``, one GPU per process), else the CPU; otherwise a torch
+    device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+    from .errors import ConfigError
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    return device

@@ -159,7 +159,7 @@ class FeatureStore:
                 mm = np.lib.format.open_memmap(
                     self._file(c, name),
                     mode="w+",
-                    dtype=np.dtype(manifest["dtype"]),
+                    dtype=_np_dtype(manifest["dtype"]),
                     shape=(manifest["n"], width),
                 )
                 del mm
@@ -246,10 +246,9 @@ class FeatureStore:
     def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
         """Write chunk ``chunk`` of checkpoint ``c``; it counts as done after :meth:`commit`."""
         start, _ = self.chunks()[chunk]
-        dtype = np.dtype(self.manifest["dtype"])
         for name, t in feats.items():
             fd, offset, row = self._writer(c, name)
-            data = np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+            data = _to_numpy(t, self.manifest["dtype"])
             os.pwrite(fd, data.data, offset + start * row)  # plain write: no page faults
         self._pending.setdefault(c, set()).add(chunk)
 
@@ -266,14 +265,31 @@ class FeatureStore:
     def read(self, c: int, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Features of examples ``start..stop-1`` at checkpoint ``c`` (views of the map)."""
         return {
-            name: torch.from_numpy(self._array(c, name)[start:stop])
+            name: _from_numpy(self._array(c, name)[start:stop], self.manifest["dtype"])
             for name in self.manifest["layout"]
         }
 
     def nbytes(self) -> int:
-        item = np.dtype(self.manifest["dtype"]).itemsize
+        item = _np_dtype(self.manifest["dtype"]).itemsize
         width = sum(self.manifest["layout"].values())
         return int(self.n * width * item * self.manifest["n_checkpoints"])
+
+
+def _np_dtype(name: str) -> np.dtype[Any]:
+    """The on-disk numpy dtype of a feature dtype (bfloat16: its raw 16 bits)."""
+    return np.dtype(np.uint16) if name == "bfloat16" else np.dtype(name)
+
+
+def _to_numpy(t: torch.Tensor, name: str) -> np.ndarray[Any, Any]:
+    t = t.detach().cpu()
+    if name == "bfloat16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return np.ascontiguousarray(t.numpy(), dtype=np.dtype(name))
+
+
+def _from_numpy(a: np.ndarray[Any, Any], name: str) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 
 class MemoryFeatureStore:
@@ -327,7 +343,12 @@ class MemoryFeatureStore:
         """Under torchrun: every rank computed its own chunks into zeros; one all-reduce
         (sum) gives every rank all of them, bit-identical to one process."""
         for t in self._arrays.values():
-            distributed.all_sum(t)
+            if t.dtype == torch.bfloat16:  # reduced as float32: exact (one rank's value + 0s)
+                wide = t.float()
+                distributed.all_sum(wide)
+                t.copy_(wide)
+            else:
+                distributed.all_sum(t)
         full = set(range(len(self.chunks())))
         self._done = {c: set(full) for c in self._done}
 

@@ -121,7 +121,7 @@ class GradientAttributor:
         device = model_device(task.model)
         distributed.ensure_initialized(device)
         states = [c.parameters_for(task.model, device) for c in ckpts]
-        dtype = next(iter(states[0][0].values())).dtype
+        dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
         # Probe the model on one example: fixes the factored layout before the store is sized.
         featurize(feats, states[0], source, False, batch_size, 0, 1, progress=False)
         nbytes = len(source) * sum(feats.layout().values()) * dtype.itemsize * len(states)
@@ -271,6 +271,8 @@ class FittedGradientAttributor:
         self.scale = 1.0
         #: optional per-checkpoint weights of each training example's column, (n_train,)
         self.column_weights: list[torch.Tensor] | None = None
+        #: scores are computed in the model's dtype (features may be kept in bfloat16)
+        self.compute_dtype = next(iter(states[0][0].values())).dtype
 
     def fit_preconditioners(self, spec: Any) -> None:
         """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
@@ -320,8 +322,9 @@ class FittedGradientAttributor:
     def query_features(self, queries: Any) -> list[Features]:
         """Measurement-gradient features of the queries at each checkpoint used."""
         source = ExampleSource(queries, "queries")
-        return [
-            featurize(
+        out = []
+        for st in self.states:
+            feats = featurize(
                 self.features,
                 st,
                 source,
@@ -330,12 +333,12 @@ class FittedGradientAttributor:
                 progress=self.progress,
                 desc="featurizing queries",
             )
-            for st in self.states
-        ]
+            out.append({k: v.to(self.compute_dtype) for k, v in feats.items()})
+        return out
 
     def _train_block(self, c: int, start: int, stop: int) -> Features:
         if self.store is None:  # not cached: recompute (same features, bit for bit per batch)
-            return featurize(
+            feats = featurize(
                 self.features,
                 self.states[c],
                 self.train,
@@ -345,8 +348,10 @@ class FittedGradientAttributor:
                 stop,
                 progress=False,
             )
+        else:
+            feats = self.store.read(c, start, stop)
         device = model_device(self.task.model)
-        return {k: v.to(device) for k, v in self.store.read(c, start, stop).items()}
+        return {k: v.to(device, self.compute_dtype) for k, v in feats.items()}
 
     def score_blocks(
         self, queries: Any, starts: Sequence[int] | None = None
@@ -360,7 +365,8 @@ class FittedGradientAttributor:
             total = None
             for c, (q, w) in enumerate(zip(qfeats, self.weights, strict=True)):
                 g = self._train_block(c, start, stop)
-                s = self.features.pairwise(q, g)
+                with self.features.scoring():
+                    s = self.features.pairwise(q, g)
                 if self.method.normalize:
                     gnorm = self.features.sqnorm(g).sqrt()
                     s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]

@@ -56,12 +56,15 @@ class TRAK:
             undamped pseudo-inverse).
         params: parameter/module names (``None``: all).
         projection_seed: seed of the projection.
+        feature_dtype: keep features in this dtype (``torch.bfloat16``: half the store;
+            see :class:`datatrace.FeatureSpec` for the error).
     """
 
     projection_dim: int | None = 512
     damping: float | None = None
     params: tuple[str, ...] | None = None
     projection_seed: int = 0
+    feature_dtype: torch.dtype | None = None
 
     def fit(
         self,
@@ -82,6 +85,7 @@ class TRAK:
             projection_dim=self.projection_dim,
             projection_seed=self.projection_seed,
             factored=False,
+            feature_dtype=self.feature_dtype,
         )
         method = GradientAttributor(spec, preconditioner=GramInverse(self.damping), name="TRAK")
         fitted = method.fit(MarginTask(task), checkpoints, train, store=store, **kwargs)
