@@ -302,6 +302,8 @@ class MemoryFeatureStore:
         n_checkpoints: number of checkpoints.
         dtype: feature dtype.
         chunk_size: examples per chunk.
+        device: where the arrays live (the model's device: on a GPU, scoring then reads
+            features without host-to-device copies).
     """
 
     path = None
@@ -313,12 +315,13 @@ class MemoryFeatureStore:
         n_checkpoints: int,
         dtype: torch.dtype,
         chunk_size: int,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.manifest: dict[str, Any] = {"layout": layout, "n": n, "n_checkpoints": n_checkpoints}
         self.n = n
         self.chunk_size = chunk_size
         self._arrays = {
-            (c, name): torch.zeros(n, width, dtype=dtype)
+            (c, name): torch.zeros(n, width, dtype=dtype, device=device)
             for c in range(n_checkpoints)
             for name, width in layout.items()
         }
@@ -333,7 +336,7 @@ class MemoryFeatureStore:
     def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
         start, stop = self.chunks()[chunk]
         for name, t in feats.items():
-            self._arrays[(c, name)][start:stop] = t.detach().cpu()
+            self._arrays[(c, name)][start:stop] = t.detach()
         self._done[c].add(chunk)
 
     def commit(self) -> None:

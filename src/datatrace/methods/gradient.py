@@ -102,7 +102,8 @@ class GradientAttributor:
             max_store_bytes: cache training features on disk only up to this size
                 (``None``: no limit); above it they are recomputed block by block at
                 scoring time (same scores, more compute, no disk).
-            max_memory_bytes: with ``store=None``, keep features in RAM up to this size.
+            max_memory_bytes: with ``store=None``, keep features in memory (on the model's
+                device: GPU memory for a CUDA model) up to this size.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -128,7 +129,9 @@ class GradientAttributor:
         fs: FeatureStore | MemoryFeatureStore | None = None
         tmp = None
         if store is None and nbytes <= max_memory_bytes:
-            fs = MemoryFeatureStore(feats.layout(), len(source), len(states), dtype, batch_size)
+            fs = MemoryFeatureStore(
+                feats.layout(), len(source), len(states), dtype, batch_size, device
+            )
             featurize_into_store(feats, states, source, fs, progress, shard=True)
             log.info("%s: training features in memory (%.1f MB)", self.name, nbytes / 1e6)
         elif max_store_bytes is not None and nbytes > max_store_bytes:
