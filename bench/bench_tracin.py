@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import RssPeak
+from common import row as common_row
 from torch import nn
 
 PEARSON_MIN = 0.999
@@ -660,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
                 for lib in libs:
                     before = quiet()
                     watch = CpuWatch()
-                    S, t = LIBRARIES[lib](wl, method, args.batch_size)
+                    with RssPeak() as peak:
+                        S, t = LIBRARIES[lib](wl, method, args.batch_size)
+                    t["peak_mem_gb"] = peak.gb
                     during = watch.others()
                     t["others_cores"] = max(before, during)
                     for k, v in t.items():
@@ -703,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                     "others_cores": ph["others_cores"],
                     "contended_runs": sum(x > BUSY_LIMIT for x in ph["others_cores"]),
                     "ratio": med["total"] / ref_time,
+                    "peak_mem_gb": max(ph["peak_mem_gb"]),
                     "pearson": r,
                     "rel_err": err,
                     "ok": ok,
@@ -721,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     hdr = (
         f"{'workload':8s} {'method':7s} {'library':9s} {'API':28s} {'median s':>9s} "
-        f"{'min s':>8s} {'ratio':>7s} {'pearson':>10s} {'max rel err':>11s} {'busy':>5s} {'':4s}"
+        f"{'min s':>8s} {'ratio':>7s} {'mem GB':>6s} {'pearson':>10s} {'max rel err':>11s} "
+        f"{'busy':>5s} {'':4s}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -731,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         flag = "" if r["ok"] else "FAIL"
         print(
             f"{r['workload']:8s} {r['method']:7s} {r['library']:9s} {r['api']:28s} "
-            f"{r['median_s']:9.2f} {r['min_s']:8.2f} {r['ratio']:7.2f} {agree:>10s} {err:>11s} "
+            f"{r['median_s']:9.2f} {r['min_s']:8.2f} {r['ratio']:7.2f} {r['peak_mem_gb']:6.2f} "
+            f"{agree:>10s} {err:>11s} "
             f"{str(r['contended_runs']) + '/' + str(len(r['runs_s'])):>5s} {flag:4s}"
         )
     print(
@@ -765,6 +772,19 @@ def main(argv: list[str] | None = None) -> int:
             "pearson_min": PEARSON_MIN,
             "results": rows,
             "profile": prof,
+            "rows": [
+                common_row(
+                    workload={"small": "digits-mlp", "large": "digits-cnn"}[r["workload"]],
+                    method=r["method"].lower(),
+                    library=r["library"],
+                    seconds=r["median_s"],
+                    peak_mem_gb=r["peak_mem_gb"],
+                    agreement=r["pearson"],
+                    agreement_with="datatrace float32 (same definition, Pearson of S)",
+                    note="" if r["ok"] else "FAIL",
+                )
+                for r in rows
+            ],
         }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -31,6 +31,7 @@ for name, store in (("memory", None), ("disk", {store!r})):
     out[name] = fitted.attribute(q)
     out[name + "_self"] = fitted.self_influence()
     fitted.block_size = 6  # several training blocks, so ranks split them
+    out[name + "_self_blocks"] = fitted.self_influence()
     out[name + "_top_v"], out[name + "_top_i"] = fitted.top_k(q, k=5)
     out[name + "_opp_v"], out[name + "_opp_i"] = fitted.top_k(q, k=40, opponents=True)
     proj = dt.TracIn(projection_dim=16).fit(task, ckpts, (x, y), batch_size=5, progress=False)

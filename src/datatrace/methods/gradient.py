@@ -447,9 +447,12 @@ class FittedGradientAttributor:
         """``s_i = Σ_c w_c ‖φ_c(z_i)‖²`` (the score of each training example with itself,
         measured by its training loss; ``(1/n) Σ_c w_c g_cᵀ (H_c + λI)⁻¹ g_c`` for influence
         methods), shape (n_train,). High values flag suspected mislabelled or atypical
-        examples."""
+        examples. Under torchrun the training blocks are split across the ranks and the
+        values merged (every rank returns the single-process result)."""
+        rank, size = distributed.world()
+        starts = list(range(0, self.n_train, self.block_size))
         out = []
-        for start in range(0, self.n_train, self.block_size):
+        for start in starts[rank::size]:
             stop = min(start + self.block_size, self.n_train)
             total = None
             for c, w in enumerate(self.weights):
@@ -464,7 +467,15 @@ class FittedGradientAttributor:
                 total = s if total is None else total + s
             assert total is not None
             out.append(total)
-        return torch.cat(out)
+        if size == 1:
+            return torch.cat(out)
+        # each rank's blocks into zeros, one all-reduce: bit-identical to one process
+        full = torch.zeros(
+            self.n_train, dtype=self.compute_dtype, device=model_device(self.task.model)
+        )
+        for start, values in zip(starts[rank::size], out, strict=True):
+            full[start : start + values.shape[0]] = values
+        return distributed.all_sum(full)
 
 
 def _safe(norm: torch.Tensor) -> torch.Tensor:
