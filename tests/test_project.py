@@ -88,7 +88,8 @@ def test_projected_tracin_approximates_exact_tracin(mlp_data):
 
 def _explicit_kronecker(feats, model, names, k):
     """The (p, k) matrix the Kronecker path applies: rows u_r ⊗ v_r / √k over each hooked
-    layer's [weight | bias] gradient, the dense projector's rows over everything else."""
+    layer's [weight | bias] gradient (the factors come with U already divided by √k), the
+    dense projector's rows over everything else."""
     shapes = dict(model.named_parameters())
     cols = {}
     dense = feats.projector.matrix() if feats.dense_proj_names else None
@@ -106,7 +107,7 @@ def _explicit_kronecker(feats, model, names, k):
         m = feats.spec.kronecker_block
         uc, vc = u.view(-1, m, out_dim), v.view(-1, m, in_dim * w + b)
         rows = torch.einsum("cio,cjn->cijon", uc, vc).reshape(-1, out_dim, in_dim * w + b)[:k]
-        full = rows.permute(1, 2, 0) / k**0.5  # (out, in', k)
+        full = rows.permute(1, 2, 0)  # (out, in', k)
         if w:
             cols[f"{lay}.weight"] = full[:, :in_dim].reshape(out_dim * in_dim, k)
         if b:

@@ -274,15 +274,21 @@ class GradientFeatures:
         assert values is not None
         _check_finite(values, grads, factors, offset, measurement)
         if self.projector is not None:
+            k = self.projector.spec.dim
+            out = None
+            if kr_io:
+                # every layer's r m×m blocks summed in place into one (batch, r·m²) buffer
+                acc = None
+                for lay, (x, e) in kr_io.items():
+                    acc = self._kronecker_project(lay, x, e, acc)
+                assert acc is not None
+                out = acc.view(len(values), -1)[:, :k]
             blocks = [grads[n].reshape(len(values), -1) for n in self.dense_proj_names]
             if blocks:
-                out = self.projector(blocks)
-            else:
-                like = next(iter(kr_io.values()))[1]
-                out = like.new_zeros(len(values), self.projector.spec.dim)
-            for lay, (x, e) in kr_io.items():
-                out += self._kronecker_project(lay, x, e)
-            return {"proj": out}
+                dense = self.projector(blocks)
+                out = dense if out is None else out.add_(dense)
+            assert out is not None
+            return {"proj": out if out.is_contiguous() else out.contiguous()}
         feats: Features = {}
         if self.dense_names:
             feats["dense"] = flatten_grads(grads, self.dense_names)
@@ -298,7 +304,9 @@ class GradientFeatures:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``U`` (r·m, out) and ``V`` (r·m, in'), ``m = kronecker_block``, ``r = ⌈k/m²⌉``:
         r independent Gaussian blocks, seeded by the projection seed and the layer's
-        position (identical on every process and device)."""
+        position (identical on every process and device). Returned as used: ``U / √k``
+        (the projection's scale folded in) and ``V`` (its last column multiplies the bias
+        input 1 when the layer has a selected bias)."""
         key = (lay, like.dtype, like.device)
         if key not in self._kr:
             spec = self.projector.spec if self.projector is not None else None
@@ -314,14 +322,19 @@ class GradientFeatures:
                     mat = (torch.randint(0, 2, (r * m, dim), generator=g) * 2 - 1).double()
                 else:
                     mat = torch.randn(r * m, dim, generator=g, dtype=torch.float64)
-                mats.append(mat.to(dtype=like.dtype, device=like.device))
-            self._kr[key] = (mats[0], mats[1])
+                mats.append(mat)
+            mats[0] = mats[0] / math.sqrt(spec.dim)
+            u, v = (t.to(dtype=like.dtype, device=like.device) for t in mats)
+            self._kr[key] = (u, v)
         return self._kr[key]
 
-    def _kronecker_project(self, lay: str, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """``[vec(U_c G V_cᵀ)]_c / √k`` (first k entries), ``G = Σ_t e_t ã_tᵀ`` the layer's
-        per-example [weight | bias] gradient, computed from the factors: r independent
-        m × m Kronecker-product blocks ``U_c ⊗ V_c``, (batch, k)."""
+    def _kronecker_project(
+        self, lay: str, x: torch.Tensor, e: torch.Tensor, acc: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[vec(U_c G V_cᵀ)]_c / √k`` (the first k of its r·m² entries are used),
+        ``G = Σ_t e_t ã_tᵀ`` the layer's per-example [weight | bias] gradient, computed from
+        the factors: r independent m × m Kronecker-product blocks ``U_c ⊗ V_c``, added to
+        ``acc`` (batch, r, m, m) in place (a new tensor when ``acc`` is None)."""
         w, b = self.hooked[lay]
         mod = self.task.model.get_submodule(lay)
         if isinstance(mod, nn.Conv2d):
@@ -330,22 +343,29 @@ class GradientFeatures:
             et = e.flatten(2)  # (B, out, T)
         else:
             a, et = x[:, :, None], e[:, :, None]
-        parts = ([a] if w else []) + ([torch.ones_like(a[:, :1])] if b else [])
-        a = torch.cat(parts, dim=1)
-        u, v = self._kronecker_factors(lay, et.shape[1], a.shape[1], et)
+        n_in = a.shape[1] if w else 0
+        u, v = self._kronecker_factors(lay, et.shape[1], n_in + (1 if b else 0), et)
         m = self.spec.kronecker_block
         batch, steps = et.shape[0], et.shape[2]
-        assert self.projector is not None
-        k = self.projector.spec.dim
         if steps == 1:  # Linear: two GEMMs, then an outer product per block
-            ue = (et[:, :, 0] @ u.T).view(batch, -1, m)  # (B, r, m)
-            va = (a[:, :, 0] @ v.T).view(batch, -1, m)
-            blocks = ue[:, :, :, None] * va[:, :, None, :]  # (B, r, m, m)
-        else:  # Conv2d: sum the per-position outer products
-            ue = torch.einsum("ko,bot->bkt", u, et).view(batch, -1, m, steps)
-            va = torch.einsum("ki,bit->bkt", v, a).view(batch, -1, m, steps)
-            blocks = torch.matmul(ue, va.transpose(2, 3))
-        return blocks.flatten(1)[:, :k] / math.sqrt(k)
+            ue = (et[:, :, 0] @ u.T).view(batch, -1, m, 1)  # (B, r, m, 1)
+            if w and b:  # ã = [a, 1]: V ã = V_w a + v_b, without concatenating
+                va = torch.addmm(v[:, -1], a[:, :, 0], v[:, :-1].T)
+            elif w:
+                va = a[:, :, 0] @ v.T
+            else:
+                va = v[:, -1].expand(batch, -1)
+            va = va.reshape(batch, -1, 1, m)
+            if acc is None:
+                return ue * va  # (B, r, m, m)
+            return acc.addcmul_(ue, va)
+        # Conv2d: sum the per-position outer products
+        parts = ([a] if w else []) + ([torch.ones_like(a[:, :1])] if b else [])
+        a = torch.cat(parts, dim=1)
+        ue4 = torch.einsum("ko,bot->bkt", u, et).view(batch, -1, m, steps)
+        va4 = torch.einsum("ki,bit->bkt", v, a).view(batch, -1, m, steps)
+        blocks = torch.matmul(ue4, va4.transpose(2, 3))
+        return blocks if acc is None else acc.add_(blocks)
 
     def _split_layer_grads(
         self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], grads: dict[str, torch.Tensor]
