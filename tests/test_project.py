@@ -153,3 +153,26 @@ def test_kronecker_projection_preserves_inner_products_on_average(mlp_data):
         total += phi @ phi.T
     err = (total / 300 - exact).abs().max() / exact.abs().max()
     assert err < 0.05, err
+
+
+def test_each_checkpoint_gets_an_independent_projection(mlp_data):
+    """Projection errors average out over checkpoints: 8 copies of one checkpoint (weight
+    1/8 each) estimate the exact scores with about 1/√8 of one projection's error."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    q = (x[:6], y[:6])
+    exact = dt.TracIn().fit(task, [dt.Checkpoint.from_module(model)], (x, y), progress=False)
+    S = exact.attribute(q)
+    errors = {}
+    for copies in (1, 8):
+        ckpts = [dt.Checkpoint.from_module(model, weight=1 / copies)] * copies
+        errs = []
+        for seed in range(4):
+            fitted = dt.TracIn(projection_dim=16, projection_seed=seed).fit(
+                task, ckpts, (x, y), progress=False
+            )
+            errs.append(float((fitted.attribute(q) - S).norm() / S.norm()))
+        errors[copies] = sum(errs) / len(errs)
+    assert errors[8] < 0.6 * errors[1], errors
+    specs = [f.spec for f in fitted.checkpoint_features]
+    assert len({s.projection_seed for s in specs}) == 8 and specs[0].projection_seed == 3

@@ -17,6 +17,7 @@ of flattened per-example gradients from :func:`datatrace.grads.per_example_grads
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -126,9 +127,19 @@ class FeatureSpec:
         if self.projection_dim is not None:
             out["kronecker"] = self.kronecker
             out["kronecker_block"] = self.kronecker_block
+            out["checkpoint_seeds"] = "independent"  # see for_checkpoint
         if self.feature_dtype is not None:
             out["feature_dtype"] = str(self.feature_dtype).replace("torch.", "")
         return out
+
+    def for_checkpoint(self, c: int) -> FeatureSpec:
+        """The spec used at checkpoint ``c``: with a projection, each checkpoint gets its own
+        independent matrix (seed ``projection_seed + 1,000,003·c``; checkpoint 0 keeps
+        ``projection_seed``), so projection errors average out over checkpoints instead of
+        repeating; without one, the spec itself."""
+        if self.projection_dim is None or c == 0:
+            return self
+        return dataclasses.replace(self, projection_seed=self.projection_seed + 1_000_003 * c)
 
 
 class GradientFeatures:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def featurize(
 
 
 def featurize_into_store(
-    features: GradientFeatures,
+    features: GradientFeatures | Sequence[GradientFeatures],
     states: list[State],
     source: ExampleSource,
     store: FeatureStore | MemoryFeatureStore,
@@ -82,9 +82,10 @@ def featurize_into_store(
     and at the end, also when featurization fails, so a crash loses at most that much work.
     With ``shard`` under torchrun, rank r computes every size-th unfinished chunk from r,
     and the call returns when all ranks are done (a shared store directory, or a memory
-    store merged across ranks).
+    store merged across ranks). ``features``: one featurizer, or one per checkpoint.
     """
-    device = model_device(features.task.model)
+    per_ckpt = [features] * len(states) if isinstance(features, GradientFeatures) else features
+    device = model_device(per_ckpt[0].task.model)
     if shard:
         distributed.barrier()  # every rank sees the same finished chunks
     done = [store.done(c) for c in range(len(states))]
@@ -97,14 +98,14 @@ def featurize_into_store(
     rank, size = distributed.world() if shard else (0, 1)
     todo = todo[rank::size]
     last_commit = time.monotonic()
-    with eval_mode(features.task.model), _committing(store):
+    with eval_mode(per_ckpt[0].task.model), _committing(store):
         for c, k, (s, e) in tqdm(
             todo, desc="featurizing training data", disable=not show_progress(progress)
         ):
             batch = batch_to(source.batch(s, e), device)
             params, buffers = states[c]
-            with _all_nonfinite(features, states[c], source, False, e, store.chunk_size):
-                feats = features.compute(params, buffers, batch, False, offset=s)
+            with _all_nonfinite(per_ckpt[c], states[c], source, False, e, store.chunk_size):
+                feats = per_ckpt[c].compute(params, buffers, batch, False, offset=s)
             store.write(c, k, feats)
             if time.monotonic() - last_commit > commit_every:
                 store.commit()

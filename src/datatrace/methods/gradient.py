@@ -118,13 +118,18 @@ class GradientAttributor:
         else:
             weights = [c.weight for c in ckpts]
         source = ExampleSource(train, "training data")
-        feats = GradientFeatures(self.features, task)
+        # one featurizer per checkpoint: projected features get an independent matrix each
+        per_ckpt = [
+            GradientFeatures(self.features.for_checkpoint(c), task) for c in range(len(ckpts))
+        ]
+        feats = per_ckpt[0]
         device = model_device(task.model)
         distributed.ensure_initialized(device)
         states = [c.parameters_for(task.model, device) for c in ckpts]
         dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
         # Probe the model on one example: fixes the factored layout before the store is sized.
-        featurize(feats, states[0], source, False, batch_size, 0, 1, progress=False)
+        for f, st in zip(per_ckpt, states, strict=True):
+            featurize(f, st, source, False, batch_size, 0, 1, progress=False)
         nbytes = len(source) * sum(feats.layout().values()) * dtype.itemsize * len(states)
         fs: FeatureStore | MemoryFeatureStore | None = None
         tmp = None
@@ -132,7 +137,7 @@ class GradientAttributor:
             fs = MemoryFeatureStore(
                 feats.layout(), len(source), len(states), dtype, batch_size, device
             )
-            featurize_into_store(feats, states, source, fs, progress, shard=True)
+            featurize_into_store(per_ckpt, states, source, fs, progress, shard=True)
             log.info("%s: training features in memory (%.1f MB)", self.name, nbytes / 1e6)
         elif max_store_bytes is not None and nbytes > max_store_bytes:
             log.info(
@@ -150,7 +155,7 @@ class GradientAttributor:
                     task,
                     ckpts,
                     states,
-                    feats,
+                    per_ckpt,
                     source,
                     store,
                     dtype,
@@ -164,7 +169,7 @@ class GradientAttributor:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
         fitted = FittedGradientAttributor(
-            self, task, feats, states, weights, source, fs, batch_size, block_size, progress
+            self, task, per_ckpt, states, weights, source, fs, batch_size, block_size, progress
         )
         if self.preconditioner is not None:
             fitted.fit_preconditioners(self.preconditioner)
@@ -177,7 +182,7 @@ class GradientAttributor:
         task: AbstractTask,
         ckpts: list[Checkpoint],
         states: list[State],
-        feats: GradientFeatures,
+        per_ckpt: list[GradientFeatures],
         source: ExampleSource,
         path: str | Path,
         dtype: torch.dtype,
@@ -202,7 +207,7 @@ class GradientAttributor:
             return FeatureStore(
                 path,
                 fingerprint,
-                feats.layout(),
+                per_ckpt[0].layout(),
                 len(source),
                 len(ckpts),
                 dtype,
@@ -216,7 +221,7 @@ class GradientAttributor:
             fs = fs or open_store(False)
         else:
             fs = open_store(overwrite)
-        computed = featurize_into_store(feats, states, source, fs, progress, shard=shared)
+        computed = featurize_into_store(per_ckpt, states, source, fs, progress, shard=shared)
         log.info(
             "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
             self.name,
@@ -251,7 +256,7 @@ class FittedGradientAttributor:
         self,
         method: GradientAttributor,
         task: AbstractTask,
-        features: GradientFeatures,
+        features: list[GradientFeatures],
         states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
         weights: list[float],
         train: ExampleSource,
@@ -262,7 +267,10 @@ class FittedGradientAttributor:
     ) -> None:
         self.method = method
         self.task = task
-        self.features = features
+        #: the featurizer of each checkpoint (independent projections), and the first one's
+        #: shared helpers (inner products, norms)
+        self.checkpoint_features = features
+        self.features = features[0]
         self.states = states
         self.weights = weights
         self.train = train
@@ -326,9 +334,9 @@ class FittedGradientAttributor:
         """Measurement-gradient features of the queries at each checkpoint used."""
         source = ExampleSource(queries, "queries")
         out = []
-        for st in self.states:
+        for f, st in zip(self.checkpoint_features, self.states, strict=True):
             feats = featurize(
-                self.features,
+                f,
                 st,
                 source,
                 True,
@@ -342,7 +350,7 @@ class FittedGradientAttributor:
     def _train_block(self, c: int, start: int, stop: int) -> Features:
         if self.store is None:  # not cached: recompute (same features, bit for bit per batch)
             feats = featurize(
-                self.features,
+                self.checkpoint_features[c],
                 self.states[c],
                 self.train,
                 False,
