@@ -3,13 +3,29 @@
 
 Usage::
 
-    python bench/bench_influence.py [--quick] [--repeats N] [--threads T] [--json out.json]
-                                    [--dampings 0.01[,0.1]] [--methods exact,cg,...] [--profile]
+    python bench/bench_influence.py [--workload mlp|cnn] [--quick] [--repeats N] [--threads T]
+                                    [--json out.json] [--dampings 0.01[,0.1]]
+                                    [--methods exact,cg,...] [--profile]
 
-Workload (scikit-learn ``load_digits``; no downloads; seeded and deterministic): features
-/16, an MLP 64-128-10 (ReLU, 9,610 parameters) trained with plain SGD on 500 training
-examples, 100 held-out test queries, one checkpoint, float32, every parameter.
-``--quick``: an MLP 64-16-10 (1,210 parameters), 100 train x 20 test (a smoke test).
+Workloads (scikit-learn ``load_digits``; no downloads; seeded and deterministic; features
+/16; the same seeded split and the same training recipe, plain SGD lr 0.1, batch 32, 100
+epochs, on 500 training examples; 100 held-out test queries; one checkpoint; float32; every
+parameter), chosen with ``--workload``:
+
+* ``mlp`` (default, ``digits-mlp``): an MLP 64-128-10 (ReLU, 9,610 parameters).
+  ``--quick``: an MLP 64-16-10 (1,210 parameters), 100 train x 20 test (a smoke test).
+* ``cnn`` (``digits-cnn``): the features reshaped to (1, 8, 8) images, Conv2d(1, 8, 3,
+  padding=1) - ReLU - MaxPool2d(2) - Conv2d(8, 16, 3, padding=1) - ReLU - MaxPool2d(2) -
+  Flatten - Linear(64, 10) (1,898 parameters, so the exact Hessian is cheap).
+  ``--quick``: 4 and 8 channels (666 parameters), 100 train x 20 test. The solvers are
+  model-agnostic except the Kronecker-factored ones: datatrace's K-FAC/EK-FAC and
+  kronfluence's EK-FAC support Conv2d (per-position unfolded patches), dattri's
+  ``IFAttributorEKFAC`` does not (asked for every Linear and Conv2d layer it fails in its
+  covariance estimate; its default ``module_name=None`` would silently keep only the
+  nn.Linear layers): that cell is recorded as an error with its message. Any cell that
+  raises is recorded the same way (table, ``results[].error``, ``rows[].note``) instead of
+  stopping the run. Worker processes rebuild the model from the saved workload file, which
+  holds the workload kind and architecture.
 
 Score convention (datatrace's, every peer is normalised to it)::
 
@@ -75,6 +91,16 @@ kronfluence: ``prepare_model`` on a copy, ``Analyzer``, ``fit_all_factors``,
 ``compute_pairwise_scores``, into a temporary output directory). Training, building data
 loaders and the references are not timed. Every library gets the same batch size
 (``--batch-size``, default 500 = the whole training set).
+
+JSON (``--json``): ``environment`` (``workload`` description, ``workload_name``),
+``references``, ``results`` (every detail of every cell), ``targets``, ``profiles``, and
+``rows``: one flat dict per (damping, method, library) cell with exactly the keys
+``workload`` ("digits-mlp" | "digits-cnn"), ``method`` ("exact", "cg<iters>" e.g. "cg20",
+"lissa", "arnoldi", "datainf", "ekfac"), ``library``, ``seconds`` (median wall clock; null
+if the cell failed), ``peak_mem_gb`` (null if failed), ``agreement`` (r(GN) for DataInf and
+EK-FAC, r(H) otherwise; null if failed or not finite), ``agreement_with`` ("exact IF
+float64" | "Gauss-Newton IF float64"), ``damping`` and ``note`` (the error, NaN counts,
+warnings and other notes, "; "-joined).
 """
 
 from __future__ import annotations
@@ -120,6 +146,36 @@ class MLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class CNN(nn.Module):
+    """Conv2d(1, c1, 3, padding=1) - ReLU - MaxPool2d(2) - Conv2d(c1, c2, 3, padding=1) - ReLU
+    - MaxPool2d(2) - Flatten - Linear(4 c2, 10) on (1, 8, 8) digit images (1,898 parameters
+    for c1, c2 = 8, 16). Explicit integer padding: datatrace's K-FAC/EK-FAC reject
+    ``padding="same"``."""
+
+    def __init__(self, c1: int = 8, c2: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, 4, 4)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, 2, 2)
+        return self.fc(x.flatten(1))
+
+
+WORKLOAD_KINDS = ("mlp", "cnn")
+
+
+def build_model(kind: str, arch: dict[str, Any]) -> nn.Module:
+    if kind == "mlp":
+        return MLP(int(arch["hidden"]))
+    if kind == "cnn":
+        c1, c2 = arch["channels"]
+        return CNN(int(c1), int(c2))
+    raise ValueError(f"unknown workload kind {kind!r} (expected one of {WORKLOAD_KINDS})")
+
+
 @dataclass
 class Workload:
     model: nn.Module  # trained, float32
@@ -128,6 +184,13 @@ class Workload:
     train_acc: float = float("nan")
     test_acc: float = float("nan")
     train_loss: float = float("nan")
+    kind: str = "mlp"  # "mlp" | "cnn": which model build_model(kind, arch) rebuilds
+    arch: dict[str, Any] = field(default_factory=dict)  # {"hidden": h} | {"channels": [c1, c2]}
+
+    @property
+    def name(self) -> str:
+        """``digits-mlp`` or ``digits-cnn`` (the ``workload`` of the JSON ``rows``)."""
+        return f"digits-{self.kind}"
 
     @property
     def n_params(self) -> int:
@@ -142,9 +205,16 @@ class Workload:
         return len(self.test[1])
 
     def describe(self) -> str:
-        h = self.model.fc1.out_features
+        if self.kind == "cnn":
+            c1, c2 = self.arch["channels"]
+            model = (
+                f"digits CNN 1x8x8 conv3x3({c1})-ReLU-maxpool2-conv3x3({c2})-ReLU-maxpool2-"
+                f"linear({4 * c2}->10)"
+            )
+        else:
+            model = f"digits MLP 64-{self.model.fc1.out_features}-10 ReLU"
         return (
-            f"digits MLP 64-{h}-10 ReLU ({self.n_params:,} params), {self.n_train} train x "
+            f"{model} ({self.n_params:,} params), {self.n_train} train x "
             f"{self.n_test} test, float32; train loss {self.train_loss:.4f}, train acc "
             f"{self.train_acc:.3f}, test acc {self.test_acc:.3f}"
         )
@@ -154,22 +224,38 @@ class Workload:
             self.model,
             tuple(t[:n_train] for t in self.train),
             tuple(t[:n_test] for t in self.test),
+            kind=self.kind,
+            arch=self.arch,
         )
 
 
 def make_workload(
-    n_train: int, n_test: int, hidden: int, epochs: int, lr: float, seed: int = 0
+    n_train: int,
+    n_test: int,
+    hidden: int = 128,
+    epochs: int = 100,
+    lr: float = 0.1,
+    seed: int = 0,
+    kind: str = "mlp",
+    channels: tuple[int, int] = (8, 16),
 ) -> Workload:
+    """Seeded digits workload: the same split and plain-SGD recipe (batch 32) for both
+    kinds; ``kind="cnn"`` reshapes the features to (1, 8, 8) images and ignores ``hidden``."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     X = torch.tensor(d.data / 16.0, dtype=torch.float32)  # (1797, 64) in [0, 1]
+    if kind == "cnn":
+        X = X.reshape(-1, 1, 8, 8)
     y = torch.tensor(d.target, dtype=torch.int64)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     Xtr, ytr = X[tr].contiguous(), y[tr].contiguous()
     torch.manual_seed(seed)
-    model = MLP(hidden)
+    arch: dict[str, Any] = (
+        {"channels": [int(c) for c in channels]} if kind == "cnn" else {"hidden": hidden}
+    )
+    model = build_model(kind, arch)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(epochs):
@@ -182,7 +268,7 @@ def make_workload(
     model.eval()
     for q in model.parameters():
         q.requires_grad_(True)
-    wl = Workload(model, (Xtr, ytr), (X[te].contiguous(), y[te].contiguous()))
+    wl = Workload(model, (Xtr, ytr), (X[te].contiguous(), y[te].contiguous()), kind=kind, arch=arch)
     with torch.no_grad():
         out = model(Xtr)
         wl.train_loss = float(F.cross_entropy(out, ytr))
@@ -295,12 +381,13 @@ def _dattri_setup(wl: Workload, st: Settings) -> tuple:
 
     model = copy.deepcopy(wl.model)
     model.eval()
+    example_dim = wl.train[0].dim() - 1  # 1 for the MLP's (64,), 3 for the CNN's (1, 8, 8)
 
     def loss_func(params: dict[str, torch.Tensor], data: tuple[torch.Tensor, ...]) -> torch.Tensor:
         # MEAN cross-entropy of the batch (dattri vmaps single examples as batches of 1; the
         # LiSSA collate function casts labels to float, hence .long())
         x, y = data
-        if x.dim() == 1:
+        if x.dim() == example_dim:
             x, y = x.unsqueeze(0), y.reshape(1)
         logits = torch.func.functional_call(model, params, (x,))
         return F.cross_entropy(logits, y.long())
@@ -415,9 +502,27 @@ def dattri_datainf(wl: Workload, st: Settings) -> tuple:
 def dattri_ekfac(wl: Workload, st: Settings) -> tuple:
     from dattri.algorithm.influence_function import IFAttributorEKFAC
 
-    return _dattri_run(
-        wl, st, lambda task: IFAttributorEKFAC(task=task, device="cpu", damping=st.damping)
-    )
+    # every Linear and Conv2d layer, i.e. every parameter, as for the other cells (on the MLP
+    # the same as dattri's default module_name=None, which selects the nn.Linear layers only)
+    layers = [n for n, m in wl.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    convs = [n for n, m in wl.model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        return _dattri_run(
+            wl,
+            st,
+            lambda task: IFAttributorEKFAC(
+                task=task, device="cpu", damping=st.damping, module_name=layers
+            ),
+        )
+    except Exception as exc:
+        if not convs:
+            raise
+        raise RuntimeError(
+            f"dattri IFAttributorEKFAC cannot fit Conv2d layers {convs} (its covariance "
+            f"estimate handles only 2-D (batch, features) layer inputs; its default "
+            f"module_name=None would silently keep only the nn.Linear layers): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 # -- kronfluence
@@ -826,16 +931,21 @@ def warm_settings(st: Settings, wl: Workload) -> Settings:
     return w
 
 
-def tiny_workload() -> Workload:
-    """MLP 64-16-10 on 60 x 10 examples: warms the same code paths (imports, torch.func,
-    hooks, LAPACK) in a fresh worker process without the full-size factorization."""
-    return make_workload(60, 10, hidden=16, epochs=5, lr=0.1, seed=1)
+def tiny_workload(kind: str = "mlp") -> Workload:
+    """MLP 64-16-10 (or, for the CNN workload, the 4/8-channel CNN) on 60 x 10 examples:
+    warms the same code paths (imports, torch.func, hooks, convolutions, LAPACK) in a fresh
+    worker process without the full-size factorization."""
+    return make_workload(60, 10, hidden=16, epochs=5, lr=0.1, seed=1, kind=kind, channels=(4, 8))
 
 
 def save_workload(wl: Workload, path: str) -> None:
+    """The trained model and data, plus ``kind``/``arch`` so that isolated worker processes
+    rebuild the same model (MLP or CNN) before loading the weights."""
     torch.save(
         {
-            "hidden": wl.model.fc1.out_features,
+            "kind": wl.kind,
+            "arch": wl.arch,
+            "hidden": wl.arch.get("hidden"),
             "state": wl.model.state_dict(),
             "train": wl.train,
             "test": wl.test,
@@ -847,10 +957,12 @@ def save_workload(wl: Workload, path: str) -> None:
 
 def load_workload(path: str) -> Workload:
     d = torch.load(path, weights_only=True)
-    model = MLP(d["hidden"])
+    kind = d.get("kind", "mlp")
+    arch = d.get("arch") or {"hidden": d["hidden"]}
+    model = build_model(kind, arch)
     model.load_state_dict(d["state"])
     model.eval()
-    wl = Workload(model, tuple(d["train"]), tuple(d["test"]))
+    wl = Workload(model, tuple(d["train"]), tuple(d["test"]), kind=kind, arch=arch)
     wl.train_acc, wl.test_acc, wl.train_loss = d["stats"]
     return wl
 
@@ -865,16 +977,27 @@ def worker_main(args: argparse.Namespace) -> int:
     wl = load_workload(spec["workload"])
     st = Settings(**spec["settings"])
     fn = RUNNERS[spec["runner"]]
-    tiny = tiny_workload()
-    run_cell(fn, tiny, warm_settings(st, tiny))
-    gc.collect()
-    if spec.get("profile"):
-        text = profile_run(fn, wl, st, spec["profile"])
-        torch.save({"S": None, "t": {}, "notes": [text]}, spec["out"])
-        return 0
-    S, t, notes = run_cell(fn, wl, st)
+    try:
+        tiny = tiny_workload(wl.kind)
+        run_cell(fn, tiny, warm_settings(st, tiny))
+        gc.collect()
+        if spec.get("profile"):
+            text = profile_run(fn, wl, st, spec["profile"])
+            torch.save({"S": None, "t": {}, "notes": [text]}, spec["out"])
+            return 0
+        S, t, notes = run_cell(fn, wl, st)
+    except Exception as exc:  # a library that cannot run this workload: a clean message
+        import traceback
+
+        traceback.print_exc()
+        torch.save({"error": f"{type(exc).__name__}: {exc}"}, spec["out"])
+        return 3
     torch.save({"S": S, "t": t, "notes": notes}, spec["out"])
     return 0
+
+
+class WorkerError(RuntimeError):
+    """An exception raised inside an isolated worker; its message is 'Type: message'."""
 
 
 def run_isolated(cell: Cell, workload_path: str, threads: int, profile: str | None = None) -> tuple:
@@ -902,10 +1025,18 @@ def run_isolated(cell: Cell, workload_path: str, threads: int, profile: str | No
             capture_output=True,
             text=True,
         )
+        if proc.returncode == 3 and os.path.getsize(out):  # the worker caught an exception
+            raise WorkerError(torch.load(out, weights_only=False)["error"])
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            how = "killed (out of memory?)" if proc.returncode < 0 else f"exit {proc.returncode}"
-            raise RuntimeError(f"worker {how}: {' | '.join(tail)}")
+            if proc.returncode == -9:  # SIGKILL, as the kernel's OOM killer sends
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+                how = f"killed by SIGKILL (out of memory? the machine has {ram:.0f} GB)"
+            elif proc.returncode < 0:
+                how = f"killed by signal {-proc.returncode}"
+            else:
+                how = f"exit {proc.returncode}"
+            raise WorkerError(f"worker {how}" + (f": {' | '.join(tail)}" if tail else ""))
         d = torch.load(out, weights_only=False)
     finally:
         os.unlink(out)
@@ -954,6 +1085,41 @@ def profile_datatrace(cell: Cell, wl: Workload, workload_path: str, threads: int
 # ----------------------------------------------------------------------------- main
 
 
+def flat_row(workload: str, r: dict[str, Any], cg_iters: int) -> dict[str, Any]:
+    """One entry of the JSON ``rows``: the cell ``r`` (a ``results`` row) with the agreement
+    that fits its method: r(GN) for the Gauss-Newton-type methods (DataInf, EK-FAC), r(H)
+    otherwise; ``seconds``/``peak_mem_gb``/``agreement`` are None for a cell that failed."""
+    key = {
+        "exact": "exact",
+        "LiSSA": "lissa",
+        "Arnoldi": "arnoldi",
+        "DataInf": "datainf",
+        "EK-FAC": "ekfac",
+    }.get(r["method"], f"cg{cg_iters}")
+    gn = r["method"] in ("DataInf", "EK-FAC")
+    ok = "median_s" in r
+    notes = ([f"error: {r['error']}"] if r["error"] else []) + list(r["notes"])
+    agreement = None
+    if ok:
+        if r["nonfinite_rows"]:
+            notes.append(f"{r['nonfinite_rows']} queries with NaN/inf scores (excluded from r)")
+        if any(x > BUSY_LIMIT for x in r["others_cores"]):
+            notes.append("busy machine during a run")
+        agreement = r["pearson_GN" if gn else "pearson_H"]
+        agreement = agreement if math.isfinite(agreement) else None
+    return {
+        "workload": workload,
+        "method": key,
+        "library": r["library"],
+        "seconds": float(r["median_s"]) if ok else None,
+        "peak_mem_gb": float(r["mem_gb"]) if ok and math.isfinite(r["mem_gb"]) else None,
+        "agreement": agreement,
+        "agreement_with": "Gauss-Newton IF float64" if gn else "exact IF float64",
+        "damping": float(r["damping"]),
+        "note": "; ".join(notes),
+    }
+
+
 def _src_state() -> str:
     """git HEAD of the checkout plus a hash of uncommitted changes under src/ (if any)."""
     import hashlib
@@ -975,9 +1141,18 @@ def _src_state() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
+        "--workload",
+        choices=WORKLOAD_KINDS,
+        default="mlp",
+        help="mlp (default): digits MLP 64-128-10, 9,610 params; cnn: digits CNN on 1x8x8 "
+        "images, conv3x3(8)-ReLU-maxpool2-conv3x3(16)-ReLU-maxpool2-linear(64->10), 1,898 "
+        "params; both 500 train x 100 test, the same split and seeded plain-SGD recipe",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
-        help="MLP 64-16-10, 100 train x 20 test, short solvers (smoke test)",
+        help="smaller model (MLP 64-16-10 / CNN with 4 and 8 channels), 100 train x 20 test, "
+        "short solvers (smoke test)",
     )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
     ap.add_argument(
@@ -1068,12 +1243,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             versions[name] = "?"
 
+    kind = args.workload
     if args.quick:
-        wl = make_workload(100, 20, hidden=16, epochs=100, lr=0.1)
+        wl = make_workload(100, 20, hidden=16, epochs=100, lr=0.1, kind=kind, channels=(4, 8))
         cg_iters = [5, 30]
         depth, rank = 200, 20
     else:
-        wl = make_workload(500, 100, hidden=128, epochs=100, lr=0.1)
+        wl = make_workload(500, 100, hidden=128, epochs=100, lr=0.1, kind=kind, channels=(8, 16))
         cg_iters = [20, 100]
         depth, rank = 1000, 50
     if args.cg_iters:
@@ -1095,18 +1271,20 @@ def main(argv: list[str] | None = None) -> int:
         "slow_threshold_s": args.slow_threshold,
         "quick": args.quick,
         "workload": wl.describe(),
+        "workload_name": wl.name,
     }
     print("environment:", json.dumps(env))
     print("workload:", wl.describe(), flush=True)
 
     all_rows: list[dict[str, Any]] = []
+    flat_rows: list[dict[str, Any]] = []  # the JSON "rows": one per (damping, method, library)
     ref_info: dict[str, Any] = {}
     profiles: dict[str, str] = {}
     targets_all: list[dict[str, Any]] = []
     dampings = [float(x) for x in args.dampings.split(",")]
     ind = independent(wl)
     checks = {lam: ind.scores(lam) for lam in dampings}
-    ind.H = None  # 740 MB in float64; only the spectrum and the scores are kept
+    ind.H = None  # 740 MB in float64 for the MLP; only the spectrum and the scores are kept
     gc.collect()
     print(f"independent float64 Hessian + spectrum (untimed): {ind.seconds:.1f}s", flush=True)
     wl_fd, wl_path = tempfile.mkstemp(prefix="bench-influence-workload-", suffix=".pt")
@@ -1192,7 +1370,10 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         S, t, notes = run_cell(c.fn, wl, c.settings)
                 except Exception as exc:
-                    c.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    msg = (
+                        str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+                    )
+                    c.error = msg[:400]
                     print(f"  {c.method:7s} {c.variant:22s} {c.library:11s} ERROR {c.error}")
                     continue
                 t["others_cores"] = max(before, watch.others())
@@ -1249,6 +1430,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             rows.append(row)
         all_rows += rows
+        flat_rows += [
+            flat_row(wl.name, r, c.settings.cg_iters) for r, c in zip(rows, cells, strict=True)
+        ]
 
         # targets
         def get(method: str, lib: str, variant: str | None = None) -> dict | None:
@@ -1392,6 +1576,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": env,
             "references": ref_info,
             "results": all_rows,
+            "rows": flat_rows,
             "targets": targets_all,
             "profiles": profiles,
         }
