@@ -438,3 +438,21 @@ def test_ldl_inertia_counts_negative_eigenvalues():
         m = (a + a.T) / 2 + shift * torch.eye(p, dtype=torch.float64)
         factors, pivots = torch.linalg.ldl_factor(m)
         assert ldl_inertia(factors, pivots) == int((torch.linalg.eigvalsh(m) < 0).sum())
+
+
+def test_kfac_batched_column_pullbacks_equal_one_backward_per_column():
+    from torch import nn
+
+    from datatrace.curvature.kfac import _pull_back_columns
+
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(5, 7).double(), nn.Linear(7, 3).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    h = lin1(x)
+    out = lin2(torch.tanh(h))
+    roots = torch.randn(4, 3, 3, dtype=torch.float64)
+    got = _pull_back_columns(out, [h, out], roots)
+    for c in range(3):
+        want = torch.autograd.grad(out, [h, out], roots[:, :, c], retain_graph=True)
+        for i in range(2):
+            torch.testing.assert_close(got[i][c], want[i], rtol=1e-12, atol=1e-14)

@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,11 +131,27 @@ def _pseudo_grads(
         acts = {lay.name: lay.patches(seen[lay.name][0]) for lay in layers}
         outs = [seen[lay.name][1] for lay in layers]
         grads: dict[str, list[torch.Tensor]] = {lay.name: [] for lay in layers}
-        for c in range(roots.shape[2]):
-            gs = torch.autograd.grad(out, outs, roots[:, :, c], retain_graph=True)
-            for lay, g in zip(layers, gs, strict=True):
-                grads[lay.name].append(_Layer.out_grads(lay.module, g.detach()))
+        for lay, g in zip(layers, _pull_back_columns(out, outs, roots), strict=True):
+            grads[lay.name] = [_Layer.out_grads(lay.module, gc.detach()) for gc in g]
         yield acts, grads
+
+
+def _pull_back_columns(
+    out: torch.Tensor, outs: list[torch.Tensor], roots: torch.Tensor
+) -> list[list[torch.Tensor]]:
+    """For each layer output in ``outs``, the pullbacks of every column c of ``roots``
+    (b, classes, C) from ``out``: one batched backward pass for all columns (vmap over the
+    grad outputs), or, where that cannot run, one backward pass per column (the same
+    values)."""
+    columns = roots.permute(2, 0, 1).contiguous()  # (C, b, classes)
+    try:
+        with warnings.catch_warnings():  # an op without a batching rule is looped: still exact
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            gs = torch.autograd.grad(out, outs, columns, retain_graph=True, is_grads_batched=True)
+        return [list(g.unbind(0)) for g in gs]
+    except RuntimeError:
+        per_col = [torch.autograd.grad(out, outs, col, retain_graph=True) for col in columns]
+        return [[cols[i] for cols in per_col] for i in range(len(outs))]
 
 
 def _fit_factors(problem: CurvatureProblem, layers: list[_Layer]) -> None:
@@ -162,6 +179,12 @@ def _refit_eigenvalues(problem: CurvatureProblem, layers: list[_Layer]) -> None:
         for lay in layers:
             assert lay.ua is not None and lay.us is not None
             a_rot = acts[lay.name] @ lay.ua  # (b, P, in')
+            if a_rot.shape[1] == 1:
+                # one position (Linear): Σ_c Σ_b (e_cb ⊗ a_b)² = (Σ_c e_c²)ᵀ a², one GEMM
+                e2 = sum((e[:, 0] @ lay.us) ** 2 for e in grads[lay.name])
+                sq = e2.T @ a_rot[:, 0] ** 2  # type: ignore[union-attr]
+                sums[lay.name] = sq if lay.name not in sums else sums[lay.name] + sq
+                continue
             for e in grads[lay.name]:
                 g = torch.einsum("bpo,bpi->boi", e @ lay.us, a_rot)
                 sq = (g**2).sum(0)
