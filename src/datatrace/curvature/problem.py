@@ -139,12 +139,14 @@ class CurvatureProblem:
     # -- full matrices (small models only; callers check the size) --------------------------
 
     def hessian(
-        self, chunk: int = 128, symmetrize: bool = True, structured: bool = True
+        self, chunk: int | None = None, symmetrize: bool = True, structured: bool = True
     ) -> torch.Tensor:
         """``H = (1/n) Σ_i ∇²ℓ_i``, (p, p).
 
         Rows come from Hessian-vector products with ``chunk`` basis vectors at a time
-        (small chunks keep the vmapped intermediates, chunk × batch × width, in cache). With
+        (small chunks keep the vmapped intermediates, chunk × batch × width, in cache;
+        ``None``: 12,500 / batch size, at least 8 — on 2 cores 25 vectors per 500-example
+        batch made the products 1.3× (MLP) to 3× (CNN) faster than 128). With
         ``structured`` (default), the diagonal block of the largest eligible ``nn.Linear``
         layer (called once per forward on (batch, features) inputs) is formed in closed form
         instead, ``Σ_i (ã_i ã_iᵀ) ⊗ ∂²ℓ_i/∂s²`` (ã = the layer's input with a 1 for the
@@ -168,15 +170,18 @@ class CurvatureProblem:
             total = (total + total.T) / 2
         return total.div_(self.n)
 
-    def hessian_by_products(self, chunk: int = 128, symmetrize: bool = True) -> torch.Tensor:
+    def hessian_by_products(
+        self, chunk: int | None = None, symmetrize: bool = True
+    ) -> torch.Tensor:
         """``H`` from ``p`` Hessian-vector products (any model)."""
         total = self._rows_by_products(torch.arange(self.p, device=self.theta.device), chunk)
         if symmetrize:
             total = (total + total.T) / 2
         return total.div_(self.n)
 
-    def _rows_by_products(self, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _rows_by_products(self, rows: torch.Tensor, chunk: int | None) -> torch.Tensor:
         """A (p, p) matrix holding ``Σ_i ∇²ℓ_i`` in the given rows (zeros elsewhere)."""
+        chunk = chunk or max(8, 12_500 // self.batch_size)
         dev, dt = self.theta.device, self.theta.dtype
         total = torch.zeros(self.p, self.p, dtype=dt, device=dev)
         for batch in self.batches():
