@@ -43,8 +43,8 @@ Conversions (all read in the installed sources):
 * datatrace: ``dt.TRAK(projection_dim=k, damping=lam, projection_seed=seed)`` computes S as
   written: checkpoint weights 1/C, and each checkpoint's scores times its own 1 - p_c. Its
   projection has E[P P^T] = I (Gaussian entries / sqrt(k)); for ``nn.Linear`` layers it is
-  Kronecker-structured (datatrace's default), for ``nn.Conv2d`` dense. It uses the SAME
-  projection at every checkpoint (the seed does not depend on the checkpoint).
+  Kronecker-structured (datatrace's default), for ``nn.Conv2d`` dense. Each checkpoint gets
+  an independent projection (seed + 1,000,003 c), as in traker and dattri.
 * traker: ``TRAKer(task="image_classification", device="cpu", use_half_precision=False)``.
   - Its model output is the same margin, and its ``out_to_loss`` (Q) is 1 - p.
   - On the CPU it uses its ``BasicProjector`` with N(0, 1) entries (not divided by
@@ -99,9 +99,6 @@ compared with an UNPROJECTED float64 reference of the same S (same lam):
 * Seeds: timed run r (r = 0, 1, ...) uses projection seed r in every library. The reported
   agreement is the mean over the repeats. ``r(seed)`` = seed 0 vs seed 1 of one library (the
   projection noise). Pairwise agreement between libraries uses seed 0.
-* Diagnostic (untimed, seed 0): datatrace with an independent projection per checkpoint,
-  as traker and dattri draw them. This is one single-checkpoint ``dt.TRAK`` fit per
-  checkpoint with seed c, averaged.
 
 Timing:
 
@@ -465,19 +462,6 @@ def datatrace_unprojected(
     return fitted.attribute(test)
 
 
-def datatrace_independent_projections(wl: Workload, st: Settings) -> torch.Tensor:
-    """A diagnostic (untimed): datatrace's S with an independent projection per checkpoint,
-    as traker and dattri draw them (dt.TRAK uses the same projection at every checkpoint).
-    One single-checkpoint fit per checkpoint c with ``projection_seed = seed + c``, averaged
-    (each gives (1/n) Phi_q (Phi^T Phi / n + lam I)^{-1} Phi^T diag(1 - p_c))."""
-    total = None
-    for c in range(len(wl.ckpts)):
-        one = Workload(wl.name, wl.model, wl.ckpts[c : c + 1], wl.train, wl.test)
-        S, _ = run_datatrace(one, Settings(st.proj_dim, st.damping, st.batch_size, st.seed + c))
-        total = S if total is None else total + S
-    return total / len(wl.ckpts)
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -642,10 +626,6 @@ def prepare(wl: Workload, tmpdir: str, args: argparse.Namespace, proj_dim: int) 
         "max_rel_err": float((r_kern - r_dt).abs().max() / r_dt.abs().max()),
         "seconds": time.perf_counter() - t0,
     }
-    if "datatrace" in args.libraries.split(","):
-        info["datatrace_independent_projections_r"] = per_query_pearson(
-            datatrace_independent_projections(wl, st), ref
-        )
     if args.dt_reference and wl.name == "small":
         t0 = time.perf_counter()
         r_full = datatrace_unprojected(wl, lam)
@@ -668,12 +648,6 @@ def prepare(wl: Workload, tmpdir: str, args: argparse.Namespace, proj_dim: int) 
         f"scale {chk['scale']:.6f}",
         flush=True,
     )
-    if "datatrace_independent_projections_r" in info:
-        print(
-            "  diagnostic: datatrace with an independent projection per checkpoint (seed 0): "
-            f"r(ref) {info['datatrace_independent_projections_r']:.4f}",
-            flush=True,
-        )
     if "datatrace_unprojected" in info:
         u = info["datatrace_unprojected"]
         print(

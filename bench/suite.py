@@ -65,6 +65,25 @@ COMPONENTS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
+# the scripts' workload labels -> one name per distinct model and data size
+WORKLOADS = {
+    ("tracin", "digits-mlp"): "digits MLP 1k",
+    ("tracin", "digits-cnn"): "digits CNN17k 20k",
+    ("trak", "small"): "digits MLP 1k",
+    ("trak", "cnn"): "digits CNN17k 5k",
+    ("influence-mlp", "digits-mlp"): "digits MLP 500",
+    ("influence-cnn", "digits-cnn"): "digits CNN1.9k 500",
+    ("scale", "scale-100k"): "synthetic 100k",
+}
+
+
+def _label(rows: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    for r in rows:
+        r["component"] = component
+        r["workload"] = WORKLOADS.get((component, r["workload"]), r["workload"])
+    return rows
+
+
 def run_component(name: str, quick: bool, out: Path, python: str) -> dict[str, Any]:
     script, full, small = COMPONENTS[name]
     path = out / f"{name}.json"
@@ -80,13 +99,11 @@ def run_component(name: str, quick: bool, out: Path, python: str) -> dict[str, A
     rows: list[dict[str, Any]] = []
     note = ""
     if path.exists():
-        rows = json.loads(path.read_text()).get("rows", [])
+        rows = _label(json.loads(path.read_text()).get("rows", []), name)
     else:
         note = f"no JSON written (exit code {proc.returncode}); see {log}"
     if proc.returncode != 0:
         note = note or f"exit code {proc.returncode} (a FAIL flag or an error); see {log}"
-    for r in rows:
-        r["component"] = name
     return {
         "command": " ".join(cmd),
         "seconds": took,
@@ -138,7 +155,7 @@ def _fmt(x: Any, spec: str) -> str:
 
 def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
     print(
-        f"\n{'workload':12s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
+        f"\n{'workload':18s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
         f"{'mem GB':>7s} {'agree':>7s}  agreement with / note"
     )
     base = {
@@ -152,7 +169,7 @@ def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> Non
         method = r["method"] + (f" λ={r['damping']:g}" if r.get("damping") is not None else "")
         extra = " (extrapolated)" if r.get("extrapolated_seconds_full") else ""
         print(
-            f"{r['workload']:12s} {method:16s} {r['library']:11s} {_fmt(t, '9.2f')} "
+            f"{r['workload']:18s} {method:16s} {r['library']:11s} {_fmt(t, '9.2f')} "
             f"{_fmt(ratio, '7.2f')} {_fmt(r.get('peak_mem_gb'), '7.2f')} "
             f"{_fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
             f"{extra}{' ' + r['note'] if r.get('note') else ''}"
@@ -169,7 +186,7 @@ def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> Non
                 f"{'met' if c['met'] else 'MISSED'}"
             )
         damping = f" λ={c['damping']:g}" if c["damping"] is not None else ""
-        print(f"  {c['workload']:12s} {c['method'] + damping:18s} {verdict}")
+        print(f"  {c['workload']:18s} {c['method'] + damping:18s} {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         path = out / f"{name}.json"
         if args.reuse and path.exists():
-            rows = json.loads(path.read_text()).get("rows", [])
-            for r in rows:
-                r["component"] = name
+            rows = _label(json.loads(path.read_text()).get("rows", []), name)
             runs[name] = {"command": "reused", "rows": rows, "note": "", "exit": 0}
             continue
         runs[name] = run_component(name, args.quick, out, args.python)
