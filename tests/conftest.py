@@ -44,6 +44,20 @@ class DictModel(nn.Module):
         return self.head(torch.tanh(pooled))
 
 
+# a small `datatrace evaluate` experiment (iris, logistic regression, 2 checkpoints) for CLI tests
+IRIS_CONFIG = """
+[data]
+dataset = "iris"
+n_train = 60
+n_query = 5
+[model]
+kind = "logreg"
+[train]
+epochs = 5
+checkpoints = 2
+"""
+
+
 @pytest.fixture
 def mlp_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import assert_two_ranks_equal_one_process, single_process_env
+from conftest import IRIS_CONFIG, assert_two_ranks_equal_one_process, single_process_env
 
 SCRIPT = """
 import sys, torch
@@ -63,26 +63,13 @@ def test_sharded_featurization_equals_one_process(tmp_path: Path) -> None:
     assert parts[0] | parts[1] == set(range(8))  # 37 examples in chunks of 5
 
 
-CONFIG = """
-[data]
-dataset = "iris"
-n_train = 60
-n_query = 5
-[model]
-kind = "logreg"
-[train]
-epochs = 5
-checkpoints = 2
-"""
-
-
 def test_cli_featurize_and_score_under_torchrun_equal_one_process(tmp_path: Path) -> None:
     import csv
 
     import numpy as np
 
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(IRIS_CONFIG)
     env = single_process_env()
     entry = [sys.executable, "-m", "datatrace.cli"]
     common = ["--method", "tracin", "--batch-size", "7"]

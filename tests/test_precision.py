@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import CNN, MLP, perturbed
+from conftest import CNN, IRIS_CONFIG, MLP, perturbed
 
 import datatrace as dt
 from datatrace import distributed
@@ -156,22 +156,9 @@ def test_resolve_device():
             distributed.resolve_device("cuda")
 
 
-CONFIG = """
-[data]
-dataset = "iris"
-n_train = 60
-n_query = 5
-[model]
-kind = "logreg"
-[train]
-epochs = 5
-checkpoints = 2
-"""
-
-
 def test_cli_device_and_feature_dtype(tmp_path, capsys):
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(IRIS_CONFIG)
     common = ["score", str(cfg), "--method", "tracin", "--device", "cpu"]
     a_args = ["--store", str(tmp_path / "a"), "--matrix", str(tmp_path / "a.npy")]
     assert cli_main([*common, *a_args]) == 0
