@@ -452,12 +452,18 @@ class GradientFeatures:
             yield
             return
         matmul = torch.backends.cuda.matmul
-        old = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
+        # torch ≥ 2.9 names the setting fp32_precision; older releases allow_tf32
+        key, value = (
+            ("fp32_precision", "tf32")
+            if hasattr(matmul, "fp32_precision")
+            else ("allow_tf32", True)
+        )
+        old = getattr(matmul, key)
+        setattr(matmul, key, value)
         try:
             yield
         finally:
-            matmul.fp32_precision = old
+            setattr(matmul, key, old)
 
     @staticmethod
     def pairwise(q: Features, g: Features) -> torch.Tensor:
