@@ -183,12 +183,10 @@ def _refit_eigenvalues(problem: CurvatureProblem, layers: list[_Layer]) -> None:
                 # one position (Linear): Σ_c Σ_b (e_cb ⊗ a_b)² = (Σ_c e_c²)ᵀ a², one GEMM
                 e2 = sum((e[:, 0] @ lay.us) ** 2 for e in grads[lay.name])
                 sq = e2.T @ a_rot[:, 0] ** 2  # type: ignore[union-attr]
-                sums[lay.name] = sq if lay.name not in sums else sums[lay.name] + sq
-                continue
-            for e in grads[lay.name]:
-                g = torch.einsum("bpo,bpi->boi", e @ lay.us, a_rot)
-                sq = (g**2).sum(0)
-                sums[lay.name] = sq if lay.name not in sums else sums[lay.name] + sq
+            else:
+                rotated = (torch.einsum("bpo,bpi->boi", e @ lay.us, a_rot) for e in grads[lay.name])
+                sq = sum((g**2).sum(0) for g in rotated)
+            sums[lay.name] = sq if lay.name not in sums else sums[lay.name] + sq
     for lay in layers:
         lay.lam = sums[lay.name] / problem.n
 

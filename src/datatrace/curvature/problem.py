@@ -101,6 +101,11 @@ class CurvatureProblem:
 
         return torch.stack([one(v) for v in vectors])
 
+    def _vector_group(self, minimum: int) -> int:
+        """Vectors per vmapped product: about 12,500 / batch size, so that the intermediates
+        (vectors × batch × width) stay cache- and heap-friendly."""
+        return max(minimum, 12_500 // self.batch_size)
+
     def mean_product(self, vectors: torch.Tensor, gauss_newton: bool) -> torch.Tensor:
         """``H v`` or ``G v`` (mean over all training examples) for each row v (m, p).
 
@@ -109,7 +114,7 @@ class CurvatureProblem:
         from the heap instead of being mapped and page-faulted afresh on every call (a
         solver calls this once per iteration): 14% faster for CG on the benchmark MLP."""
         total = torch.zeros_like(vectors)
-        step = max(1, 12_500 // self.batch_size)
+        step = self._vector_group(1)
         if gauss_newton:
             for batch in self.batches():
                 for s in range(0, len(vectors), step):
@@ -181,7 +186,7 @@ class CurvatureProblem:
 
     def _rows_by_products(self, rows: torch.Tensor, chunk: int | None) -> torch.Tensor:
         """A (p, p) matrix holding ``Σ_i ∇²ℓ_i`` in the given rows (zeros elsewhere)."""
-        chunk = chunk or max(8, 12_500 // self.batch_size)
+        chunk = chunk or self._vector_group(8)
         dev, dt = self.theta.device, self.theta.dtype
         total = torch.zeros(self.p, self.p, dtype=dt, device=dev)
         for batch in self.batches():

@@ -396,6 +396,11 @@ class FittedGradientAttributor:
         """
         return torch.cat([s for _, s in self.score_blocks(queries)], dim=1)
 
+    def _my_block_starts(self) -> list[int]:
+        """Starts of the training blocks this rank scores (all of them in one process)."""
+        n_blocks = -(-self.n_train // self.block_size)
+        return [j * self.block_size for j in distributed.my_jobs(n_blocks)]
+
     def attribute_to_file(self, queries: Any, path: str | Path) -> Path:
         """Write ``S`` (n_query, n_train) to an ``.npy`` file block by block: memory stays
         O(n_query × block_size) whatever n_train. Under torchrun the training blocks are
@@ -403,9 +408,8 @@ class FittedGradientAttributor:
         returns when the file is complete."""
         out = Path(path)
         n_query = len(ExampleSource(queries, "queries"))
-        dtype = np.dtype(str(next(iter(self.states[0][0].values())).dtype).replace("torch.", ""))
-        rank, size = distributed.world()
-        if rank == 0:
+        dtype = np.dtype(str(self.compute_dtype).replace("torch.", ""))
+        if distributed.world()[0] == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             mm = np.lib.format.open_memmap(
                 out, mode="w+", dtype=dtype, shape=(n_query, self.n_train)
@@ -413,8 +417,7 @@ class FittedGradientAttributor:
             del mm
         distributed.barrier()
         mm = np.load(out, mmap_mode="r+")
-        starts = list(range(0, self.n_train, self.block_size))[rank::size]
-        for start, block in self.score_blocks(queries, starts):
+        for start, block in self.score_blocks(queries, self._my_block_starts()):
             mm[:, start : start + block.shape[1]] = block.detach().cpu().numpy()
         mm.flush()
         del mm
@@ -435,12 +438,12 @@ class FittedGradientAttributor:
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
-        rank, size = distributed.world()
+        size = distributed.world()[1]
         if size == 1:
             return running_top_k(self.score_blocks(queries), k, largest=not opponents)
         # under torchrun: each rank scores its share of the training blocks, then the
         # per-rank top-k lists are merged (same result as one process, on every rank)
-        starts = list(range(0, self.n_train, self.block_size))[rank::size]
+        starts = self._my_block_starts()
         local = (
             running_top_k(self.score_blocks(queries, starts), k, largest=not opponents)
             if starts
@@ -457,10 +460,9 @@ class FittedGradientAttributor:
         methods), shape (n_train,). High values flag suspected mislabelled or atypical
         examples. Under torchrun the training blocks are split across the ranks and the
         values merged (every rank returns the single-process result)."""
-        rank, size = distributed.world()
-        starts = list(range(0, self.n_train, self.block_size))
+        starts = self._my_block_starts()
         out = []
-        for start in starts[rank::size]:
+        for start in starts:
             stop = min(start + self.block_size, self.n_train)
             total = None
             for c, w in enumerate(self.weights):
@@ -475,13 +477,13 @@ class FittedGradientAttributor:
                 total = s if total is None else total + s
             assert total is not None
             out.append(total)
-        if size == 1:
+        if distributed.world()[1] == 1:
             return torch.cat(out)
         # each rank's blocks into zeros, one all-reduce: bit-identical to one process
         full = torch.zeros(
             self.n_train, dtype=self.compute_dtype, device=model_device(self.task.model)
         )
-        for start, values in zip(starts[rank::size], out, strict=True):
+        for start, values in zip(starts, out, strict=True):
             full[start : start + values.shape[0]] = values
         return distributed.all_sum(full)
 
