@@ -131,6 +131,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import RssPeak
 from torch import nn
 
 # ----------------------------------------------------------------------------- workload
@@ -760,17 +761,6 @@ def quiet() -> float:
     return load
 
 
-def _rss_gb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1e6
-    except OSError:
-        pass
-    return float("nan")
-
-
 def malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc). dattri's CG and LiSSA leave ~20 GB of
     freed but fragmented heap behind, which would otherwise carry over into later runs."""
@@ -782,38 +772,10 @@ def malloc_trim() -> None:
         pass
 
 
-class RssPeak:
-    """Peak resident memory of this process above its level at start, sampled every 20 ms
-    from a background thread (approximate; includes freed-but-not-returned heap)."""
-
-    def __enter__(self) -> RssPeak:
-        import threading
-
-        self.base = self.peak = _rss_gb()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.02):
-                self.peak = max(self.peak, _rss_gb())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_gb())
-
-    @property
-    def gb(self) -> float:
-        return self.peak - self.base
-
-
 def run_cell(fn: Callable, wl: Workload, st: Settings) -> tuple:
     gc.collect()
     malloc_trim()
-    with warnings.catch_warnings(record=True) as w, RssPeak() as mem:
+    with warnings.catch_warnings(record=True) as w, RssPeak(interval=0.02) as mem:
         warnings.simplefilter("always")
         S, t, notes = fn(wl, st)
     t["mem_gb"] = mem.gb

@@ -142,7 +142,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -151,6 +150,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import RssPeak
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -481,43 +481,6 @@ def lsq_scale(S: torch.Tensor, R: torch.Tensor) -> float:
     """Least-squares slope of S on R (1 = same sign and scale)."""
     a, b = S.double().flatten(), R.double().flatten()
     return float((a @ b) / (b @ b))
-
-
-def _rss_gb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1e6  # kB -> GB
-    except OSError:
-        pass
-    return float("nan")
-
-
-class RssPeak:
-    """Peak resident memory of this process above its level at entry (sampled every 10 ms
-    from a background thread)."""
-
-    def __enter__(self) -> RssPeak:
-        self.base = self.peak = _rss_gb()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.01):
-                self.peak = max(self.peak, _rss_gb())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_gb())
-
-    @property
-    def gb(self) -> float:
-        return self.peak - self.base
 
 
 class ChildCpuWatch:
