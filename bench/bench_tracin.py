@@ -472,9 +472,10 @@ def profile_datatrace(wl: Workload, batch_size: int, top: int = 15) -> str:
        (``GradientFeatures.pairwise``).
     2. cProfile of a second run, top functions by internal time.
     """
+    from datatrace.store import FeatureStore
+
     import datatrace as dt
     from datatrace.features import GradientFeatures
-    from datatrace.store import FeatureStore
 
     acc: dict[str, float] = {}
     originals = {}

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from conftest import MLP, perturbed
 
 import datatrace as dt
-from datatrace.features import FeatureSpec, GradientFeatures
-from datatrace.grads import (
+from datatrace.features.featurizer import GradientFeatures
+from datatrace.features.spec import FeatureSpec
+from datatrace.grads.per_example import (
     flatten_grads,
     per_example_grads,
     per_example_grads_loop,

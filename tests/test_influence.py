@@ -11,8 +11,8 @@ from conftest import MLP, perturbed
 from torch.func import functional_call, hessian
 
 import datatrace as dt
-from datatrace.curvature import CurvatureProblem
-from datatrace.data import ExampleSource
+from datatrace.core.data import ExampleSource
+from datatrace.curvature.problem import CurvatureProblem
 
 
 def flat_grads(model, x, y, state=None):
@@ -128,7 +128,7 @@ def _problem(model, x, y):
 
 
 def _kfac_matrix(model, x, y, spec):
-    from datatrace.curvature import FitContext
+    from datatrace.curvature.context import FitContext
 
     problem = _problem(model, x, y)
     pc = spec.fit(FitContext(problem, 1.0, None, lambda: iter(())))

@@ -31,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .base import check_damping, resolve_damping
+from ..core.errors import ConfigError
+from .base import (
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
+    check_damping,
+    resolve_damping,
+)
 from .context import FitContext
 from .problem import CurvatureProblem
 
@@ -192,7 +197,7 @@ def _refit_eigenvalues(problem: CurvatureProblem, layers: list[_Layer]) -> None:
 
 
 @dataclass
-class KroneckerPreconditioner:
+class KroneckerPreconditioner(AbstractFittedPreconditioner):
     """``(G + λI)⁻¹`` block by block in each layer's Kronecker eigenbasis."""
 
     problem: CurvatureProblem
@@ -282,7 +287,7 @@ def _fit_kronecker(ctx: FitContext, damping: float | None, refit: bool) -> Krone
 
 
 @dataclass(frozen=True)
-class KFAC:
+class KFAC(AbstractPreconditioner):
     """Kronecker-factored Gauss–Newton (block-diagonal over Linear/Conv2d layers); factors
     are cached in the feature store.
 
@@ -300,7 +305,7 @@ class KFAC:
 
 
 @dataclass(frozen=True)
-class EKFAC:
+class EKFAC(AbstractPreconditioner):
     """Eigenvalue-corrected K-FAC (George et al. 2018), as used by Grosse et al. 2023.
 
     Args:

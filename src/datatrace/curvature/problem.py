@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
-from ..data import ExampleSource, batch_to
-from ..grads import _unsqueeze
-from ..task import AbstractTask
+from ..core.data import ExampleSource, as_single_batch, batch_to
+from ..core.task import AbstractTask
 
 
 class CurvatureProblem:
@@ -137,7 +136,7 @@ class CurvatureProblem:
         """``∇²_out ℓ_i`` per example, (batch, d, d), by autodiff of the output loss."""
 
         def single(o: torch.Tensor, example: Any) -> torch.Tensor:
-            return self.task.output_loss(o[None], _unsqueeze(example))[0]
+            return self.task.output_loss(o[None], as_single_batch(example))[0]
 
         return vmap(hessian(single), in_dims=(0, 0))(out, batch)
 
@@ -266,7 +265,7 @@ class CurvatureProblem:
 
             handle = module.register_forward_hook(hook)
             try:
-                loss = self.task.loss(self.model_at(self.theta), _unsqueeze(example)).sum()
+                loss = self.task.loss(self.model_at(self.theta), as_single_batch(example)).sum()
             finally:
                 handle.remove()
             return loss, seen[0][0]
@@ -308,7 +307,7 @@ class CurvatureProblem:
             h_out = self.output_hessians(out, batch)
 
             def single(t: torch.Tensor, example: Any) -> torch.Tensor:
-                return self.outputs(t, _unsqueeze(example))[0]
+                return self.outputs(t, as_single_batch(example))[0]
 
             jac = vmap(jacrev(single), in_dims=(None, 0))(self.theta, batch)  # (b, d, p)
             total += torch.einsum("bip,bij,bjq->pq", jac, h_out, jac)

@@ -17,13 +17,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..data import batch_to
-from ..errors import ConfigError
+from ..core.data import batch_to
+from ..core.errors import ConfigError
 from .base import (
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
     InfluenceWarning,
     check_damping,
     check_positive,
@@ -36,7 +38,7 @@ from .problem import CurvatureProblem
 
 
 @dataclass
-class EigenPreconditioner:
+class EigenPreconditioner(AbstractFittedPreconditioner):
     """``(H + λI)⁻¹`` from (some of) the eigenpairs of H."""
 
     evals: torch.Tensor
@@ -48,7 +50,7 @@ class EigenPreconditioner:
 
 
 @dataclass
-class CholeskyPreconditioner:
+class CholeskyPreconditioner(AbstractFittedPreconditioner):
     """``(M + λI)⁻¹`` from the Cholesky factor of a positive definite ``M + λI``."""
 
     factor: torch.Tensor
@@ -59,7 +61,7 @@ class CholeskyPreconditioner:
 
 
 @dataclass
-class LDLPreconditioner:
+class LDLPreconditioner(AbstractFittedPreconditioner):
     """``(M + λI)⁻¹`` from the symmetric-indefinite (Bunch–Kaufman) ``LDLᵀ`` factors of an
     indefinite but invertible ``M + λI``; ``negative`` counts its negative eigenvalues
     (Sylvester's law of inertia, read off D)."""
@@ -128,7 +130,7 @@ def smallest_eigenvalue(matrix: torch.Tensor, n_iter: int = 80) -> float:
 
 
 def _dense_inverse(
-    matrix: torch.Tensor, damping: float, what: str
+    matrix: torch.Tensor, damping: float, hessian: bool
 ) -> CholeskyPreconditioner | LDLPreconditioner:
     """Cholesky when ``M + λI`` is positive definite (fast); otherwise warn with (an
     estimate of) the smallest eigenvalue and the number of negative ones, and invert by
@@ -142,7 +144,7 @@ def _dense_inverse(
     ``matrix`` is consumed (λ is added to its diagonal in place: a 10k-parameter model's
     Hessian is 370 MB in float32); only its lower triangle is used by the factorizations.
     """
-    hessian = what != "the Gauss-Newton matrix"
+    what = "the Hessian" if hessian else "the Gauss-Newton matrix"
     estimate = smallest_eigenvalue(matrix, n_iter=30) if hessian else math.inf
     if estimate + damping > 0:
         matrix.diagonal().add_(damping)
@@ -178,7 +180,7 @@ def _check_size(p: int, max_params: int, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class ExactHessian:
+class ExactHessian(AbstractPreconditioner):
     """The exact Hessian of the mean training loss, eigendecomposed.
 
     Args:
@@ -196,11 +198,11 @@ class ExactHessian:
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
         damping = resolve_damping(self.damping, ctx.lambda0)
-        return _dense_inverse(ctx.problem.hessian(symmetrize=False), damping, "the Hessian")
+        return _dense_inverse(ctx.problem.hessian(symmetrize=False), damping, hessian=True)
 
 
 @dataclass(frozen=True)
-class GaussNewton:
+class GaussNewton(AbstractPreconditioner):
     """The exact Gauss–Newton matrix ``(1/n) Σ Jᵀ ∇²_out ℓ J`` (PSD), eigendecomposed."""
 
     damping: float | None = None
@@ -213,7 +215,7 @@ class GaussNewton:
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Gauss-Newton matrix")
         damping = resolve_damping(self.damping, ctx.lambda0)
-        return _dense_inverse(ctx.problem.gauss_newton(), damping, "the Gauss-Newton matrix")
+        return _dense_inverse(ctx.problem.gauss_newton(), damping, hessian=False)
 
 
 @dataclass
@@ -228,7 +230,7 @@ class _MatrixFree:
 
 
 @dataclass(frozen=True)
-class ConjugateGradient:
+class ConjugateGradient(AbstractPreconditioner):
     """Conjugate gradients on ``(H + λI) x = v``, all right-hand sides at once.
 
     Args:
@@ -255,15 +257,16 @@ class ConjugateGradient:
 
 
 @dataclass
-class CGPreconditioner:
+class CGPreconditioner(AbstractFittedPreconditioner):
     op: _MatrixFree
     max_iter: int
     tol: float
     iterations: int = 0
 
-    @property
-    def damping(self) -> float:
-        return self.op.damping
+    damping: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.damping = self.op.damping
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         x = torch.zeros_like(vectors)
@@ -302,7 +305,7 @@ class CGPreconditioner:
 
 
 @dataclass(frozen=True)
-class LiSSA:
+class LiSSA(AbstractPreconditioner):
     """LiSSA: ``h ← v + h − (H_B + λI) h / scale`` for ``depth`` steps on minibatches B;
     the estimate is ``h / scale``, averaged over ``repeat`` runs.
 
@@ -355,15 +358,16 @@ def power_iteration(op: _MatrixFree, p: int, like: torch.Tensor, iters: int = 30
 
 
 @dataclass
-class LiSSAPreconditioner:
+class LiSSAPreconditioner(AbstractFittedPreconditioner):
     spec: LiSSA
     op: _MatrixFree
     scale: float
     largest: float
 
-    @property
-    def damping(self) -> float:
-        return self.op.damping
+    damping: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.damping = self.op.damping
 
     def _product(self, h: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         problem = self.op.problem
@@ -394,7 +398,7 @@ class LiSSAPreconditioner:
 
 
 @dataclass(frozen=True)
-class Arnoldi:
+class Arnoldi(AbstractPreconditioner):
     """Top-``rank`` eigenpairs of H (by magnitude) from ``n_iter`` Arnoldi steps with full
     reorthogonalisation; ``(H + λI)⁻¹`` is applied in that subspace only (Schioppa et al.).
 

@@ -42,13 +42,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import grad, vmap
 
-from ..checkpoint import Checkpoint
-from ..data import ExampleSource
-from ..errors import CheckpointError, ConfigError, DataError, StoreCorruptError, StoreMismatchError
-from ..featurize import eval_mode, model_device, show_progress
-from ..grads import bound_model
-from ..task import AbstractTask
-from ..truth import measure_stacked, stacked_sgd_step, subset_masks
+from ..core.checkpoint import Checkpoint
+from ..core.data import ExampleSource
+from ..core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
+from ..core.runtime import eval_mode, model_device, show_progress
+from ..core.task import AbstractTask
+from ..grads.per_example import bound_model
+from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
 
 _FORMAT = "datatrace-ddm"
 

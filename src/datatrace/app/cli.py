@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DatatraceError
+from ..core.errors import DatatraceError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,47 +4,25 @@ device moves and eval mode, into memory or into a resumable :class:`FeatureStore
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .data import ExampleSource, batch_to
-from .errors import NonFiniteError
-from .features import Features, GradientFeatures
-from .grads import bound_model
+from ..core import distributed
+from ..core.data import ExampleSource, batch_to
+from ..core.errors import NonFiniteError
+from ..core.runtime import eval_mode, model_device, show_progress
+from ..grads.per_example import bound_model
+from .featurizer import AbstractFeaturizer, Features
 from .store import FeatureStore, MemoryFeatureStore
 
 State = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def show_progress(progress: bool | None) -> bool:
-    """Progress bars on when asked, or by default when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else bool(progress)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run in eval mode (dropout off, batch-norm running statistics), then restore the flags."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-def model_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def featurize(
-    features: GradientFeatures,
+    features: AbstractFeaturizer,
     state: State,
     source: ExampleSource,
     measurement: bool,
@@ -68,7 +46,7 @@ def featurize(
 
 
 def featurize_into_store(
-    features: GradientFeatures | Sequence[GradientFeatures],
+    features: AbstractFeaturizer | Sequence[AbstractFeaturizer],
     states: list[State],
     source: ExampleSource,
     store: FeatureStore | MemoryFeatureStore,
@@ -84,7 +62,7 @@ def featurize_into_store(
     and the call returns when all ranks are done (a shared store directory, or a memory
     store merged across ranks). ``features``: one featurizer, or one per checkpoint.
     """
-    per_ckpt = [features] * len(states) if isinstance(features, GradientFeatures) else features
+    per_ckpt = [features] * len(states) if isinstance(features, AbstractFeaturizer) else features
     device = model_device(per_ckpt[0].task.model)
     if shard:
         distributed.barrier()  # every rank sees the same finished chunks
@@ -127,7 +105,7 @@ def _committing(store: FeatureStore | MemoryFeatureStore) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _all_nonfinite(
-    features: GradientFeatures,
+    features: AbstractFeaturizer,
     state: State,
     source: ExampleSource,
     measurement: bool,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 
 def _pyplot() -> Any:

@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import distributed
-from .errors import ConfigError, DataError, StoreCorruptError, StoreMismatchError
-from .featurize import show_progress
+from ..core import distributed
+from ..core.errors import ConfigError, DataError, StoreCorruptError, StoreMismatchError
+from ..core.runtime import show_progress
 
 _FORMAT = "datatrace-truth"
 _VERSION = 1

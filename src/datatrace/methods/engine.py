@@ -1,22 +1,34 @@
-"""The gradient attributor: ``S[j, i] = Σ_c w_c ⟨φ_c(query_j), P_c φ_c(train_i)⟩``.
+"""The one engine: ``S[j, i] = Σ_c w_c v_c(i) ⟨φ_c(query_j), P_c φ_c(train_i)⟩``.
 
-:class:`GradientAttributor` is the one engine behind every gradient method (see
-:mod:`datatrace.methods.recipes`, :mod:`~datatrace.methods.influence` and
-:mod:`~datatrace.methods.trak`): a feature spec (which parameters, projection), whether
-features are normalised (cosine), whether every checkpoint counts (weighted by its
-weight) or only the final one, and an optional curvature preconditioner ``P_c`` (then
-scores carry influence's ``1/n``). Fitting featurizes the training set once per
-checkpoint into a :class:`~datatrace.store.FeatureStore` (or memory); scoring streams
-training blocks from it.
+:class:`GradientAttributor` is the engine behind every gradient method (the recipes in
+:mod:`datatrace.methods.recipes` and :mod:`~datatrace.methods.trak` are a few lines each).
+Its slots are typed:
+
+* the featurizer φ: a :class:`~datatrace.features.FeatureSpec` (which parameters,
+  factored or projected), bound to the task at each checkpoint
+  (:class:`~datatrace.features.GradientFeatures`);
+* the preconditioner P: ``None`` (identity) or an
+  :class:`~datatrace.curvature.AbstractPreconditioner` (then scores carry influence's
+  ``1/n``);
+* the checkpoint weights w_c: :class:`CheckpointWeights`;
+* the example weights v_c(i): ``None`` or an :class:`AbstractExampleWeights` (TRAK's
+  ``1 − p_i``);
+* the output: ``None`` (the task's own loss and measurement) or an
+  :class:`AbstractOutput` that says which function of the model is differentiated (TRAK's
+  margin).
+
+Fitting featurizes the training set once per checkpoint (memory, a store, or recomputed:
+:mod:`datatrace.features.placement`); scoring streams training blocks.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import shutil
-import tempfile
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,50 +37,108 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed
-from ..checkpoint import Checkpoint
+from ..core import distributed
+from ..core.checkpoint import Checkpoint
+from ..core.data import ExampleSource
+from ..core.errors import CheckpointError, ConfigError
+from ..core.runtime import model_device
+from ..core.task import AbstractTask
+from ..curvature.base import (
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
+    mean_squared_entry,
+)
+from ..curvature.context import FitContext
 from ..curvature.problem import CurvatureProblem
-from ..data import ExampleSource
-from ..errors import CheckpointError, ConfigError
-from ..features import Features, FeatureSpec, GradientFeatures
-from ..featurize import State, featurize, featurize_into_store, model_device
-from ..scoring import merge_top_k, running_top_k
-from ..store import FeatureStore, MemoryFeatureStore
-from ..task import AbstractTask
+from ..features.featurizer import AbstractFeaturizer, Features, GradientFeatures
+from ..features.loop import State, featurize
+from ..features.placement import place_training_features
+from ..features.spec import FeatureSpec
+from ..features.store import FeatureStore, MemoryFeatureStore
+from .topk import merge_top_k, running_top_k
 
 log = logging.getLogger("datatrace")
 
 
+class CheckpointWeights(enum.Enum):
+    """Which checkpoints count, and with what weight ``w_c``."""
+
+    #: the last checkpoint only, weight 1 (Grad-Dot, Grad-Cos: final-model methods)
+    LAST = "last"
+    #: every checkpoint, with its ``Checkpoint.weight`` (TracIn's learning rate; influence)
+    LEARNING_RATE = "learning_rate"
+    #: every checkpoint, weight 1/C whatever its own weight (TRAK's ensemble average)
+    MEAN = "mean"
+
+    def select(self, ckpts: list[Checkpoint]) -> tuple[list[Checkpoint], list[float]]:
+        """The checkpoints used and their weights."""
+        if self is CheckpointWeights.LAST:
+            return ckpts[-1:], [1.0]
+        if self is CheckpointWeights.MEAN:
+            return ckpts, [1.0 / len(ckpts)] * len(ckpts)
+        return ckpts, [c.weight for c in ckpts]
+
+
+class AbstractExampleWeights(ABC):
+    """The example-weight slot ``v_c(i)``: a weight per training example and checkpoint that
+    multiplies its column of scores (and its self-influence)."""
+
+    @abstractmethod
+    def weights(
+        self, task: AbstractTask, state: State, train: ExampleSource, batch_size: int
+    ) -> torch.Tensor:
+        """Weights of every training example at one checkpoint, shape (n_train,)."""
+
+
+class AbstractOutput(ABC):
+    """The output slot: which function of the model is differentiated, as a task wrapping
+    the user's (loss and measurement replaced). ``None`` in the engine: the task itself."""
+
+    @abstractmethod
+    def wrap(self, task: AbstractTask) -> AbstractTask:
+        """The task whose loss/measurement gradients are the features."""
+
+
 @dataclass(frozen=True)
 class GradientAttributor:
-    """Scores from (optionally projected, optionally normalised) gradient inner products.
+    """Scores from (optionally projected, normalised or preconditioned) gradient inner products.
 
     Args:
         features: what a gradient feature is (parameters, projection).
         normalize: divide by the feature norms (Grad-Cos).
-        all_checkpoints: sum over every checkpoint weighted by its weight (TracIn); if
-            False, use only the last checkpoint with weight 1 (Grad-Dot, Grad-Cos).
+        checkpoints: which checkpoints count and their weights (:class:`CheckpointWeights`).
         name: the method's name in logs and reports.
         preconditioner: ``None`` (identity), or a curvature preconditioner
             (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``...): scores become
-            influence ``(1/n) Σ_c w_c q_cᵀ (H_c + λI)⁻¹ g_c`` (needs exact dense features).
+            influence ``(1/n) Σ_c w_c q_cᵀ (H_c + λI)⁻¹ g_c`` (needs exact dense features
+            unless it ``accepts_projection``).
+        example_weights: ``None``, or per-example column weights (TRAK's ``1 − p_i``).
+        output: ``None``, or the function differentiated instead of the task's loss and
+            measurement (TRAK's margin).
     """
 
     features: FeatureSpec = field(default_factory=FeatureSpec)
     normalize: bool = False
-    all_checkpoints: bool = True
+    checkpoints: CheckpointWeights = CheckpointWeights.LEARNING_RATE
     name: str = "gradient"
-    preconditioner: Any = None
+    preconditioner: AbstractPreconditioner | None = None
+    example_weights: AbstractExampleWeights | None = None
+    output: AbstractOutput | None = None
 
     def __post_init__(self) -> None:
-        if self.preconditioner is None:
+        _check_slot("features", self.features, FeatureSpec)
+        _check_slot("checkpoints", self.checkpoints, CheckpointWeights)
+        _check_slot("preconditioner", self.preconditioner, AbstractPreconditioner)
+        _check_slot("example_weights", self.example_weights, AbstractExampleWeights)
+        _check_slot("output", self.output, AbstractOutput)
+        pc = self.preconditioner
+        if pc is None:
             return
-        projected_ok = getattr(self.preconditioner, "accepts_projection", False)
         if self.features.factored is not False or (
-            self.features.projection_dim is not None and not projected_ok
+            self.features.projection_dim is not None and not pc.accepts_projection
         ):
             raise ConfigError(
-                f"{type(self.preconditioner).__name__} needs exact dense gradient features: "
+                f"{type(pc).__name__} needs exact dense gradient features: "
                 "FeatureSpec(projection_dim=None, factored=False)"
             )
 
@@ -105,24 +175,18 @@ class GradientAttributor:
             max_memory_bytes: with ``store=None``, keep features in memory (on the model's
                 device: GPU memory for a CUDA model) up to this size.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("block_size", block_size)
         ckpts = _check_checkpoints(checkpoints)
-        if not self.all_checkpoints:
-            if len(ckpts) > 1:
-                log.info("%s uses only the last of %d checkpoints", self.name, len(ckpts))
-            ckpts = [ckpts[-1]]
-            weights = [1.0]
-        else:
-            weights = [c.weight for c in ckpts]
+        if self.checkpoints is CheckpointWeights.LAST and len(ckpts) > 1:
+            log.info("%s uses only the last of %d checkpoints", self.name, len(ckpts))
+        ckpts, weights = self.checkpoints.select(ckpts)
         source = ExampleSource(train, "training data")
+        scored = self.output.wrap(task) if self.output is not None else task
         # one featurizer per checkpoint: projected features get an independent matrix each
-        per_ckpt = [
-            GradientFeatures(self.features.for_checkpoint(c), task) for c in range(len(ckpts))
+        per_ckpt: list[AbstractFeaturizer] = [
+            GradientFeatures(self.features.for_checkpoint(c), scored) for c in range(len(ckpts))
         ]
-        feats = per_ckpt[0]
         device = model_device(task.model)
         distributed.ensure_initialized(device)
         states = [c.parameters_for(task.model, device) for c in ckpts]
@@ -130,108 +194,66 @@ class GradientAttributor:
         # Probe the model on one example: fixes the factored layout before the store is sized.
         for f, st in zip(per_ckpt, states, strict=True):
             featurize(f, st, source, False, batch_size, 0, 1, progress=False)
-        nbytes = len(source) * sum(feats.layout().values()) * dtype.itemsize * len(states)
-        fs: FeatureStore | MemoryFeatureStore | None = None
-        tmp = None
-        if store is None and nbytes <= max_memory_bytes:
-            fs = MemoryFeatureStore(
-                feats.layout(), len(source), len(states), dtype, batch_size, device
-            )
-            featurize_into_store(per_ckpt, states, source, fs, progress, shard=True)
-            log.info("%s: training features in memory (%.1f MB)", self.name, nbytes / 1e6)
-        elif max_store_bytes is not None and nbytes > max_store_bytes:
-            log.info(
-                "%s: training features would take %.1f MB > max_store_bytes; not cached, "
-                "recomputed block by block when scoring (set projection_dim or params, or "
-                "raise max_store_bytes, to cache them)",
-                self.name,
-                nbytes / 1e6,
-            )
-        else:
-            if store is None:
-                store = tmp = tempfile.mkdtemp(prefix="datatrace-features-")
-            try:
-                fs = self._disk_store(
-                    task,
-                    ckpts,
-                    states,
-                    per_ckpt,
-                    source,
-                    store,
-                    dtype,
-                    batch_size,
-                    overwrite,
-                    progress,
-                    shared=tmp is None,  # a temporary directory is per rank: not shared
-                )
-            except BaseException:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        fitted = FittedGradientAttributor(
-            self, task, per_ckpt, states, weights, source, fs, batch_size, block_size, progress
-        )
-        if self.preconditioner is not None:
-            fitted.fit_preconditioners(self.preconditioner)
-        if tmp is not None:
-            weakref.finalize(fitted, shutil.rmtree, tmp, True)
-        return fitted
-
-    def _disk_store(
-        self,
-        task: AbstractTask,
-        ckpts: list[Checkpoint],
-        states: list[State],
-        per_ckpt: list[GradientFeatures],
-        source: ExampleSource,
-        path: str | Path,
-        dtype: torch.dtype,
-        batch_size: int,
-        overwrite: bool,
-        progress: bool | None,
-        shared: bool = True,
-    ) -> FeatureStore:
-        """Open (or create) the fingerprinted store at ``path`` and fill what is missing.
-        Under torchrun with a ``shared`` directory, rank 0 creates (or checks, or
-        overwrites) the store, then every rank fills its share of the missing chunks."""
         fingerprint = {
             "method": {"normalize": self.normalize},
-            "task": type(task).__name__,
+            "task": type(scored).__name__,
             "features": self.features.describe(),
             "checkpoints": [c.fingerprint() for c in ckpts],
             "data": source.fingerprint(),
         }
-        rank, size = distributed.world() if shared else (0, 1)
-
-        def open_store(overwrite: bool) -> FeatureStore:
-            return FeatureStore(
-                path,
-                fingerprint,
-                per_ckpt[0].layout(),
-                len(source),
-                len(ckpts),
-                dtype,
-                chunk_size=batch_size,
-                overwrite=overwrite,
-            )
-
-        if size > 1:
-            fs = open_store(overwrite) if rank == 0 else None
-            distributed.barrier()
-            fs = fs or open_store(False)
-        else:
-            fs = open_store(overwrite)
-        computed = featurize_into_store(per_ckpt, states, source, fs, progress, shard=shared)
-        log.info(
-            "%s: %s training features of %d examples x %d checkpoint(s) at %s (%.1f MB)",
-            self.name,
-            "computed" if computed else "reused",
-            len(source),
-            len(ckpts),
-            fs.path,
-            fs.nbytes() / 1e6,
+        placed = place_training_features(
+            per_ckpt,
+            states,
+            source,
+            fingerprint,
+            dtype,
+            name=self.name,
+            store=store,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            progress=progress,
+            max_store_bytes=max_store_bytes,
+            max_memory_bytes=max_memory_bytes,
         )
-        return fs
+        try:
+            column_weights = (
+                [self.example_weights.weights(task, st, source, batch_size) for st in states]
+                if self.example_weights is not None
+                else None
+            )
+            fitted = FittedGradientAttributor(
+                self,
+                scored,
+                per_ckpt,
+                states,
+                weights,
+                source,
+                placed.store,
+                batch_size,
+                block_size,
+                progress,
+                column_weights,
+            )
+        except BaseException:
+            if placed.temporary is not None:
+                shutil.rmtree(placed.temporary, ignore_errors=True)
+            raise
+        if placed.temporary is not None:
+            weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
+        return fitted
+
+
+def _check_slot(name: str, value: Any, kind: type) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(
+            f"{name} must be a {kind.__name__}{' or None' if name != 'features' else ''}, "
+            f"got {type(value).__name__}"
+        )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
@@ -256,14 +278,15 @@ class FittedGradientAttributor:
         self,
         method: GradientAttributor,
         task: AbstractTask,
-        features: list[GradientFeatures],
-        states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+        features: list[AbstractFeaturizer],
+        states: list[State],
         weights: list[float],
         train: ExampleSource,
         store: FeatureStore | MemoryFeatureStore | None,
         batch_size: int,
         block_size: int,
         progress: bool | None,
+        column_weights: list[torch.Tensor] | None = None,
     ) -> None:
         self.method = method
         self.task = task
@@ -278,25 +301,23 @@ class FittedGradientAttributor:
         self.batch_size = batch_size
         self.block_size = block_size
         self.progress = progress
-        self.preconditioners: list[Any] = []
-        self.scale = 1.0
         #: optional per-checkpoint weights of each training example's column, (n_train,)
-        self.column_weights: list[torch.Tensor] | None = None
+        self.column_weights = column_weights
         #: scores are computed in the model's dtype (features may be kept in bfloat16)
         self.compute_dtype = next(iter(states[0][0].values())).dtype
+        self.preconditioners: list[AbstractFittedPreconditioner] = []
+        self.scale = 1.0
+        if method.preconditioner is not None:
+            self._fit_preconditioners(method.preconditioner)
 
-    def fit_preconditioners(self, spec: Any) -> None:
+    def _fit_preconditioners(self, spec: AbstractPreconditioner) -> None:
         """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
-        from ..curvature import FitContext
-
         for c, (params, buffers) in enumerate(self.states):
             problem = CurvatureProblem(
                 self.task, self.features.names, params, buffers, self.train, self.batch_size
             )
-            lambda0 = float(
-                sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
-                / (problem.n * problem.p)
-            )
+            square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
+            lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
             path = self.store.path if self.store is not None else None
             cache = path / f"curvature-c{c}" if path is not None else None
             ctx = FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 DATASETS = ("breast_cancer", "digits", "wine", "iris")
 

@@ -35,75 +35,16 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from .checkpoint import Checkpoint
-from .data import ExampleSource, batch_to
-from .errors import ConfigError, DataError
-from .featurize import eval_mode, model_device
-from .grads import _unsqueeze, bound_model
+from ..core.checkpoint import Checkpoint
+from ..core.data import ExampleSource, as_single_batch, batch_to
+from ..core.errors import ConfigError, DataError
+from ..core.runtime import eval_mode, model_device
+from ..core.task import AbstractTask
+from ..grads.per_example import bound_model
+from ..retrain import measure, measure_stacked, stacked_sgd_step, subset_masks
 from .jobs import callable_name, digest, run_jobs
-from .task import AbstractTask
 
 TrainFn = Callable[[torch.Tensor, int], nn.Module]
-
-
-def measure(
-    task: AbstractTask, model: nn.Module, queries: ExampleSource, batch_size: int = 1024
-) -> torch.Tensor:
-    """``task.measurement`` of every query under ``model`` (no gradients), shape (n_query,)."""
-    device = model_device(model)
-    out = []
-    with torch.no_grad(), eval_mode(model):
-        for s, e in queries.ranges(batch_size):
-            out.append(task.measurement(model, batch_to(queries.batch(s, e), device)))
-    return torch.cat(out)
-
-
-def measure_stacked(
-    task: AbstractTask,
-    fixed: dict[str, torch.Tensor],
-    params: dict[str, torch.Tensor],
-    queries: ExampleSource,
-    device: torch.device,
-) -> torch.Tensor:
-    """``task.measurement`` of every query under each of R stacked parameter sets
-    (``params[name]`` has a leading dimension R; ``fixed`` holds buffers and the other
-    parameters), shape (n_query, R): one vmapped call per query batch, a loop over the R
-    models where the measurement cannot be vmapped."""
-    r_models = next(iter(params.values())).shape[0]
-
-    def one(p: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        return task.measurement(bound_model(task.model, {**fixed, **p}), batch)
-
-    rows = []
-    use_vmap = True
-    with torch.no_grad(), eval_mode(task.model):
-        for s, e in queries.ranges(1024):
-            batch = batch_to(queries.batch(s, e), device)
-            if use_vmap:
-                try:
-                    rows.append(vmap(one, in_dims=(0, None))(params, batch).T)
-                    continue
-                except Exception:  # e.g. data-dependent control flow: loop instead
-                    use_vmap = False
-            cols = [one({nm: t[r] for nm, t in params.items()}, batch) for r in range(r_models)]
-            rows.append(torch.stack(cols, dim=1))
-    return torch.cat(rows, dim=0)
-
-
-def stacked_sgd_step(
-    params: dict[str, torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    velocity: dict[str, torch.Tensor],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> None:
-    """One ``torch.optim.SGD`` step (momentum, weight decay, no dampening) on stacked
-    parameters, in place of ``params`` and ``velocity`` (same keys, grads in key order)."""
-    with torch.no_grad():
-        for (nm, p), g in zip(list(params.items()), grads, strict=True):
-            velocity[nm] = momentum * velocity[nm] + g + weight_decay * p
-            params[nm] = (p - lr * velocity[nm]).detach()
 
 
 def _sources(train: Any, queries: Any) -> tuple[ExampleSource, ExampleSource]:
@@ -306,23 +247,6 @@ def group_leave_out(
     )
 
 
-def subset_masks(n_train: int, n_subsets: int, fraction: float, seed: int) -> torch.Tensor:
-    """``n_subsets`` random subsets of exactly ``round(fraction · n_train)`` examples,
-    bool (n_subsets, n_train), reproducible from ``seed``."""
-    if not 0 < fraction < 1:
-        raise ConfigError(f"fraction must be in (0, 1), got {fraction!r}")
-    if n_subsets < 2:
-        raise ConfigError(f"n_subsets must be >= 2, got {n_subsets!r}")
-    m = round(fraction * n_train)
-    if not 0 < m < n_train:
-        raise ConfigError(f"fraction {fraction} of {n_train} examples leaves an empty side")
-    g = torch.Generator().manual_seed(int(seed))
-    masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
-    for s in range(n_subsets):
-        masks[s, torch.randperm(n_train, generator=g)[:m]] = True
-    return masks
-
-
 def subset_retraining(
     train_fn: TrainFn,
     task: AbstractTask,
@@ -432,7 +356,7 @@ class _FurtherTrainer:
         extra = batch_to(self.train.take(left_out.clamp_min(0)), self.device)
         results = []
         step_losses = vmap(self._per_example, in_dims=(0, None))
-        single = vmap(lambda p, ex: self._per_example(p, _unsqueeze(ex))[0], in_dims=(0, 0))
+        single = vmap(lambda p, ex: self._per_example(p, as_single_batch(ex))[0], in_dims=(0, 0))
         with eval_mode(self.task.model):
             for t in range(len(batches) + 1):
                 if t in evals:

@@ -161,3 +161,34 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, (tuple, list)):
         return type(batch)(batch_to(v, device) for v in batch)
     return batch
+
+
+def as_single_batch(example: Any) -> Any:
+    """One example (no leading dimension) as a batch of one."""
+    if isinstance(example, torch.Tensor):
+        return example.unsqueeze(0)
+    if isinstance(example, Mapping):
+        return {k: as_single_batch(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(as_single_batch(v) for v in example)
+    return example
+
+
+def batch_len(batch: Any) -> int:
+    """Number of examples in a batch (tensor, tuple or dict of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return batch_len(next(iter(batch.values())))
+    return batch_len(batch[0])
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples start..stop-1 of a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, start, stop) for v in batch)
+    return batch

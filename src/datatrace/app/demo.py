@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checkpoint import Checkpoint
+from ..core.errors import ConfigError
+from ..core.task import ClassificationTask
+from ..methods.recipes import TracIn
+from ..metrics import detection_auc, detection_curve, found_at
 from . import report
-from .checkpoint import Checkpoint
-from .errors import ConfigError
-from .methods import TracIn
-from .metrics import detection_auc, detection_curve, found_at
-from .task import ClassificationTask
 
 FRACTIONS = (0.05, 0.10, 0.20)
 

@@ -14,12 +14,13 @@ References:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,24 @@ class ProjectionSpec:
             )
 
 
-class RandomProjector:
+class AbstractProjector(ABC):
+    """The projection slot of a featurizer: maps per-example gradients to k numbers with
+    ``E[φ(z)·φ(z')] = ⟨g(z), g(z')⟩``. Implementations are final and deterministic given
+    their settings (same seed, same matrix on every process and device)."""
+
+    spec: ProjectionSpec
+
+    @property
+    def dim(self) -> int:
+        """The output dimension k."""
+        return self.spec.dim
+
+    @abstractmethod
+    def __call__(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Project per-example gradient blocks, each (batch, size_j), to (batch, k)."""
+
+
+class RandomProjector(AbstractProjector):
     """Applies a fixed random ``P`` (k × p) to gradients given as per-parameter blocks.
 
     Args:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed
-from .errors import StoreCorruptError, StoreMismatchError
+from ..core import distributed
+from ..core.errors import StoreCorruptError, StoreMismatchError
 
 FORMAT = "datatrace-feature-store"
 VERSION = 1

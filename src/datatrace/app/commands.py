@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .errors import ConfigError
-from .evaluate import build_experiment, load_config, make_method
-from .methods import GradCos, GradDot, TracIn
-from .methods.gradient import FittedGradientAttributor
+from ..core import distributed
+from ..core.errors import ConfigError
+from ..methods.engine import FittedGradientAttributor
+from ..methods.recipes import GradCos, GradDot, TracIn
+from .config import load_config
+from .experiment import build_experiment
+from .registry import make_method
 
 FIRST_ORDER = {"graddot": GradDot, "gradcos": GradCos, "tracin": TracIn}
 
