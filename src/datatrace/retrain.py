@@ -4,6 +4,7 @@ once, random training subsets, and the plain SGD trainer with checkpoints."""
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,6 +99,20 @@ def subset_masks(n_train: int, n_subsets: int, fraction: float, seed: int) -> to
     return masks
 
 
+class LRSchedule(enum.Enum):
+    """Learning-rate schedules of :func:`sgd_train`."""
+
+    #: ``lr · (1 + cos(π t / T)) / 2`` per step t of T
+    COSINE = "cosine"
+    #: ``lr · 0.5^⌊(epoch − 1) / ⌊epochs / 3⌋⌋``: halved twice, per epoch
+    STEP_HALVING = "step_halving"
+
+    def rate(self, lr: float, step: int, total: int, epoch: int, epochs: int) -> float:
+        if self is LRSchedule.COSINE:
+            return lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        return lr * (0.5 ** ((epoch - 1) // max(1, epochs // 3)))
+
+
 def sgd_train(
     make: Callable[[], nn.Module],
     x: torch.Tensor,
@@ -107,40 +122,49 @@ def sgd_train(
     lr: float,
     batch_size: int,
     momentum: float,
-    alpha: float,
+    alpha: float = 0.0,
     checkpoints: int = 0,
     keep: torch.Tensor | None = None,
+    *,
+    weight_decay: float = 0.0,
+    schedule: LRSchedule = LRSchedule.COSINE,
+    order_seed: int | None = None,
+    checkpoint_epochs: Sequence[int] | None = None,
 ) -> tuple[nn.Module, list[Checkpoint]]:
-    """Train from a seeded initialisation with SGD on ``mean CE + α‖θ‖²`` (cosine learning
-    rate decay); keep ``checkpoints`` evenly spaced snapshots weighted by their learning
-    rate (TracIn's weights). With ``keep`` (bool over the rows of x), the batch order is
-    that of the full data with the other rows skipped, so retraining without a few
-    examples differs from the full run by those examples only, not by a new shuffle."""
+    """THE trainer of built-in experiments, the demo and the benchmarks: from a seeded
+    initialisation (``torch.manual_seed(seed)``), SGD on ``mean CE + α‖θ‖²`` with
+    ``torch.optim.SGD``'s momentum and weight decay, batches in a seeded random order
+    (``order_seed``, default ``seed``), the learning rate from ``schedule``.
+
+    Keeps ``checkpoints`` evenly spaced snapshots (or one at the end of each epoch in
+    ``checkpoint_epochs``), each weighted by its learning rate (TracIn's weights). With
+    ``keep`` (bool over the rows of x), the batch order is that of the full data with the
+    other rows skipped, so retraining without a few examples differs from the full run by
+    those examples only, not by a new shuffle."""
     torch.manual_seed(seed)
     model = make()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
     n_rows = len(x) if keep is None else int(keep.sum())
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    per_epoch = math.ceil(n_rows / batch_size)
-    total = epochs * per_epoch
-    marks = (
-        {round(epochs * (c + 1) / checkpoints) for c in range(checkpoints)}
-        if checkpoints
-        else set()
-    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total = epochs * math.ceil(n_rows / batch_size)
+    if checkpoint_epochs is not None:
+        marks = set(checkpoint_epochs)
+    else:
+        marks = {round(epochs * (c + 1) / checkpoints) for c in range(checkpoints)}
     ckpts: list[Checkpoint] = []
-    step = 0
+    step, rate = 0, lr
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(x), generator=g)
         if keep is not None:
             order = order[keep[order]]
         for idx in order.split(batch_size):
-            rate = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            rate = schedule.rate(lr, step, total, epoch, epochs)
             for group in opt.param_groups:
                 group["lr"] = rate
             opt.zero_grad()
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss = loss + alpha * sum((p**2).sum() for p in model.parameters())
+            if alpha:
+                loss = loss + alpha * sum((p**2).sum() for p in model.parameters())
             loss.backward()
             opt.step()
             step += 1

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import DatatraceError
+from .registry import REGISTRY
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("config", type=Path, help="an experiment TOML (as for evaluate)")
         cmd.add_argument("--store", type=Path, required=True, help="feature store directory")
-        cmd.add_argument("--method", default="tracin", help="graddot, gradcos, tracin, ...")
+        cmd.add_argument(
+            "--method", default="tracin", help=f"one of: {', '.join(REGISTRY)} (default: tracin)"
+        )
         cmd.add_argument("--projection-dim", type=int, default=None)
         cmd.add_argument("--batch-size", type=int, default=256)
         cmd.add_argument(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,40 +25,33 @@ import torch
 from ..core import distributed
 from ..core.errors import ConfigError
 from ..methods.engine import FittedGradientAttributor
-from ..methods.recipes import GradCos, GradDot, TracIn
 from .config import load_config
 from .experiment import build_experiment
-from .registry import make_method
-
-FIRST_ORDER = {"graddot": GradDot, "gradcos": GradCos, "tracin": TracIn}
+from .registry import REGISTRY, MethodOptions, entry
 
 
 def _fit(args: Any) -> tuple[FittedGradientAttributor, Any, float]:
     cfg = load_config(args.config)
+    name = args.method
+    method_entry = entry(name)  # before any training: an unknown name fails at once
+    feature_dtype = None if args.feature_dtype is None else getattr(torch, args.feature_dtype)
+    options = MethodOptions.from_config(cfg["methods"])
+    if method_entry.first_order:
+        options = replace(
+            options, projection_dim=args.projection_dim, feature_dtype=feature_dtype, tf32=args.tf32
+        )
+    elif args.projection_dim is not None or feature_dtype is not None or args.tf32:
+        first = ", ".join(n for n, e in REGISTRY.items() if e.first_order)
+        raise ConfigError(f"--projection-dim, --feature-dtype and --tf32 apply to {first} only")
+    method = method_entry.build(options)
     device = distributed.resolve_device(args.device)
     exp = build_experiment(cfg)
     exp.task.model.to(device)
-    name = args.method
-    feature_dtype = None if args.feature_dtype is None else getattr(torch, args.feature_dtype)
-    if name in FIRST_ORDER:
-        method = FIRST_ORDER[name](
-            projection_dim=args.projection_dim, feature_dtype=feature_dtype, tf32=args.tf32
-        )
-    elif args.projection_dim is not None or feature_dtype is not None or args.tf32:
-        raise ConfigError(
-            "--projection-dim, --feature-dtype and --tf32 apply to graddot, gradcos and tracin only"
-        )
-    else:
-        method = make_method(name, cfg["methods"], None)
-    if not hasattr(method, "fit"):
-        raise ConfigError(f"method {name!r} cannot be used here")
-    ckpts = exp.checkpoints if name == "tracin" else exp.checkpoints[-1:]
+    ckpts = exp.checkpoints if method_entry.trajectory else exp.checkpoints[-1:]
     t0 = time.perf_counter()
     fitted = method.fit(
         exp.task, ckpts, exp.train, store=args.store, batch_size=args.batch_size, progress=None
     )
-    if not isinstance(fitted, FittedGradientAttributor):
-        raise ConfigError(f"method {name!r} does not use a feature store")
     return fitted, exp, time.perf_counter() - t0
 
 

@@ -4,19 +4,14 @@ error with a suggestion. A config is a program: ``entry = "module:function"`` ru
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..truth import Removal
 from .problems import DATASETS
-
-METHODS = (
-    "graddot", "gradcos", "tracin", "datainf", "exact", "gauss_newton", "cg", "lissa",
-    "arnoldi", "kfac", "ekfac", "trak",
-)  # fmt: skip
-
+from .registry import entry, suggest
 
 TRUTHS = ("further_training", "loo", "lds")
 
@@ -58,8 +53,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(options)}"
+    return suggest(word, list(options))
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -141,8 +135,8 @@ def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
             values[key] = value
         cfg[section] = values
     for name in cfg["methods"]["use"]:
-        if name not in METHODS:
-            raise ConfigError(f"unknown method {name!r}" + _suggest(name, METHODS))
+        entry(name)  # an unknown name raises, with a suggestion
+    Removal.of(cfg["truth.further_training"]["mode"])  # an unknown mode raises
     for name in cfg["truth"]["use"]:
         if name not in TRUTHS:
             raise ConfigError(f"unknown gold standard {name!r}" + _suggest(name, TRUTHS))

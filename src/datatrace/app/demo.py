@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from ..core.checkpoint import Checkpoint
@@ -24,6 +25,7 @@ from ..core.errors import ConfigError
 from ..core.task import ClassificationTask
 from ..methods.recipes import TracIn
 from ..metrics import detection_auc, detection_curve, found_at
+from ..retrain import LRSchedule, sgd_train
 from . import report
 
 FRACTIONS = (0.05, 0.10, 0.20)
@@ -83,31 +85,21 @@ def make_model() -> nn.Module:
 def train_with_checkpoints(
     data: dict[str, torch.Tensor], cfg: DemoConfig, ckpt_dir: Path
 ) -> tuple[nn.Module, list[Checkpoint]]:
-    """SGD with momentum and a step-decayed learning rate; a checkpoint every few epochs."""
-    torch.manual_seed(cfg.seed)
-    model = make_model()
-    lr0, every = 0.1, max(1, cfg.epochs // 8)
-    opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=0.9, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+    """SGD with momentum, weight decay and a step-decayed learning rate; a checkpoint every
+    few epochs, saved as safetensors files (with their learning rates) and loaded back, as
+    a user's own training run would."""
+    every = max(1, cfg.epochs // 8)
+    model, snapshots = sgd_train(
+        make_model, data["x_train"], data["y_train"], cfg.seed, cfg.epochs, 0.1, 32, 0.9,
+        weight_decay=1e-4, schedule=LRSchedule.STEP_HALVING, order_seed=cfg.seed + 1,
+        checkpoint_epochs=range(every, cfg.epochs + 1, every),
+    )  # fmt: skip
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     lrs: dict[str, float] = {}
-    x, y = data["x_train"], data["y_train"]
-    for epoch in range(1, cfg.epochs + 1):
-        lr = lr0 * (0.5 ** ((epoch - 1) // max(1, cfg.epochs // 3)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for idx in torch.randperm(len(x), generator=g).split(32):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if epoch % every == 0:
-            from safetensors.torch import save_file
-
-            name = f"epoch_{epoch:03d}.safetensors"
-            save_file(
-                {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt_dir / name)
-            )
-            lrs[name] = lr
+    for snap in snapshots:
+        name = f"epoch_{int(snap.name.removeprefix('epoch')):03d}.safetensors"
+        save_file({k: v.contiguous() for k, v in snap.state.items()}, str(ckpt_dir / name))
+        lrs[name] = snap.weight
     (ckpt_dir / "learning_rates.json").write_text(json.dumps(lrs, indent=1))
     ckpts = [Checkpoint.from_file(ckpt_dir / n, weight=w) for n, w in sorted(lrs.items())]
     return model, ckpts

@@ -29,16 +29,7 @@ from ..core.data import ExampleSource
 from ..core.errors import ConfigError
 from .config import load_config
 from .experiment import build_experiment
-from .registry import make_method, method_variants
-
-# -- config ---------------------------------------------------------------------------------
-
-
-# -- the built-in experiment ------------------------------------------------------------------
-
-
-# -- methods ----------------------------------------------------------------------------------
-
+from .registry import entry, make_method, method_variants
 
 # -- the run ----------------------------------------------------------------------------------
 
@@ -70,11 +61,11 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     for label, name, lam in method_variants(cfg["methods"]):
         s = time.perf_counter()
         method = make_method(name, cfg["methods"], lam)
-        ckpts = exp.checkpoints if name == "tracin" else [final]
+        ckpts = exp.checkpoints if entry(name).trajectory else [final]
         fitted = method.fit(exp.task, ckpts, exp.train, progress=progress)
         scores[label] = fitted.attribute(exp.queries).double().cpu()
         timing[label] = time.perf_counter() - s
-        used[label] = getattr(fitted, "damping", None)
+        used[label] = fitted.damping or None
 
     # gold standards and metrics
     results: list[dict[str, Any]] = []
