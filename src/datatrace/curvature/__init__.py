@@ -18,10 +18,11 @@ from .base import (
 )
 from .context import FitContext
 from .datainf import DataInfPreconditioner
+from .dense import ExactHessian, GaussNewton
 from .gram import GramInverse
+from .iterative import Arnoldi, ConjugateGradient, LiSSA
 from .kfac import EKFAC, KFAC
 from .problem import CurvatureProblem
-from .solvers import Arnoldi, ConjugateGradient, ExactHessian, GaussNewton, LiSSA
 
 __all__ = [
     "DAMPING_FACTOR",

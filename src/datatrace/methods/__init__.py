@@ -7,14 +7,10 @@ from .datamodel import (
     Recorder,
     kmeans_groups,
 )
-from .engine import (
-    AbstractExampleWeights,
-    AbstractOutput,
-    CheckpointWeights,
-    FittedGradientAttributor,
-    GradientAttributor,
-)
+from .engine import GradientAttributor
+from .fitted import FittedGradientAttributor
 from .recipes import TRAK, DataInf, GradCos, GradDot, Influence, TracIn
+from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 from .sweep import SweepPoint, damping_sweep, mean_squared_gradient
 
 __all__ = [

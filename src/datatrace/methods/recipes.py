@@ -36,7 +36,8 @@ import torch
 from ..core.errors import ConfigError
 from ..curvature import AbstractPreconditioner, DataInfPreconditioner, GramInverse
 from ..features.spec import FeatureSpec
-from .engine import CheckpointWeights, GradientAttributor
+from .engine import GradientAttributor
+from .slots import CheckpointWeights
 from .trak import Margin, MarginResidual
 
 Params = Sequence[str] | str | None

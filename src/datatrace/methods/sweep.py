@@ -10,9 +10,11 @@ import torch
 
 from ..core.checkpoint import Checkpoint
 from ..core.task import AbstractTask
+from ..curvature.base import mean_squared_entry
 from ..features.spec import FeatureSpec
 from ..metrics import agreement
-from .engine import CheckpointWeights, GradientAttributor
+from .engine import GradientAttributor
+from .slots import CheckpointWeights
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ def mean_squared_gradient(
         checkpoints=CheckpointWeights.LAST,
     )
     fitted = method.fit(task, [checkpoint], train, batch_size=batch_size, progress=False)
-    return float(fitted.self_influence().mean()) / fitted.features.num_params
+    square_sum = float(fitted.self_influence().sum())  # Σ_i ‖g_i‖²
+    return mean_squared_entry(square_sum, fitted.n_train, fitted.features.num_params)
 
 
 def damping_sweep(

@@ -21,7 +21,7 @@ from ..core.runtime import eval_mode, model_device
 from ..core.task import AbstractTask, ClassificationTask, ModelFn
 from ..features.loop import State
 from ..grads.per_example import bound_model
-from .engine import AbstractExampleWeights, AbstractOutput
+from .slots import AbstractExampleWeights, AbstractOutput
 
 
 class MarginTask(AbstractTask):
