@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,7 @@ class Checkpoint:
     _fingerprint: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
-            raise CheckpointError(f"checkpoint weight must be a finite number, got {self.weight!r}")
+        object.__setattr__(self, "weight", _weight(self.weight))
         for k, v in self.state.items():
             if not isinstance(v, torch.Tensor):
                 raise CheckpointError(f"checkpoint entry {k!r} is not a tensor")
@@ -45,7 +45,7 @@ class Checkpoint:
     def from_module(cls, module: nn.Module, weight: float = 1.0, name: str = "") -> Checkpoint:
         """Snapshot a module's current state (a detached copy)."""
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        return cls(state=state, weight=float(weight), name=name)
+        return cls(state=state, weight=weight, name=name)
 
     @classmethod
     def from_state_dict(
@@ -54,7 +54,7 @@ class Checkpoint:
         """Wrap a state dict (copied, so later changes to it do not leak in)."""
         return cls(
             state={k: v.detach().clone() for k, v in state_dict.items()},
-            weight=float(weight),
+            weight=weight,
             name=name,
         )
 
@@ -75,7 +75,7 @@ class Checkpoint:
             raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
-        return cls(state=dict(state), weight=float(weight), name=name or path.stem)
+        return cls(state=dict(state), weight=weight, name=name or path.stem)
 
     def fingerprint(self) -> str:
         """SHA-256 (truncated) of names, shapes, dtypes and bytes of the state."""
@@ -126,3 +126,17 @@ class Checkpoint:
                 + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             )
         return params, buffers
+
+
+def _weight(weight: object) -> float:
+    """A checkpoint weight as a finite float; anything else is a :class:`CheckpointError`."""
+    if isinstance(weight, torch.Tensor) and weight.numel() == 1:
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise CheckpointError(
+            f"checkpoint weight must be a finite number (e.g. the learning rate), got "
+            f"{type(weight).__name__} {weight!r}"
+        )
+    if not math.isfinite(weight):
+        raise CheckpointError(f"checkpoint weight must be a finite number, got {weight!r}")
+    return float(weight)

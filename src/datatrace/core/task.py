@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,13 @@ PerExampleFn = Callable[[ModelFn, Any], torch.Tensor]
 
 
 class AbstractTask(ABC):
-    """A model plus its per-example training loss and measurement."""
+    """A model plus its per-example training loss and measurement.
+
+    Every other attribute is a setting: caches fingerprint it (and the code of the task's
+    methods and functions) unless its name is in :attr:`runtime_state`."""
+
+    #: attributes that are runtime state, not settings (left out of cache fingerprints)
+    runtime_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
@@ -105,12 +111,15 @@ class ClassificationTask(AbstractTask):
         target_key: the label key of dict batches.
     """
 
+    runtime_state = ("_inferred_classes",)
+
     def __init__(
         self, model: nn.Module, num_classes: int | None = None, target_key: str = "labels"
     ) -> None:
         super().__init__(model)
         self.num_classes = num_classes
         self.target_key = target_key
+        self._inferred_classes: int | None = None
 
     def logits(self, model: ModelFn, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         args, kwargs, y = _split_supervised(batch, self.target_key)
@@ -143,15 +152,16 @@ class ClassificationTask(AbstractTask):
                 f"labels must be a 1-D integer tensor of class indices, got dtype {y.dtype} "
                 f"and shape {tuple(y.shape)}"
             )
-        if self.num_classes is None:
+        classes = self.num_classes or self._inferred_classes
+        if classes is None:  # inferred once from the model (not a setting: not fingerprinted)
             with torch.no_grad():
                 first = _take_first(batch)
-                self.num_classes = int(self.logits(model, first)[0].shape[1])
-        bad = ((y < 0) | (y >= self.num_classes)).nonzero().flatten()
+                classes = self._inferred_classes = int(self.logits(model, first)[0].shape[1])
+        bad = ((y < 0) | (y >= classes)).nonzero().flatten()
         if bad.numel():
             idx = (bad[:10] + offset).tolist()
             raise DataError(
-                f"labels out of range [0, {self.num_classes}) at examples {idx}"
+                f"labels out of range [0, {classes}) at examples {idx}"
                 f"{' and more' if bad.numel() > 10 else ''}: got {y[bad[:10]].tolist()}"
             )
 

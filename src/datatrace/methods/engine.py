@@ -35,6 +35,12 @@ from ..core import distributed
 from ..core.checkpoint import Checkpoint
 from ..core.data import ExampleSource
 from ..core.errors import CheckpointError, ConfigError
+from ..core.fingerprint import (
+    check_extra,
+    environment_fingerprint,
+    model_fingerprint,
+    task_fingerprint,
+)
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
 from ..curvature.base import (
@@ -106,6 +112,7 @@ class GradientAttributor:
         progress: bool | None = None,
         max_store_bytes: int | None = 8 << 30,
         max_memory_bytes: int = 4 << 30,
+        fingerprint_extra: Any = None,
     ) -> FittedGradientAttributor:
         """Featurize the training data at every checkpoint used.
 
@@ -125,6 +132,13 @@ class GradientAttributor:
                 scoring time (same scores, more compute, no disk).
             max_memory_bytes: with ``store=None``, keep features in memory (on the model's
                 device: GPU memory for a CUDA model) up to this size.
+            fingerprint_extra: anything else the scores depend on that datatrace cannot see
+                (JSON-able; recorded in the store's fingerprint, e.g. a data version).
+
+        The store is reused only when its fingerprint matches: the method's settings, the
+        model (class, module tree, forward code), the task (class, settings, loss and
+        measurement code), every checkpoint's bytes, the data's bytes, the dtype, the device
+        kind and torch's version (:mod:`datatrace.core.fingerprint`).
         """
         _check_positive_int("batch_size", batch_size)
         _check_positive_int("block_size", block_size)
@@ -147,10 +161,13 @@ class GradientAttributor:
             featurize(f, st, source, False, batch_size, 0, 1, progress=False)
         fingerprint = {
             "method": {"normalize": self.normalize},
-            "task": type(scored).__name__,
+            "model": model_fingerprint(task.model),
+            "task": task_fingerprint(scored),
             "features": self.features.describe(),
             "checkpoints": [c.fingerprint() for c in ckpts],
             "data": source.fingerprint(),
+            "environment": environment_fingerprint(dtype, device),
+            "extra": check_extra(fingerprint_extra),
         }
         placed = place_training_features(
             per_ckpt,

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError, DataError
+from ..core.fingerprint import model_fingerprint, task_fingerprint
 from ..core.task import AbstractTask
 from ..retrain import measure, subset_masks
 from .jobs import callable_name, digest, run_jobs
@@ -76,12 +77,8 @@ def _base_settings(
     return {
         "kind": kind,
         "train_fn": callable_name(train_fn),
-        "task": type(task).__qualname__,
-        "task_settings": {
-            k: repr(v)
-            for k, v in sorted(vars(task).items())
-            if k != "model" and isinstance(v, (int, float, str, bool, type(None)))
-        },
+        "model": model_fingerprint(task.model),
+        "task": task_fingerprint(task),
         "n_train": len(tr),
         "train": tr.fingerprint(),
         "n_query": len(q),
