@@ -1,11 +1,22 @@
 """Uniform random access to training or query data.
 
-Accepts what users have: a tuple/list of tensors ``(inputs, targets, ...)`` with a shared
-first dimension, a dict of such tensors (Hugging Face style batches), a
-``torch.utils.data.Dataset``, or a ``DataLoader`` (its dataset and collate function are
-used, in dataset order: attribution needs a fixed order, so a shuffling loader is read
-unshuffled). Examples are addressed by contiguous index ranges so that featurization can
-resume from the first unfinished range after a crash.
+Accepts what users have: a tuple/list of tensors or NumPy arrays ``(inputs, targets, ...)``
+with a shared first dimension, a dict of such arrays (Hugging Face style batches), a
+``torch.utils.data.Dataset``, or a ``DataLoader``. Examples are addressed by contiguous index
+ranges so that featurization can resume from the first unfinished range after a crash.
+
+**What the rows of S are, for a DataLoader.** Its dataset and collate function are used,
+and its sampler decides *which* examples, never their order (attribution needs a fixed
+order, the same on every call):
+
+* sequential or shuffling (``shuffle=True``) over the whole dataset: every example, in
+  dataset order (row i = ``dataset[i]``);
+* a sampler over a subset (``SubsetRandomSampler``, a custom sampler or batch sampler):
+  exactly the examples it yields, in increasing dataset index; ``source.indices[i]`` is the
+  dataset index of row i;
+* a sampler that draws with replacement (``WeightedRandomSampler``,
+  ``RandomSampler(replacement=True)``) or repeats an example: refused (:class:`DataError`),
+  since it has no fixed set of examples.
 """
 
 from __future__ import annotations
@@ -14,8 +25,17 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 from torch.utils.data import default_collate as _default_collate
 
 from .errors import DataError
@@ -40,6 +60,8 @@ class ExampleSource:
             self.__dict__.update(data.__dict__)
             self.name = name
             return
+        #: dataset index of each row (``None``: row i is example i)
+        self.indices: torch.Tensor | None = None
         if isinstance(data, DataLoader):
             if isinstance(data.dataset, IterableDataset):
                 raise DataError(
@@ -49,17 +71,18 @@ class ExampleSource:
             self._dataset = data.dataset
             if data.collate_fn is not None:
                 self._collate = data.collate_fn
+            self.indices = _sampled_indices(data, name)
         elif isinstance(data, Dataset):
             if isinstance(data, IterableDataset):
                 raise DataError(f"{name}: an IterableDataset has no fixed order or length")
             self._dataset = data
         elif isinstance(data, Mapping):
-            self._tensors = dict(data)
+            self._tensors = {k: _as_tensor(v) for k, v in data.items()}
             self._check_tensors(list(self._tensors.items()))
         elif isinstance(data, (tuple, list)):
-            self._tensors = tuple(data)
+            self._tensors = tuple(_as_tensor(v) for v in data)
             self._check_tensors([(f"element {i}", t) for i, t in enumerate(self._tensors)])
-        elif isinstance(data, torch.Tensor):
+        elif isinstance(data, (torch.Tensor, np.ndarray)):
             raise DataError(
                 f"{name}: got a single tensor; pass a tuple (inputs, targets) so the loss "
                 "has its targets"
@@ -81,6 +104,11 @@ class ExampleSource:
                 raise DataError(f"{self.name}: {key} is a {type(t).__name__}, not a tensor")
             if t.dim() == 0:
                 raise DataError(f"{self.name}: {key} is a scalar; need one row per example")
+            if t.is_meta:
+                raise DataError(
+                    f"{self.name}: {key} is on the 'meta' device (shape only, no values); "
+                    "materialise it (e.g. .to_empty(device='cpu') and fill it, or load the data)"
+                )
             lengths[key] = t.shape[0]
         if len(set(lengths.values())) > 1:
             desc = ", ".join(f"{k}: {v}" for k, v in lengths.items())
@@ -90,6 +118,8 @@ class ExampleSource:
             )
 
     def __len__(self) -> int:
+        if self.indices is not None:
+            return int(self.indices.numel())
         if self._tensors is not None:
             first = (
                 next(iter(self._tensors.values()))
@@ -105,7 +135,8 @@ class ExampleSource:
             if isinstance(self._tensors, Mapping):
                 return {k: v[start:stop] for k, v in self._tensors.items()}
             return tuple(t[start:stop] for t in self._tensors)
-        return self._collate([self._dataset[i] for i in range(start, stop)])
+        rows = range(start, stop) if self.indices is None else self.indices[start:stop].tolist()
+        return self._collate([self._dataset[i] for i in rows])
 
     def take(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         """The examples at ``indices`` (any order, repeats allowed) as one batch."""
@@ -117,7 +148,38 @@ class ExampleSource:
             if isinstance(self._tensors, Mapping):
                 return {k: v[idx] for k, v in self._tensors.items()}
             return tuple(t[idx] for t in self._tensors)
-        return self._collate([self._dataset[int(i)] for i in indices])
+        rows = [int(i) for i in indices]
+        if self.indices is not None:
+            rows = self.indices[rows].tolist()
+        return self._collate([self._dataset[i] for i in rows])
+
+    def whole(self) -> Batch | None:
+        """Every example as one batch when the data are tensors (no copy); else ``None``."""
+        if self._tensors is None:
+            return None
+        return dict(self._tensors) if isinstance(self._tensors, Mapping) else tuple(self._tensors)
+
+    def example_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape and dtype kind of one example's tensors, by position or key (from example 0)."""
+        first = self.batch(0, 1)
+        items = first.items() if isinstance(first, Mapping) else enumerate(first)
+        return {str(k): tuple(v.shape[1:]) for k, v in items if isinstance(v, torch.Tensor)}
+
+    def check_like(self, other: ExampleSource) -> None:
+        """Raise :class:`DataError` unless examples have ``other``'s structure and shapes
+        (queries scored against training features must be the same kind of example)."""
+        mine, theirs = self.example_shapes(), other.example_shapes()
+        if mine.keys() != theirs.keys():
+            raise DataError(
+                f"{self.name} have parts {sorted(mine)}, {other.name} {sorted(theirs)}; "
+                "pass queries in the same form as the training data"
+            )
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise DataError(
+                    f"{self.name}: part {key} of each example has shape {mine[key]}, in "
+                    f"{other.name} {theirs[key]}; queries must have the training data's shape"
+                )
 
     def ranges(self, batch_size: int) -> list[tuple[int, int]]:
         """Contiguous ``(start, stop)`` ranges covering every example once."""
@@ -140,6 +202,52 @@ class ExampleSource:
                 h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
                 h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
         return h.hexdigest()
+
+
+def _as_tensor(value: Any) -> Any:
+    """NumPy arrays become tensors (shared memory, converted once); the rest is checked later."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise DataError("an object-dtype NumPy array is not numeric data; convert it first")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return value
+
+
+def _sampled_indices(loader: DataLoader, name: str) -> torch.Tensor | None:
+    """The dataset indices a loader's sampler selects (``None``: all, in dataset order)."""
+    batch_sampler = loader.batch_sampler
+    sampler = getattr(batch_sampler, "sampler", loader.sampler)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    whole = isinstance(batch_sampler, BatchSampler) and not (
+        batch_sampler.drop_last and n % batch_sampler.batch_size
+    )  # batches cover every example the sampler yields
+    if isinstance(sampler, SequentialSampler) and whole:
+        return None
+    random_subset = isinstance(sampler, WeightedRandomSampler) or (
+        isinstance(sampler, RandomSampler)
+        and (sampler.replacement or sampler.num_samples != n or not whole)
+    )
+    if random_subset:
+        raise DataError(
+            f"{name}: the DataLoader's sampler draws a random set of examples (with "
+            "replacement, another number of samples, or drop_last), so the examples to "
+            "attribute are not fixed; pass the Dataset, a Subset, or a loader with "
+            "shuffle=False and drop_last=False"
+        )
+    if isinstance(sampler, RandomSampler):
+        return None  # shuffling the whole dataset: read in dataset order
+    drawn = [int(i) for batch in batch_sampler for i in batch]  # type: ignore[union-attr]
+    chosen = torch.tensor(sorted(set(drawn)), dtype=torch.long)
+    if chosen.numel() != len(drawn):
+        raise DataError(
+            f"{name}: the DataLoader's sampler yields some examples more than once; "
+            "attribution needs each example once (pass a Subset or SubsetRandomSampler)"
+        )
+    if chosen.numel() and (int(chosen[0]) < 0 or int(chosen[-1]) >= n):
+        raise DataError(f"{name}: the sampler yields indices outside [0, {n})")
+    if chosen.numel() == n:
+        return None
+    return chosen
 
 
 def _leaves(batch: Batch) -> list[torch.Tensor]:

@@ -60,6 +60,11 @@ class AbstractTask(ABC):
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:  # noqa: B027
         """Validate a batch before differentiating (raise DataError); default: nothing."""
 
+    def check_data(self, data: Any, name: str) -> None:  # noqa: B027
+        """Validate a whole data set at once where it enters (``data``: every example as one
+        batch, ``name``: what it is called), so errors quote the user's shapes and every
+        offending example; default: nothing."""
+
     def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
         """Model outputs (batch, d) that the loss is a function of (for Gauss–Newton/K-FAC)."""
         raise ConfigError(
@@ -88,6 +93,13 @@ def _split_supervised(batch: Any, target_key: str) -> tuple[tuple[Any, ...], dic
     raise DataError(
         "a supervised batch must be a tuple (inputs, ..., targets) or a dict with a target key"
     )
+
+
+def _class_ids(y: torch.Tensor) -> torch.Tensor:
+    """Integer labels of any dtype (int8/16/32, uint8) as the int64 cross-entropy needs."""
+    if y.dtype != torch.long and not y.dtype.is_floating_point and y.dtype != torch.bool:
+        return y.long()
+    return y
 
 
 def _as_tensor_output(out: Any) -> torch.Tensor:
@@ -123,6 +135,7 @@ class ClassificationTask(AbstractTask):
 
     def logits(self, model: ModelFn, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         args, kwargs, y = _split_supervised(batch, self.target_key)
+        y = _class_ids(y)
         logits = _as_tensor_output(model(*args, **kwargs))
         if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
             raise DataError(
@@ -139,31 +152,53 @@ class ClassificationTask(AbstractTask):
         return self.logits(model, batch)[0]
 
     def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-        _, _, y = _split_supervised(batch, self.target_key)
-        return F.cross_entropy(outputs, y, reduction="none")
+        return F.cross_entropy(outputs, self.labels(batch), reduction="none")
 
     def labels(self, batch: Any) -> torch.Tensor:
-        return _split_supervised(batch, self.target_key)[2]
+        """Class indices as int64 (labels of any integer dtype are accepted)."""
+        return _class_ids(_split_supervised(batch, self.target_key)[2])
 
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:
         _, _, y = _split_supervised(batch, self.target_key)
-        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise DataError(
-                f"labels must be a 1-D integer tensor of class indices, got dtype {y.dtype} "
-                f"and shape {tuple(y.shape)}"
-            )
+        _check_label_dtype(y, "labels")
         classes = self.num_classes or self._inferred_classes
         if classes is None:  # inferred once from the model (not a setting: not fingerprinted)
             with torch.no_grad():
                 first = _take_first(batch)
                 classes = self._inferred_classes = int(self.logits(model, first)[0].shape[1])
-        bad = ((y < 0) | (y >= classes)).nonzero().flatten()
-        if bad.numel():
-            idx = (bad[:10] + offset).tolist()
-            raise DataError(
-                f"labels out of range [0, {classes}) at examples {idx}"
-                f"{' and more' if bad.numel() > 10 else ''}: got {y[bad[:10]].tolist()}"
-            )
+        _check_label_range(y, classes, offset, "labels")
+
+    def check_data(self, data: Any, name: str) -> None:
+        _, _, y = _split_supervised(data, self.target_key)
+        _check_label_dtype(y, f"{name}: labels")
+        if self.num_classes is not None:
+            _check_label_range(y, self.num_classes, 0, f"{name}: labels")
+
+
+def _check_label_dtype(y: torch.Tensor, what: str) -> None:
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        hint = (
+            "; one-hot or probability labels: pass y.argmax(1)"
+            if y.dim() == 2
+            else "; float class ids: pass y.long()"
+            if y.dtype.is_floating_point
+            else ""
+        )
+        raise DataError(
+            f"{what} must be a 1-D integer tensor of class indices, got dtype {y.dtype} and "
+            f"shape {tuple(y.shape)}{hint}"
+        )
+
+
+def _check_label_range(y: torch.Tensor, classes: int, offset: int, what: str) -> None:
+    bad = ((y < 0) | (y >= classes)).nonzero().flatten()
+    if bad.numel():
+        idx = (bad[:10] + offset).tolist()
+        raise DataError(
+            f"{what} out of range [0, {classes}) at examples {idx}"
+            f"{f' and {bad.numel() - 10} more' if bad.numel() > 10 else ''}: got "
+            f"{y[bad[:10]].tolist()}"
+        )
 
 
 class RegressionTask(AbstractTask):

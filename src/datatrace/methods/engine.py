@@ -147,6 +147,9 @@ class GradientAttributor:
             log.info("%s uses only the last of %d checkpoints", self.name, len(ckpts))
         ckpts, weights = self.checkpoints.select(ckpts)
         source = ExampleSource(train, "training data")
+        whole = source.whole()
+        if whole is not None:
+            task.check_data(whole, source.name)
         scored = self.output.wrap(task) if self.output is not None else task
         # one featurizer per checkpoint: projected features get an independent matrix each
         per_ckpt: list[AbstractFeaturizer] = [

@@ -119,6 +119,10 @@ class FittedGradientAttributor:
     def query_features(self, queries: Any) -> list[Features]:
         """Measurement-gradient features of the queries at each checkpoint used."""
         source = ExampleSource(queries, "queries")
+        source.check_like(self.train)
+        whole = source.whole()
+        if whole is not None:
+            self.task.check_data(whole, source.name)
         out = []
         for f, st in zip(self.checkpoint_features, self.states, strict=True):
             feats = featurize(

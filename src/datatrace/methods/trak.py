@@ -41,6 +41,9 @@ class MarginTask(AbstractTask):
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:
         self.inner.check_batch(model, batch, offset)
 
+    def check_data(self, data: Any, name: str) -> None:
+        self.inner.check_data(data, name)
+
 
 class Margin(AbstractOutput):
     """TRAK's output function for classification: the margin ``log p_y − log(1 − p_y)``."""
