@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, NonFiniteError
 
 if TYPE_CHECKING:
     from .context import FitContext
@@ -81,9 +81,42 @@ def check_damping(damping: float | None) -> None:
         )
 
 
+#: The default damping when λ₀ = 0 (every per-example gradient entry is exactly zero): any
+#: positive value gives the same scores (all exactly 0), while ``10 × 0`` left singular
+#: systems that returned NaN.
+DAMPING_FLOOR = 1e-8
+
+
 def resolve_damping(damping: float | None, lambda0: float) -> float:
-    """The damping to use: the given value, or ``DAMPING_FACTOR × λ₀``."""
-    return float(damping) if damping is not None else DAMPING_FACTOR * float(lambda0)
+    """The damping to use: the given value, or ``DAMPING_FACTOR × λ₀`` (``DAMPING_FLOOR``
+    when λ₀ = 0)."""
+    if damping is not None:
+        return float(damping)
+    return DAMPING_FACTOR * float(lambda0) if lambda0 > 0 else DAMPING_FLOOR
+
+
+def symmetric_eigh(matrix: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` whose failures (non-finite entries, no convergence) are a
+    :class:`NonFiniteError` naming the matrix and a fix, not a torch ``_LinAlgError``."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise NonFiniteError(
+            f"{what} has NaN or inf entries (from non-finite or overflowing gradients); "
+            "check the data and the checkpoint, or use a float64 model"
+        )
+    try:
+        return torch.linalg.eigh(matrix)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError: ill-conditioned
+        if matrix.dtype == torch.float64:
+            raise NonFiniteError(
+                f"the eigendecomposition of {what} did not converge ({exc}); add damping"
+            ) from exc
+        try:  # float32 eigh fails on ill-conditioned matrices where float64 succeeds
+            evals, evecs = torch.linalg.eigh(matrix.double())
+        except RuntimeError as exc64:
+            raise NonFiniteError(
+                f"the eigendecomposition of {what} did not converge ({exc64}); add damping"
+            ) from exc64
+        return evals.to(matrix.dtype), evecs.to(matrix.dtype)
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> None:

@@ -25,6 +25,7 @@ from .base import (
     check_damping,
     check_positive,
     resolve_damping,
+    symmetric_eigh,
     warn_not_positive_definite,
 )
 from .context import FitContext
@@ -99,7 +100,7 @@ def krylov_eigenpairs(
         basis.append(w / hess[k + 1, k])
     m = min(len(basis), n_iter)
     small = hess[:m, :m]
-    evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+    evals, evecs = symmetric_eigh((small + small.T) / 2, "the Krylov (Lanczos) tridiagonal matrix")
     return evals, torch.stack(basis[:m]).T @ evecs
 
 

@@ -18,6 +18,7 @@ from .base import (
     check_damping,
     mean_squared_entry,
     resolve_damping,
+    symmetric_eigh,
 )
 from .context import FitContext
 
@@ -41,7 +42,7 @@ class GramInverse(AbstractPreconditioner):
             gram = g if gram is None else gram + g
         assert gram is not None
         gram = gram / ctx.problem.n
-        evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = symmetric_eigh(gram, "the Gram matrix of the training features")
         # λ₀ of the projected features: trace(ΦᵀΦ)/n = Σ_i ‖φ_i‖² / n
         lambda0 = mean_squared_entry(
             float(torch.diagonal(gram).sum()) * ctx.problem.n, ctx.problem.n, gram.shape[0]

@@ -15,7 +15,7 @@ import torch
 
 from ..core import distributed
 from ..core.data import ExampleSource
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, NonFiniteError
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
 from ..curvature.base import (
@@ -176,6 +176,7 @@ class FittedGradientAttributor:
                     s = s * self.column_weights[c][start:stop].to(s)
                 total = s if total is None else total + s
             assert total is not None
+            _check_scores(total, start, self.preconditioners, "scores")
             yield start, total
 
     def attribute(self, queries: Any) -> torch.Tensor:
@@ -266,6 +267,7 @@ class FittedGradientAttributor:
                     s = s * self.column_weights[c][start:stop].to(s)
                 total = s if total is None else total + s
             assert total is not None
+            _check_scores(total[None], start, self.preconditioners, "self-influence")
             out.append(total)
         if distributed.world()[1] == 1:
             return torch.cat(out)
@@ -281,3 +283,29 @@ class FittedGradientAttributor:
 def _safe(norm: torch.Tensor) -> torch.Tensor:
     """Norms with exact zeros replaced by 1, so a zero gradient scores 0, not NaN."""
     return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
+def _check_scores(
+    block: torch.Tensor, start: int, preconditioners: Sequence[Any], what: str
+) -> None:
+    """Never return a NaN or inf score silently: name where, and the likely cause."""
+    bad = ~torch.isfinite(block)
+    if not bool(bad.any()):
+        return
+    cols = (bad.any(0).nonzero().flatten() + start)[:10].tolist()
+    if preconditioners:
+        cause = (
+            "the preconditioner is singular or overflowed (damping "
+            f"{[round(p.damping, 6) for p in preconditioners]}); use damping > 0 or a larger "
+            "one, or dt.GaussNewton/EKFAC with the default damping"
+        )
+    else:
+        cause = (
+            "the gradient products overflowed the compute dtype (inputs or gradients of "
+            "huge magnitude); rescale the inputs, or use a float64 model"
+        )
+    raise NonFiniteError(
+        f"non-finite {what} (NaN or inf) for training examples {cols}"
+        f"{' and more' if int(bad.any(0).sum()) > 10 else ''}: {cause}",
+        indices=cols,
+    )
