@@ -123,3 +123,17 @@ def test_custom_entry_point(tmp_path: Path, monkeypatch) -> None:
     )
     with pytest.raises(dt.ConfigError, match="train_fn"):
         run_evaluate(no_loo, out=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["os:system", "builtins:exec", "subprocess:run", "datatrace.app.demo:run", "a:b:c",
+     "test_evaluate:Experiment", "test_evaluate:SMALL", "os.path:join; rm", ":f", "m:"],
+)  # fmt: skip
+def test_entries_that_are_not_a_function_of_your_own_module_are_refused(
+    entry: str, monkeypatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    cfg = resolve_config({"data": {"entry": entry}})
+    with pytest.raises(dt.ConfigError, match="data.entry"):
+        run_evaluate(cfg)

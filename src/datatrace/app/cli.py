@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare attribution methods with gold standards (further training, LOO, LDS)",
         description="Run the methods x gold standards described in a TOML config; writes "
         "results.json, results.csv and agreement.png and prints a table. Keys and defaults: "
-        "datatrace.app.config.SCHEMA; an example: examples/wei2024-digits.toml.",
+        "datatrace.app.config.SCHEMA; an example: examples/wei2024-digits.toml. A config is a "
+        "program: data.entry = 'module:function' imports and runs your code (only run "
+        "configs you trust).",
     )
     ev.add_argument("config", type=Path, help="the experiment's TOML file")
     ev.add_argument("--out", type=Path, default=None, help="output folder (overrides config)")

@@ -5,6 +5,9 @@ user's ``entry = "module:function"`` (called as ``function(config) -> Experiment
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,14 +99,32 @@ def builtin_experiment(cfg: dict[str, Any]) -> Experiment:
     return Experiment(task, (xt, yt), (xq, yq), ckpts, train_fn, desc)
 
 
+_ENTRY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
+
+
 def _load_entry(entry: str) -> Callable[[dict[str, Any]], Experiment]:
-    module, _, attr = entry.partition(":")
-    if not module or not attr:
+    """Import ``module:function``. A config is a program: this runs the user's code, so only
+    a plain function defined in an importable, non-standard-library module is accepted
+    (never ``os:system``, ``builtins:exec`` or a class/object path)."""
+    if not _ENTRY.match(entry):
         raise ConfigError(f"data.entry must look like 'package.module:function', got {entry!r}")
+    module_name, _, attr = entry.partition(":")
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "datatrace":
+        raise ConfigError(
+            f"data.entry {entry!r} names a function of {top!r}, not of your own code; it must "
+            "be 'your_module:build' returning a datatrace Experiment"
+        )
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
         raise ConfigError(f"cannot load data.entry {entry!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+        raise ConfigError(
+            f"data.entry {entry!r} must name a function defined in {module_name!r}, got "
+            f"{type(fn).__name__ if fn is not None else 'nothing'}"
+        )
     return fn
 
 
