@@ -289,3 +289,35 @@ def test_kronecker_projector_from_factors_equals_its_slow_twin(block, weight, bi
     slow = proj([g.flatten(1) for g in explicit])
     assert slow.shape == (6, k)
     torch.testing.assert_close(fast.view(6, -1)[:, :k], slow, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_called_twice_is_projected_densely_with_the_rest():
+    """With a projection, a layer that leaves the hooked path (called twice) goes to the
+    dense projection: features = dense P over its gradient + Kronecker blocks of the others
+    (this raised KeyError before)."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = dt.ClassificationTask(model)
+    params, buffers = _params(model)
+    feats = GradientFeatures(FeatureSpec(projection_dim=8), task)
+    out = feats.compute(params, buffers, (x, y), False, 0)["proj"]
+    assert feats.kr_layers == ["head"]
+    assert feats.dense_proj_names == ["shared.weight", "shared.bias"]
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, (x, y), names)
+    dense = flatten_grads(g, feats.dense_proj_names) @ feats.projector.matrix()
+    head = torch.cat([g["head.weight"], g["head.bias"][:, :, None]], dim=2).flatten(1)
+    assert feats.kronecker_projector is not None
+    ref = dense + feats.kronecker_projector([head])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

@@ -115,32 +115,7 @@ class GradientFeatures(AbstractFeaturizer):
                 "factored=True needs selected parameters that belong to nn.Linear layers "
                 "(and layer_hooks=True)"
             )
-        self.kr_layers: list[str] = []
-        if spec.projection_dim is not None and spec.kronecker is not False:
-            self.kr_layers = [
-                n
-                for n in self.hooked
-                if spec.kronecker or type(module.get_submodule(n)) is nn.Linear
-            ]
-        owned = self._owned({n: (True, True) for n in self.kr_layers})
-        self.dense_proj_names = [n for n in self.names if n not in owned]
-        self.projector = (
-            RandomProjector(
-                ProjectionSpec(spec.projection_dim, spec.projection_seed),
-                [shapes[n].numel() for n in self.dense_proj_names],
-            )
-            if spec.projection_dim is not None
-            else None
-        )
-        self.kronecker_projector = (
-            KroneckerProjector(
-                ProjectionSpec(spec.projection_dim, spec.projection_seed),
-                [self._kronecker_shape(module, lay) for lay in self.kr_layers],
-                spec.kronecker_block,
-            )
-            if spec.projection_dim is not None and self.kr_layers
-            else None
-        )
+        self._set_projections()
         self._use_vmap = spec.vmap is not False
         self._probed = False
 
@@ -154,6 +129,34 @@ class GradientFeatures(AbstractFeaturizer):
             if w or b:
                 layers[name] = (w, b)
         return layers
+
+    def _set_projections(self) -> None:
+        """Split the selected parameters between the Kronecker projection (hooked layers:
+        Linear, and Conv2d when ``kronecker=True``) and the dense one (the rest); called
+        again when a layer leaves the hooked path, so its gradient goes to the dense one."""
+        spec, module = self.spec, self.task.model
+        self.kr_layers: list[str] = []
+        if spec.projection_dim is not None and spec.kronecker is not False:
+            self.kr_layers = [
+                n
+                for n in self.hooked
+                if spec.kronecker or type(module.get_submodule(n)) is nn.Linear
+            ]
+        owned = self._owned({n: (True, True) for n in self.kr_layers})
+        self.dense_proj_names = [n for n in self.names if n not in owned]
+        self.projector: RandomProjector | None = None
+        self.kronecker_projector: KroneckerProjector | None = None
+        if spec.projection_dim is None:
+            return
+        proj = ProjectionSpec(spec.projection_dim, spec.projection_seed)
+        shapes = dict(module.named_parameters())
+        self.projector = RandomProjector(proj, [shapes[n].numel() for n in self.dense_proj_names])
+        if self.kr_layers:
+            self.kronecker_projector = KroneckerProjector(
+                proj,
+                [self._kronecker_shape(module, lay) for lay in self.kr_layers],
+                spec.kronecker_block,
+            )
 
     def _kronecker_shape(self, module: nn.Module, lay: str) -> tuple[int, int, bool]:
         """(out, selected input width, bias selected) of a layer, as KroneckerProjector
@@ -365,6 +368,8 @@ class GradientFeatures(AbstractFeaturizer):
                     raise ConfigError(f"factored=True does not apply: {exc}") from exc
                 log.info("%s; its per-example gradients come from vmap", exc)
                 del self.hooked[exc.layer]
+                if exc.layer in self.kr_layers:  # projected densely instead
+                    self._set_projections()
 
     def scoring(self) -> contextlib.AbstractContextManager[None]:
         return self._scoring()
