@@ -135,5 +135,5 @@ def test_entries_that_are_not_a_function_of_your_own_module_are_refused(
 ) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     cfg = resolve_config({"data": {"entry": entry}})
-    with pytest.raises(dt.ConfigError, match="data.entry"):
+    with pytest.raises(dt.ConfigError, match=r"data\.entry"):
         run_evaluate(cfg)

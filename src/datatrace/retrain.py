@@ -4,6 +4,7 @@ once, random training subsets, and the plain SGD trainer with checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Callable, Sequence
@@ -15,9 +16,10 @@ from torch import nn
 from torch.func import vmap
 
 from .core.checkpoint import Checkpoint
-from .core.data import ExampleSource, batch_to
+from .core.data import ExampleSource
 from .core.errors import ConfigError
-from .core.runtime import eval_mode, model_device
+from .core.loop import over_batches
+from .core.runtime import model_device
 from .core.task import AbstractTask
 from .grads.per_example import bound_model
 
@@ -26,12 +28,9 @@ def measure(
     task: AbstractTask, model: nn.Module, queries: ExampleSource, batch_size: int = 1024
 ) -> torch.Tensor:
     """``task.measurement`` of every query under ``model`` (no gradients), shape (n_query,)."""
-    device = model_device(model)
-    out = []
-    with torch.no_grad(), eval_mode(model):
-        for s, e in queries.ranges(batch_size):
-            out.append(task.measurement(model, batch_to(queries.batch(s, e), device)))
-    return torch.cat(out)
+    loop = over_batches(queries, batch_size, device=model_device(model), eval_module=model)
+    with torch.no_grad(), contextlib.closing(loop):  # closing: flags restored also on errors
+        return torch.cat([task.measurement(model, batch) for _, _, batch in loop])
 
 
 def measure_stacked(
@@ -52,9 +51,9 @@ def measure_stacked(
 
     rows = []
     use_vmap = True
-    with torch.no_grad(), eval_mode(task.model):
-        for s, e in queries.ranges(1024):
-            batch = batch_to(queries.batch(s, e), device)
+    loop = over_batches(queries, 1024, device=device, eval_module=task.model)
+    with torch.no_grad(), contextlib.closing(loop):
+        for _, _, batch in loop:
             if use_vmap:
                 try:
                     rows.append(vmap(one, in_dims=(0, None))(params, batch).T)

@@ -31,16 +31,16 @@ class DataInfPreconditioner(AbstractPreconditioner):
 
     def fit(self, ctx: FitContext) -> FittedDataInf:
         problem = ctx.problem
+        # one slice per module: its parameters are adjacent in the flat order
         slices: list[tuple[int, int]] = []
-        start, current = 0, None
-        for name, size in zip(problem.names, problem.sizes, strict=True):
+        current = None
+        for name, (start, stop) in problem.offsets.items():
             module = name.rpartition(".")[0]
             if module != current:
-                slices.append((start, start + size))
+                slices.append((start, stop))
                 current = module
             else:
-                slices[-1] = (slices[-1][0], start + size)
-            start += size
+                slices[-1] = (slices[-1][0], stop)
         sq = torch.zeros(len(slices), dtype=torch.float64)
         for _, feats in ctx.train_blocks():
             g = feats["dense"]

@@ -20,18 +20,16 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..grads.layers import conv_patches, layer_calls
 from .base import (
     AbstractFittedPreconditioner,
     AbstractPreconditioner,
@@ -58,18 +56,7 @@ class _Layer:
         """Input activations per position, (batch, positions, in'), with the bias column."""
         mod = self.module
         if isinstance(mod, nn.Conv2d):
-            pad: int | tuple[int, ...]
-            if isinstance(mod.padding, str):
-                if mod.padding != "valid":
-                    raise ConfigError(
-                        f"K-FAC: Conv2d {self.name!r} with padding="
-                        f"{mod.padding!r} is not supported; give explicit padding"
-                    )
-                pad = 0
-            else:
-                pad = mod.padding
-            cols = F.unfold(x, mod.kernel_size, mod.dilation, pad, mod.stride)
-            a = cols.transpose(1, 2)
+            a = conv_patches(mod, x).transpose(1, 2)
         else:
             a = x.reshape(x.shape[0], -1, x.shape[-1])
         parts = ([a] if self.weight else []) + ([torch.ones_like(a[..., :1])] if self.bias else [])
@@ -100,36 +87,22 @@ def _layers(problem: CurvatureProblem) -> list[_Layer]:
     return list(layers.values())
 
 
-@contextlib.contextmanager
-def _capture(layers: list[_Layer]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> None:
-            if name in seen:
-                raise ConfigError(f"layer {name!r} is called more than once per forward pass")
-            seen[name] = (inputs[0].detach(), out)
-
-        return hook
-
-    try:
-        for lay in layers:
-            handles.append(lay.module.register_forward_hook(hook_for(lay.name)))
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _pseudo_grads(
     problem: CurvatureProblem, layers: list[_Layer]
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]]:
     """Per batch: ({layer: ã (b, P, in')}, {layer: [e_c (b, P, out) for each column c]})."""
     theta = problem.theta.detach().requires_grad_(True)
     for batch in problem.batches():
-        with _capture(layers) as seen:
+        with layer_calls({lay.name: lay.module for lay in layers}) as calls:
             out = problem.outputs(theta, batch)
+        seen = {}
+        for name, called in calls.items():
+            if len(called) != 1:
+                raise ConfigError(
+                    f"K-FAC/EK-FAC: layer {name!r} is called {len(called)} times per forward "
+                    "pass; its factors need exactly one call (exclude it with params=[...])"
+                )
+            seen[name] = (called[0][0].detach(), called[0][1])
         h_out = problem.output_hessians(out.detach(), batch)
         evals, evecs = torch.linalg.eigh(h_out)
         roots = evecs * evals.clamp_min(0).sqrt()[:, None, :]  # H = R Rᵀ, columns c
@@ -203,13 +176,10 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
     problem: CurvatureProblem
     layers: list[_Layer]
     damping: float
-    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        start = 0
-        for name, size in zip(self.problem.names, self.problem.sizes, strict=True):
-            self.offsets[name] = (start, start + size)
-            start += size
+    @property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        return self.problem.offsets
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(vectors)
@@ -283,7 +253,25 @@ def _fit_kronecker(ctx: FitContext, damping: float | None, refit: bool) -> Krone
             _refit_eigenvalues(problem, layers)
         if path is not None:
             _save(path, layers)
-    return KroneckerPreconditioner(problem, layers, resolve_damping(damping, ctx.lambda0))
+    used = resolve_damping(damping, ctx.lambda0)
+    _check_not_singular(layers, used, kind)
+    return KroneckerPreconditioner(problem, layers, used)
+
+
+def _check_not_singular(layers: list[_Layer], damping: float, kind: str) -> None:
+    """Refuse a damping that leaves ``G + λI`` (numerically) singular: dividing by its
+    round-off-sized eigenvalues returned huge or NaN scores, silently."""
+    for lay in layers:
+        assert lay.lam is not None
+        shifted = lay.lam + damping
+        floor = torch.finfo(shifted.dtype).eps * float(shifted.abs().max()) * max(shifted.shape)
+        smallest = float(shifted.min())
+        if smallest <= floor:
+            raise ConfigError(
+                f"{kind.upper()} curvature + damping is singular in layer {lay.name!r} "
+                f"(smallest eigenvalue {smallest:.3g} with damping {damping:.3g}); use "
+                "damping > 0 (e.g. the default, damping=None)"
+            )
 
 
 @dataclass(frozen=True)

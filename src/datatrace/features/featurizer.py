@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError, DatatraceError, NonFiniteError
+from ..core.errors import ConfigError, DatatraceError
+from ..core.loop import check_finite
 from ..core.task import AbstractTask
-from ..grads.layers import NotFactorable, conv_grads, hookable, layer_io
+from ..grads.layers import NotFactorable, conv_grads, conv_patches, hookable, layer_io
 from ..grads.per_example import (
     flatten_grads,
     per_example_grads,
     per_example_grads_loop,
     select_parameters,
 )
-from .projector import ProjectionSpec, RandomProjector
+from .projector import KroneckerProjector, ProjectionSpec, RandomProjector
 from .spec import FeatureSpec
 
 log = logging.getLogger("datatrace")
@@ -116,26 +115,7 @@ class GradientFeatures(AbstractFeaturizer):
                 "factored=True needs selected parameters that belong to nn.Linear layers "
                 "(and layer_hooks=True)"
             )
-        self.kr_layers: list[str] = []
-        if spec.projection_dim is not None and spec.kronecker is not False:
-            self.kr_layers = [
-                n
-                for n in self.hooked
-                if spec.kronecker or type(module.get_submodule(n)) is nn.Linear
-            ]
-        owned = self._owned({n: (True, True) for n in self.kr_layers})
-        self.dense_proj_names = [n for n in self.names if n not in owned]
-        self.projector = (
-            RandomProjector(
-                ProjectionSpec(spec.projection_dim, spec.projection_seed),
-                [shapes[n].numel() for n in self.dense_proj_names],
-            )
-            if spec.projection_dim is not None
-            else None
-        )
-        self._kr: dict[
-            tuple[str, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]
-        ] = {}
+        self._set_projections()
         self._use_vmap = spec.vmap is not False
         self._probed = False
 
@@ -149,6 +129,42 @@ class GradientFeatures(AbstractFeaturizer):
             if w or b:
                 layers[name] = (w, b)
         return layers
+
+    def _set_projections(self) -> None:
+        """Split the selected parameters between the Kronecker projection (hooked layers:
+        Linear, and Conv2d when ``kronecker=True``) and the dense one (the rest); called
+        again when a layer leaves the hooked path, so its gradient goes to the dense one."""
+        spec, module = self.spec, self.task.model
+        self.kr_layers: list[str] = []
+        if spec.projection_dim is not None and spec.kronecker is not False:
+            self.kr_layers = [
+                n
+                for n in self.hooked
+                if spec.kronecker or type(module.get_submodule(n)) is nn.Linear
+            ]
+        owned = self._owned({n: (True, True) for n in self.kr_layers})
+        self.dense_proj_names = [n for n in self.names if n not in owned]
+        self.projector: RandomProjector | None = None
+        self.kronecker_projector: KroneckerProjector | None = None
+        if spec.projection_dim is None:
+            return
+        proj = ProjectionSpec(spec.projection_dim, spec.projection_seed)
+        shapes = dict(module.named_parameters())
+        self.projector = RandomProjector(proj, [shapes[n].numel() for n in self.dense_proj_names])
+        if self.kr_layers:
+            self.kronecker_projector = KroneckerProjector(
+                proj,
+                [self._kronecker_shape(module, lay) for lay in self.kr_layers],
+                spec.kronecker_block,
+            )
+
+    def _kronecker_shape(self, module: nn.Module, lay: str) -> tuple[int, int, bool]:
+        """(out, selected input width, bias selected) of a layer, as KroneckerProjector
+        takes them; a Conv2d's input width is its patch size, in_channels·kh·kw."""
+        w, b = self.hooked[lay]
+        weight = module.get_submodule(lay).weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0]), int(weight[0].numel()) if w else 0, b
 
     @property
     def layers(self) -> dict[str, tuple[bool, bool]]:
@@ -239,15 +255,18 @@ class GradientFeatures(AbstractFeaturizer):
             kr_io = {lay: io.pop(lay) for lay in self.kr_layers}
             factors = self._split_layer_grads(io, grads)
         assert values is not None
-        _check_finite(values, grads, factors, offset, measurement)
+        rows = [*grads.values(), *(t for pair in factors.values() for t in pair)]
+        check_finite(values, rows, offset, "measurement" if measurement else "loss")
         if self.projector is not None:
             k = self.projector.spec.dim
             out = None
             if kr_io:
+                assert self.kronecker_projector is not None
                 # every layer's r m×m blocks summed in place into one (batch, r·m²) buffer
                 acc = None
-                for lay, (x, e) in kr_io.items():
-                    acc = self._kronecker_project(lay, x, e, acc)
+                for j, (lay, (x, e)) in enumerate(kr_io.items()):
+                    a, et = self._layer_factors(lay, x, e)
+                    acc = self.kronecker_projector.project_factors(j, a, et, acc)
                 assert acc is not None
                 out = acc.view(len(values), -1)[:, :k]
             blocks = [grads[n].reshape(len(values), -1) for n in self.dense_proj_names]
@@ -269,70 +288,20 @@ class GradientFeatures(AbstractFeaturizer):
     def _kronecker_factors(
         self, lay: str, out_dim: int, in_dim: int, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U`` (r·m, out) and ``V`` (r·m, in'), ``m = kronecker_block``, ``r = ⌈k/m²⌉``:
-        r independent Gaussian blocks, seeded by the projection seed and the layer's
-        position (identical on every process and device). Returned as used: ``U / √k``
-        (the projection's scale folded in) and ``V`` (its last column multiplies the bias
-        input 1 when the layer has a selected bias)."""
-        key = (lay, like.dtype, like.device)
-        if key not in self._kr:
-            spec = self.projector.spec if self.projector is not None else None
-            assert spec is not None
-            m = self.spec.kronecker_block
-            r = -(-spec.dim // (m * m))
-            pos = self.kr_layers.index(lay)
-            seed = (spec.seed * 1_000_003 + 104_729 * (pos + 1)) % (2**63 - 1)
-            g = torch.Generator().manual_seed(seed)
-            mats = []
-            for dim in (out_dim, in_dim):
-                if spec.rademacher:
-                    mat = (torch.randint(0, 2, (r * m, dim), generator=g) * 2 - 1).double()
-                else:
-                    mat = torch.randn(r * m, dim, generator=g, dtype=torch.float64)
-                mats.append(mat)
-            mats[0] = mats[0] / math.sqrt(spec.dim)
-            u, v = (t.to(dtype=like.dtype, device=like.device) for t in mats)
-            self._kr[key] = (u, v)
-        return self._kr[key]
+        """``(U / √k, V)`` of a Kronecker-projected layer (see
+        :meth:`KroneckerProjector.factors`; the widths are the projector's own)."""
+        assert self.kronecker_projector is not None
+        return self.kronecker_projector.factors(self.kr_layers.index(lay), like.dtype, like.device)
 
-    def _kronecker_project(
-        self, lay: str, x: torch.Tensor, e: torch.Tensor, acc: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``[vec(U_c G V_cᵀ)]_c / √k`` (the first k of its r·m² entries are used),
-        ``G = Σ_t e_t ã_tᵀ`` the layer's per-example [weight | bias] gradient, computed from
-        the factors: r independent m × m Kronecker-product blocks ``U_c ⊗ V_c``, added to
-        ``acc`` (batch, r, m, m) in place (a new tensor when ``acc`` is None)."""
-        w, b = self.hooked[lay]
+    def _layer_factors(
+        self, lay: str, x: torch.Tensor, e: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A hooked layer's inputs and output gradients per position: (batch, in, positions)
+        (Conv2d: the unfolded patches) and (batch, out, positions)."""
         mod = self.task.model.get_submodule(lay)
         if isinstance(mod, nn.Conv2d):
-            pad = 0 if isinstance(mod.padding, str) else mod.padding
-            a = F.unfold(x, mod.kernel_size, mod.dilation, pad, mod.stride)  # (B, in·kk, T)
-            et = e.flatten(2)  # (B, out, T)
-        else:
-            a, et = x[:, :, None], e[:, :, None]
-        n_in = a.shape[1] if w else 0
-        u, v = self._kronecker_factors(lay, et.shape[1], n_in + (1 if b else 0), et)
-        m = self.spec.kronecker_block
-        batch, steps = et.shape[0], et.shape[2]
-        if steps == 1:  # Linear: two GEMMs, then an outer product per block
-            ue = (et[:, :, 0] @ u.T).view(batch, -1, m, 1)  # (B, r, m, 1)
-            if w and b:  # ã = [a, 1]: V ã = V_w a + v_b, without concatenating
-                va = torch.addmm(v[:, -1], a[:, :, 0], v[:, :-1].T)
-            elif w:
-                va = a[:, :, 0] @ v.T
-            else:
-                va = v[:, -1].expand(batch, -1)
-            va = va.reshape(batch, -1, 1, m)
-            if acc is None:
-                return ue * va  # (B, r, m, m)
-            return acc.addcmul_(ue, va)
-        # Conv2d: sum the per-position outer products
-        parts = ([a] if w else []) + ([torch.ones_like(a[:, :1])] if b else [])
-        a = torch.cat(parts, dim=1)
-        ue4 = torch.einsum("ko,bot->bkt", u, et).view(batch, -1, m, steps)
-        va4 = torch.einsum("ki,bit->bkt", v, a).view(batch, -1, m, steps)
-        blocks = torch.matmul(ue4, va4.transpose(2, 3))
-        return blocks if acc is None else acc.add_(blocks)
+            return conv_patches(mod, x), e.flatten(2)
+        return x[:, :, None], e[:, :, None]
 
     def _split_layer_grads(
         self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], grads: dict[str, torch.Tensor]
@@ -399,6 +368,8 @@ class GradientFeatures(AbstractFeaturizer):
                     raise ConfigError(f"factored=True does not apply: {exc}") from exc
                 log.info("%s; its per-example gradients come from vmap", exc)
                 del self.hooked[exc.layer]
+                if exc.layer in self.kr_layers:  # projected densely instead
+                    self._set_projections()
 
     def scoring(self) -> contextlib.AbstractContextManager[None]:
         return self._scoring()
@@ -460,38 +431,6 @@ class GradientFeatures(AbstractFeaturizer):
             out = term if out is None else out + term
         assert out is not None
         return out
-
-
-def _check_finite(
-    values: torch.Tensor,
-    grads: dict[str, torch.Tensor],
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    offset: int,
-    measurement: bool,
-) -> None:
-    bad_value = ~torch.isfinite(values)
-    # A row sum is non-finite if any entry is (one pass, no boolean copy of the gradients);
-    # rows flagged only by an overflowing sum are re-checked entry by entry below.
-    rows = [g.reshape(g.shape[0], -1) for g in grads.values()]
-    rows += [t for pair in factors.values() for t in pair]
-    suspect = bad_value.clone()
-    for r in rows:
-        suspect |= ~torch.isfinite(r.sum(dim=1))
-    if not bool(suspect.any()):
-        return
-    bad = bad_value.clone()
-    for r in rows:
-        bad |= ~torch.isfinite(r).all(dim=1)
-    if bool(bad.any()):
-        idx = (bad.nonzero().flatten() + offset).tolist()
-        what = "measurement" if measurement else "loss"
-        kind = what if bool(bad_value.any()) else f"gradient of the {what}"
-        raise NonFiniteError(
-            f"non-finite (NaN or inf) {kind} at examples {idx[:20]}"
-            f"{' and more' if len(idx) > 20 else ''}; check these inputs/labels or the "
-            "checkpoint (a diverged model)",
-            indices=idx,
-        )
 
 
 def flat_dense(feats: Sequence[Features]) -> Features:

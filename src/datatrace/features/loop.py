@@ -1,5 +1,6 @@
-"""The one place that loops over data: featurize examples in batches, with progress bars,
-device moves and eval mode, into memory or into a resumable :class:`FeatureStore`."""
+"""Featurize examples in batches into memory or into a resumable :class:`FeatureStore`,
+through the one loop over data (:mod:`datatrace.core.loop`: progress bar, device moves,
+eval mode, non-finite checks)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core import distributed
-from ..core.data import ExampleSource, batch_to
-from ..core.errors import NonFiniteError
-from ..core.runtime import eval_mode, model_device, show_progress
+from ..core.data import ExampleSource
+from ..core.loop import batch_ranges, naming_every_nonfinite, over_batches, over_ranges
+from ..core.runtime import model_device
 from ..grads.per_example import bound_model
 from .featurizer import AbstractFeaturizer, Features
 from .store import FeatureStore, MemoryFeatureStore
@@ -34,14 +34,23 @@ def featurize(
 ) -> Features:
     """Features of examples ``start..stop-1`` of ``source``, in memory."""
     stop = len(source) if stop is None else stop
-    device = model_device(features.task.model)
+    model = features.task.model
+    device = model_device(model)
     parts: list[Features] = []
-    ranges = [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
-    with eval_mode(features.task.model):
-        for s, e in tqdm(ranges, desc=desc, disable=not show_progress(progress), leave=False):
-            batch = batch_to(source.batch(s, e), device)
-            with _all_nonfinite(features, state, source, measurement, e, batch_size):
-                parts.append(features.compute(state[0], state[1], batch, measurement, offset=s))
+    # the loop is not kept in a variable: dropping it (also on an error) restores the flags
+    for s, e, batch in over_batches(
+        source,
+        batch_size,
+        start,
+        stop,
+        device=device,
+        eval_module=model,
+        progress=progress,
+        desc=desc,
+    ):
+        rest = batch_ranges(batch_size, e, len(source))
+        with _all_nonfinite(features, state, source, measurement, rest):
+            parts.append(features.compute(state[0], state[1], batch, measurement, offset=s))
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
 
 
@@ -63,7 +72,7 @@ def featurize_into_store(
     store merged across ranks). ``features``: one featurizer, or one per checkpoint.
     """
     per_ckpt = [features] * len(states) if isinstance(features, AbstractFeaturizer) else features
-    device = model_device(per_ckpt[0].task.model)
+    model = per_ckpt[0].task.model
     if shard:
         distributed.barrier()  # every rank sees the same finished chunks
     done = [store.done(c) for c in range(len(states))]
@@ -76,13 +85,19 @@ def featurize_into_store(
     rank, size = distributed.world() if shard else (0, 1)
     todo = todo[rank::size]
     last_commit = time.monotonic()
-    with eval_mode(per_ckpt[0].task.model), _committing(store):
-        for c, k, (s, e) in tqdm(
-            todo, desc="featurizing training data", disable=not show_progress(progress)
-        ):
-            batch = batch_to(source.batch(s, e), device)
+    loop = over_ranges(
+        source,
+        [r for _, _, r in todo],
+        device=model_device(model),
+        eval_module=model,
+        progress=progress,
+        desc="featurizing training data",
+    )
+    with _committing(store), contextlib.closing(loop):  # closing: eval-mode flags restored
+        for (c, k, _), (s, e, batch) in zip(todo, loop, strict=True):
             params, buffers = states[c]
-            with _all_nonfinite(per_ckpt[c], states[c], source, False, e, store.chunk_size):
+            rest = batch_ranges(store.chunk_size, e, len(source))
+            with _all_nonfinite(per_ckpt[c], states[c], source, False, rest):
                 feats = per_ckpt[c].compute(params, buffers, batch, False, offset=s)
             store.write(c, k, feats)
             if time.monotonic() - last_commit > commit_every:
@@ -103,35 +118,19 @@ def _committing(store: FeatureStore | MemoryFeatureStore) -> Iterator[None]:
         store.commit()
 
 
-@contextlib.contextmanager
 def _all_nonfinite(
     features: AbstractFeaturizer,
     state: State,
     source: ExampleSource,
     measurement: bool,
-    rest: int,
-    batch_size: int,
-) -> Iterator[None]:
-    """On a non-finite batch, scan the remaining examples' values (forward only) so the
-    error names every offending example, not just those of the first bad batch."""
-    try:
-        yield
-    except NonFiniteError as exc:
-        task = features.task
-        value = task.measurement if measurement else task.loss
-        device = model_device(task.model)
-        bad = list(exc.indices)
-        with torch.no_grad():
-            for s in range(rest, len(source), batch_size):
-                batch = batch_to(source.batch(s, min(s + batch_size, len(source))), device)
-                vals = value(bound_model(task.model, {**state[1], **state[0]}), batch)
-                bad += (torch.isfinite(vals).logical_not().nonzero().flatten() + s).tolist()
-        if len(bad) == len(exc.indices):
-            raise
-        what = "measurement" if measurement else "loss"
-        raise NonFiniteError(
-            f"non-finite (NaN or inf) {what} or gradient at examples {bad[:20]}"
-            f"{f' and {len(bad) - 20} more' if len(bad) > 20 else ''}; check these "
-            "inputs/labels or the checkpoint (a diverged model)",
-            indices=bad,
-        ) from None
+    rest: list[tuple[int, int]],
+) -> contextlib.AbstractContextManager[None]:
+    """Widen a non-finite batch's error to every offending example of ``rest`` (the ranges
+    after it), scanning their losses (or measurements) forward only."""
+    task = features.task
+    value = task.measurement if measurement else task.loss
+    model = bound_model(task.model, {**state[1], **state[0]})
+    what = "measurement" if measurement else "loss"
+    return naming_every_nonfinite(
+        lambda batch: value(model, batch), source, rest, model_device(task.model), what
+    )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..core.errors import ConfigError
-from .projector import ProjectionSpec
+from .projector import ProjectionSpec, derive_seed
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ class FeatureSpec:
 
     def for_checkpoint(self, c: int) -> FeatureSpec:
         """The spec used at checkpoint ``c``: with a projection, each checkpoint gets its own
-        independent matrix (seed ``projection_seed + 1,000,003·c``; checkpoint 0 keeps
-        ``projection_seed``), so projection errors average out over checkpoints instead of
-        repeating; without one, the spec itself."""
+        independent matrix (seed :func:`derive_seed` ``(c, projection_seed)``; checkpoint 0
+        keeps ``projection_seed``), so projection errors average out over checkpoints instead
+        of repeating; without one, the spec itself."""
         if self.projection_dim is None or c == 0:
             return self
-        return dataclasses.replace(self, projection_seed=self.projection_seed + 1_000_003 * c)
+        return dataclasses.replace(self, projection_seed=derive_seed(c, self.projection_seed))

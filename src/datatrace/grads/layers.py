@@ -1,16 +1,25 @@
-"""Layer mechanics, written once: which layers per-example gradients can come from hooks,
-their inputs and output gradients from one batched pass (:func:`layer_io`), and Conv2d
-unfolding (:func:`conv_grads`)."""
+"""Layer mechanics, written once:
+
+* :func:`hookable`: which layers' per-example gradients can come from hooks;
+* :func:`layer_calls`: THE forward-hook capture (every call's input and output, optionally
+  a probe added to the output), used by :func:`layer_io`, K-FAC and the structured Hessian;
+* :func:`layer_io`: hooked layers' inputs and output gradients from one batched pass;
+* :func:`conv_patches`: THE Conv2d unfolding (the patch each output position sees), used
+  by :func:`conv_grads`, the Kronecker projection and K-FAC;
+* :func:`flat_offsets`: where each parameter sits in a flat vector of selected parameters.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..core.task import AbstractTask
 from .per_example import Params, bound_model, value_fn
 
@@ -51,27 +60,14 @@ def layer_io(
     Raises:
         NotFactorable: a layer is not called exactly once, or a Linear input is not 2-D.
     """
-    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in layers}
-    handles = []
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            captured[name].append((inputs[0], output))
-
-        return hook
-
-    try:
-        for name in layers:
-            handles.append(task.model.get_submodule(name).register_forward_hook(hook_for(name)))
+    modules = {name: task.model.get_submodule(name) for name in layers}
+    with layer_calls(modules) as captured:
         state = {**buffers, **{k: v.detach().requires_grad_(True) for k, v in params.items()}}
         values = value_fn(task, measurement)(bound_model(task.model, state), batch)
-    finally:
-        for h in handles:
-            h.remove()
     for name, calls in captured.items():
         if len(calls) != 1:
             raise NotFactorable(name, f"layer {name!r} is called {len(calls)} times per forward")
-        if type(task.model.get_submodule(name)) is nn.Linear and calls[0][0].dim() != 2:
+        if type(modules[name]) is nn.Linear and calls[0][0].dim() != 2:
             raise NotFactorable(name, f"Linear layer {name!r} gets a {calls[0][0].dim()}-D input")
     outputs = [captured[n][0][1] for n in layers]
     # Summing per-example values is exact here: example b's output gradient depends only on b.
@@ -83,17 +79,75 @@ def layer_io(
     return io, values.detach()
 
 
+Calls = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@contextlib.contextmanager
+def layer_calls(
+    modules: Mapping[str, nn.Module], probes: Mapping[str, torch.Tensor] | None = None
+) -> Iterator[Calls]:
+    """``{name: [(first input, output) of each call]}`` of the named modules, filled while
+    the context is open (scoped forward hooks, removed on exit, also on errors).
+
+    With ``probes``, a module's hook returns ``output + probes[name]``: differentiating
+    with respect to a zero probe gives the gradient at the layer's output (the output
+    recorded is the one before the probe)."""
+    calls: Calls = {name: [] for name in modules}
+    probes = probes or {}
+
+    def hook_for(name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> Any:
+            calls[name].append((inputs[0], out))
+            return out + probes[name] if name in probes else None
+
+        return hook
+
+    handles = []
+    try:
+        for name, mod in modules.items():
+            handles.append(mod.register_forward_hook(hook_for(name)))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input patch each output position of ``conv`` sees, (batch, in·kh·kw, positions):
+    ``conv(x)`` is ``weight.flatten(1) @ patches`` plus the bias, position by position.
+
+    Raises:
+        ConfigError: string padding other than ``"valid"`` (its amounts are implicit).
+    """
+    if isinstance(conv.padding, str) and conv.padding != "valid":
+        raise ConfigError(
+            f"Conv2d with padding={conv.padding!r} is not supported here; give explicit "
+            "padding amounts (e.g. padding=1)"
+        )
+    pad = 0 if isinstance(conv.padding, str) else conv.padding
+    return F.unfold(x, conv.kernel_size, conv.dilation, pad, conv.stride)
+
+
 def conv_grads(
     conv: nn.Conv2d, x: torch.Tensor, e: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example (weight, bias) gradients of a Conv2d from its input ``x`` and output
-    gradient ``e``: ``Σ_p e_p patch_pᵀ`` (unfolded patches), shapes (batch, *weight.shape)
-    and (batch, out)."""
-    pad = 0 if isinstance(conv.padding, str) else conv.padding
-    cols = F.unfold(x, conv.kernel_size, conv.dilation, pad, conv.stride)  # (b, in*k*k, P)
+    gradient ``e``: ``Σ_p e_p patch_pᵀ`` (:func:`conv_patches`), shapes
+    (batch, *weight.shape) and (batch, out)."""
     eg = e.flatten(2)  # (b, out, P)
+    cols = conv_patches(conv, x)  # (b, in·kh·kw, P)
     weight = torch.bmm(eg, cols.transpose(1, 2)).reshape(x.shape[0], *conv.weight.shape)
     return weight, eg.sum(2)
+
+
+def flat_offsets(names: Sequence[str], sizes: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """``{name: (start, stop)}``: where each parameter's entries sit in a flat vector that
+    concatenates the parameters ``names`` (of ``sizes`` entries) in that order."""
+    offsets, start = {}, 0
+    for name, size in zip(names, sizes, strict=True):
+        offsets[name] = (start, start + size)
+        start += size
+    return offsets
 
 
 class NotFactorable(Exception):

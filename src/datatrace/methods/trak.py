@@ -11,13 +11,15 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-from ..core.data import ExampleSource, batch_to
+from ..core.data import ExampleSource
 from ..core.errors import ConfigError
-from ..core.runtime import eval_mode, model_device
+from ..core.loop import over_batches
+from ..core.runtime import model_device
 from ..core.task import AbstractTask, ClassificationTask, ModelFn
 from ..features.loop import State
 from ..grads.per_example import bound_model
@@ -72,10 +74,7 @@ def true_label_probability(
     batch_size: int,
 ) -> torch.Tensor:
     """``p_i = exp(−cross-entropy)`` of every training example at one checkpoint, (n,)."""
-    device = model_device(task.model)
     model = bound_model(task.model, {**state[1], **state[0]})
-    out = []
-    with torch.no_grad(), eval_mode(task.model):
-        for s, e in source.ranges(batch_size):
-            out.append(torch.exp(-task.loss(model, batch_to(source.batch(s, e), device))))
-    return torch.cat(out)
+    loop = over_batches(source, batch_size, device=model_device(task.model), eval_module=task.model)
+    with torch.no_grad(), contextlib.closing(loop):  # closing: flags restored also on errors
+        return torch.cat([torch.exp(-task.loss(model, batch)) for _, _, batch in loop])
