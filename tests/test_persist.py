@@ -401,3 +401,24 @@ def test_damaged_truth_job_and_kfac_factor_files_raise_naming_them(mlp_data, tmp
     (cache / "job-000001.safetensors").unlink()  # the fix the message names
     again_jobs = dt.truth.leave_one_out(train_fn, task, train, queries, indices=[0, 1], cache=cache)
     torch.testing.assert_close(again_jobs, first, rtol=0, atol=0)
+
+
+def test_saved_distilled_datamodel_refuses_damage_and_the_old_format(tmp_path):
+    from test_datamodel import trained
+
+    task, ckpts, train, q = trained()
+    ddm = dt.DistilledDatamodel(groups=torch.arange(24) % 4, synset_per_group=2, steps_per_point=2)
+    fitted = ddm.fit(task, ckpts, train)
+    fitted.save(tmp_path / "saved")
+    f = tmp_path / "saved" / "fitted.safetensors"
+    loaded = dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, ckpts[-1])
+    torch.testing.assert_close(loaded.attribute(q), fitted.attribute(q), rtol=0, atol=0)
+    _flip_byte(f, 2)
+    with pytest.raises(dt.StoreCorruptError, match=r"fitted\.safetensors is damaged"):
+        dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, ckpts[-1])
+    (tmp_path / "saved" / "fitted.json").write_text("{}")  # as version 1 saved it
+    with pytest.raises(dt.StoreMismatchError, match=r"format version 1.*save"):
+        dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, ckpts[-1])
+    fitted.save(tmp_path / "saved")  # the fix the message names
+    again = dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, ckpts[-1])
+    torch.testing.assert_close(again.attribute(q), fitted.attribute(q), rtol=0, atol=0)

@@ -125,6 +125,7 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)  # O_EXCL: no symlink
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared store
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -164,8 +165,13 @@ def _fsync_folder(folder: Path) -> None:
 # -- safetensors with a checksummed header ----------------------------------------------------
 
 
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """blake2b of every tensor (name, dtype, shape, bytes) and of ``meta`` (canonical JSON,
+    without its ``checksum``): an edited header is caught like a flipped byte."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(
+        json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode()
+    )
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -178,7 +184,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {**meta, "checksum": tensors_checksum(tensors)}
+    header = {**meta, "checksum": tensors_checksum(tensors, meta)}
     write_atomic(path, save(tensors, metadata={"datatrace": json.dumps(header)}))
 
 
@@ -209,7 +215,7 @@ def load_tensors(
             f"{path} has {fmt.tag} format version {meta.get('version')!r}, this datatrace "
             f"reads {fmt.version}; {fix}"
         )
-    if meta.get("checksum") != tensors_checksum(tensors):
+    if meta.get("checksum") != tensors_checksum(tensors, meta):
         raise StoreCorruptError(f"{path} is damaged (its checksum does not match); {fix}")
     return tensors, meta
 

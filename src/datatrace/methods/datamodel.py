@@ -657,6 +657,7 @@ class FittedDistilledDatamodel:
             "group_ids": self.group_ids,
         }
         persist.save_tensors(p / "fitted.safetensors", tensors, meta)
+        (p / "fitted.json").unlink(missing_ok=True)  # a version-1 save's metadata: now stale
 
     @classmethod
     def load(
@@ -684,7 +685,12 @@ class FittedDistilledDatamodel:
             raise StoreCorruptError(
                 f"{p / 'fitted.safetensors'} is incomplete; {_FITTED_FORMAT.fix}"
             )
-        ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+        try:
+            ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+        except (TypeError, ConfigError) as exc:
+            raise StoreCorruptError(
+                f"{p / 'fitted.safetensors'} holds unusable settings ({exc}); {_FITTED_FORMAT.fix}"
+            ) from exc
         dev = model_device(task.model)
         out = cls(
             task,
