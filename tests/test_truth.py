@@ -292,4 +292,4 @@ def test_no_pickle_in_cache(tmp_path: Path) -> None:
     task, train, queries, train_fn = ridge_problem()
     dt.truth.leave_one_out(train_fn, task, train, queries, indices=[0], cache=tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["job-000000.safetensors", "job-000001.safetensors", "manifest.json"]
+    assert files == [".lock", "job-000000.safetensors", "job-000001.safetensors", "manifest.json"]

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core import persist
+from ..core.errors import ConfigError, StoreMismatchError
 from ..grads.layers import conv_patches, layer_calls
 from .base import (
     AbstractFittedPreconditioner,
@@ -214,32 +215,42 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
         raise ConfigError("matrix() needs damping > 0")
 
 
-def _save(path: Path, layers: list[_Layer]) -> None:
-    from safetensors.torch import save_file
+# the factors' cache inside the feature store; version 1 had no metadata or checksum
+_FACTORS = persist.StoreFormat(
+    tag="datatrace-kronecker-factors",
+    version=2,
+    files=("curvature-*.safetensors",),
+    fix="delete the file to recompute the factors, or pass overwrite=True",
+)
+_FACTOR_KEYS = ("A", "S", "ua", "us", "lam")
 
-    tensors = {}
-    for lay in layers:
-        for key in ("A", "S", "ua", "us", "lam"):
-            t = getattr(lay, key)
-            tensors[f"{lay.name}/{key}"] = t.detach().cpu().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+
+def _save(path: Path, layers: list[_Layer]) -> None:
+    tensors = {f"{lay.name}/{key}": getattr(lay, key) for lay in layers for key in _FACTOR_KEYS}
+    meta = {"format": _FACTORS.tag, "version": _FACTORS.version, "layers": _layer_names(layers)}
+    persist.save_tensors(path, tensors, meta)
 
 
 def _load(path: Path, layers: list[_Layer], device: torch.device) -> bool:
+    """Fill ``layers`` from the cache; False (recompute) when there is none, or one of an
+    older version or for other layers. A damaged file raises: its bytes changed after the
+    checksum was written."""
     if not path.exists():
         return False
-    from safetensors.torch import load_file
-
     try:
-        tensors = load_file(str(path))
-        for lay in layers:
-            for key in ("A", "S", "ua", "us", "lam"):
-                setattr(lay, key, tensors[f"{lay.name}/{key}"].to(device))
-    except Exception:  # unreadable or from other layers: recompute
+        tensors, meta = persist.load_tensors(path, _FACTORS, _FACTORS.fix)
+    except StoreMismatchError:  # an older version: recompute and replace
         return False
+    if meta.get("layers") != _layer_names(layers):
+        return False
+    for lay in layers:
+        for key in _FACTOR_KEYS:
+            setattr(lay, key, tensors[f"{lay.name}/{key}"].to(device))
     return True
+
+
+def _layer_names(layers: list[_Layer]) -> list[str]:
+    return [lay.name for lay in layers]
 
 
 def _fit_kronecker(ctx: FitContext, damping: float | None, refit: bool) -> KroneckerPreconditioner:

@@ -66,7 +66,8 @@ def featurize_into_store(
     """Fill every unfinished chunk of ``store`` with training features; returns chunks computed.
 
     Written chunks are committed (flushed, then marked done) every ``commit_every`` seconds
-    and at the end, also when featurization fails, so a crash loses at most that much work.
+    and at the end, so a crash loses at most that much work; after an error nothing more is
+    committed (the failing write may have left a chunk half written).
     With ``shard`` under torchrun, rank r computes every size-th unfinished chunk from r,
     and the call returns when all ranks are done (a shared store directory, or a memory
     store merged across ranks). ``features``: one featurizer, or one per checkpoint.
@@ -112,10 +113,8 @@ def featurize_into_store(
 
 @contextlib.contextmanager
 def _committing(store: FeatureStore | MemoryFeatureStore) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        store.commit()
+    yield
+    store.commit()  # not in a `finally:`: commit only chunks of a body that did not fail
 
 
 def _all_nonfinite(

@@ -1,9 +1,10 @@
 """Resumable, sharded job lists: what every gold standard of :mod:`datatrace.truth` runs on.
 
 :func:`run_jobs` runs jobs ``0..n-1`` that each return a tensor of one shape. With a cache
-directory, every finished job is written at once (safetensors, atomic rename) and a
-manifest records the settings: a crashed run restarted with the same call recomputes
-nothing and returns the same result, and a cache written with other settings is refused.
+directory, every finished job is written at once (safetensors with a checksum, atomic
+rename: :mod:`datatrace.core.persist`) and a manifest records the settings: a crashed run
+restarted with the same call recomputes nothing and returns the same result, and a cache
+written with other settings is refused.
 Under ``torchrun`` the jobs are split round-robin across ranks and merged by one all-reduce
 onto zeros (see :mod:`datatrace.distributed`), so every rank returns the single-process
 result; a rank that fails makes every rank raise.
@@ -12,22 +13,24 @@ result; a rank that fails makes every rank raise.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ..core import distributed
-from ..core.errors import ConfigError, DataError, StoreCorruptError, StoreMismatchError
+from ..core import distributed, persist
+from ..core.errors import ConfigError, DataError, StoreCorruptError
 from ..core.runtime import show_progress
 
-_FORMAT = "datatrace-truth"
-_VERSION = 1
+# version 2: one checksummed safetensors per job, written by core.persist
+FORMAT = persist.StoreFormat(
+    tag="datatrace-truth",
+    version=2,
+    files=("job-*.safetensors",),
+    fix="use another cache directory, or delete this one to recompute",
+)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -43,57 +46,36 @@ def callable_name(fn: Any) -> str:
 
 class _JobCache:
     """One directory: ``manifest.json`` (the settings) and ``job-<k>.safetensors`` per
-    finished job. Rank 0 writes the manifest; every rank writes only its own jobs."""
+    finished job (its checksum inside). Rank 0 creates the store; every rank then checks the
+    manifest and writes only its own jobs."""
 
     def __init__(
         self, path: str | os.PathLike[str], settings: dict[str, Any], info: dict[str, Any]
     ) -> None:
         self.path = Path(path)
-        # as JSON will give them back (tuples become lists), so equal settings compare equal
         try:
-            self.settings = json.loads(json.dumps(settings, sort_keys=True))
+            self.settings = persist.as_json(settings)
         except TypeError as exc:
             raise ConfigError(f"cache_key and settings must be JSON-serialisable: {exc}") from exc
-        settings = self.settings
-        manifest = self.path / "manifest.json"
+        expected = {"settings": self.settings}
         rank, _ = distributed.world()
+        failure: BaseException | None = None
         if rank == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not manifest.exists():
-                tmp = manifest.with_suffix(".json.tmp")
-                body = {
-                    "format": _FORMAT,
-                    "version": _VERSION,
-                    "settings": settings,
-                    "info": info,  # recorded, not checked
-                }
-                tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
-                os.replace(tmp, manifest)
+            try:
+                self._open(expected, info)
+            except BaseException as exc:  # raised below, after every rank reached the barrier
+                failure = exc
         distributed.barrier()  # then every rank checks (none is left waiting on a failure)
-        self._check(manifest)
+        if failure is not None:
+            raise failure
+        self._open(expected, info)
 
-    def _check(self, manifest: Path) -> None:
-        try:
-            body = json.loads(manifest.read_text())
-        except (OSError, ValueError) as exc:
-            raise StoreCorruptError(
-                f"{manifest} is unreadable ({exc}); delete {self.path} to start over"
-            ) from exc
-        if not isinstance(body, dict) or body.get("format") != _FORMAT:
-            raise StoreCorruptError(f"{self.path} is not a datatrace truth cache")
-        if body.get("version") != _VERSION:
-            raise StoreMismatchError(
-                f"{self.path} was written by truth-cache version {body.get('version')}, "
-                f"this datatrace writes {_VERSION}; use another cache directory"
-            )
-        old = body.get("settings", {})
-        for key in sorted(set(old) | set(self.settings)):
-            if old.get(key) != self.settings.get(key):
-                raise StoreMismatchError(
-                    f"the truth cache {self.path} was written with {key}={old.get(key)!r}, "
-                    f"this call has {key}={self.settings.get(key)!r}; use another cache "
-                    "directory (or delete this one) to recompute"
-                )
+    def _open(self, expected: dict[str, Any], info: dict[str, Any]) -> None:
+        def create(manifest: dict[str, Any]) -> None:
+            manifest["info"] = info  # recorded, not checked
+
+        *_, lock = persist.open_store(self.path, FORMAT, expected, overwrite=False, create=create)
+        persist.release(lock, exclusive=False)  # job files are each written atomically
 
     def file(self, k: int) -> Path:
         return self.path / f"job-{k:06d}.safetensors"
@@ -102,20 +84,15 @@ class _JobCache:
         f = self.file(k)
         if not f.exists():
             return None
-        try:
-            return load_file(str(f))["result"]
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise StoreCorruptError(
-                f"cached job {f} is unreadable ({exc}); delete that file to recompute it"
-            ) from exc
+        fix = "delete that file to recompute it"
+        tensors, meta = persist.load_tensors(f, FORMAT, fix)
+        if meta.get("job") != k or "result" not in tensors:
+            raise StoreCorruptError(f"{f} does not hold job {k}'s result; {fix}")
+        return tensors["result"]
 
     def save(self, k: int, result: torch.Tensor) -> None:
-        f = self.file(k)
-        tmp = f.with_name(f.name + f".tmp{os.getpid()}")
-        save_file({"result": result.detach().cpu().contiguous()}, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, f)
+        meta = {"format": FORMAT.tag, "version": FORMAT.version, "job": k}
+        persist.save_tensors(self.file(k), {"result": result}, meta)
 
 
 def run_jobs(
