@@ -122,3 +122,24 @@ def test_meta_tensors_and_non_numeric_checkpoint_weights_are_clear_errors() -> N
         with pytest.raises(dt.CheckpointError, match="finite number"):
             dt.Checkpoint.from_module(task.model, weight=bad)
     assert dt.Checkpoint.from_module(task.model, weight=np.float32(0.5)).weight == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_float64_inputs_into_a_float32_model_are_cast_as_users_expect(name: str) -> None:
+    task, ck, x, y = _setup()
+    model32 = task.model.float()
+    task32, ck32 = dt.ClassificationTask(model32), [dt.Checkpoint.from_module(model32)]
+    want = (
+        METHODS[name]()
+        .fit(task32, ck32, (x.float(), y), progress=False)
+        .attribute((x[:3].float(), y[:3]))
+    )
+    got = METHODS[name]().fit(task32, ck32, (x, y), progress=False).attribute((x[:3], y[:3]))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_integer_features_into_a_float_model_are_a_data_error() -> None:
+    task, ck, x, y = _setup()
+    with pytest.raises(dt.DataError, match=r"torch.float64.*int64.*x.float\(\)"):
+        dt.TracIn().fit(task, ck, ((x * 10).long(), y), progress=False)

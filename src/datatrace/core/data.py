@@ -197,7 +197,7 @@ class ExampleSource:
             else (self.batch(s, e) for s, e in self.ranges(batch_size))
         )
         for part in parts:
-            for t in _leaves(part):
+            for t in leaves(part):
                 t = t.detach().cpu().contiguous()
                 h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
                 h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
@@ -250,13 +250,14 @@ def _sampled_indices(loader: DataLoader, name: str) -> torch.Tensor | None:
     return chosen
 
 
-def _leaves(batch: Batch) -> list[torch.Tensor]:
+def leaves(batch: Batch) -> list[torch.Tensor]:
+    """Every tensor of a (nested) batch."""
     if isinstance(batch, torch.Tensor):
         return [batch]
     if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _leaves(v)]
+        return [t for v in batch.values() for t in leaves(v)]
     if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _leaves(v)]
+        return [t for v in batch for t in leaves(v)]
     return []
 
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vjp, vmap
+from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from ..core.data import ExampleSource, as_single_batch
 from ..core.loop import over_batches
 from ..core.task import AbstractTask
 from ..grads.layers import flat_offsets, layer_calls
+from ..grads.per_example import bound_model
 
 
 class CurvatureProblem:
@@ -64,12 +65,7 @@ class CurvatureProblem:
         return {n: t.reshape(s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def model_at(self, flat: torch.Tensor) -> Any:
-        state = {**self.fixed, **self.unflatten(flat)}
-
-        def model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.task.model, state, args, kwargs)
-
-        return model
+        return bound_model(self.task.model, {**self.fixed, **self.unflatten(flat)})
 
     def batches(self, batch_size: int | None = None) -> Iterator[Any]:
         """Every training example once, in order, on the parameters' device, with the model

@@ -31,6 +31,7 @@ from ..core.loop import check_finite
 from ..core.task import AbstractTask
 from ..grads.layers import NotFactorable, conv_grads, conv_patches, hookable, layer_io
 from ..grads.per_example import (
+    bound_model,
     flatten_grads,
     per_example_grads,
     per_example_grads_loop,
@@ -244,7 +245,7 @@ class GradientFeatures(AbstractFeaturizer):
         measurement: bool,
         offset: int,
     ) -> Features:
-        self.task.check_batch(self.task.model, batch, offset)
+        self.task.check_batch(bound_model(self.task.model, {**buffers, **params}), batch, offset)
         if not self._probed:
             self._probe(params, buffers, batch)
         grads, values = self._dense_grads(params, buffers, batch, measurement)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from ..core.data import as_single_batch, batch_len, slice_batch
-from ..core.errors import ConfigError
+from ..core.data import as_single_batch, batch_len, leaves, slice_batch
+from ..core.errors import ConfigError, DataError
 from ..core.task import AbstractTask
 
 Params = dict[str, torch.Tensor]
@@ -70,10 +70,41 @@ def value_fn(task: AbstractTask, measurement: bool) -> Callable[[Any, Any], torc
 
 
 def bound_model(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    """``module`` run with ``state``'s tensors (the user's module is never modified).
+
+    Floating-point inputs are cast to the parameters' dtype where data meets the model
+    (float64 data into a float32 model works, as users expect); integer inputs are passed
+    as they are (token ids for embeddings), and one that reaches a floating-point layer is
+    a :class:`DataError` naming the dtypes instead of torch's ``mat1 and mat2`` error."""
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+
     def model(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(module, dict(state), args, kwargs)
+        if dtype is not None:
+            args, kwargs = _cast_floating((args, kwargs), dtype)
+        try:
+            return functional_call(module, dict(state), args, kwargs)
+        except RuntimeError as exc:
+            text = str(exc).lower()
+            if "dtype" not in text and "scalar type" not in text:
+                raise
+            given = sorted({str(t.dtype) for t in leaves((args, kwargs))})
+            raise DataError(
+                f"the model's parameters are {dtype} but its inputs have dtypes {given} "
+                f"({exc}); convert integer features with x.float() (integer inputs are "
+                "passed unchanged, for embeddings)"
+            ) from exc
 
     return model
+
+
+def _cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() and tree.dtype != dtype else tree
+    if isinstance(tree, Mapping):
+        return {k: _cast_floating(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_cast_floating(v, dtype) for v in tree)
+    return tree
 
 
 def per_example_grads(
