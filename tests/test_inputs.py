@@ -126,7 +126,7 @@ def test_meta_tensors_and_non_numeric_checkpoint_weights_are_clear_errors() -> N
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_float64_inputs_into_a_float32_model_are_cast_as_users_expect(name: str) -> None:
-    task, ck, x, y = _setup()
+    task, _, x, y = _setup()
     model32 = task.model.float()
     task32, ck32 = dt.ClassificationTask(model32), [dt.Checkpoint.from_module(model32)]
     want = (

@@ -120,8 +120,16 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("params", "proj"), [(None, None), (None, 32)])
-def test_killed_featurization_resumes_bit_identically(tmp_path, params, proj):
+@pytest.mark.parametrize(
+    ("params", "proj", "done_name", "at"),
+    [
+        (None, None, "c0.done.json", 3),  # mid checkpoint 0
+        (None, None, "c0.done.json", 1),  # right after the first commit
+        (None, None, "c1.done.json", 1),  # in the second checkpoint
+        (None, 32, "c0.done.json", 3),
+    ],
+)
+def test_killed_featurization_resumes_bit_identically(tmp_path, params, proj, done_name, at):
     tests = str(Path(__file__).parent)
     script = tmp_path / "job.py"
     script.write_text(RESUME_SCRIPT.format(tests=tests, params=params, proj=proj))
@@ -132,16 +140,16 @@ def test_killed_featurization_resumes_bit_identically(tmp_path, params, proj):
     # run slowly, kill -9 once some (not all) chunks are done, then resume
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, str(script), str(store), "0.02"], env=env)
-    done_file = store / "c0.done.json"
+    done_file = store / done_name
     deadline = time.time() + 120
     while time.time() < deadline:
-        if done_file.exists() and len(json.loads(done_file.read_text() or "[]")) >= 3:
+        if done_file.exists() and len(json.loads(done_file.read_text() or "[]")) >= at:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads(done_file.read_text())
-    assert 3 <= len(done) < 20, "the kill should land half way through featurization"
+    assert at <= len(done) < 20, "the kill should land part way through featurization"
     assert not Path(str(store) + ".scores.pt").exists()
     subprocess.run([sys.executable, str(script), str(store), "0"], check=True, env=env)
     s_ref = torch.load(str(ref) + ".scores.pt", weights_only=True)
@@ -195,3 +203,29 @@ def test_temporary_features_live_in_memory_or_a_temporary_directory(mlp_data, tm
 
     gc.collect()
     assert not path.exists()  # the temporary directory goes with the fitted object
+
+
+def test_a_failed_fit_leaves_no_temporary_store_behind(mlp_data, tmp_path, monkeypatch):
+    import tempfile
+
+    model, x, y = mlp_data
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    method = dt.Influence(dt.ExactHessian(max_params=1))  # refuses after featurizing
+    with pytest.raises(dt.ConfigError, match="max_params"):
+        method.fit(
+            dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y),
+            max_memory_bytes=0, progress=False,
+        )  # fmt: skip
+    assert list(scratch.iterdir()) == []
+    fitted = dt.TracIn().fit(
+        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y),
+        max_memory_bytes=0, progress=False,
+    )  # fmt: skip
+    assert len(list(scratch.iterdir())) == 1  # a temporary store while the fitted object lives
+    del fitted
+    import gc
+
+    gc.collect()
+    assert list(scratch.iterdir()) == []

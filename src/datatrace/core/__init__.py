@@ -7,4 +7,8 @@
 * :mod:`~datatrace.core.errors`: one error type per kind of failure.
 * :mod:`~datatrace.core.distributed`: torchrun ranks, sharding, deterministic merges.
 * :mod:`~datatrace.core.runtime`: eval mode, devices, progress bars.
+* :mod:`~datatrace.core.fingerprint`: what scores depend on (model and task code, settings,
+  environment), so no cache is reused after it changed.
+* :mod:`~datatrace.core.persist`: THE on-disk layer (atomic writes, manifests, checksums,
+  locks) every cache uses.
 """

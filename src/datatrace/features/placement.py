@@ -53,6 +53,7 @@ def place_training_features(
     progress: bool | None,
     max_store_bytes: int | None,
     max_memory_bytes: int,
+    verify: str = "sample",
 ) -> Placement:
     """Featurize ``source`` at every checkpoint into memory or a store, or decide not to.
 
@@ -88,6 +89,7 @@ def place_training_features(
             batch_size=batch_size,
             progress=progress,
             shared=tmp is None,  # a temporary directory is per rank: not shared
+            verify=verify,
         )
     except BaseException:
         if tmp is not None:
@@ -109,6 +111,7 @@ def _disk_store(
     batch_size: int,
     progress: bool | None,
     shared: bool,
+    verify: str = "sample",
 ) -> FeatureStore:
     """Open (or create) the fingerprinted store at ``path`` and fill what is missing.
     Under torchrun with a ``shared`` directory, rank 0 creates (or checks, or overwrites)
@@ -125,6 +128,7 @@ def _disk_store(
             dtype,
             chunk_size=batch_size,
             overwrite=overwrite,
+            verify=verify,
         )
 
     if size > 1:

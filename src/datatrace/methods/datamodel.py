@@ -50,6 +50,7 @@ from ..core.errors import (
     StoreCorruptError,
     StoreMismatchError,
 )
+from ..core.fingerprint import model_fingerprint, task_fingerprint
 from ..core.runtime import eval_mode, model_device, show_progress
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
@@ -395,6 +396,8 @@ class _Distiller:
         d["groups"] = None if self.ddm.groups is None else "given"
         return {
             "ddm": d,
+            "model": model_fingerprint(self.task.model),
+            "task": task_fingerprint(self.task),
             "group_ids": self.ids.tolist(),
             "train": self.train.fingerprint(),
             "points": fingerprints,
