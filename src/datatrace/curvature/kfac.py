@@ -36,6 +36,7 @@ from .base import (
     AbstractPreconditioner,
     check_damping,
     resolve_damping,
+    symmetric_eigh,
 )
 from .context import FitContext
 from .problem import CurvatureProblem
@@ -105,7 +106,7 @@ def _pseudo_grads(
                 )
             seen[name] = (called[0][0].detach(), called[0][1])
         h_out = problem.output_hessians(out.detach(), batch)
-        evals, evecs = torch.linalg.eigh(h_out)
+        evals, evecs = symmetric_eigh(h_out, "the output Hessian of a K-FAC layer")
         roots = evecs * evals.clamp_min(0).sqrt()[:, None, :]  # H = R Rᵀ, columns c
         acts = {lay.name: lay.patches(seen[lay.name][0]) for lay in layers}
         outs = [seen[lay.name][1] for lay in layers]
@@ -147,8 +148,8 @@ def _fit_factors(problem: CurvatureProblem, layers: list[_Layer]) -> None:
     for lay in layers:
         assert lay.A is not None and lay.S is not None
         lay.A, lay.S = lay.A / problem.n, lay.S / problem.n
-        la, lay.ua = torch.linalg.eigh(lay.A)
-        ls, lay.us = torch.linalg.eigh(lay.S)
+        la, lay.ua = symmetric_eigh(lay.A, f"the input factor A of layer {lay.name!r}")
+        ls, lay.us = symmetric_eigh(lay.S, f"the output-gradient factor S of layer {lay.name!r}")
         lay.lam = ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
 
 
