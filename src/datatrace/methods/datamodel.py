@@ -51,6 +51,7 @@ from ..core.errors import (
     StoreMismatchError,
 )
 from ..core.fingerprint import model_fingerprint, task_fingerprint
+from ..core.loop import over_batches
 from ..core.runtime import eval_mode, model_device, show_progress
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
@@ -314,9 +315,9 @@ class _Distiller:
             for nm, p in params.items()
         }
         ids = self.ids.to(self.device)
-        for s in range(0, self.n, 512):
-            xb, yb, gb = self.x[s : s + 512], self.y[s : s + 512], ids[s : s + 512]
+        for s, e, (xb, yb) in over_batches(ExampleSource((self.x, self.y)), 512):
             per = vmap(grad(self._loss1), in_dims=(None, None, 0, 0))(params, fixed, xb, yb)
+            gb = ids[s:e]
             for nm, t in per.items():
                 out[nm].index_add_(0, gb, t)
         return {nm: t / self.n for nm, t in out.items()}
