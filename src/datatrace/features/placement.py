@@ -25,7 +25,7 @@ from ..core import distributed
 from ..core.data import ExampleSource
 from .featurizer import AbstractFeaturizer
 from .loop import State, featurize_into_store
-from .store import FeatureStore, MemoryFeatureStore
+from .store import FeatureStore, MemoryFeatureStore, Verify
 
 log = logging.getLogger("datatrace")
 
@@ -53,7 +53,7 @@ def place_training_features(
     progress: bool | None,
     max_store_bytes: int | None,
     max_memory_bytes: int,
-    verify: str = "sample",
+    verify: Verify | str = Verify.SAMPLE,
 ) -> Placement:
     """Featurize ``source`` at every checkpoint into memory or a store, or decide not to.
 
@@ -111,7 +111,7 @@ def _disk_store(
     batch_size: int,
     progress: bool | None,
     shared: bool,
-    verify: str = "sample",
+    verify: Verify | str = Verify.SAMPLE,
 ) -> FeatureStore:
     """Open (or create) the fingerprinted store at ``path`` and fill what is missing.
     Under torchrun with a ``shared`` directory, rank 0 creates (or checks, or overwrites)

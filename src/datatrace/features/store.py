@@ -31,6 +31,7 @@ with a mismatch that ``overwrite=True`` fixes.
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,28 @@ FORMAT = persist.StoreFormat(
     files=("c*.npy", "c*.done*.json", "c*.sums*.json", "curvature-*.safetensors"),
     fix="pass overwrite=True to replace it, or another store path",
 )
-VERIFY = ("sample", "full")
+
+
+class Verify(enum.Enum):
+    """How much of a reused store is re-hashed against its checksums."""
+
+    #: a sample of the finished chunks (at most ``SAMPLE_BYTES`` per checkpoint)
+    SAMPLE = "sample"
+    #: every finished chunk
+    FULL = "full"
+
+    @classmethod
+    def of(cls, value: Verify | str) -> Verify:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(
+                f"verify must be one of {[v.value for v in cls]}, got {value!r}"
+            ) from None
+
+
 # reopening re-hashes about this many bytes per checkpoint (all of a small store): on a
 # disk at ~1 GB/s that is tens of milliseconds, however large the store
 SAMPLE_BYTES = 32 << 20
@@ -87,10 +109,9 @@ class FeatureStore:
         dtype: torch.dtype,
         chunk_size: int,
         overwrite: bool = False,
-        verify: str = "sample",
+        verify: Verify | str = Verify.SAMPLE,
     ) -> None:
-        if verify not in VERIFY:
-            raise ConfigError(f"verify must be one of {VERIFY}, got {verify!r}")
+        how = Verify.of(verify)
         self._writers: dict[tuple[int, str], tuple[int, int, int]] = {}  # fd, offset, row
         self._lock: tuple[int, int] | None = None
         self.path = Path(path)
@@ -119,7 +140,7 @@ class FeatureStore:
             for name, width in layout.items()
         }
         if not created:
-            self._verify(full=verify == "full")
+            self._verify(full=how is Verify.FULL)
 
     # -- opening -------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..core import distributed
 from ..core.checkpoint import Checkpoint
@@ -50,6 +50,7 @@ from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import featurize
 from ..features.placement import place_training_features
 from ..features.spec import FeatureSpec
+from ..features.store import Verify
 from .fitted import FittedGradientAttributor
 from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 
@@ -113,7 +114,7 @@ class GradientAttributor:
         max_store_bytes: int | None = 8 << 30,
         max_memory_bytes: int = 4 << 30,
         fingerprint_extra: Any = None,
-        verify: Literal["sample", "full"] = "sample",
+        verify: Verify | str = Verify.SAMPLE,
     ) -> FittedGradientAttributor:
         """Featurize the training data at every checkpoint used.
 
@@ -133,9 +134,10 @@ class GradientAttributor:
                 scoring time (same scores, more compute, no disk).
             max_memory_bytes: with ``store=None``, keep features in memory (on the model's
                 device: GPU memory for a CUDA model) up to this size.
-            verify: when reusing a store, re-hash a sample of its chunks (``"sample"``, at
-                most 32 MiB per checkpoint: all of a small store) or every chunk
-                (``"full"``); damage raises :class:`~datatrace.StoreCorruptError`.
+            verify: when reusing a store, re-hash a sample of its chunks
+                (``Verify.SAMPLE`` or ``"sample"``, at most 32 MiB per checkpoint: all of a
+                small store) or every chunk (``Verify.FULL``, ``"full"``); damage raises
+                :class:`~datatrace.StoreCorruptError`.
             fingerprint_extra: anything else the scores depend on that datatrace cannot see
                 (JSON-able; recorded in the store's fingerprint, e.g. a data version).
 
