@@ -8,11 +8,14 @@ safetensors or ``torch.load(weights_only=True)``, never with unrestricted pickle
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,23 +62,58 @@ class Checkpoint:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path, weight: float = 1.0, name: str = "") -> Checkpoint:
-        """Load a ``.safetensors`` file or a ``torch.save``d state dict (weights only)."""
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file not found: {path}")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+    def from_file(
+        cls,
+        path: str | Path,
+        weight: float | None = None,
+        name: str = "",
+        *,
+        key: str | None = None,
+        strip_prefix: str | None = None,
+    ) -> Checkpoint:
+        """Load a checkpoint as people save them (never with unrestricted pickle).
 
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt, truncated or not a state dict
-            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        Reads a state dict from a ``.safetensors`` file, a ``torch.save``d state dict, a
+        training checkpoint dict (``{"model_state_dict" | "state_dict" | "model": ...,
+        "optimizer_state_dict": ..., "epoch": ...}``; PyTorch Lightning's ``state_dict`` and
+        ``optimizer_states`` too), or a Hugging Face model folder (``model.safetensors``,
+        sharded or not, or ``pytorch_model.bin``).
+
+        Args:
+            path: the file or folder.
+            weight: the checkpoint's weight; ``None``: the learning rate stored in the
+                file's optimizer state (what TracIn needs), else 1.0.
+            name: a label (default: the file name).
+            key: the entry holding the state dict, when it is none of the usual ones.
+            strip_prefix: removed from every parameter name that starts with it (Lightning
+                modules save ``model.`` + the wrapped model's names).
+
+        Raises:
+            CheckpointError: missing, unreadable or ambiguous files, naming the keys found
+                and the argument that selects one.
+        """
+        path = Path(path)
+        raw = _read_checkpoint(path)
+        state, beside = _find_state(raw, path, key)
+        if strip_prefix:
+            state = {k.removeprefix(strip_prefix): v for k, v in state.items()}
+        if weight is None:
+            lr = _learning_rate(beside, path)
+            weight = lr if lr is not None else 1.0
         return cls(state=dict(state), weight=weight, name=name or path.stem)
+
+    @classmethod
+    def glob(
+        cls, pattern: str | Path, weight: float | None = None, **kwargs: Any
+    ) -> list[Checkpoint]:
+        """Every file matching ``pattern`` (e.g. ``"ckpts/epoch*.pt"``), in natural order
+        (``epoch2`` before ``epoch10``): a training trajectory for TracIn. ``weight`` and
+        ``kwargs`` as for :meth:`from_file` (by default each file's own learning rate)."""
+        pattern = Path(pattern)
+        paths = sorted(pattern.parent.glob(pattern.name), key=_natural_key)
+        if not paths:
+            raise CheckpointError(f"no checkpoint files match {str(pattern)!r}")
+        return [cls.from_file(p, weight=weight, **kwargs) for p in paths]
 
     def fingerprint(self) -> str:
         """SHA-256 (truncated) of names, shapes, dtypes and bytes of the state."""
@@ -140,3 +178,105 @@ def _weight(weight: object) -> float:
     if not math.isfinite(weight):
         raise CheckpointError(f"checkpoint weight must be a finite number, got {weight!r}")
     return float(weight)
+
+
+#: where a training checkpoint dict keeps the model's state dict, most specific first
+STATE_KEYS = ("model_state_dict", "state_dict", "model", "module", "net")
+#: and the optimizer's state (a dict, or Lightning's list of dicts)
+OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states")
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if path.is_dir():
+        return _read_model_folder(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or pickled objects weights_only refuses
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def _read_model_folder(path: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face model folder: (sharded) safetensors, else ``pytorch_model.bin``."""
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file()
+        else [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()][
+            :1
+        ]
+    )
+    if not files:
+        found = sorted(p.name for p in path.iterdir())[:12]
+        raise CheckpointError(
+            f"{path} is a folder without model.safetensors or pytorch_model.bin (found "
+            f"{found}); pass the checkpoint file itself"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = _read_checkpoint(f)
+        if not isinstance(part, Mapping):
+            raise CheckpointError(f"{f} does not hold a state dict")
+        state.update(part)
+    return state
+
+
+def _find_state(
+    raw: Any, path: Path, key: str | None
+) -> tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]:
+    """The state dict inside what was loaded, and the dict it was found in (which may hold
+    the optimizer's state)."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (got {type(raw).__name__})")
+    if key is not None:
+        if key not in raw or not isinstance(raw[key], Mapping):
+            raise CheckpointError(
+                f"{path} has no state dict under key={key!r}; its keys: {sorted(map(str, raw))}"
+            )
+        return raw[key], raw
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return raw, {}  # a plain state dict
+    for k in STATE_KEYS:
+        if (
+            isinstance(raw.get(k), Mapping)
+            and raw[k]
+            and all(isinstance(v, torch.Tensor) for v in raw[k].values())
+        ):
+            return raw[k], raw
+    nested = sorted(str(k) for k, v in raw.items() if isinstance(v, Mapping))
+    raise CheckpointError(
+        f"{path} holds a dict with keys {sorted(map(str, raw))[:20]} and no state dict under "
+        f"{list(STATE_KEYS)}; pass key=... (one of {nested}) to select it"
+    )
+
+
+def _learning_rate(raw: Mapping[str, Any], path: Path) -> float | None:
+    """The learning rate of the optimizer state saved beside the model (one value, or an
+    error naming them when its parameter groups differ)."""
+    for k in OPTIMIZER_KEYS:
+        opt = raw.get(k)
+        if isinstance(opt, list) and opt:  # Lightning: one state per optimizer
+            opt = opt[0]
+        if not isinstance(opt, Mapping) or not isinstance(opt.get("param_groups"), list):
+            continue
+        rates = {
+            float(g["lr"]) for g in opt["param_groups"] if isinstance(g, Mapping) and "lr" in g
+        }
+        if len(rates) > 1:
+            raise CheckpointError(
+                f"{path}: the optimizer's parameter groups have learning rates {sorted(rates)}; "
+                "pass weight=... to choose the checkpoint's weight"
+            )
+        if rates:
+            return rates.pop()
+    return None
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """``epoch2`` before ``epoch10``: digits compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
