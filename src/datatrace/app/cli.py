@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="datatrace", description="Training data attribution for PyTorch."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is cached where")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="find flipped labels in scikit-learn's digits with TracIn")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, flips and training")
@@ -65,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--tf32", action="store_true", help="score with TF32 matmuls on CUDA (see README)"
         )
+        cmd.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace a store written with other settings (instead of an error)",
+        )
         if name == "score":
             cmd.add_argument("--top-k", type=int, default=10)
             cmd.add_argument("--opponents", action="store_true")
@@ -77,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            print("datatrace: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "demo":
             from .demo import DemoConfig, run
@@ -100,7 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatatraceError as exc:
         print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave: one line, not a traceback
+        print(f"datatrace: error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"datatrace {version('datatrace')}"
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "datatrace (not installed)"
 
 
 if __name__ == "__main__":  # pragma: no cover

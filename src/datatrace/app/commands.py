@@ -50,7 +50,13 @@ def _fit(args: Any) -> tuple[FittedGradientAttributor, Any, float]:
     ckpts = exp.checkpoints if method_entry.trajectory else exp.checkpoints[-1:]
     t0 = time.perf_counter()
     fitted = method.fit(
-        exp.task, ckpts, exp.train, store=args.store, batch_size=args.batch_size, progress=None
+        exp.task,
+        ckpts,
+        exp.train,
+        store=args.store,
+        batch_size=args.batch_size,
+        progress=None,
+        overwrite=args.overwrite,
     )
     return fitted, exp, time.perf_counter() - t0
 
@@ -96,9 +102,12 @@ def score_main(args: Any) -> int:
             file=sys.stderr,
         )
     else:
-        for j in range(min(values.shape[0], 5)):
+        shown = min(values.shape[0], 5)
+        for j in range(shown):
             best = ", ".join(
                 f"{int(i)} ({float(v):+.3g})" for v, i in zip(values[j], indices[j], strict=True)
             )
             print(f"query {j}: {best}")
+        if shown < values.shape[0]:
+            print(f"showing {shown} of {values.shape[0]} queries (all of them with --out FILE.csv)")
     return 0
