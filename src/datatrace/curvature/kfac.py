@@ -90,11 +90,11 @@ def _layers(problem: CurvatureProblem) -> list[_Layer]:
 
 
 def _pseudo_grads(
-    problem: CurvatureProblem, layers: list[_Layer]
+    problem: CurvatureProblem, layers: list[_Layer], desc: str
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]]:
     """Per batch: ({layer: ã (b, P, in')}, {layer: [e_c (b, P, out) for each column c]})."""
     theta = problem.theta.detach().requires_grad_(True)
-    for batch in problem.batches():
+    for batch in problem.batches(desc=desc):
         with layer_calls({lay.name: lay.module for lay in layers}) as calls:
             out = problem.outputs(theta, batch)
         seen = {}
@@ -137,7 +137,7 @@ def _pull_back_columns(
 def _fit_factors(problem: CurvatureProblem, layers: list[_Layer]) -> None:
     for lay in layers:
         lay.A = lay.S = None
-    for acts, grads in _pseudo_grads(problem, layers):
+    for acts, grads in _pseudo_grads(problem, layers, "K-FAC factors"):
         for lay in layers:
             a = acts[lay.name]
             a_cov = torch.einsum("bpi,bpj->ij", a, a) / a.shape[1]
@@ -155,7 +155,7 @@ def _fit_factors(problem: CurvatureProblem, layers: list[_Layer]) -> None:
 
 def _refit_eigenvalues(problem: CurvatureProblem, layers: list[_Layer]) -> None:
     sums: dict[str, torch.Tensor] = {}
-    for acts, grads in _pseudo_grads(problem, layers):
+    for acts, grads in _pseudo_grads(problem, layers, "EK-FAC eigenvalues"):
         for lay in layers:
             assert lay.ua is not None and lay.us is not None
             a_rot = acts[lay.name] @ lay.ua  # (b, P, in')

@@ -42,8 +42,11 @@ class CurvatureProblem:
         buffers: dict[str, torch.Tensor],
         train: ExampleSource,
         batch_size: int,
+        progress: bool | None = False,
     ) -> None:
         self.task = task
+        #: progress bars for the passes that name themselves (K-FAC factors, eigenvalues)
+        self.progress = progress
         self.names = list(names)
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [params[n].numel() for n in self.names]
@@ -67,16 +70,18 @@ class CurvatureProblem:
     def model_at(self, flat: torch.Tensor) -> Any:
         return bound_model(self.task.model, {**self.fixed, **self.unflatten(flat)})
 
-    def batches(self, batch_size: int | None = None) -> Iterator[Any]:
+    def batches(self, batch_size: int | None = None, desc: str | None = None) -> Iterator[Any]:
         """Every training example once, in order, on the parameters' device, with the model
         in eval mode while the pass runs (as features are computed: dropout off, batch-norm
         statistics read, never updated); through THE data loop. ``batch_size``: default the
-        problem's."""
+        problem's; ``desc``: show a progress bar (when ``progress``) with this label."""
         loop = over_batches(
             self.train,
             batch_size or self.batch_size,
             device=self.theta.device,
             eval_module=self.task.model,
+            progress=self.progress if desc is not None else False,
+            desc=desc,
         )
         return (batch for _, _, batch in loop)
 

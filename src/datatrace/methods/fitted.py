@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError, NonFiniteError
-from ..core.runtime import model_device
+from ..core.runtime import model_device, show_progress
 from ..core.task import AbstractTask
 from ..curvature.base import (
     AbstractFittedPreconditioner,
@@ -79,7 +80,13 @@ class FittedGradientAttributor:
         """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
         for c, (params, buffers) in enumerate(self.states):
             problem = CurvatureProblem(
-                self.task, self.features.names, params, buffers, self.train, self.batch_size
+                self.task,
+                self.features.names,
+                params,
+                buffers,
+                self.train,
+                self.batch_size,
+                self.progress,
             )
             square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
             lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
@@ -161,7 +168,9 @@ class FittedGradientAttributor:
         at ``starts``, multiples of ``block_size``); never the whole matrix."""
         qfeats = [self._precondition(c, q) for c, q in enumerate(self.query_features(queries))]
         qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats]
-        for start in range(0, self.n_train, self.block_size) if starts is None else starts:
+        blocks = range(0, self.n_train, self.block_size) if starts is None else starts
+        bar = show_progress(self.progress) and len(blocks) > 1
+        for start in tqdm(blocks, desc="scoring", unit="block", disable=not bar, leave=False):
             stop = min(start + self.block_size, self.n_train)
             total = None
             for c, (q, w) in enumerate(zip(qfeats, self.weights, strict=True)):
