@@ -79,3 +79,16 @@ def test_importing_datatrace_does_not_import_the_app_layer() -> None:
     code = "import sys, datatrace; print(any(m.startswith('datatrace.app') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_moved_application_modules_still_import_with_a_deprecation_warning() -> None:
+    import pytest
+
+    from datatrace.app import evaluate, problems
+
+    with pytest.warns(DeprecationWarning, match=r"datatrace\.app\.evaluate"):
+        assert dt.evaluate is evaluate
+    with pytest.warns(DeprecationWarning, match=r"datatrace\.app\.problems"):
+        assert dt.problems is problems
+    with pytest.raises(AttributeError):
+        _ = dt.no_such_name
