@@ -47,7 +47,7 @@ from ..curvature.base import (
     AbstractPreconditioner,
 )
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
-from ..features.loop import featurize
+from ..features.loop import State, featurize
 from ..features.placement import place_training_features
 from ..features.spec import FeatureSpec
 from ..features.store import Verify
@@ -157,17 +157,9 @@ class GradientAttributor:
         if whole is not None:
             task.check_data(whole, source.name)
         scored = self.output.wrap(task) if self.output is not None else task
-        # one featurizer per checkpoint: projected features get an independent matrix each
-        per_ckpt: list[AbstractFeaturizer] = [
-            GradientFeatures(self.features.for_checkpoint(c), scored) for c in range(len(ckpts))
-        ]
+        per_ckpt, states = self._bind(scored, ckpts, source, batch_size)
         device = model_device(task.model)
-        distributed.ensure_initialized(device)
-        states = [c.parameters_for(task.model, device) for c in ckpts]
         dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
-        # Probe the model on one example: fixes the factored layout before the store is sized.
-        for f, st in zip(per_ckpt, states, strict=True):
-            featurize(f, st, source, False, batch_size, 0, 1, progress=False)
         fingerprint = {
             "method": {"normalize": self.normalize},
             "model": model_fingerprint(task.model),
@@ -179,39 +171,20 @@ class GradientAttributor:
             "extra": check_extra(fingerprint_extra),
         }
         placed = place_training_features(
-            per_ckpt,
-            states,
-            source,
-            fingerprint,
-            dtype,
-            name=self.name,
-            store=store,
-            overwrite=overwrite,
-            batch_size=batch_size,
-            progress=progress,
-            max_store_bytes=max_store_bytes,
-            max_memory_bytes=max_memory_bytes,
-            verify=verify,
-        )
-        try:
+            per_ckpt, states, source, fingerprint, dtype, name=self.name, store=store,
+            overwrite=overwrite, batch_size=batch_size, progress=progress,
+            max_store_bytes=max_store_bytes, max_memory_bytes=max_memory_bytes, verify=verify,
+        )  # fmt: skip
+        try:  # a failed preconditioner fit leaves no temporary store behind
             column_weights = (
                 [self.example_weights.weights(task, st, source, batch_size) for st in states]
                 if self.example_weights is not None
                 else None
             )
             fitted = FittedGradientAttributor(
-                self,
-                scored,
-                per_ckpt,
-                states,
-                weights,
-                source,
-                placed.store,
-                batch_size,
-                block_size,
-                progress,
-                column_weights,
-            )
+                self, scored, per_ckpt, states, weights, source, placed.store, batch_size,
+                block_size, progress, column_weights,
+            )  # fmt: skip
         except BaseException:
             if placed.temporary is not None:
                 shutil.rmtree(placed.temporary, ignore_errors=True)
@@ -219,6 +192,22 @@ class GradientAttributor:
         if placed.temporary is not None:
             weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
         return fitted
+
+    def _bind(
+        self, scored: AbstractTask, ckpts: list[Checkpoint], source: ExampleSource, batch_size: int
+    ) -> tuple[list[AbstractFeaturizer], list[State]]:
+        """One featurizer per checkpoint (projected features get an independent matrix each)
+        and the checkpoints' states on the model's device, probed on one example (which
+        fixes the factored layout before a store is sized)."""
+        per_ckpt: list[AbstractFeaturizer] = [
+            GradientFeatures(self.features.for_checkpoint(c), scored) for c in range(len(ckpts))
+        ]
+        device = model_device(scored.model)
+        distributed.ensure_initialized(device)
+        states = [c.parameters_for(scored.model, device) for c in ckpts]
+        for f, st in zip(per_ckpt, states, strict=True):
+            featurize(f, st, source, False, batch_size, 0, 1, progress=False)
+        return per_ckpt, states
 
 
 def _check_slot(name: str, value: Any, kind: type) -> None:
