@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import MLP
 
 import datatrace as dt
-from datatrace.methods.datamodel import _Distiller, kmeans_groups
+from datatrace.methods.distill import _Distiller, kmeans_groups
 
 
 def trained(n: int = 24, steps: int = 60, seed: int = 0):

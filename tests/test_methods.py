@@ -176,3 +176,21 @@ def test_merged_top_k_equals_one_pass():
         parts = [running_top_k(blocks[r::3], 9, largest) for r in range(3)]
         got = merge_top_k(parts, 9, largest)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_batch_norm_models_fit_in_memory_and_in_a_store(tmp_path) -> None:
+    """0-d buffers (num_batches_tracked) are fingerprinted like any tensor."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model(torch.randn(8, 3))  # update running statistics
+    model.eval()
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    ck = [dt.Checkpoint.from_module(model)]
+    assert ck[0].state["1.num_batches_tracked"].dim() == 0
+    task = dt.ClassificationTask(model)
+    memory = dt.TracIn().fit(task, ck, (x, y), progress=False).attribute((x[:2], y[:2]))
+    stored = dt.TracIn().fit(task, ck, (x, y), store=tmp_path, progress=False)
+    torch.testing.assert_close(stored.attribute((x[:2], y[:2])), memory, rtol=0, atol=0)

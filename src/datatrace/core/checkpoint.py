@@ -122,7 +122,7 @@ class Checkpoint:
             for k in sorted(self.state):
                 t = self.state[k].detach().cpu().contiguous()
                 h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._fingerprint.append(h.hexdigest()[:16])
         return self._fingerprint[0]
 

@@ -200,7 +200,7 @@ class ExampleSource:
             for t in leaves(part):
                 t = t.detach().cpu().contiguous()
                 h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         return h.hexdigest()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ def place_training_features(
     featurizers: Sequence[AbstractFeaturizer],
     states: list[State],
     source: ExampleSource,
-    fingerprint: dict[str, Any],
+    fingerprint: Callable[[], dict[str, Any]],
     dtype: torch.dtype,
     *,
     name: str,
@@ -57,7 +57,8 @@ def place_training_features(
 ) -> Placement:
     """Featurize ``source`` at every checkpoint into memory or a store, or decide not to.
 
-    ``featurizers[c]`` must already know its layout (probed on one example)."""
+    ``featurizers[c]`` must already know its layout (probed on one example);
+    ``fingerprint()`` is called only when a disk store is opened."""
     layout = featurizers[0].layout()
     nbytes = len(source) * sum(layout.values()) * dtype.itemsize * len(states)
     if store is None and nbytes <= max_memory_bytes:
@@ -81,7 +82,7 @@ def place_training_features(
             featurizers,
             states,
             source,
-            fingerprint,
+            fingerprint(),
             dtype,
             path=tmp or store,  # type: ignore[arg-type]
             name=name,

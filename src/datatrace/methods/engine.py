@@ -160,16 +160,20 @@ class GradientAttributor:
         per_ckpt, states = self._bind(scored, ckpts, source, batch_size)
         device = model_device(task.model)
         dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
-        fingerprint = {
-            "method": {"normalize": self.normalize},
-            "model": model_fingerprint(task.model),
-            "task": task_fingerprint(scored),
-            "features": self.features.describe(),
-            "checkpoints": [c.fingerprint() for c in ckpts],
-            "data": source.fingerprint(),
-            "environment": environment_fingerprint(dtype, device),
-            "extra": check_extra(fingerprint_extra),
-        }
+
+        def fingerprint() -> dict[str, Any]:  # only for a disk store: hashing costs a pass
+            return {
+                "method": {"normalize": self.normalize},
+                "model": model_fingerprint(task.model),
+                "task": task_fingerprint(scored),
+                "features": self.features.describe(),
+                "checkpoints": [c.fingerprint() for c in ckpts],
+                "data": source.fingerprint(),
+                "environment": environment_fingerprint(dtype, device),
+                "extra": extra,
+            }
+
+        extra = check_extra(fingerprint_extra)
         placed = place_training_features(
             per_ckpt, states, source, fingerprint, dtype, name=self.name, store=store,
             overwrite=overwrite, batch_size=batch_size, progress=progress,

@@ -36,7 +36,7 @@ FORMAT = persist.StoreFormat(
 def digest(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.blake2b(f"{tuple(t.shape)}:{t.dtype}".encode(), digest_size=12)
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

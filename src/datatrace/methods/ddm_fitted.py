@@ -1,0 +1,279 @@
+"""A fitted Distilled Datamodel: fast group removal online (heavy-ball unlearning on the
+synthetic sets), the attribution and datamodel matrices, and save/load."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from ..core import persist
+from ..core.checkpoint import Checkpoint
+from ..core.data import ExampleSource
+from ..core.errors import (
+    ConfigError,
+    DataError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
+from ..core.runtime import eval_mode, model_device
+from ..core.task import AbstractTask
+from ..grads.per_example import bound_model
+from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
+
+if TYPE_CHECKING:
+    from .datamodel import DistilledDatamodel
+
+
+_FITTED_FORMAT = persist.StoreFormat(
+    tag="datatrace-ddm",
+    version=2,
+    files=("fitted.safetensors",),
+    fix="fit and save the Distilled Datamodel again",
+)
+
+
+class FittedDistilledDatamodel:
+    """Synsets distilled for one training run; attribute, unlearn, datamodel, save/load."""
+
+    def __init__(
+        self,
+        task: AbstractTask,
+        final: Checkpoint,
+        syn_x: torch.Tensor,
+        syn_y: torch.Tensor,
+        weights: torch.Tensor,
+        group_ids: torch.Tensor,
+        ddm: DistilledDatamodel,
+        history: list[tuple[float, float]] | None = None,
+    ) -> None:
+        self.task, self.final, self.ddm = task, final, ddm
+        self.syn_x, self.syn_y, self.weights = syn_x.detach(), syn_y, weights
+        self.group_ids = group_ids
+        self.k = syn_x.shape[0]
+        self.history = history or []
+        self.device = model_device(task.model)
+        params, buffers = final.parameters_for(task.model, self.device)
+        self.names = [nm for nm, p in task.model.named_parameters() if p.requires_grad]
+        self.start = {nm: params[nm].detach() for nm in self.names}
+        self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
+        self._lr: float | None = ddm.unlearn_lr
+        self.group_class: torch.Tensor | None = None  # k-means groups: each group's class
+
+    @property
+    def n_groups(self) -> int:
+        return self.k
+
+    # -- the distilled objective ----------------------------------------------------------
+
+    def _sample_losses(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per synthetic example losses (K·m,) under one parameter set."""
+        k, m = self.syn_x.shape[:2]
+        model = bound_model(self.task.model, {**self.fixed, **params})
+        x = self.syn_x.reshape(k * m, *self.syn_x.shape[2:])
+        y = self.syn_y.reshape(k * m, *self.syn_y.shape[2:])
+        return self.task.loss(model, (x, y))
+
+    def _step_size(self) -> float:
+        if self._lr is None:
+            with eval_mode(self.task.model):
+                self._lr = self._power_step()
+        return self._lr
+
+    def _power_step(self) -> float:
+        """1 / the largest eigenvalue of the distilled objective's Hessian at θ_T."""
+        m = self.syn_x.shape[1]
+        w = self.weights.repeat_interleave(m)
+
+        def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return (self._sample_losses(params) * w).sum()
+
+        gen = torch.Generator().manual_seed(0)
+        v = {
+            nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+            for nm, p in self.start.items()
+        }
+        top = 1.0
+        for _ in range(30):
+            norm = math.sqrt(sum(float((t * t).sum()) for t in v.values())) or 1.0
+            v = {nm: t / norm for nm, t in v.items()}
+            hv = torch.func.jvp(grad(total), (self.start,), (v,))[1]
+            top = math.sqrt(sum(float((t * t).sum()) for t in hv.values()))
+            v = hv
+        return 1.0 / (top + self.ddm.weight_decay + 1e-12)
+
+    def _fast_learn(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train R models from θ_T at once, model r on the groups where ``keep[r]`` (R, K)
+        is True; returns stacked parameters (R, ...)."""
+        r_models, m = keep.shape[0], self.syn_x.shape[1]
+        w = (self.weights[None, :] * keep.to(self.weights)).repeat_interleave(m, dim=1)  # (R, K·m)
+        params = {
+            nm: p.unsqueeze(0).repeat(r_models, *[1] * p.dim()) for nm, p in self.start.items()
+        }
+        velocity = {nm: torch.zeros_like(p) for nm, p in params.items()}
+        lr, wd, mu = self._step_size(), self.ddm.weight_decay, self.ddm.unlearn_momentum
+        per_model = vmap(self._sample_losses)
+        with eval_mode(self.task.model), torch.enable_grad():  # also when called under no_grad
+            for _ in range(self.ddm.unlearn_steps):
+                live = {nm: p.detach().requires_grad_(True) for nm, p in params.items()}
+                loss = (per_model(live) * w).sum()
+                grads = torch.autograd.grad(loss, list(live.values()))
+                stacked_sgd_step(params, grads, velocity, lr, mu, wd)
+        return params
+
+    def _measure(self, params: dict[str, torch.Tensor], queries: ExampleSource) -> torch.Tensor:
+        """(n_query, R) measurements of the stacked models."""
+        return measure_stacked(self.task, self.fixed, params, queries, self.device)
+
+    # -- online --------------------------------------------------------------------------
+
+    def attribute(
+        self, queries: Any, groups: Sequence[int] | None = None, chunk: int = 64
+    ) -> torch.Tensor:
+        """``A[j, k] = f(z_j; θ₋ₖ) − f(z_j; θ₀)``, (n_query, n_groups) (or the given groups)."""
+        q = ExampleSource(queries, "queries")
+        if len(q) == 0:
+            raise DataError("the queries are empty")
+        chosen = list(range(self.k)) if groups is None else [int(g) for g in groups]
+        if not chosen:
+            raise ConfigError("groups is empty")
+        if any(not 0 <= g < self.k for g in chosen):
+            raise ConfigError(f"group indices must be within [0, {self.k})")
+        cols = []
+        for s in range(0, len(chosen), chunk):
+            part = chosen[s : s + chunk]
+            # row 0: the reference θ₀ (all groups), trained in the same stack as the others
+            keep = torch.ones(len(part) + 1, self.k, dtype=torch.bool)
+            keep[torch.arange(1, len(part) + 1), torch.tensor(part)] = False
+            out = self._measure(self._fast_learn(keep), q).double()
+            cols.append(out[:, 1:] - out[:, :1])
+        return torch.cat(cols, dim=1).cpu()
+
+    def unlearn(self, k: Any) -> nn.Module:
+        """A copy of the model with group(s) ``k`` fast-unlearned (θ₋ₖ)."""
+        drop = [int(g) for g in k] if isinstance(k, (list, tuple)) else [int(k)]
+        if any(not 0 <= g < self.k for g in drop):
+            raise ConfigError(f"group indices must be within [0, {self.k})")
+        keep = torch.ones(1, self.k, dtype=torch.bool)
+        keep[0, drop] = False
+        params = self._fast_learn(keep)
+        model = copy.deepcopy(self.task.model)
+        model.load_state_dict(
+            {**self.fixed, **{nm: p[0] for nm, p in params.items()}}, strict=False
+        )
+        return model
+
+    def datamodel(
+        self,
+        queries: Any,
+        n_subsets: int = 64,
+        fraction: float = 0.5,
+        seed: int = 0,
+        ridge: float = 1e-3,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Datamodel mode: fast-learn on random subsets of groups (``fraction`` of them
+        kept), and fit per query the linear datamodel of the removal effects,
+        ``f(θ_S) − f(θ₀) ≈ Σ_{k ∉ S} A[j, k]`` (least squares, ``ridge`` on A). Returns
+        ``(A, masks, outputs)``: A (n_query, K) in the units of :meth:`attribute`, masks
+        bool (n_subsets, K) (True = kept), outputs (n_subsets, n_query)."""
+        q = ExampleSource(queries, "queries")
+
+        masks = subset_masks(self.k, n_subsets, fraction, seed)
+        outs = []
+        for s in range(0, n_subsets, 64):
+            outs.append(self._measure(self._fast_learn(masks[s : s + 64]), q))
+        outputs = torch.cat(outs, dim=1).T.double().cpu()  # (n_subsets, n_query)
+        full = torch.ones(1, self.k, dtype=torch.bool)
+        base = self._measure(self._fast_learn(full), q)[:, 0].double().cpu()
+        removed = (~masks).double()
+        reg = ridge * torch.eye(self.k, dtype=torch.float64)
+        coef = torch.linalg.solve(removed.T @ removed + reg, removed.T @ (outputs - base))
+        return coef.T.contiguous(), masks, outputs
+
+    def group_scores_to_examples(self, scores: torch.Tensor) -> torch.Tensor:
+        """Spread group scores to examples (n_query, n_train): each example gets its group's
+        score divided by the group size (so they sum back to the group's)."""
+        sizes = torch.bincount(self.group_ids, minlength=self.k).double()
+        return (scores / sizes)[:, self.group_ids]
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the synsets and their settings to directory ``path`` (one checksummed
+        safetensors file, ``fitted.safetensors``, replaced atomically)."""
+        p = Path(path)
+        persist.make_folder(p)
+        d = asdict(self.ddm)
+        d["groups"] = None
+        meta = {
+            "format": _FITTED_FORMAT.tag,
+            "version": _FITTED_FORMAT.version,
+            "ddm": d,
+            "final": self.final.fingerprint(),
+            "history": self.history,
+            "step_size": self._step_size(),
+        }
+        tensors = {
+            "syn_x": self.syn_x,
+            "syn_y": self.syn_y,
+            "weights": self.weights,
+            "group_ids": self.group_ids,
+        }
+        persist.save_tensors(p / "fitted.safetensors", tensors, meta)
+        (p / "fitted.json").unlink(missing_ok=True)  # a version-1 save's metadata: now stale
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], task: AbstractTask, final: Checkpoint
+    ) -> FittedDistilledDatamodel:
+        """Read what :meth:`save` wrote; ``final`` must be the checkpoint it was fitted at."""
+        p = Path(path)
+        if (p / "fitted.json").exists():
+            raise StoreMismatchError(
+                f"{p} was saved by an older datatrace (Distilled Datamodel format version 1, "
+                f"this one reads {_FITTED_FORMAT.version}); {_FITTED_FORMAT.fix}"
+            )
+        if not (p / "fitted.safetensors").exists():
+            raise StoreCorruptError(
+                f"cannot read a fitted Distilled Datamodel from {p}: no fitted.safetensors; "
+                "pass the directory given to save()"
+            )
+        t, meta = persist.load_tensors(p / "fitted.safetensors", _FITTED_FORMAT, _FITTED_FORMAT.fix)
+        if meta.get("final") != final.fingerprint():
+            raise StoreMismatchError(
+                f"{p} was fitted at another final checkpoint ({meta.get('final')}, given "
+                f"{final.fingerprint()}); pass that checkpoint, or fit again at this one"
+            )
+        if not {"syn_x", "syn_y", "weights", "group_ids"} <= set(t) or "ddm" not in meta:
+            raise StoreCorruptError(
+                f"{p / 'fitted.safetensors'} is incomplete; {_FITTED_FORMAT.fix}"
+            )
+        try:
+            from .datamodel import DistilledDatamodel
+
+            ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+        except (TypeError, ConfigError) as exc:
+            raise StoreCorruptError(
+                f"{p / 'fitted.safetensors'} holds unusable settings ({exc}); {_FITTED_FORMAT.fix}"
+            ) from exc
+        dev = model_device(task.model)
+        out = cls(
+            task,
+            final,
+            t["syn_x"].to(dev),
+            t["syn_y"].to(dev),
+            t["weights"].to(dev),
+            t["group_ids"],
+            ddm,
+            [(float(a), float(b)) for a, b in meta.get("history", [])],
+        )
+        out._lr = meta.get("step_size", out._lr)
+        return out
