@@ -35,12 +35,10 @@ import platform
 import time
 
 import torch
+from internals import kmeans_groups, load_sklearn, sgd_train
 from torch import nn
 
 import datatrace as dt
-from datatrace.evaluate import sgd_train
-from datatrace.methods.datamodel import kmeans_groups
-from datatrace.problems import load_sklearn
 
 ALPHA = 1e-3
 

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from internals import logistic_regression_problem, mlp_problem
 
 import datatrace as dt
-from datatrace.problems import logistic_regression_problem, mlp_problem
 
 
 def methods(lam: float, p: int) -> dict[str, dt.GradientAttributor]:
