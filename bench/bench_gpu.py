@@ -1,33 +1,16 @@
 """GPU anchor benchmark (issue 6): exact Grad-Dot of a ResNet-9-style CNN on CUDA.
 
-Workload (the issue's anchor): synthetic 3×32×32 inputs, a ResNet-9-style CNN with
-1.65M parameters (channels 32-64-128-256, batch norm in eval mode), Grad-Dot of 5,000
-training × 500 query examples at one checkpoint, every parameter, float32, no projection.
+    python bench/bench_gpu.py --json bench/results_gpu.json   # a GPU machine (gpu_check.sh)
+    python bench/bench_gpu.py --quick --device cpu            # a tiny version anywhere
 
-It measures, in one process on one GPU:
-
-* the matmul rate (float32 IEEE, TF32, bfloat16; an 8192² GEMM) and one plain
-  forward+backward pass's throughput (examples/s): the hardware anchors;
-* datatrace ``dt.GradDot()``: fit (training features into GPU memory) + attribute, and
-  the scoring part's FLOP rate (``2·n_q·n_train·p`` over the time of the query × training
-  matmuls), in float32, with TF32 scoring, and with bfloat16 features;
-* peers where installed: captum ``TracInCP`` (final checkpoint, summed loss), dattri
-  ``TracInAttributor`` (no projection, weight 1), and a plain ``vmap(grad)`` loop;
-* exactness: every score matrix against datatrace's float32 one (Pearson, max relative
-  error), and datatrace float32 against a float64 run on a 200 × 20 subset.
-
-captum's per-sample hooks cover Linear and Conv2d only: its scores leave out the
-batch-norm parameters' terms (on a small ResNet-9: Pearson 0.99999999 with datatrace
-restricted to the other parameters, 0.997 with all), so its row is timed as the issue's
-anchor timed it but is not the same quantity.
-
-Target (issue 6, H100): datatrace ≤ 0.25 s (4× captum's 0.99 s), scoring ≥ 50% of the
-measured float32 matmul rate.
-
-Run (GPU machine; ``--quick`` runs a tiny version anywhere, also on the CPU):
-
-    python bench/bench_gpu.py --json bench/results_gpu.json
-    python bench/bench_gpu.py --quick --device cpu
+Synthetic 3x32x32 inputs, :class:`~workloads.ResNet9` (1.65M parameters, batch norm in eval
+mode), Grad-Dot of 5,000 training x 500 queries at one checkpoint, float32, no projection.
+Measures the matmul rate (float32, TF32, bfloat16) and a plain forward+backward pass as
+anchors; datatrace (float32, TF32 scoring, bfloat16 features: time, and the scoring FLOP rate
+as a fraction of the matmul rate); captum ``TracInCP``, dattri TracIn and a ``vmap(grad)``
+loop, each one's agreement with datatrace; float32 vs float64 on 200 x 20. captum's hooks
+skip batch-norm parameters, so its row is timed but is not the same quantity. Target (H100):
+datatrace <= 0.25 s (4x captum's 0.99 s), scoring >= 50% of the float32 matmul rate.
 """
 
 from __future__ import annotations
@@ -176,7 +159,7 @@ def cases(model: nn.Module, train: tuple, queries: tuple, args: argparse.Namespa
     return out, splits
 
 
-def agreement(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+def exactness(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"pearson": pearson(a, ref), "max_rel_err": max_rel_err(a, ref)}
 
 
@@ -203,7 +186,7 @@ def time_cases(runs: list, device: torch.device, repeats: int) -> tuple[list[dic
     base = next((r["seconds"] for r in rows if r["variant"] == "float32"), None)
     for r in rows:
         if (S := results.get((r["library"], r["variant"]))) is not None and ref is not None:
-            r.update(agreement(S, ref))
+            r.update(exactness(S, ref))
         if r["seconds"] and base:
             r["ratio_vs_datatrace"] = r["seconds"] / base
     return rows, results
@@ -221,10 +204,28 @@ def float64_check(model: nn.Module, train: tuple, queries: tuple, width: int) ->
                                   (sub[0].to(dtype), sub[1]), progress=False)  # fmt: skip
         return fitted.attribute((subq[0].to(dtype), subq[1]))
 
-    return agreement(grad_dot(model, torch.float32), grad_dot(m64, torch.float64))
+    return exactness(grad_dot(model, torch.float32), grad_dot(m64, torch.float64))
 
 
-def print_results(res: dict[str, Any]) -> None:
+def trained_resnet(args: argparse.Namespace, device: torch.device) -> tuple:
+    """ResNet-9 after one epoch of SGD on synthetic data (a checkpoint, not an initialisation),
+    and the data: the first ``n_train`` examples for training, the rest as queries."""
+    torch.manual_seed(0)
+    model = ResNet9(args.width).to(device)
+    x = torch.randn(args.n_train + args.n_query, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (len(x),), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for s in range(0, args.n_train, args.batch_size):  # one epoch: a checkpoint, not init
+        opt.zero_grad()
+        nn.functional.cross_entropy(
+            model(x[s : s + args.batch_size]), y[s : s + args.batch_size]
+        ).backward()
+        opt.step()
+    model.eval()
+    return model, x, y
+
+
+def print_gpu_table(res: dict[str, Any]) -> None:
     harness.print_table(
         [("library", "10s"), ("variant", "14s"), ("seconds", "9.3f"), ("vs dt", "7.2f"),
          ("GPU GB", "7.2f"), ("pearson", "9.6f"), ("max rel err", "11.2e"), ("note", "s")],
@@ -256,18 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     from internals import resolve_device
 
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    model = ResNet9(args.width).to(device)
-    x = torch.randn(args.n_train + args.n_query, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (len(x),), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for s in range(0, args.n_train, args.batch_size):  # one epoch: a checkpoint, not init
-        opt.zero_grad()
-        nn.functional.cross_entropy(
-            model(x[s : s + args.batch_size]), y[s : s + args.batch_size]
-        ).backward()
-        opt.step()
-    model.eval()
+    model, x, y = trained_resnet(args, device)
     train, queries = (x[: args.n_train], y[: args.n_train]), (x[args.n_train :], y[args.n_train :])
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -297,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "fraction_of_matmul_rate": tflops / rate}  # fmt: skip
     if "datatrace" in args.libraries.split(","):
         res["float32_vs_float64"] = float64_check(model, train, queries, args.width)
-    print_results(res)
+    print_gpu_table(res)
     harness.write_json(args.json, res)
     return 0
 

@@ -1,36 +1,19 @@
 #!/usr/bin/env python
-"""Influence functions: datatrace vs dattri 0.3.0 and kronfluence 1.0.1, with float64 references.
+"""Influence functions: datatrace vs dattri 0.3.0 and kronfluence 1.0.1, against float64 truth.
 
-Usage::
-
-    python bench/bench_influence.py [--workload mlp|cnn] [--quick] [--repeats N] [--threads T]
-                                    [--json out.json] [--dampings 0.01[,0.1]]
+    python bench/bench_influence.py [--workload mlp|cnn] [--quick] [--dampings 0.01,0.1]
                                     [--methods exact,cg,...] [--profile auto|none|exact,...]
 
-Workloads (:mod:`workloads`; seeded; 500 digits for training, 100 held-out queries; plain
-SGD lr 0.1, batch 32, 100 epochs; one checkpoint; float32; every parameter): ``mlp``
-(``digits-mlp``), the MLP 64-128-10 (9,610 parameters); ``cnn`` (``digits-cnn``), the
-:class:`~workloads.PoolCNN` with 8 and 16 channels (1,898 parameters). ``--quick``: hidden
-16 or 4/8 channels, 100 x 20. A cell that raises (dattri's EK-FAC cannot take Conv2d
-inputs; dattri's CG-100 and LiSSA run out of memory on the CNN) is recorded with its error.
-
-Convention (every peer is converted to it, see :mod:`peers`; ``scale`` checks it):
-``S[j, i] = (1/n) q_j^T (H + lam I)^{-1} g_i`` (n_test, n_train), H the Hessian of the MEAN
-training cross-entropy, positive = proponent. ``r(H)``/``r(GN)``: mean per-query Pearson with
-datatrace ``ExactHessian`` / ``GaussNewton`` in float64 at the same lam
-(:mod:`influence_reference`; the exact one is checked against ``torch.func.hessian`` +
-``linalg.solve``, which also gives LiSSA's scale, 1.5 x the largest |eig(H + lam)|).
-
-Timing: N runs per cell interleaved across cells; with ``--isolate all`` (default) each in a
-fresh worker that first warms up on a tiny model. A cell whose first run exceeds
-``--slow-threshold`` s runs once. datatrace: ``fit`` + ``attribute``; dattri: task, attributor,
-``cache``, ``attribute``; kronfluence: ``prepare_model``, ``Analyzer``, factors, pairwise
-scores. ``mem GB``: peak resident memory above the level before the run (every 20 ms).
-
-JSON ``rows``: one per (damping, method, library): ``workload``, ``method`` ("exact",
-"cg<iters>", "lissa", "arnoldi", "datainf", "ekfac"), ``library``, ``seconds``,
-``peak_mem_gb``, ``agreement`` (r(GN) for DataInf and EK-FAC, r(H) otherwise),
-``agreement_with``, ``damping``, ``note``; null where a cell failed.
+Workloads (:mod:`workloads`): 500 digits x 100 queries, plain SGD, one checkpoint, float32,
+every parameter; ``mlp`` (``digits-mlp``, MLP 64-128-10) or ``cnn`` (``digits-cnn``,
+:class:`~workloads.PoolCNN` 8/16 channels); ``--quick``: hidden 16 or 4/8 channels, 100 x 20.
+Every peer is converted (:mod:`peers`) to ``S[j, i] = (1/n) q_j^T (H + lam I)^{-1} g_i``,
+H the Hessian of the MEAN training loss. ``r(H)``/``r(GN)``: mean per-query Pearson with
+datatrace ``ExactHessian`` / ``GaussNewton`` in float64 (:mod:`influence_reference`).
+Runs are interleaved across cells, each in a fresh worker by default (``--isolate``); a cell
+that raises is recorded with its error. JSON ``rows``: one per (damping, method, library),
+``method`` in exact, cg<iters>, lissa, arnoldi, datainf, ekfac; ``agreement`` is r(GN) for
+DataInf and EK-FAC, r(H) otherwise. Details: bench/README.md.
 """
 
 from __future__ import annotations
@@ -94,7 +77,7 @@ def influence_workload(kind: str, n_train: int, n_test: int, quick: bool, epochs
     return digits_workload(f"digits-{kind}", arch, n_train, n_test, [0.1], epochs, seed)
 
 
-def run_datatrace(wl: Workload, st: InfluenceSettings, method: str) -> tuple:
+def datatrace_influence(wl: Workload, st: InfluenceSettings, method: str) -> tuple:
     model = copy.deepcopy(wl.model)
     task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
     attributor = DATATRACE[method](st)
@@ -118,7 +101,7 @@ def run_cell(library: str, method: str, wl: Workload, st: InfluenceSettings) -> 
     with warnings.catch_warnings(record=True) as w, harness.RssPeak(interval=0.02) as mem:
         warnings.simplefilter("always")
         if library == "datatrace":
-            S, t, notes = run_datatrace(wl, st, method)
+            S, t, notes = datatrace_influence(wl, st, method)
         elif library == "dattri":
             S, t, notes = dattri_peer.influence(wl, st, method)
         else:
@@ -134,7 +117,7 @@ def run_cell(library: str, method: str, wl: Workload, st: InfluenceSettings) -> 
 
 
 @dataclass
-class Cell:
+class InfluenceCell:
     method: str  # exact, CG, LiSSA, Arnoldi, DataInf, EK-FAC
     variant: str  # settings label
     library: str
@@ -149,7 +132,7 @@ class Cell:
 
 
 def build_cells(methods: list[str], libs: set[str], base: InfluenceSettings,
-                cg_iters: list[int], isolate: set[str]) -> list[Cell]:  # fmt: skip
+                cg_iters: list[int], isolate: set[str]) -> list[InfluenceCell]:  # fmt: skip
     cells = []
     for m in methods:
         if m not in METHODS:
@@ -165,7 +148,7 @@ def build_cells(methods: list[str], libs: set[str], base: InfluenceSettings,
         elif m == "arnoldi":
             variants = [(f"r={base.arnoldi_rank},it={base.arnoldi_iter}", base)]
         iso = "all" in isolate or m in isolate
-        cells += [Cell(method, variant, lib, api, st, gn, iso)
+        cells += [InfluenceCell(method, variant, lib, api, st, gn, iso)
                   for variant, st in variants for lib, api in apis if lib in libs]  # fmt: skip
     return cells
 
@@ -176,7 +159,7 @@ def tiny_workload(kind: str) -> Workload:
     return influence_workload(kind, 60, 10, quick=True, epochs=5, seed=1)
 
 
-def work(spec: dict[str, Any]) -> dict[str, Any]:
+def influence_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed run (or a profile) of one cell in a fresh worker process."""
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -191,7 +174,9 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
     return {"S": S, "t": t, "notes": notes}
 
 
-def run_isolated(cell: Cell, wl_path: str, threads: int, profile: str | None = None) -> tuple:
+def run_isolated(
+    cell: InfluenceCell, wl_path: str, threads: int, profile: str | None = None
+) -> tuple:
     spec = {"workload": wl_path, "settings": cell.settings.__dict__, "library": cell.library,
             "method": cell.method, "threads": threads, "profile": profile}  # fmt: skip
     d = harness.run_worker(__file__, spec)
@@ -213,7 +198,7 @@ def profile_run(method: str, wl: Workload, st: InfluenceSettings, label: str, to
     return "\n".join([head, *harness.profile_lines(pr, top, ("tottime", "cumulative"))])
 
 
-def time_cells(cells: list[Cell], wl: Workload, wl_path: str, args: Any) -> None:
+def time_cells(cells: list[InfluenceCell], wl: Workload, wl_path: str, args: Any) -> None:
     """Warm up the in-process cells on a slice, then interleaved timed runs of every cell."""
     warm = wl.subset(min(50, wl.n_train), min(10, wl.n_test))
     for c in (c for c in cells if not c.isolate):
@@ -247,8 +232,8 @@ def time_cells(cells: list[Cell], wl: Workload, wl_path: str, args: Any) -> None
                   f"{t['attribute']:.2f})", flush=True)  # fmt: skip
 
 
-def result_rows(cells: list[Cell], ref: dict, lam: float) -> list[dict[str, Any]]:
-    def median(c: Cell, key: str) -> float:
+def result_rows(cells: list[InfluenceCell], ref: dict, lam: float) -> list[dict[str, Any]]:
+    def median(c: InfluenceCell, key: str) -> float:
         return harness.clean_median(c.times[key], c.times["others_cores"])
 
     dt_time = {(c.method, c.variant): median(c, "total")
@@ -274,7 +259,7 @@ def result_rows(cells: list[Cell], ref: dict, lam: float) -> list[dict[str, Any]
     return rows
 
 
-def targets(rows: list[dict], lam: float, cg_iters: list[int]) -> list[dict[str, Any]]:
+def influence_targets(rows: list[dict], lam: float, cg_iters: list[int]) -> list[dict[str, Any]]:
     """The issue's targets: speed-up over the peer at no worse agreement."""
 
     def get(method: str, lib: str, variant: str) -> dict | None:
@@ -312,7 +297,7 @@ def notes_of(r: dict[str, Any]) -> list[str]:
     return notes
 
 
-def print_results(rows: list[dict], checks: list[dict]) -> None:
+def print_influence_table(rows: list[dict], checks: list[dict]) -> None:
     harness.print_table(
         [("method", "8s"), ("variant", "22s"), ("library", "11s"), ("API", "21s"), ("n", "2d"),
          ("median s", "9.2f"), ("min s", "7.2f"), ("ratio", ">7s"), ("mem GB", "6.2f"),
@@ -373,7 +358,7 @@ def check_reference(wl: Workload, lam: float, ind: Any, check: torch.Tensor) -> 
 
 
 def profile_cells(
-    cells: list[Cell], checks: list[dict], wl: Workload, wl_path: str, args: Any
+    cells: list[InfluenceCell], checks: list[dict], wl: Workload, wl_path: str, args: Any
 ) -> dict:
     """cProfile datatrace's cells of the ``--profile`` methods ('auto': those missing a target)."""
     if args.profile == "none":
@@ -398,7 +383,7 @@ def profile_cells(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def options(argv: list[str] | None) -> Any:
     ap = harness.arg_parser(__doc__, "datatrace,dattri,kronfluence", batch_size=None)
     ap.add_argument("--workload", choices=("mlp", "cnn"), default="mlp")
     ap.add_argument("--slow-threshold", type=float, default=60.0,
@@ -415,24 +400,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="auto", help="methods to cProfile, 'auto' or 'none'")
     ap.add_argument("--isolate", default="all", help="methods run in fresh processes, all|none|...")
     args = ap.parse_args(argv)
-    if args.worker:
-        return harness.worker_main(args.worker, work)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    return args
+
+
+def solver_settings(args: Any, wl: Workload) -> tuple[list[int], dict[str, Any]]:
+    """Matched CG iteration counts, and the settings every damping shares."""
     q = args.quick
-    wl = influence_workload(args.workload, 100 if q else 500, 20 if q else 100, quick=q)
-    cg_iters = [int(x) for x in (args.cg_iters or ("5,30" if q else "20,100")).split(",")]
     rank = args.arnoldi_rank or (20 if q else 50)
     base = dict(batch_size=args.batch_size or wl.n_train, lissa_depth=args.lissa_depth or (200 if q else 1000),
                 lissa_batch=min(args.lissa_batch, wl.n_train), arnoldi_rank=rank,
                 arnoldi_iter=args.arnoldi_iter or min(wl.n_params, 2 * rank + 20))  # fmt: skip
+    return [int(x) for x in (args.cg_iters or ("5,30" if q else "20,100")).split(",")], base
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = options(argv)
+    if args.worker:
+        return harness.worker_main(args.worker, influence_worker)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    q = args.quick
+    wl = influence_workload(args.workload, 100 if q else 500, 20 if q else 100, quick=q)
+    cg_iters, base = solver_settings(args, wl)
     env = harness.environment(("dattri", "kronfluence"), dtype="float32", repeats=args.repeats,
                               slow_threshold_s=args.slow_threshold, quick=q, workload=wl.describe(),
                               workload_name=wl.name, batch_size=base["batch_size"])  # fmt: skip
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
     dampings = [float(x) for x in args.dampings.split(",")]
     ind = independent(wl)
     checks = {lam: ind.scores(lam) for lam in dampings}
@@ -456,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = build_cells(methods, libs, st, cg_iters, isolate)
             time_cells(cells, wl, wl_path, args)
             rows = result_rows(cells, ref, lam)
-            checked = targets(rows, lam, cg_iters)
-            print_results(rows, checked)
+            checked = influence_targets(rows, lam, cg_iters)
+            print_influence_table(rows, checked)
             out["results"] += rows
             out["rows"] += [
                 json_row(wl.name, r, c.settings.cg_iters) for r, c in zip(rows, cells, strict=True)

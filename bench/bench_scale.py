@@ -1,34 +1,17 @@
 #!/usr/bin/env python
 """Scale: TracIn with a 1,024-dimensional random projection on 100,000 training examples.
 
-Usage::
+    python bench/bench_scale.py [--n-train 100000] [--dim 1024] [--peer-train 5000] [--json F]
+    python bench/bench_scale.py --quick   # 5,000 examples, peers on 1,000, 1 repeat (minutes)
 
-    python bench/bench_scale.py [--n-train 100000] [--n-query 1000] [--dim 1024] [--json F]
-        [--libraries datatrace,dattri,captum,traker] [--peer-train 5000] [--peer-query 100]
-        [--peer-method graddot|tracin] [--peer-full captum] [--repeats 3] [--max-wait 120]
-    python bench/bench_scale.py --quick      # --n-train 5000 --peer-train 1000 --dense-n 200,
-                                             # --repeats 1 --max-wait 10 (~2-3 min)
-
-Workload (:mod:`workloads`): synthetic inputs (64 features, 10 classes), the MLP
-64-512-512-10 (301k parameters), 2 checkpoints, float32. Every measurement is a fresh
-process, so its peak memory (``VmHWM``) is its own:
-
-* ``plain``: one forward + backward pass over the training set per checkpoint, the cost
-  featurization is compared with (target: within 2x);
-* ``featurize``: ``TracIn`` with a Kronecker-structured projection into an on-disk store,
-  then ``top_k(queries, k=10)`` (target: peak RSS under 4 GB);
-* ``dense``: the same with ``kronecker=False`` (every per-example gradient formed, then a
-  dense Gaussian projection) on ``--dense-n`` examples, to show what the factoring saves.
-
-Peers (:mod:`peers`): ``--peer-method graddot`` (the final checkpoint, weight 1) or
-``tracin`` (both, weights 0.1 and 0.05), projected to ``--dim``, on the first
-``--peer-train`` examples and ``--peer-query`` queries, extrapolated linearly to
-``--n-train`` (labelled as such): dattri ``TracInAttributor`` with its dense projector,
-captum ``TracInCPFastRandProj`` (last layer only, needs ``annoy``), traker featurization
-(its agreement from its features converted to loss-gradient inner products, untimed).
-Agreement: mean per-query Pearson with exact unprojected scores of the same method from
-datatrace on the same examples. Each measurement runs ``--repeats`` times (once past
-``--slow-threshold`` s); the median of the undisturbed runs; a disturbed run is CONTENDED.
+The MLP 64-512-512-10 (301k parameters) on synthetic data, 2 checkpoints (:mod:`workloads`);
+every measurement in a fresh process, so its peak memory (``VmHWM``) is its own: ``plain``
+(one forward + backward pass per checkpoint; target: featurization within 2x), ``featurize``
+(Kronecker-projected TracIn into an on-disk store, then top-10 of the queries; target: peak
+RSS < 4 GB) and ``dense`` (``kronecker=False`` on ``--dense-n`` examples). Peers
+(:mod:`peers`; ``--peer-method graddot|tracin``) run on a ``--peer-train`` prefix and are
+extrapolated linearly (labelled); agreement: mean per-query Pearson with exact unprojected
+scores from datatrace on the same examples. Details: bench/README.md.
 """
 
 from __future__ import annotations
@@ -52,7 +35,7 @@ import datatrace as dt
 PEERS = ("dattri", "captum", "traker")
 
 
-def featurize(spec: argparse.Namespace) -> tuple[dict, dict]:
+def featurization_run(spec: argparse.Namespace) -> tuple[dict, dict]:
     """plain / featurize / dense on the full ``n_train`` (see the docstring)."""
     x, y = synthetic_data(spec.n_train, 0)
     m, cks = scale_model(), scale_checkpoints()
@@ -146,10 +129,10 @@ def peer_run(spec: argparse.Namespace) -> tuple[dict, dict]:
     return info, {"S": S}
 
 
-def work(spec_dict: dict[str, Any]) -> dict[str, Any]:
+def scale_worker(spec_dict: dict[str, Any]) -> dict[str, Any]:
     spec = argparse.Namespace(**spec_dict)
     torch.set_num_threads(spec.threads)
-    info, mats = (peer_run if spec.mode.startswith("peer-") else featurize)(spec)
+    info, mats = (peer_run if spec.mode.startswith("peer-") else featurization_run)(spec)
     return {"info": {"mode": spec.mode, "n_train": spec.prefix or spec.n_train, **info,
                      "peak_rss_gb": harness.peak_rss_gb()}, "mats": mats}  # fmt: skip
 
@@ -257,7 +240,7 @@ def peers(args: argparse.Namespace, libraries: list[str], results: dict) -> list
     results["peer-ref"] = ref if ref is not None else {"error": err}
     print("peer-ref", results["peer-ref"], flush=True)
 
-    def agreement(S: torch.Tensor | None, key: str = "S") -> float | None:
+    def agreement_of(S: torch.Tensor | None, key: str = "S") -> float | None:
         return (
             None
             if ref_m is None or S is None
@@ -277,13 +260,13 @@ def peers(args: argparse.Namespace, libraries: list[str], results: dict) -> list
         notes = (
             [err]
             if err
-            else [peer_note(lib, res, args, n, agreement(S, "S_last")), *run_notes(res)]
+            else [peer_note(lib, res, args, n, agreement_of(S, "S_last")), *run_notes(res)]
         )
         rows.append(harness.row(
             workload=workload_name(n_full), method=f"{args.peer_method}-proj{args.dim}", library=lib,
             seconds=res["seconds"] if res else None, n_train=n,
             extrapolated_seconds_full=res["seconds"] * n_full / n if res and n < n_full else None,
-            peak_mem_gb=res["peak_rss_gb"] if res else None, agreement=agreement(S),
+            peak_mem_gb=res["peak_rss_gb"] if res else None, agreement=agreement_of(S),
             agreement_with=f"exact {exact} (datatrace dt.{exact.replace('-', '')}(), no projection), "
             f"mean per-query Pearson over {args.peer_query} queries x the same {n:,} training examples",
             note="; ".join(notes)))  # fmt: skip
@@ -352,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer run")
     args = ap.parse_args(argv)
     if args.worker:
-        return harness.worker_main(args.worker, work)
+        return harness.worker_main(args.worker, scale_worker)
     if args.quick:  # smaller defaults; values given explicitly win
         for name, value in (("n_train", 5_000), ("peer_train", 1_000), ("dense_n", 200),
                             ("repeats", 1), ("max_wait", 10.0)):  # fmt: skip

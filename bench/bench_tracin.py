@@ -1,24 +1,16 @@
 #!/usr/bin/env python
 """TracIn and Grad-Dot, exact: datatrace vs captum ``TracInCP`` and dattri ``TracInAttributor``.
 
-Usage::
+    python bench/bench_tracin.py [--quick] [--repeats N] [--workloads small,large] [--profile]
 
-    python bench/bench_tracin.py [--quick] [--repeats N] [--threads T] [--json out.json]
-                                 [--workloads small,large] [--libraries ...] [--profile]
-
-Workloads (:mod:`workloads`): ``small``, the MLP 64-128-10 on 1,000 x 200 real digits, 4 SGD
-checkpoints (lr 0.2/0.1/0.05/0.02, 2 epochs each); ``large``, the 17,362-parameter CNN on
-20,000 augmented digits x 1,000 held-out real ones (lr 0.1/0.05/0.02/0.01); ``--quick`` cuts
-``large`` to 2,000 x 200. Every library scores the same model, data and checkpoints,
-exactly (no projection), float32, every parameter, in datatrace's convention
-``S[j, i] = sum_c lr_c <grad loss(test_j), grad loss(train_i)>`` (TracIn; Grad-Dot: the final
-checkpoint, weight 1). Agreement: Pearson of the flattened matrices against datatrace (FAIL
-below 0.999).
-
-Timing: a warm-up of every (method, library) on 256 x 32, then N full runs interleaved
-across libraries; the median over undisturbed runs. datatrace's time is ``fit`` (into its
-feature store) + ``attribute``; captum's, constructing ``TracInCP`` + ``influence``;
-dattri's, the task and attributor + ``attribute``. Training and checkpoint files are not timed.
+Workloads ``small`` (MLP, 1,000 x 200 digits) and ``large`` (CNN, 20,000 augmented x 1,000;
+``--quick``: 2,000 x 200) from :mod:`workloads`, 4 SGD checkpoints. Every library scores the
+same model, data and checkpoints exactly, float32, every parameter, as
+``S[j, i] = sum_c lr_c <grad loss(test_j), grad loss(train_i)>`` (Grad-Dot: the last
+checkpoint, weight 1); agreement is the Pearson correlation with datatrace's matrix (FAIL
+below 0.999). A warm-up on 256 x 32, then N runs interleaved across libraries. Timed:
+datatrace ``fit`` + ``attribute``; captum ``TracInCP`` + ``influence``; dattri task,
+attributor and ``attribute``. How it is timed and configured: bench/README.md.
 """
 
 from __future__ import annotations
@@ -61,7 +53,7 @@ def selected(wl: Workload, method: str) -> list[tuple[dict, float]]:
     return wl.ckpts if method == "TracIn" else [(wl.ckpts[-1][0], 1.0)]
 
 
-def run_datatrace(wl: Workload, method: str, bs: int, files: dict) -> tuple:
+def datatrace_tracin(wl: Workload, method: str, bs: int, files: dict) -> tuple:
     task = dt.ClassificationTask(copy.deepcopy(wl.model))
     ckpts = [dt.Checkpoint.from_state_dict(sd, weight=lr) for sd, lr in wl.ckpts]
     attributor = dt.TracIn() if method == "TracIn" else dt.GradDot()  # GradDot: last, w=1
@@ -71,14 +63,14 @@ def run_datatrace(wl: Workload, method: str, bs: int, files: dict) -> tuple:
     return S, t
 
 
-def run_captum(wl: Workload, method: str, bs: int, files: dict) -> tuple:
+def captum_tracin(wl: Workload, method: str, bs: int, files: dict) -> tuple:
     model = copy.deepcopy(wl.model)
     t0 = time.perf_counter()
     S = captum_peer.tracincp(model, wl.train, wl.test, files[wl.name, method], batch_size=bs)
     return S, {"total": time.perf_counter() - t0}
 
 
-def run_dattri(wl: Workload, method: str, bs: int, files: dict) -> tuple:
+def dattri_tracin(wl: Workload, method: str, bs: int, files: dict) -> tuple:
     cks = selected(wl, method)
     model = copy.deepcopy(wl.model).eval()
     t0 = time.perf_counter()
@@ -86,7 +78,7 @@ def run_dattri(wl: Workload, method: str, bs: int, files: dict) -> tuple:
     return S, {"total": time.perf_counter() - t0}
 
 
-RUNNERS = {"datatrace": run_datatrace, "captum": run_captum, "dattri": run_dattri}
+RUNNERS = {"datatrace": datatrace_tracin, "captum": captum_tracin, "dattri": dattri_tracin}
 
 
 def measure(wl: Workload, method: str, libs: list[str], args: Any, files: dict) -> list[dict]:
@@ -141,13 +133,13 @@ def profile_datatrace(wl: Workload, batch_size: int, max_wait: float, top: int =
     harness.quiet(max_wait)
     pr = cProfile.Profile()
     pr.enable()
-    _, t = run_datatrace(wl, "TracIn", batch_size, {})
+    _, t = datatrace_tracin(wl, "TracIn", batch_size, {})
     pr.disable()
     head = f"datatrace TracIn on {wl.name}, fit {t['fit']:.2f}s, attribute {t['attribute']:.2f}s:"
     return "\n".join([head, *harness.profile_lines(pr, top, ("tottime", "cumulative"))])
 
 
-def print_results(results: list[dict]) -> None:
+def print_tracin_table(results: list[dict]) -> None:
     harness.print_table(
         [("workload", "8s"), ("method", "7s"), ("library", "9s"), ("API", "28s"),
          ("median s", "9.2f"), ("min s", "8.2f"), ("ratio", "7.2f"), ("mem GB", "6.2f"),
@@ -192,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             print("workload", wl.describe(), flush=True)
             for method in ("TracIn", "GradDot"):
                 results += measure(wl, method, libs, args, files)
-    print_results(results)
+    print_tracin_table(results)
     prof = (
         profile_datatrace(workloads[-1], args.batch_size, args.max_wait) if args.profile else None
     )

@@ -1,38 +1,16 @@
 #!/usr/bin/env python
 """TRAK: datatrace vs traker 0.3.2 (``TRAKer``) and dattri 0.3.0 (``TRAKAttributor``), CPU.
 
-Usage::
+    python bench/bench_trak.py [--quick] [--workloads small,cnn] [--proj-dim K] [--damping LAM]
 
-    python bench/bench_trak.py [--quick] [--repeats N] [--threads T] [--json out.json]
-                               [--workloads small,cnn] [--libraries datatrace,traker,dattri]
-                               [--proj-dim K] [--damping LAM] [--dt-reference]
-
-Workloads (:mod:`workloads`, the same model, data and 4 SGD checkpoints for every library):
-``small``, the MLP 64-128-10 on 1,000 x 200 digits; ``cnn``, the CNN of the TracIn
-benchmark over the first 5,000 of its training examples x 500 held-out images.
-``--quick``: 300 x 50 and (CNN trained on 2,000) 600 x 100, k = 128, one repeat.
-
-Convention (each peer is converted to it, see :mod:`peers`)::
-
-    S = (1/C) sum_c Phi_q,c (Phi_c^T Phi_c + n lam I)^{-1} Phi_c^T diag(1 - p_c)
-
-(n_test, n_train), positive = proponent: Phi_c the projected per-example gradients of the
-margin ``log p_y - log(1 - p_y)`` at checkpoint c, k = ``--proj-dim`` (default 512, < n:
-at k >= n the undamped Gram matrix fits anything). One ridge all three can express;
-default lam = lam0, the mean squared unprojected margin-gradient entry (datatrace's unit).
-
-Agreement (projections differ between libraries and seeds): ``r(ref)``, mean per-query
-Pearson with the UNPROJECTED float64 reference of the same S (:mod:`trak_reference`);
-``scale``, the least-squares slope against it; ``r(dt)``, with datatrace's scores (seed 0);
-``r(seed)``, seed 0 vs seed 1 of one library. Timed run r uses projection seed r.
-
-Timing: every run is a fresh worker that warms up on 64 x 8 (k = 32), then runs the full
-workload once; runs interleaved across libraries; median over undisturbed runs; ``mem GB``
-= the worker's peak RSS above its level after the warm-up. Timed: from the trained model
-and its checkpoints to the score matrix (datatrace ``fit`` + ``attribute``; traker
-constructor, featurize, score, ``finalize_scores``; dattri task, attributor, ``cache``,
-``attribute``). When other processes compete for the cores, datatrace's many small torch
-operations slow down far more than the peers': such rows say so in their note.
+Workloads (:mod:`workloads`, 4 SGD checkpoints): ``small`` (MLP, 1,000 x 200 digits) and
+``cnn`` (the TracIn CNN, 5,000 x 500 of its data); ``--quick``: 300 x 50, 600 x 100, k = 128.
+Every peer is converted (:mod:`peers`) to
+``S = (1/C) sum_c Phi_q,c (Phi_c^T Phi_c + n lam I)^{-1} Phi_c^T diag(1 - p_c)``, Phi_c the
+projected margin gradients (k = ``--proj-dim`` < n), one ridge lam (default lam0, the mean
+squared margin-gradient entry). ``r(ref)``: mean per-query Pearson with the unprojected
+float64 reference (:mod:`trak_reference`); run r uses projection seed r in every library.
+Every run is a fresh worker (warm-up on 64 x 8); runs interleaved; details: bench/README.md.
 """
 
 from __future__ import annotations
@@ -85,7 +63,7 @@ def trak_workload(name: str, quick: bool) -> Workload:
     raise ValueError(f"unknown workload {name!r} (choose from small, cnn)")
 
 
-def run_datatrace(wl: Workload, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
+def datatrace_trak(wl: Workload, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
     task = dt.ClassificationTask(copy.deepcopy(wl.model))
     ckpts = [dt.Checkpoint.from_state_dict(sd) for sd, _ in wl.ckpts]  # TRAK weighs 1/C
     method = dt.TRAK(projection_dim=st.proj_dim, damping=st.damping, projection_seed=st.seed)
@@ -95,10 +73,10 @@ def run_datatrace(wl: Workload, st: TrakSettings) -> tuple[torch.Tensor, dict[st
     return S, t
 
 
-RUNNERS = {"datatrace": run_datatrace, "traker": traker_peer.trak, "dattri": dattri_peer.trak}
+RUNNERS = {"datatrace": datatrace_trak, "traker": traker_peer.trak, "dattri": dattri_peer.trak}
 
 
-def work(spec: dict[str, Any]) -> dict[str, Any]:
+def trak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed run in a fresh process: warm up on a slice, run, return (S, times)."""
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
@@ -165,7 +143,7 @@ def prepare(wl: Workload, tmpdir: str, args: Any, proj_dim: int) -> Prepared:
 
 
 @dataclass
-class Cell:
+class TrakCell:
     library: str
     runs_s: list[float] = field(default_factory=list)
     mem_gb: list[float] = field(default_factory=list)
@@ -180,8 +158,8 @@ class Cell:
         return harness.clean_median(self.runs_s, self.others) if self.runs_s else None
 
 
-def run_cells(prep: Prepared, libs: list[str], args: Any, repeats: int) -> dict[str, Cell]:
-    cells = {lib: Cell(lib) for lib in libs}
+def run_cells(prep: Prepared, libs: list[str], args: Any, repeats: int) -> dict[str, TrakCell]:
+    cells = {lib: TrakCell(lib) for lib in libs}
     for rep in range(repeats):  # interleaved: repeat r of every library, then r + 1
         st = dataclasses.replace(prep.settings, seed=rep)
         for lib, cell in ((lib, c) for lib, c in cells.items() if not c.error):
@@ -219,7 +197,7 @@ def run_cells(prep: Prepared, libs: list[str], args: Any, repeats: int) -> dict[
     return cells
 
 
-def summarize(prep: Prepared, cells: dict[str, Cell]) -> tuple[list[dict], list[dict]]:
+def summarize(prep: Prepared, cells: dict[str, TrakCell]) -> tuple[list[dict], list[dict]]:
     """The JSON rows and per-cell details; adds the pairwise agreement (seed 0) to info."""
     dt_cell = cells.get("datatrace")
     dt_med = dt_cell.median() if dt_cell else None
@@ -255,7 +233,7 @@ def summarize(prep: Prepared, cells: dict[str, Cell]) -> tuple[list[dict], list[
     return rows, details
 
 
-def print_results(rows: list[dict], details: list[dict], preps: list[Prepared]) -> None:
+def print_trak_table(rows: list[dict], details: list[dict], preps: list[Prepared]) -> None:
     harness.print_table(
         [("workload", "8s"), ("library", "9s"), ("API", "14s"), ("median s", "9.2f"),
          ("ratio", "6.2f"), ("mem GB", "7.2f"), ("r(ref)", "7.4f"), ("scale", "6.3f"),
@@ -287,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also datatrace's unprojected float64 TRAK on every parameter of 'small' (slow)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.worker:
-        return harness.worker_main(args.worker, work)
+        return harness.worker_main(args.worker, trak_worker)
     torch.set_num_threads(args.threads)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     proj_dim = args.proj_dim or (128 if args.quick else 512)
@@ -314,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         for prep in preps:
             r, d = summarize(prep, run_cells(prep, libs, args, repeats))
             rows, details = rows + r, details + d
-    print_results(rows, details, preps)
+    print_trak_table(rows, details, preps)
     total_s = time.perf_counter() - t_start
     print(f"total {total_s:.0f}s")
     harness.write_json(args.json, {"environment": env, "rows": rows, "details": details,

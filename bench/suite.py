@@ -33,36 +33,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import fmt
+
 HERE = Path(__file__).resolve().parent
 TARGET = 2.0  # datatrace at least this many times faster than the fastest peer
 
-# name -> (script, full-run arguments, quick-run arguments)
+# name -> (script, full-run arguments, quick-run arguments). influence-cnn: dattri's CG-100
+# and LiSSA exceed 23 GB on this CNN (killed); DataInf and Arnoldi are in the MLP component.
 COMPONENTS: dict[str, tuple[str, list[str], list[str]]] = {
     "tracin": ("bench_tracin.py", [], ["--quick", "--repeats", "1"]),
-    "influence-mlp": (
-        "bench_influence.py",
-        ["--dampings", "0.1"],
-        ["--quick", "--dampings", "0.1", "--repeats", "1"],
-    ),
-    "influence-cnn": (
-        "bench_influence.py",
-        # dattri's CG-100 and LiSSA exceed 23 GB on this CNN (killed); DataInf and Arnoldi
-        # are in the MLP component
-        [
-            "--workload",
-            "cnn",
-            "--dampings",
-            "0.1",
-            "--methods",
-            "exact,cg,ekfac",
-            "--cg-iters",
-            "20",
-        ],
-        ["--workload", "cnn", "--quick", "--dampings", "0.1", "--repeats", "1"],
-    ),
+    "influence-mlp": ("bench_influence.py", ["--dampings", "0.1"],
+                      ["--quick", "--dampings", "0.1", "--repeats", "1"]),
+    "influence-cnn": ("bench_influence.py",
+                      ["--workload", "cnn", "--dampings", "0.1", "--methods", "exact,cg,ekfac", "--cg-iters", "20"],
+                      ["--workload", "cnn", "--quick", "--dampings", "0.1", "--repeats", "1"]),
     "trak": ("bench_trak.py", [], ["--quick", "--repeats", "1"]),
     "scale": ("bench_scale.py", [], ["--quick"]),
-}
+}  # fmt: skip
 
 
 # the scripts' workload labels -> one name per distinct model and data size
@@ -119,7 +106,7 @@ def _time(r: dict[str, Any]) -> float | None:
     return None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t)
 
 
-def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def speedup_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (workload, method, damping): datatrace's time vs the fastest peer's."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -147,13 +134,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(x: Any, spec: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return format(x, spec)
-
-
-def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+def print_summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
     print(
         f"\n{'workload':18s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
         f"{'mem GB':>7s} {'agree':>7s}  agreement with / note"
@@ -169,9 +150,9 @@ def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> Non
         method = r["method"] + (f" λ={r['damping']:g}" if r.get("damping") is not None else "")
         extra = " (extrapolated)" if r.get("extrapolated_seconds_full") else ""
         print(
-            f"{r['workload']:18s} {method:16s} {r['library']:11s} {_fmt(t, '9.2f')} "
-            f"{_fmt(ratio, '7.2f')} {_fmt(r.get('peak_mem_gb'), '7.2f')} "
-            f"{_fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
+            f"{r['workload']:18s} {method:16s} {r['library']:11s} {fmt(t, '9.2f')} "
+            f"{fmt(ratio, '7.2f')} {fmt(r.get('peak_mem_gb'), '7.2f')} "
+            f"{fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
             f"{extra}{' ' + r['note'] if r.get('note') else ''}"
         )
     print("\nratio = time / datatrace's time on the same row group (> 1: datatrace faster)")
@@ -214,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runs[name] = run_component(name, args.quick, out, args.python)
     rows = [r for run in runs.values() for r in run["rows"]]
-    checks = targets(rows)
-    print_table(rows, checks)
+    checks = speedup_targets(rows)
+    print_summary(rows, checks)
     for name, run in runs.items():
         if run["note"]:
             print(f"  {name}: {run['note']}")
