@@ -3,10 +3,8 @@ when the library's modules move, this file is the one to remap."""
 
 from datatrace.distributed import resolve_device
 from datatrace.evaluate import sgd_train
-from datatrace.features import GradientFeatures
 from datatrace.methods.datamodel import kmeans_groups
 from datatrace.problems import load_sklearn, logistic_regression_problem, mlp_problem
-from datatrace.store import FeatureStore
 
-__all__ = ["FeatureStore", "GradientFeatures", "kmeans_groups", "load_sklearn",
-           "logistic_regression_problem", "mlp_problem", "resolve_device", "sgd_train"]  # fmt: skip
+__all__ = ["kmeans_groups", "load_sklearn", "logistic_regression_problem", "mlp_problem",
+           "resolve_device", "sgd_train"]  # fmt: skip
