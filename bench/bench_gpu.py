@@ -118,7 +118,9 @@ def datatrace_run(model: nn.Module, train: tuple, queries: tuple, batch: int, **
         return method.fit(task, ckpt, train, **kw).attribute(queries)
 
     def split() -> dict[str, float]:
-        device, marks = queries[0].device, [time.perf_counter()]
+        device = queries[0].device
+        sync(device)
+        marks = [time.perf_counter()]
 
         def mark() -> None:
             sync(device)
