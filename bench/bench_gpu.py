@@ -111,7 +111,8 @@ def vmap_loop(model: nn.Module, train: tuple, queries: tuple, batch: int) -> Cal
 def datatrace_run(model: nn.Module, train: tuple, queries: tuple, batch: int, **spec: Any) -> tuple:
     """(fit + attribute, a split timing of one run: fit / query features / read / scoring)."""
     task, ckpt = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
-    method = dt.GradientAttributor(dt.FeatureSpec(**spec), all_checkpoints=False, name="GradDot")
+    last = dt.CheckpointWeights.LAST
+    method = dt.GradientAttributor(dt.FeatureSpec(**spec), checkpoints=last, name="GradDot")
     kw = dict(batch_size=batch, block_size=len(train[0]), progress=False, max_memory_bytes=80 << 30)
 
     def run() -> torch.Tensor:

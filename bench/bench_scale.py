@@ -52,7 +52,8 @@ def featurization_run(spec: argparse.Namespace) -> tuple[dict, dict]:
         return {"seconds": time.perf_counter() - t0}, {}
     fs = dt.FeatureSpec(projection_dim=spec.dim, kronecker=None if spec.mode != "dense" else False,
                         kronecker_block=spec.block)  # fmt: skip
-    method = dt.GradientAttributor(fs, normalize=False, all_checkpoints=True, name="TracIn")
+    weights = dt.CheckpointWeights.LEARNING_RATE
+    method = dt.GradientAttributor(fs, normalize=False, checkpoints=weights, name="TracIn")
     ckpts = [dt.Checkpoint.from_state_dict(sd, weight=w) for sd, w in cks]
     with tempfile.TemporaryDirectory() as store:
         fitted = method.fit(dt.ClassificationTask(m), ckpts, (x, y), store=store,
@@ -81,7 +82,8 @@ def _dt_method(spec: argparse.Namespace, projected: bool, params: tuple | None =
     fs = dt.FeatureSpec(params=params, projection_dim=spec.dim if projected else None,
                         kronecker_block=spec.block)  # fmt: skip
     tracin = spec.peer_method == "tracin"
-    return dt.GradientAttributor(fs, normalize=False, all_checkpoints=tracin,
+    weights = dt.CheckpointWeights.LEARNING_RATE if tracin else dt.CheckpointWeights.LAST
+    return dt.GradientAttributor(fs, normalize=False, checkpoints=weights,
                                  name="TracIn" if tracin else "GradDot")  # fmt: skip
 
 

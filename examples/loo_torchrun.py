@@ -11,8 +11,9 @@ Every rank retrains its share of the models, finished ones are cached in ``loo-c
 import torch
 
 import datatrace as dt
+from datatrace.app.problems import logistic_regression_problem
 
-prob = dt.problems.logistic_regression_problem("breast_cancer", n_train=300, n_query=20)
+prob = logistic_regression_problem("breast_cancer", n_train=300, n_query=20)
 task = dt.ClassificationTask(prob.model, num_classes=2)
 left_out = range(0, 300, 3)
 truth = dt.truth.leave_one_out(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from datatrace.cli import main
-from datatrace.demo import DemoConfig, run
+from datatrace.app.cli import main
+from datatrace.app.demo import DemoConfig, run
 
 
 def test_quick_demo_finds_flipped_labels(tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_demo_is_deterministic_and_cli_reuses_the_store(tmp_path, capsys):
 
 def test_console_script_help():
     out = subprocess.run(
-        [sys.executable, "-m", "datatrace.cli", "demo", "--help"],
+        [sys.executable, "-m", "datatrace", "demo", "--help"],
         capture_output=True,
         text=True,
         check=True,

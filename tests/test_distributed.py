@@ -71,7 +71,7 @@ def test_cli_featurize_and_score_under_torchrun_equal_one_process(tmp_path: Path
     cfg = tmp_path / "exp.toml"
     cfg.write_text(IRIS_CONFIG)
     env = single_process_env()
-    entry = [sys.executable, "-m", "datatrace.cli"]
+    entry = [sys.executable, "-m", "datatrace"]
     common = ["--method", "tracin", "--batch-size", "7"]
     one = subprocess.run(
         [*entry, "score", str(cfg), "--store", str(tmp_path / "s1"), *common,
@@ -81,13 +81,13 @@ def test_cli_featurize_and_score_under_torchrun_equal_one_process(tmp_path: Path
     assert one.returncode == 0, one.stderr.decode()[-3000:]
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     feat = subprocess.run(
-        [*run, "-m", "datatrace.cli", "featurize", str(cfg), "--store", str(tmp_path / "s2"),
+        [*run, "-m", "datatrace", "featurize", str(cfg), "--store", str(tmp_path / "s2"),
          *common],
         env=env, capture_output=True, timeout=300,
     )  # fmt: skip
     assert feat.returncode == 0, feat.stderr.decode()[-3000:]
     two = subprocess.run(
-        [*run, "-m", "datatrace.cli", "score", str(cfg), "--store", str(tmp_path / "s2"),
+        [*run, "-m", "datatrace", "score", str(cfg), "--store", str(tmp_path / "s2"),
          *common, "--matrix", str(tmp_path / "two.npy"), "--out", str(tmp_path / "two.csv")],
         env=env, capture_output=True, timeout=300,
     )  # fmt: skip

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import datatrace as dt
-from datatrace.cli import main
-from datatrace.evaluate import Experiment, load_config, resolve_config
+from datatrace.app.cli import main
+from datatrace.app.config import load_config, resolve_config
+from datatrace.app.evaluate import run as run_evaluate
+from datatrace.app.experiment import Experiment
 
 pytest.importorskip("sklearn")
 
@@ -87,7 +89,7 @@ def test_small_run_writes_results_and_resumes_from_cache(tmp_path: Path, capsys)
     jobs = sorted((tmp_path / "out" / "cache").rglob("job-*.safetensors"))
     assert len(jobs) == 2 + 9 + 6  # FT: 2 seeds x 1 chunk; LOO: 8 + the full run; LDS: 6
     before = [p.stat().st_mtime_ns for p in jobs]
-    again = dt.evaluate.run(load_config(cfg_path))
+    again = run_evaluate(load_config(cfg_path))
     assert again["results"] == report["results"]
     assert [p.stat().st_mtime_ns for p in jobs] == before  # nothing recomputed
 
@@ -111,13 +113,27 @@ def test_custom_entry_point(tmp_path: Path, monkeypatch) -> None:
             "truth": {"indices": 10, "further_training": {"epochs": 1, "seeds": 2}},
         }
     )
-    report = dt.evaluate.run(cfg)
+    report = run_evaluate(cfg)
     assert {r["method"] for r in report["results"]} == {"graddot", "gradcos"}
     bad = resolve_config({"data": {"entry": "nowhere_module:fn"}})
     with pytest.raises(dt.ConfigError, match="cannot load"):
-        dt.evaluate.run(bad, out=tmp_path)
+        run_evaluate(bad, out=tmp_path)
     no_loo = resolve_config(
         {"data": {"entry": "test_evaluate:entry_point"}, "truth": {"use": ["loo"]}}
     )
     with pytest.raises(dt.ConfigError, match="train_fn"):
-        dt.evaluate.run(no_loo, out=tmp_path)
+        run_evaluate(no_loo, out=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["os:system", "builtins:exec", "subprocess:run", "datatrace.app.demo:run", "a:b:c",
+     "test_evaluate:Experiment", "test_evaluate:SMALL", "os.path:join; rm", ":f", "m:"],
+)  # fmt: skip
+def test_entries_that_are_not_a_function_of_your_own_module_are_refused(
+    entry: str, monkeypatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    cfg = resolve_config({"data": {"entry": entry}})
+    with pytest.raises(dt.ConfigError, match=r"data\.entry"):
+        run_evaluate(cfg)

@@ -49,7 +49,7 @@ def _pair(kind: str, dtype: torch.dtype = torch.float64):
 METHODS = {
     "tracin": lambda: dt.TracIn(),
     "tracin-dense": lambda: dt.GradientAttributor(
-        dt.FeatureSpec(factored=False), all_checkpoints=True
+        dt.FeatureSpec(factored=False), checkpoints=dt.CheckpointWeights.LEARNING_RATE
     ),
     "tracin-proj": lambda: dt.TracIn(projection_dim=64),
     "gradcos": lambda: dt.GradCos(),
@@ -84,7 +84,8 @@ def test_cuda_matches_cpu_in_float64(kind, name):
 def test_cuda_float32_store_and_kronecker_projection(tmp_path):
     (cpu_task, ckpts, train), (gpu_task, gckpts, gtrain) = _pair("cnn", torch.float32)
     method = dt.GradientAttributor(
-        dt.FeatureSpec(projection_dim=128, kronecker=True), all_checkpoints=True
+        dt.FeatureSpec(projection_dim=128, kronecker=True),
+        checkpoints=dt.CheckpointWeights.LEARNING_RATE,
     )
     q, gq = (train[0][:6], train[1][:6]), (gtrain[0][:6], gtrain[1][:6])
     cpu = method.fit(cpu_task, ckpts, train, store=tmp_path / "c", progress=False).attribute(q)
@@ -98,8 +99,12 @@ def test_cuda_reduced_precision_within_its_bound(opts):
     (_, _, _), (gpu_task, gckpts, gtrain) = _pair("mlp", torch.float32)
     gq = (gtrain[0][:6], gtrain[1][:6])
     spec = dict(factored=False)
-    full = dt.GradientAttributor(dt.FeatureSpec(**spec), all_checkpoints=True)
-    fast = dt.GradientAttributor(dt.FeatureSpec(**spec, **opts), all_checkpoints=True)
+    full = dt.GradientAttributor(
+        dt.FeatureSpec(**spec), checkpoints=dt.CheckpointWeights.LEARNING_RATE
+    )
+    fast = dt.GradientAttributor(
+        dt.FeatureSpec(**spec, **opts), checkpoints=dt.CheckpointWeights.LEARNING_RATE
+    )
     a = full.fit(gpu_task, gckpts, gtrain, progress=False)
     b = fast.fit(gpu_task, gckpts, gtrain, progress=False)
     S, S2 = a.attribute(gq), b.attribute(gq)
@@ -138,7 +143,7 @@ def test_cli_runs_on_cuda(tmp_path):
     for device in ("cpu", DEVICE):
         out = tmp_path / f"{device}.npy"
         proc = subprocess.run(
-            [sys.executable, "-m", "datatrace.cli", "score", str(cfg), "--store",
+            [sys.executable, "-m", "datatrace", "score", str(cfg), "--store",
              str(tmp_path / device), "--device", device, "--matrix", str(out)],
             capture_output=True, timeout=300,
         )  # fmt: skip

@@ -8,8 +8,11 @@ import torch.nn.functional as F
 from conftest import MLP, perturbed
 
 import datatrace as dt
-from datatrace.features import FeatureSpec, GradientFeatures
-from datatrace.grads import (
+from datatrace.features.featurizer import GradientFeatures
+from datatrace.features.projector import KroneckerProjector, ProjectionSpec
+from datatrace.features.spec import FeatureSpec
+from datatrace.grads.layers import conv_grads, conv_patches, flat_offsets, layer_calls
+from datatrace.grads.per_example import (
     flatten_grads,
     per_example_grads,
     per_example_grads_loop,
@@ -198,3 +201,123 @@ def test_a_layer_called_twice_falls_back_to_vmap():
     with pytest.raises(dt.ConfigError, match="factored=True does not apply"):
         forced = GradientFeatures(FeatureSpec(params=("shared",), factored=True), task)
         forced.compute(params, buffers, (x, y), False, 0)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation"),
+    [(1, 0, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 1), (1, 2)), (3, "valid", 1)],
+)
+def test_one_conv_unfold_gives_the_per_example_gradient_of_a_loop(stride, padding, dilation):
+    """conv_patches (the one unfold) and conv_grads against one backward pass per example,
+    float64, for stride/padding/dilation variations and a non-square kernel."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, (3, 2), stride=stride, padding=padding, dilation=dilation)
+    conv = conv.double()
+    x = torch.randn(5, 2, 9, 8, dtype=torch.float64)
+    r = torch.randn_like(conv(x))  # a different output weighting per example
+
+    def loss(out, i):  # a nonlinear per-example loss of the layer's output
+        return (torch.tanh(out) * r[i]).sum()
+
+    # output gradients e from one batched pass (examples are independent)
+    out = conv(x)
+    e = torch.autograd.grad(sum(loss(out[i], i) for i in range(5)), out)[0]
+    weight, bias = conv_grads(conv, x, e)
+    for i in range(5):
+        conv.zero_grad()
+        loss(conv(x[i : i + 1])[0], i).backward()
+        torch.testing.assert_close(weight[i], conv.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(bias[i], conv.bias.grad, rtol=1e-10, atol=1e-12)
+    # the patches reproduce the convolution itself, position by position
+    patches = conv_patches(conv, x)  # (batch, in·kh·kw, positions)
+    again = conv.weight.flatten(1) @ patches + conv.bias[:, None]
+    torch.testing.assert_close(again.view_as(out), out, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_patches_rejects_implicit_same_padding():
+    conv = torch.nn.Conv2d(1, 2, 3, padding="same")
+    with pytest.raises(dt.ConfigError, match="explicit padding"):
+        conv_patches(conv, torch.randn(1, 1, 5, 5))
+
+
+def test_layer_calls_records_every_call_and_a_probe_gives_the_output_gradient():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with layer_calls({"lin": lin}) as calls:
+        lin(x)
+        lin(2 * x)
+    assert len(calls["lin"]) == 2 and torch.equal(calls["lin"][1][0], 2 * x)
+    assert not lin._forward_hooks  # removed on exit
+    probe = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    with layer_calls({"lin": lin}, probes={"lin": probe}) as calls:
+        out = torch.sin(lin(x)).sum()
+    (grad,) = torch.autograd.grad(out, probe)
+    torch.testing.assert_close(grad, torch.cos(lin(x)), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(calls["lin"][0][1], lin(x))  # the output before the probe
+
+
+def test_flat_offsets_place_parameters_end_to_end():
+    assert flat_offsets(["a", "b", "c"], [3, 0, 4]) == {"a": (0, 3), "b": (3, 3), "c": (3, 7)}
+
+
+@pytest.mark.parametrize("block", [1, 2])
+@pytest.mark.parametrize(("weight", "bias"), [(True, True), (True, False), (False, True)])
+def test_kronecker_projector_from_factors_equals_its_slow_twin(block, weight, bias):
+    """KroneckerProjector.project_factors (never forming G) equals projecting the explicit
+    per-example Conv2d and Linear gradients [W | b] (float64)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    x = torch.randn(6, 2, 7, 7, dtype=torch.float64)
+    e_conv = torch.randn_like(conv(x))
+    a_lin, e_lin = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    gw, gb = conv_grads(conv, x, e_conv)
+    explicit = [
+        torch.cat(([gw.flatten(2)] if weight else []) + ([gb[:, :, None]] if bias else []), 2),
+        torch.cat(
+            ([e_lin[:, :, None] * a_lin[:, None, :]] if weight else [])
+            + ([e_lin[:, :, None]] if bias else []),
+            2,
+        ),
+    ]
+    k = 10
+    proj = KroneckerProjector(
+        ProjectionSpec(k, seed=5), [(3, 18 * weight, bias), (5, 4 * weight, bias)], block
+    )
+    fast = proj.project_factors(0, conv_patches(conv, x), e_conv.flatten(2))
+    fast = proj.project_factors(1, a_lin[:, :, None], e_lin[:, :, None], fast)
+    slow = proj([g.flatten(1) for g in explicit])
+    assert slow.shape == (6, k)
+    torch.testing.assert_close(fast.view(6, -1)[:, :k], slow, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_called_twice_is_projected_densely_with_the_rest():
+    """With a projection, a layer that leaves the hooked path (called twice) goes to the
+    dense projection: features = dense P over its gradient + Kronecker blocks of the others
+    (this raised KeyError before)."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = dt.ClassificationTask(model)
+    params, buffers = _params(model)
+    feats = GradientFeatures(FeatureSpec(projection_dim=8), task)
+    out = feats.compute(params, buffers, (x, y), False, 0)["proj"]
+    assert feats.kr_layers == ["head"]
+    assert feats.dense_proj_names == ["shared.weight", "shared.bias"]
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, (x, y), names)
+    dense = flatten_grads(g, feats.dense_proj_names) @ feats.projector.matrix()
+    head = torch.cat([g["head.weight"], g["head.bias"][:, :, None]], dim=2).flatten(1)
+    assert feats.kronecker_projector is not None
+    ref = dense + feats.kronecker_projector([head])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

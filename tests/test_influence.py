@@ -11,8 +11,8 @@ from conftest import MLP, perturbed
 from torch.func import functional_call, hessian
 
 import datatrace as dt
-from datatrace.curvature import CurvatureProblem
-from datatrace.data import ExampleSource
+from datatrace.core.data import ExampleSource
+from datatrace.curvature.problem import CurvatureProblem
 
 
 def flat_grads(model, x, y, state=None):
@@ -128,7 +128,7 @@ def _problem(model, x, y):
 
 
 def _kfac_matrix(model, x, y, spec):
-    from datatrace.curvature import FitContext
+    from datatrace.curvature.context import FitContext
 
     problem = _problem(model, x, y)
     pc = spec.fit(FitContext(problem, 1.0, None, lambda: iter(())))
@@ -357,7 +357,7 @@ def test_stochastic_lissa_on_a_dataset_approximates_exact(setup):
 
 def test_indefinite_hessian_is_still_inverted_exactly(setup):
     model, x, y, xq, yq = setup
-    from datatrace.curvature.solvers import smallest_eigenvalue
+    from datatrace.curvature.dense import smallest_eigenvalue
 
     H = exact_hessian(model, x, y)
     true_min = torch.linalg.eigvalsh(H).min().item()
@@ -430,7 +430,7 @@ def test_structured_hessian_equals_products_and_func_hessian(kind, layer, cnn_da
 
 
 def test_ldl_inertia_counts_negative_eigenvalues():
-    from datatrace.curvature.solvers import ldl_inertia
+    from datatrace.curvature.dense import ldl_inertia
 
     g = torch.Generator().manual_seed(0)
     for p, shift in [(7, 0.0), (40, 0.3), (40, -0.3), (64, 2.0), (64, -2.0)]:

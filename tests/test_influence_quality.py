@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import datatrace as dt
-from datatrace.problems import logistic_regression_problem, mlp_problem
+from datatrace.app.problems import logistic_regression_problem, mlp_problem
 
 pytestmark = pytest.mark.slow
 

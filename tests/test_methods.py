@@ -166,7 +166,7 @@ def test_sign_training_on_a_proponent_lowers_the_query_loss(mlp_data):
 
 def test_merged_top_k_equals_one_pass():
     """Top-k lists of disjoint blocks, merged, equal one running pass (ties included)."""
-    from datatrace.scoring import merge_top_k, running_top_k
+    from datatrace.methods.topk import merge_top_k, running_top_k
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 6, (4, 37), generator=g).double()  # many ties

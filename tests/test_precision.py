@@ -11,8 +11,8 @@ import torch
 from conftest import CNN, IRIS_CONFIG, MLP, perturbed
 
 import datatrace as dt
-from datatrace import distributed
-from datatrace.cli import main as cli_main
+from datatrace.app.cli import main as cli_main
+from datatrace.core import distributed
 
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significand bits, round to nearest)
 
@@ -59,7 +59,8 @@ def test_bf16_scores_stay_within_the_stated_bound(kind, spec, f):
 
     def fit(dtype):
         method = dt.GradientAttributor(
-            dt.FeatureSpec(feature_dtype=dtype, **spec), all_checkpoints=True
+            dt.FeatureSpec(feature_dtype=dtype, **spec),
+            checkpoints=dt.CheckpointWeights.LEARNING_RATE,
         )
         return method.fit(task, ckpts, train, batch_size=16, progress=False)
 

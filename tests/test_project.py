@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import datatrace as dt
-from datatrace.features import FeatureSpec, GradientFeatures
-from datatrace.grads import flatten_grads, per_example_grads_loop, select_parameters
-from datatrace.project import ProjectionSpec, RandomProjector
+from datatrace.features.featurizer import GradientFeatures
+from datatrace.features.projector import ProjectionSpec, RandomProjector
+from datatrace.features.spec import FeatureSpec
+from datatrace.grads.per_example import flatten_grads, per_example_grads_loop, select_parameters
 
 
 @pytest.mark.parametrize("rademacher", [False, True])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import datatrace as dt
-from datatrace import featurize as featurize_mod
+from datatrace.features.featurizer import GradientFeatures
 
 
 def _fit(model, x, y, path, **kw):
@@ -38,13 +38,13 @@ def test_store_round_trip_reuses_features(mlp_data, tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["n"] == 23 and manifest["chunk_size"] == 4
     calls = []
-    real = featurize_mod.GradientFeatures.compute
+    real = GradientFeatures.compute
 
     def counting(self, *a, **k):
         calls.append(a[3])  # measurement flag
         return real(self, *a, **k)
 
-    monkeypatch.setattr(featurize_mod.GradientFeatures, "compute", counting)
+    monkeypatch.setattr(GradientFeatures, "compute", counting)
     again = _fit(model, x, y, tmp_path / "s", batch_size=4)
     assert calls.count(False) == 1  # only the one-example layout probe; no training chunk
     torch.testing.assert_close(again.attribute((x[:3], y[:3])), S1, rtol=0, atol=0)

@@ -12,7 +12,8 @@ from conftest import MLP, assert_two_ranks_equal_one_process
 from torch import nn
 
 import datatrace as dt
-from datatrace.errors import ConfigError, StoreCorruptError, StoreMismatchError
+from datatrace.app.problems import logistic_regression_problem
+from datatrace.core.errors import ConfigError, StoreCorruptError, StoreMismatchError
 
 
 def ridge_problem(n: int = 12, d: int = 3, alpha: float = 0.1):
@@ -80,7 +81,7 @@ def test_loo_on_l2_logistic_regression_matches_influence() -> None:
     further than it predicts (slope ~1.17 here, -> 1 as n grows), never in another
     direction."""
     pytest.importorskip("sklearn")
-    prob = dt.problems.logistic_regression_problem("wine", n_train=60, n_query=8, alpha=1e-1)
+    prob = logistic_regression_problem("wine", n_train=60, n_query=8, alpha=1e-1)
     task = dt.ClassificationTask(prob.model, num_classes=3)
     idx = list(range(0, 60, 4))
     truth = dt.truth.leave_one_out(prob.train_fn, task, prob.train, prob.queries, indices=idx)
@@ -291,4 +292,4 @@ def test_no_pickle_in_cache(tmp_path: Path) -> None:
     task, train, queries, train_fn = ridge_problem()
     dt.truth.leave_one_out(train_fn, task, train, queries, indices=[0], cache=tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["job-000000.safetensors", "job-000001.safetensors", "manifest.json"]
+    assert files == [".lock", "job-000000.safetensors", "job-000001.safetensors", "manifest.json"]

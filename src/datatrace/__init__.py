@@ -8,21 +8,23 @@ which training data is mislabelled or harmful.
     ckpts = [dt.Checkpoint.from_module(model, weight=lr)]
     fitted = dt.TracIn().fit(task, ckpts, (X_train, y_train))
     S = fitted.attribute((X_test, y_test))      # (n_test, n_train), > 0 = proponent
+
+The package is in layers, each importing only those below it: ``core`` (task, checkpoint,
+data, errors, the data loop, persistence), ``grads``, ``features``, ``curvature``,
+``retrain``, ``methods``, ``truth``, ``metrics``; ``app`` (config, registry, CLI, evaluate,
+report, demo) sits on top and is not imported here.
 """
 
-from . import distributed, evaluate, metrics, problems, truth
-from .checkpoint import Checkpoint
-from .curvature import (
-    EKFAC,
-    KFAC,
-    Arnoldi,
-    ConjugateGradient,
-    ExactHessian,
-    GaussNewton,
-    InfluenceWarning,
-    LiSSA,
-)
-from .errors import (
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from . import metrics, truth
+from .core import distributed
+from .core.checkpoint import Checkpoint
+from .core.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -33,9 +35,24 @@ from .errors import (
     StoreError,
     StoreMismatchError,
 )
-from .features import FeatureSpec
+from .core.task import AbstractTask, ClassificationTask, RegressionTask, Task
+from .curvature import (
+    EKFAC,
+    KFAC,
+    AbstractPreconditioner,
+    Arnoldi,
+    ConjugateGradient,
+    ExactHessian,
+    GaussNewton,
+    InfluenceWarning,
+    LiSSA,
+)
+from .features import AbstractFeaturizer, AbstractProjector, FeatureSpec, ProjectionSpec
 from .methods import (
     TRAK,
+    AbstractExampleWeights,
+    AbstractOutput,
+    CheckpointWeights,
     DataInf,
     DistilledDatamodel,
     FittedDistilledDatamodel,
@@ -49,19 +66,39 @@ from .methods import (
     damping_sweep,
     mean_squared_gradient,
 )
-from .project import ProjectionSpec
-from .task import AbstractTask, ClassificationTask, RegressionTask, Task
 
 __version__ = "0.1.0"
+
+# Application modules once reachable as attributes of the package: still importable, with a
+# DeprecationWarning naming the new home (they are not library names).
+_MOVED = {"evaluate": "datatrace.app.evaluate", "problems": "datatrace.app.problems"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(
+            f"datatrace.{name} moved to {_MOVED[name]}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module(_MOVED[name])
+    raise AttributeError(f"module 'datatrace' has no attribute {name!r}")
+
 
 __all__ = [
     "EKFAC",
     "KFAC",
     "TRAK",
+    "AbstractExampleWeights",
+    "AbstractFeaturizer",
+    "AbstractOutput",
+    "AbstractPreconditioner",
+    "AbstractProjector",
     "AbstractTask",
     "Arnoldi",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWeights",
     "ClassificationTask",
     "ConfigError",
     "ConjugateGradient",
@@ -93,9 +130,7 @@ __all__ = [
     "__version__",
     "damping_sweep",
     "distributed",
-    "evaluate",
     "mean_squared_gradient",
     "metrics",
-    "problems",
     "truth",
 ]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import DataError
+from .core.errors import DataError
 
 
 def detection_curve(

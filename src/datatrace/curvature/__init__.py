@@ -9,17 +9,27 @@
 * ``DataInfPreconditioner``: DataInf's closed form (per layer, from training gradients).
 """
 
-from .base import DAMPING_FACTOR, InfluenceWarning
+from .base import (
+    DAMPING_FACTOR,
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
+    InfluenceWarning,
+    mean_squared_entry,
+)
 from .context import FitContext
 from .datainf import DataInfPreconditioner
+from .dense import ExactHessian, GaussNewton
+from .gram import GramInverse
+from .iterative import Arnoldi, ConjugateGradient, LiSSA
 from .kfac import EKFAC, KFAC
 from .problem import CurvatureProblem
-from .solvers import Arnoldi, ConjugateGradient, ExactHessian, GaussNewton, LiSSA
 
 __all__ = [
     "DAMPING_FACTOR",
     "EKFAC",
     "KFAC",
+    "AbstractFittedPreconditioner",
+    "AbstractPreconditioner",
     "Arnoldi",
     "ConjugateGradient",
     "CurvatureProblem",
@@ -27,6 +37,8 @@ __all__ = [
     "ExactHessian",
     "FitContext",
     "GaussNewton",
+    "GramInverse",
     "InfluenceWarning",
     "LiSSA",
+    "mean_squared_entry",
 ]

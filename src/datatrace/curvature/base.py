@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Protocol
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError, NonFiniteError
+
+if TYPE_CHECKING:
+    from .context import FitContext
 
 #: Multiplier of λ₀ used when ``damping=None``, chosen by Pearson agreement with true
 #: leave-one-out retraining (bench/influence_quality.py; L2 logistic regression on breast
@@ -30,14 +34,40 @@ class InfluenceWarning(UserWarning):
     """Scores may be unreliable (e.g. a Hessian that is not positive definite)."""
 
 
-class FittedPreconditioner(Protocol):
-    """Applies an approximation of ``(H + λI)⁻¹`` to a batch of flat vectors."""
+class AbstractFittedPreconditioner(ABC):
+    """Applies an approximation of ``(H + λI)⁻¹`` to a batch of flat vectors.
+
+    Implementations are final; each records the damping it used as ``damping``."""
 
     damping: float
 
+    @abstractmethod
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(H + λI)⁻¹ v`` for each row v of ``vectors`` (m, p); returns (m, p)."""
-        ...
+
+
+class AbstractPreconditioner(ABC):
+    """The preconditioner slot ``P`` of ``S = Σ_c w_c ⟨φ_c(q), P_c φ_c(z)⟩``.
+
+    Implementations are frozen dataclasses of settings validated in ``__post_init__``
+    (never subclassed); :meth:`fit` turns them into a fitted preconditioner at one
+    checkpoint. A new preconditioner is one such class plus one line in
+    :mod:`datatrace.app.registry` (see CONTRIBUTING.md).
+    """
+
+    #: whether it works on randomly projected features (TRAK's Gram inverse does; curvature
+    #: of the loss needs exact dense gradients)
+    accepts_projection: ClassVar[bool] = False
+
+    @abstractmethod
+    def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:
+        """Fit at one checkpoint from ``ctx`` (curvature problem, λ₀, training blocks)."""
+
+
+def mean_squared_entry(square_sum: float, n: int, width: int) -> float:
+    """λ₀, THE damping scale: the mean squared per-example feature entry,
+    ``Σ_i ‖φ(z_i)‖² / (n · width)`` (Grosse et al. 2023)."""
+    return float(square_sum) / (n * width) if n * width else 0.0
 
 
 def check_damping(damping: float | None) -> None:
@@ -51,9 +81,42 @@ def check_damping(damping: float | None) -> None:
         )
 
 
+#: The default damping when λ₀ = 0 (every per-example gradient entry is exactly zero): any
+#: positive value gives the same scores (all exactly 0), while ``10 × 0`` left singular
+#: systems that returned NaN.
+DAMPING_FLOOR = 1e-8
+
+
 def resolve_damping(damping: float | None, lambda0: float) -> float:
-    """The damping to use: the given value, or ``DAMPING_FACTOR × λ₀``."""
-    return float(damping) if damping is not None else DAMPING_FACTOR * float(lambda0)
+    """The damping to use: the given value, or ``DAMPING_FACTOR × λ₀`` (``DAMPING_FLOOR``
+    when λ₀ = 0)."""
+    if damping is not None:
+        return float(damping)
+    return DAMPING_FACTOR * float(lambda0) if lambda0 > 0 else DAMPING_FLOOR
+
+
+def symmetric_eigh(matrix: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` whose failures (non-finite entries, no convergence) are a
+    :class:`NonFiniteError` naming the matrix and a fix, not a torch ``_LinAlgError``."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise NonFiniteError(
+            f"{what} has NaN or inf entries (from non-finite or overflowing gradients); "
+            "check the data and the checkpoint, or use a float64 model"
+        )
+    try:
+        return torch.linalg.eigh(matrix)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError: ill-conditioned
+        if matrix.dtype == torch.float64:
+            raise NonFiniteError(
+                f"the eigendecomposition of {what} did not converge ({exc}); add damping"
+            ) from exc
+        try:  # float32 eigh fails on ill-conditioned matrices where float64 succeeds
+            evals, evecs = torch.linalg.eigh(matrix.double())
+        except RuntimeError as exc64:
+            raise NonFiniteError(
+                f"the eigendecomposition of {what} did not converge ({exc64}); add damping"
+            ) from exc64
+        return evals.to(matrix.dtype), evecs.to(matrix.dtype)
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> None:

@@ -11,16 +11,16 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .base import check_damping
+from .base import AbstractFittedPreconditioner, AbstractPreconditioner, check_damping
 from .context import FitContext
 
 
 @dataclass(frozen=True)
-class DataInfPreconditioner:
+class DataInfPreconditioner(AbstractPreconditioner):
     """Settings: ``damping=None`` for the per-layer default ``0.1 × mean(g_l²)``, or one λ
     for every layer."""
 
@@ -31,16 +31,16 @@ class DataInfPreconditioner:
 
     def fit(self, ctx: FitContext) -> FittedDataInf:
         problem = ctx.problem
+        # one slice per module: its parameters are adjacent in the flat order
         slices: list[tuple[int, int]] = []
-        start, current = 0, None
-        for name, size in zip(problem.names, problem.sizes, strict=True):
+        current = None
+        for name, (start, stop) in problem.offsets.items():
             module = name.rpartition(".")[0]
             if module != current:
-                slices.append((start, start + size))
+                slices.append((start, stop))
                 current = module
             else:
-                slices[-1] = (slices[-1][0], start + size)
-            start += size
+                slices[-1] = (slices[-1][0], stop)
         sq = torch.zeros(len(slices), dtype=torch.float64)
         for _, feats in ctx.train_blocks():
             g = feats["dense"]
@@ -54,15 +54,16 @@ class DataInfPreconditioner:
 
 
 @dataclass
-class FittedDataInf:
+class FittedDataInf(AbstractFittedPreconditioner):
     ctx: FitContext
     slices: list[tuple[int, int]]
     lams: list[float]
 
-    @property
-    def damping(self) -> float:
-        """The mean of the per-layer dampings (each is in ``lams``)."""
-        return sum(self.lams) / len(self.lams)
+    #: the mean of the per-layer dampings (each is in ``lams``)
+    damping: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.damping = sum(self.lams) / len(self.lams)
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         n = self.ctx.problem.n

@@ -8,20 +8,28 @@ projection dimension above the rank of ``Φ`` stays well defined.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import check_damping, resolve_damping
+from .base import (
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
+    check_damping,
+    mean_squared_entry,
+    resolve_damping,
+    symmetric_eigh,
+)
 from .context import FitContext
 
 
 @dataclass(frozen=True)
-class GramInverse:
+class GramInverse(AbstractPreconditioner):
     """Settings: ``damping`` (``None``: the default multiple of λ₀; 0: pseudo-inverse)."""
 
     damping: float | None = None
     rcond: float = 1e-10
-    accepts_projection = True
+    accepts_projection: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
@@ -34,14 +42,16 @@ class GramInverse:
             gram = g if gram is None else gram + g
         assert gram is not None
         gram = gram / ctx.problem.n
-        evals, evecs = torch.linalg.eigh(gram)
-        width = gram.shape[0]
-        lambda0 = float(torch.diagonal(gram).sum()) / width  # mean squared feature entry
+        evals, evecs = symmetric_eigh(gram, "the Gram matrix of the training features")
+        # λ₀ of the projected features: trace(ΦᵀΦ)/n = Σ_i ‖φ_i‖² / n
+        lambda0 = mean_squared_entry(
+            float(torch.diagonal(gram).sum()) * ctx.problem.n, ctx.problem.n, gram.shape[0]
+        )
         return FittedGram(evals, evecs, resolve_damping(self.damping, lambda0), self.rcond)
 
 
 @dataclass
-class FittedGram:
+class FittedGram(AbstractFittedPreconditioner):
     evals: torch.Tensor
     evecs: torch.Tensor
     damping: float

@@ -20,19 +20,23 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .base import check_damping, resolve_damping
+from ..core import persist
+from ..core.errors import ConfigError, StoreMismatchError
+from ..grads.layers import conv_patches, layer_calls
+from .base import (
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
+    check_damping,
+    resolve_damping,
+)
 from .context import FitContext
 from .problem import CurvatureProblem
 
@@ -53,18 +57,7 @@ class _Layer:
         """Input activations per position, (batch, positions, in'), with the bias column."""
         mod = self.module
         if isinstance(mod, nn.Conv2d):
-            pad: int | tuple[int, ...]
-            if isinstance(mod.padding, str):
-                if mod.padding != "valid":
-                    raise ConfigError(
-                        f"K-FAC: Conv2d {self.name!r} with padding="
-                        f"{mod.padding!r} is not supported; give explicit padding"
-                    )
-                pad = 0
-            else:
-                pad = mod.padding
-            cols = F.unfold(x, mod.kernel_size, mod.dilation, pad, mod.stride)
-            a = cols.transpose(1, 2)
+            a = conv_patches(mod, x).transpose(1, 2)
         else:
             a = x.reshape(x.shape[0], -1, x.shape[-1])
         parts = ([a] if self.weight else []) + ([torch.ones_like(a[..., :1])] if self.bias else [])
@@ -95,36 +88,22 @@ def _layers(problem: CurvatureProblem) -> list[_Layer]:
     return list(layers.values())
 
 
-@contextlib.contextmanager
-def _capture(layers: list[_Layer]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> None:
-            if name in seen:
-                raise ConfigError(f"layer {name!r} is called more than once per forward pass")
-            seen[name] = (inputs[0].detach(), out)
-
-        return hook
-
-    try:
-        for lay in layers:
-            handles.append(lay.module.register_forward_hook(hook_for(lay.name)))
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _pseudo_grads(
     problem: CurvatureProblem, layers: list[_Layer]
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]]:
     """Per batch: ({layer: ã (b, P, in')}, {layer: [e_c (b, P, out) for each column c]})."""
     theta = problem.theta.detach().requires_grad_(True)
     for batch in problem.batches():
-        with _capture(layers) as seen:
+        with layer_calls({lay.name: lay.module for lay in layers}) as calls:
             out = problem.outputs(theta, batch)
+        seen = {}
+        for name, called in calls.items():
+            if len(called) != 1:
+                raise ConfigError(
+                    f"K-FAC/EK-FAC: layer {name!r} is called {len(called)} times per forward "
+                    "pass; its factors need exactly one call (exclude it with params=[...])"
+                )
+            seen[name] = (called[0][0].detach(), called[0][1])
         h_out = problem.output_hessians(out.detach(), batch)
         evals, evecs = torch.linalg.eigh(h_out)
         roots = evecs * evals.clamp_min(0).sqrt()[:, None, :]  # H = R Rᵀ, columns c
@@ -192,19 +171,16 @@ def _refit_eigenvalues(problem: CurvatureProblem, layers: list[_Layer]) -> None:
 
 
 @dataclass
-class KroneckerPreconditioner:
+class KroneckerPreconditioner(AbstractFittedPreconditioner):
     """``(G + λI)⁻¹`` block by block in each layer's Kronecker eigenbasis."""
 
     problem: CurvatureProblem
     layers: list[_Layer]
     damping: float
-    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        start = 0
-        for name, size in zip(self.problem.names, self.problem.sizes, strict=True):
-            self.offsets[name] = (start, start + size)
-            start += size
+    @property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        return self.problem.offsets
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(vectors)
@@ -239,32 +215,42 @@ class KroneckerPreconditioner:
         raise ConfigError("matrix() needs damping > 0")
 
 
-def _save(path: Path, layers: list[_Layer]) -> None:
-    from safetensors.torch import save_file
+# the factors' cache inside the feature store; version 1 had no metadata or checksum
+_FACTORS = persist.StoreFormat(
+    tag="datatrace-kronecker-factors",
+    version=2,
+    files=("curvature-*.safetensors",),
+    fix="delete the file to recompute the factors, or pass overwrite=True",
+)
+_FACTOR_KEYS = ("A", "S", "ua", "us", "lam")
 
-    tensors = {}
-    for lay in layers:
-        for key in ("A", "S", "ua", "us", "lam"):
-            t = getattr(lay, key)
-            tensors[f"{lay.name}/{key}"] = t.detach().cpu().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+
+def _save(path: Path, layers: list[_Layer]) -> None:
+    tensors = {f"{lay.name}/{key}": getattr(lay, key) for lay in layers for key in _FACTOR_KEYS}
+    meta = {"format": _FACTORS.tag, "version": _FACTORS.version, "layers": _layer_names(layers)}
+    persist.save_tensors(path, tensors, meta)
 
 
 def _load(path: Path, layers: list[_Layer], device: torch.device) -> bool:
+    """Fill ``layers`` from the cache; False (recompute) when there is none, or one of an
+    older version or for other layers. A damaged file raises: its bytes changed after the
+    checksum was written."""
     if not path.exists():
         return False
-    from safetensors.torch import load_file
-
     try:
-        tensors = load_file(str(path))
-        for lay in layers:
-            for key in ("A", "S", "ua", "us", "lam"):
-                setattr(lay, key, tensors[f"{lay.name}/{key}"].to(device))
-    except Exception:  # unreadable or from other layers: recompute
+        tensors, meta = persist.load_tensors(path, _FACTORS, _FACTORS.fix)
+    except StoreMismatchError:  # an older version: recompute and replace
         return False
+    if meta.get("layers") != _layer_names(layers):
+        return False
+    for lay in layers:
+        for key in _FACTOR_KEYS:
+            setattr(lay, key, tensors[f"{lay.name}/{key}"].to(device))
     return True
+
+
+def _layer_names(layers: list[_Layer]) -> list[str]:
+    return [lay.name for lay in layers]
 
 
 def _fit_kronecker(ctx: FitContext, damping: float | None, refit: bool) -> KroneckerPreconditioner:
@@ -278,11 +264,29 @@ def _fit_kronecker(ctx: FitContext, damping: float | None, refit: bool) -> Krone
             _refit_eigenvalues(problem, layers)
         if path is not None:
             _save(path, layers)
-    return KroneckerPreconditioner(problem, layers, resolve_damping(damping, ctx.lambda0))
+    used = resolve_damping(damping, ctx.lambda0)
+    _check_not_singular(layers, used, kind)
+    return KroneckerPreconditioner(problem, layers, used)
+
+
+def _check_not_singular(layers: list[_Layer], damping: float, kind: str) -> None:
+    """Refuse a damping that leaves ``G + λI`` (numerically) singular: dividing by its
+    round-off-sized eigenvalues returned huge or NaN scores, silently."""
+    for lay in layers:
+        assert lay.lam is not None
+        shifted = lay.lam + damping
+        floor = torch.finfo(shifted.dtype).eps * float(shifted.abs().max()) * max(shifted.shape)
+        smallest = float(shifted.min())
+        if smallest <= floor:
+            raise ConfigError(
+                f"{kind.upper()} curvature + damping is singular in layer {lay.name!r} "
+                f"(smallest eigenvalue {smallest:.3g} with damping {damping:.3g}); use "
+                "damping > 0 (e.g. the default, damping=None)"
+            )
 
 
 @dataclass(frozen=True)
-class KFAC:
+class KFAC(AbstractPreconditioner):
     """Kronecker-factored Gauss–Newton (block-diagonal over Linear/Conv2d layers); factors
     are cached in the feature store.
 
@@ -300,7 +304,7 @@ class KFAC:
 
 
 @dataclass(frozen=True)
-class EKFAC:
+class EKFAC(AbstractPreconditioner):
     """Eigenvalue-corrected K-FAC (George et al. 2018), as used by Grosse et al. 2023.
 
     Args:

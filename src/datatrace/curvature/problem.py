@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vjp, vmap
+from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
 
-from ..data import ExampleSource, batch_to
-from ..grads import _unsqueeze
-from ..task import AbstractTask
+from ..core.data import ExampleSource, as_single_batch
+from ..core.loop import over_batches
+from ..core.task import AbstractTask
+from ..grads.layers import flat_offsets, layer_calls
+from ..grads.per_example import bound_model
 
 
 class CurvatureProblem:
@@ -45,6 +47,8 @@ class CurvatureProblem:
         self.names = list(names)
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [params[n].numel() for n in self.names]
+        #: {name: (start, stop)} of each parameter in the flat vectors
+        self.offsets = flat_offsets(self.names, self.sizes)
         self.theta = torch.cat([params[n].detach().reshape(-1) for n in self.names])
         self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.names}}
         self.train = train
@@ -61,17 +65,20 @@ class CurvatureProblem:
         return {n: t.reshape(s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def model_at(self, flat: torch.Tensor) -> Any:
-        state = {**self.fixed, **self.unflatten(flat)}
+        return bound_model(self.task.model, {**self.fixed, **self.unflatten(flat)})
 
-        def model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.task.model, state, args, kwargs)
-
-        return model
-
-    def batches(self) -> Iterator[Any]:
-        """Every training example once, in order, on the parameters' device."""
-        for s, e in self.train.ranges(self.batch_size):
-            yield batch_to(self.train.batch(s, e), self.theta.device)
+    def batches(self, batch_size: int | None = None) -> Iterator[Any]:
+        """Every training example once, in order, on the parameters' device, with the model
+        in eval mode while the pass runs (as features are computed: dropout off, batch-norm
+        statistics read, never updated); through THE data loop. ``batch_size``: default the
+        problem's."""
+        loop = over_batches(
+            self.train,
+            batch_size or self.batch_size,
+            device=self.theta.device,
+            eval_module=self.task.model,
+        )
+        return (batch for _, _, batch in loop)
 
     def loss_sum(self, flat: torch.Tensor, batch: Any) -> torch.Tensor:
         return self.task.loss(self.model_at(flat), batch).sum()
@@ -124,7 +131,8 @@ class CurvatureProblem:
         # training set), kept across calls: θ is fixed, so a solver's iterations share it
         if self.n <= self.batch_size:
             if self._cached_pullback is None:
-                self._cached_pullback = vmap(self._hvp_pullback(next(iter(self.batches()))))
+                for batch in self.batches():  # the only batch; its graph built in eval mode
+                    self._cached_pullback = vmap(self._hvp_pullback(batch))
             pullbacks: Iterator[Any] = iter([self._cached_pullback])
         else:
             pullbacks = (vmap(self._hvp_pullback(b)) for b in self.batches())
@@ -137,7 +145,7 @@ class CurvatureProblem:
         """``∇²_out ℓ_i`` per example, (batch, d, d), by autodiff of the output loss."""
 
         def single(o: torch.Tensor, example: Any) -> torch.Tensor:
-            return self.task.output_loss(o[None], _unsqueeze(example))[0]
+            return self.task.output_loss(o[None], as_single_batch(example))[0]
 
         return vmap(hessian(single), in_dims=(0, 0))(out, batch)
 
@@ -202,38 +210,24 @@ class CurvatureProblem:
         selected ``nn.Linear`` whose diagonal Hessian block has the Kronecker closed form:
         called exactly once per forward, on a (batch, features) input, weight selected.
         None when no layer qualifies (or the model does not run one example at a time)."""
-        offsets, start = {}, 0
-        for name, size in zip(self.names, self.sizes, strict=True):
-            offsets[name] = (start, start + size)
-            start += size
-        calls: dict[str, list[int]] = {}
-        hooks = []
-        candidates = {}
-        for mname, mod in self.task.model.named_modules():
-            wname = f"{mname}.weight" if mname else "weight"
-            if type(mod) is nn.Linear and wname in offsets:
-                candidates[mname] = mod
-
-                def hook(m: Any, inp: Any, out: Any, key: str = mname) -> None:
-                    calls.setdefault(key, []).append(inp[0].dim())
-
-                hooks.append(mod.register_forward_hook(hook))
+        offsets = self.offsets
+        candidates = {
+            mname: mod
+            for mname, mod in self.task.model.named_modules()
+            if type(mod) is nn.Linear and (f"{mname}.weight" if mname else "weight") in offsets
+        }
         if not candidates:
-            for h in hooks:
-                h.remove()
             return None
         try:
-            batch = next(iter(self.batches()))
-            with torch.no_grad():
-                self.task.loss(self.model_at(self.theta), batch)
+            with layer_calls(candidates) as calls, torch.no_grad():
+                for batch in self.batches():  # the first batch shows how layers are called
+                    self.task.loss(self.model_at(self.theta), batch)
+                    break
         except Exception:
             return None
-        finally:
-            for h in hooks:
-                h.remove()
         best = None
         for mname in candidates:
-            if calls.get(mname) != [2]:
+            if [x.dim() for x, _ in calls[mname]] != [2]:
                 continue
             w = offsets[f"{mname}.weight" if mname else "weight"]
             b = offsets.get(f"{mname}.bias" if mname else "bias")
@@ -258,18 +252,10 @@ class CurvatureProblem:
         dev, dt = self.theta.device, self.theta.dtype
 
         def loss_of_probe(probe: torch.Tensor, example: Any) -> tuple[torch.Tensor, Any]:
-            seen: list[torch.Tensor] = []
-
-            def hook(m: Any, inp: Any, out: torch.Tensor) -> torch.Tensor:
-                seen.append(inp[0])
-                return out + probe
-
-            handle = module.register_forward_hook(hook)
-            try:
-                loss = self.task.loss(self.model_at(self.theta), _unsqueeze(example)).sum()
-            finally:
-                handle.remove()
-            return loss, seen[0][0]
+            # the zero probe added to the layer's output: d loss / d probe = ∂ℓ/∂s
+            with layer_calls({mname: module}, probes={mname: probe}) as calls:
+                loss = self.task.loss(self.model_at(self.theta), as_single_batch(example)).sum()
+            return loss, calls[mname][0][0][0]
 
         curvature = vmap(
             jacfwd(torch.func.grad(loss_of_probe, has_aux=True), has_aux=True),
@@ -280,8 +266,7 @@ class CurvatureProblem:
         wb = torch.zeros(d_out, d_in, d_out, dtype=dt, device=dev)
         bb = torch.zeros(d_out, d_out, dtype=dt, device=dev)
         step = max(1, min(self.batch_size, (1 << 24) // max(1, d_out * d_out + d_in * d_in)))
-        for s, e in self.train.ranges(step):
-            batch = batch_to(self.train.batch(s, e), dev)
+        for batch in self.batches(step):
             m_i, a_i = curvature(probe, batch)  # (b, out, out), (b, in)
             m_i = (m_i + m_i.transpose(1, 2)) / 2
             outer = (a_i[:, :, None] * a_i[:, None, :]).reshape(len(a_i), -1)
@@ -308,7 +293,7 @@ class CurvatureProblem:
             h_out = self.output_hessians(out, batch)
 
             def single(t: torch.Tensor, example: Any) -> torch.Tensor:
-                return self.outputs(t, _unsqueeze(example))[0]
+                return self.outputs(t, as_single_batch(example))[0]
 
             jac = vmap(jacrev(single), in_dims=(None, 0))(self.theta, batch)  # (b, d, p)
             total += torch.einsum("bip,bij,bjq->pq", jac, h_out, jac)

@@ -1,4 +1,5 @@
-"""Methods (recipes over the gradient attributor): GradDot, GradCos, TracIn."""
+"""Methods: the one engine (:mod:`.engine`), the recipes over it (:mod:`.recipes`), the
+Distilled Datamodel (:mod:`.datamodel`) and damping sweeps (:mod:`.sweep`)."""
 
 from .datamodel import (
     DistilledDatamodel,
@@ -6,14 +7,17 @@ from .datamodel import (
     Recorder,
     kmeans_groups,
 )
-from .gradient import FittedGradientAttributor, GradientAttributor
-from .influence import DataInf, Influence
-from .recipes import GradCos, GradDot, TracIn
+from .engine import GradientAttributor
+from .fitted import FittedGradientAttributor
+from .recipes import TRAK, DataInf, GradCos, GradDot, Influence, TracIn
+from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 from .sweep import SweepPoint, damping_sweep, mean_squared_gradient
-from .trak import TRAK
 
 __all__ = [
     "TRAK",
+    "AbstractExampleWeights",
+    "AbstractOutput",
+    "CheckpointWeights",
     "DataInf",
     "DistilledDatamodel",
     "FittedDistilledDatamodel",

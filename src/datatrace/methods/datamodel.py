@@ -29,7 +29,6 @@ outputs; :meth:`FittedDistilledDatamodel.unlearn` returns the fast-unlearned mod
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -38,19 +37,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import grad, vmap
 
-from ..checkpoint import Checkpoint
-from ..data import ExampleSource
-from ..errors import CheckpointError, ConfigError, DataError, StoreCorruptError, StoreMismatchError
-from ..featurize import eval_mode, model_device, show_progress
-from ..grads import bound_model
-from ..task import AbstractTask
-from ..truth import measure_stacked, stacked_sgd_step, subset_masks
+from ..core import persist
+from ..core.checkpoint import Checkpoint
+from ..core.data import ExampleSource
+from ..core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
+from ..core.runtime import eval_mode, model_device, show_progress
+from ..core.task import AbstractTask
+from ..grads.per_example import bound_model
+from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
 
-_FORMAT = "datatrace-ddm"
+# version 2: checksummed safetensors with their metadata inside (core.persist); version 1
+# wrote fitted.json beside fitted.safetensors, and synsets without a checksum
+_RUN_FORMAT = persist.StoreFormat(
+    tag="datatrace-ddm-run",
+    version=2,
+    files=("synset.safetensors",),
+    fix="use another store directory, or delete this one to distil again",
+)
+_FITTED_FORMAT = persist.StoreFormat(
+    tag="datatrace-ddm",
+    version=2,
+    files=("fitted.safetensors",),
+    fix="fit and save the Distilled Datamodel again",
+)
 
 
 def kmeans_groups(
@@ -170,8 +188,9 @@ class DistilledDatamodel:
         progress: bool | None = None,
     ) -> FittedDistilledDatamodel:
         """Distil from saved checkpoints (weights = their learning rates), last first. With
-        ``store=DIR`` the synsets are saved after every trajectory point (safetensors +
-        JSON) and an interrupted fit resumes there, with the same result."""
+        ``store=DIR`` the synsets are saved after every trajectory point (one checksummed
+        safetensors file) and an interrupted fit resumes there, with the same result; a
+        second fit of the same store waits for the first (it holds the store's lock)."""
         if not checkpoints:
             raise CheckpointError("no checkpoints given")
         src = ExampleSource(train, "training data")
@@ -325,12 +344,26 @@ class _Distiller:
         store: str | os.PathLike[str] | None,
         progress: bool | None,
     ) -> None:
+        if store is None:
+            self._run(points, fingerprints, None, progress)
+            return
+        path = Path(store)
+        persist.make_folder(path)
+        with persist.locked(path):  # another fitter of this store waits, then resumes its end
+            self._run(points, fingerprints, path, progress)
+
+    def _run(
+        self,
+        points: list[tuple[dict[str, torch.Tensor], float]],
+        fingerprints: list[str],
+        path: Path | None,
+        progress: bool | None,
+    ) -> None:
         ddm = self.ddm
         syn = self.syn_x.clone().requires_grad_(True)
         opt = torch.optim.Adam([syn], lr=ddm.lr * self.scale)
         start = 0
         settings = self._settings(fingerprints)
-        path = Path(store) if store is not None else None
         if path is not None and (path / "synset.safetensors").exists():
             start = self._resume(path, settings, syn, opt)
         total_w = sum(w for _, w in points) or 1.0
@@ -375,7 +408,6 @@ class _Distiller:
         opt: torch.optim.Optimizer,
         done: int,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
         st = opt.state[syn]
         tensors = {
             "syn_x": syn.detach().cpu().contiguous(),
@@ -390,33 +422,30 @@ class _Distiller:
                 exp_avg_sq=st["exp_avg_sq"].cpu(),
                 adam_step=torch.as_tensor(st["step"]).reshape(1).double(),
             )
-        meta = {"format": _FORMAT, "settings": settings, "done": done, "history": self.history}
+        meta = {
+            "format": _RUN_FORMAT.tag,
+            "version": _RUN_FORMAT.version,
+            "settings": settings,
+            "done": done,
+            "history": self.history,
+        }
         # one file, one atomic rename: the synsets, the optimizer and the progress together
-        tmp = path / f"synset.safetensors.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-        os.replace(tmp, path / "synset.safetensors")
+        persist.save_tensors(path / "synset.safetensors", tensors, meta)
 
     def _resume(
         self, path: Path, settings: dict[str, Any], syn: torch.Tensor, opt: torch.optim.Optimizer
     ) -> int:
-        from safetensors import safe_open
-
         f = path / "synset.safetensors"
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {})["meta"])
-            tensors = load_file(str(f))
-        except Exception as exc:
-            raise StoreCorruptError(f"{f} is unreadable ({exc}); delete it to start over") from exc
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "settings" not in meta:
-            raise StoreCorruptError(f"{path} is not a Distilled Datamodel store")
-        settings = json.loads(json.dumps(settings))
-        for key in settings:
-            if meta["settings"].get(key) != settings[key]:
-                raise StoreMismatchError(
-                    f"the synset in {path} was distilled with other {key}; use another "
-                    "directory (or delete it) to distil again"
-                )
+        tensors, meta = persist.load_tensors(f, _RUN_FORMAT, _RUN_FORMAT.fix)
+        diffs = persist.diff(meta.get("settings"), persist.as_json(settings))
+        if diffs:
+            raise StoreMismatchError(
+                f"the synset in {path} was distilled with other settings: "
+                + "; ".join(diffs[:6])
+                + f". {_RUN_FORMAT.fix}"
+            )
+        if not isinstance(meta.get("done"), int) or "syn_x" not in tensors:
+            raise StoreCorruptError(f"{f} has no synset or progress; {_RUN_FORMAT.fix}")
         with torch.no_grad():
             syn.copy_(tensors["syn_x"].to(syn))
         if "exp_avg" in tensors:
@@ -607,28 +636,28 @@ class FittedDistilledDatamodel:
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the synsets (safetensors) and metadata (JSON) to directory ``path``."""
+        """Write the synsets and their settings to directory ``path`` (one checksummed
+        safetensors file, ``fitted.safetensors``, replaced atomically)."""
         p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {
-                "syn_x": self.syn_x.cpu().contiguous(),
-                "syn_y": self.syn_y.cpu().contiguous(),
-                "weights": self.weights.cpu(),
-                "group_ids": self.group_ids.cpu(),
-            },
-            str(p / "fitted.safetensors"),
-        )
+        persist.make_folder(p)
         d = asdict(self.ddm)
         d["groups"] = None
         meta = {
-            "format": _FORMAT,
+            "format": _FITTED_FORMAT.tag,
+            "version": _FITTED_FORMAT.version,
             "ddm": d,
             "final": self.final.fingerprint(),
             "history": self.history,
             "step_size": self._step_size(),
         }
-        (p / "fitted.json").write_text(json.dumps(meta, indent=1))
+        tensors = {
+            "syn_x": self.syn_x,
+            "syn_y": self.syn_y,
+            "weights": self.weights,
+            "group_ids": self.group_ids,
+        }
+        persist.save_tensors(p / "fitted.safetensors", tensors, meta)
+        (p / "fitted.json").unlink(missing_ok=True)  # a version-1 save's metadata: now stale
 
     @classmethod
     def load(
@@ -636,21 +665,32 @@ class FittedDistilledDatamodel:
     ) -> FittedDistilledDatamodel:
         """Read what :meth:`save` wrote; ``final`` must be the checkpoint it was fitted at."""
         p = Path(path)
-        try:
-            meta = json.loads((p / "fitted.json").read_text())
-            t = load_file(str(p / "fitted.safetensors"))
-        except Exception as exc:
-            raise StoreCorruptError(
-                f"cannot read a fitted Distilled Datamodel from {p}: {exc}"
-            ) from exc
-        if meta.get("format") != _FORMAT:
-            raise StoreCorruptError(f"{p} is not a Distilled Datamodel")
-        if meta["final"] != final.fingerprint():
+        if (p / "fitted.json").exists():
             raise StoreMismatchError(
-                f"{p} was fitted at another final checkpoint ({meta['final']}, given "
-                f"{final.fingerprint()})"
+                f"{p} was saved by an older datatrace (Distilled Datamodel format version 1, "
+                f"this one reads {_FITTED_FORMAT.version}); {_FITTED_FORMAT.fix}"
             )
-        ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+        if not (p / "fitted.safetensors").exists():
+            raise StoreCorruptError(
+                f"cannot read a fitted Distilled Datamodel from {p}: no fitted.safetensors; "
+                "pass the directory given to save()"
+            )
+        t, meta = persist.load_tensors(p / "fitted.safetensors", _FITTED_FORMAT, _FITTED_FORMAT.fix)
+        if meta.get("final") != final.fingerprint():
+            raise StoreMismatchError(
+                f"{p} was fitted at another final checkpoint ({meta.get('final')}, given "
+                f"{final.fingerprint()}); pass that checkpoint, or fit again at this one"
+            )
+        if not {"syn_x", "syn_y", "weights", "group_ids"} <= set(t) or "ddm" not in meta:
+            raise StoreCorruptError(
+                f"{p / 'fitted.safetensors'} is incomplete; {_FITTED_FORMAT.fix}"
+            )
+        try:
+            ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+        except (TypeError, ConfigError) as exc:
+            raise StoreCorruptError(
+                f"{p / 'fitted.safetensors'} holds unusable settings ({exc}); {_FITTED_FORMAT.fix}"
+            ) from exc
         dev = model_device(task.model)
         out = cls(
             task,

@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..features import FeatureSpec
+from ..core.checkpoint import Checkpoint
+from ..core.task import AbstractTask
+from ..curvature.base import mean_squared_entry
+from ..features.spec import FeatureSpec
 from ..metrics import agreement
-from ..task import AbstractTask
-from .gradient import GradientAttributor
+from .engine import GradientAttributor
+from .slots import CheckpointWeights
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,12 @@ def mean_squared_gradient(
     """λ₀: the mean over training examples and parameters of the squared per-example
     gradient entry, at one checkpoint."""
     method = GradientAttributor(
-        FeatureSpec(params=tuple(params) if params else None), all_checkpoints=False
+        FeatureSpec(params=tuple(params) if params else None),
+        checkpoints=CheckpointWeights.LAST,
     )
     fitted = method.fit(task, [checkpoint], train, batch_size=batch_size, progress=False)
-    return float(fitted.self_influence().mean()) / fitted.features.num_params
+    square_sum = float(fitted.self_influence().sum())  # Σ_i ‖g_i‖²
+    return mean_squared_entry(square_sum, fitted.n_train, fitted.features.num_params)
 
 
 def damping_sweep(

@@ -1,0 +1,303 @@
+"""Uniform random access to training or query data.
+
+Accepts what users have: a tuple/list of tensors or NumPy arrays ``(inputs, targets, ...)``
+with a shared first dimension, a dict of such arrays (Hugging Face style batches), a
+``torch.utils.data.Dataset``, or a ``DataLoader``. Examples are addressed by contiguous index
+ranges so that featurization can resume from the first unfinished range after a crash.
+
+**What the rows of S are, for a DataLoader.** Its dataset and collate function are used,
+and its sampler decides *which* examples, never their order (attribution needs a fixed
+order, the same on every call):
+
+* sequential or shuffling (``shuffle=True``) over the whole dataset: every example, in
+  dataset order (row i = ``dataset[i]``);
+* a sampler over a subset (``SubsetRandomSampler``, a custom sampler or batch sampler):
+  exactly the examples it yields, in increasing dataset index; ``source.indices[i]`` is the
+  dataset index of row i;
+* a sampler that draws with replacement (``WeightedRandomSampler``,
+  ``RandomSampler(replacement=True)``) or repeats an example: refused (:class:`DataError`),
+  since it has no fixed set of examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
+from torch.utils.data import default_collate as _default_collate
+
+from .errors import DataError
+
+Batch = Any  # a tuple/list of tensors or a dict of tensors, leading dimension = examples
+
+
+class ExampleSource:
+    """A fixed, ordered collection of examples read in index ranges.
+
+    Args:
+        data: tensors ``(inputs, targets)``, a dict of tensors, a Dataset or a DataLoader.
+        name: what the data is called in error messages ("training data", "queries").
+    """
+
+    def __init__(self, data: Any, name: str = "data") -> None:
+        self.name = name
+        self._tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None
+        self._dataset: Any = None
+        self._collate: Callable[[list[Any]], Batch] = _default_collate
+        if isinstance(data, ExampleSource):
+            self.__dict__.update(data.__dict__)
+            self.name = name
+            return
+        #: dataset index of each row (``None``: row i is example i)
+        self.indices: torch.Tensor | None = None
+        if isinstance(data, DataLoader):
+            if isinstance(data.dataset, IterableDataset):
+                raise DataError(
+                    f"{name}: an IterableDataset has no fixed order or length; "
+                    "materialise it into tensors or a map-style Dataset first"
+                )
+            self._dataset = data.dataset
+            if data.collate_fn is not None:
+                self._collate = data.collate_fn
+            self.indices = _sampled_indices(data, name)
+        elif isinstance(data, Dataset):
+            if isinstance(data, IterableDataset):
+                raise DataError(f"{name}: an IterableDataset has no fixed order or length")
+            self._dataset = data
+        elif isinstance(data, Mapping):
+            self._tensors = {k: _as_tensor(v) for k, v in data.items()}
+            self._check_tensors(list(self._tensors.items()))
+        elif isinstance(data, (tuple, list)):
+            self._tensors = tuple(_as_tensor(v) for v in data)
+            self._check_tensors([(f"element {i}", t) for i, t in enumerate(self._tensors)])
+        elif isinstance(data, (torch.Tensor, np.ndarray)):
+            raise DataError(
+                f"{name}: got a single tensor; pass a tuple (inputs, targets) so the loss "
+                "has its targets"
+            )
+        else:
+            raise DataError(
+                f"{name}: expected a tuple of tensors, a dict of tensors, a Dataset or a "
+                f"DataLoader, got {type(data).__name__}"
+            )
+        if len(self) == 0:
+            raise DataError(f"{name} is empty: there is nothing to attribute")
+
+    def _check_tensors(self, items: list[tuple[str, Any]]) -> None:
+        if not items:
+            raise DataError(f"{self.name}: no tensors given")
+        lengths = {}
+        for key, t in items:
+            if not isinstance(t, torch.Tensor):
+                raise DataError(f"{self.name}: {key} is a {type(t).__name__}, not a tensor")
+            if t.dim() == 0:
+                raise DataError(f"{self.name}: {key} is a scalar; need one row per example")
+            if t.is_meta:
+                raise DataError(
+                    f"{self.name}: {key} is on the 'meta' device (shape only, no values); "
+                    "materialise it (e.g. .to_empty(device='cpu') and fill it, or load the data)"
+                )
+            lengths[key] = t.shape[0]
+        if len(set(lengths.values())) > 1:
+            desc = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            raise DataError(
+                f"{self.name}: inputs and targets must have the same number of examples "
+                f"(first dimension), got {desc}"
+            )
+
+    def __len__(self) -> int:
+        if self.indices is not None:
+            return int(self.indices.numel())
+        if self._tensors is not None:
+            first = (
+                next(iter(self._tensors.values()))
+                if isinstance(self._tensors, Mapping)
+                else self._tensors[0]
+            )
+            return int(first.shape[0])
+        return len(self._dataset)
+
+    def batch(self, start: int, stop: int) -> Batch:
+        """Examples ``start..stop-1`` as one batch (tuple or dict of tensors)."""
+        if self._tensors is not None:
+            if isinstance(self._tensors, Mapping):
+                return {k: v[start:stop] for k, v in self._tensors.items()}
+            return tuple(t[start:stop] for t in self._tensors)
+        rows = range(start, stop) if self.indices is None else self.indices[start:stop].tolist()
+        return self._collate([self._dataset[i] for i in rows])
+
+    def take(self, indices: Sequence[int] | torch.Tensor) -> Batch:
+        """The examples at ``indices`` (any order, repeats allowed) as one batch."""
+        if self._tensors is not None:
+            if isinstance(indices, torch.Tensor):
+                idx = indices.to("cpu", torch.long)
+            else:
+                idx = torch.as_tensor(list(indices), dtype=torch.long)
+            if isinstance(self._tensors, Mapping):
+                return {k: v[idx] for k, v in self._tensors.items()}
+            return tuple(t[idx] for t in self._tensors)
+        rows = [int(i) for i in indices]
+        if self.indices is not None:
+            rows = self.indices[rows].tolist()
+        return self._collate([self._dataset[i] for i in rows])
+
+    def whole(self) -> Batch | None:
+        """Every example as one batch when the data are tensors (no copy); else ``None``."""
+        if self._tensors is None:
+            return None
+        return dict(self._tensors) if isinstance(self._tensors, Mapping) else tuple(self._tensors)
+
+    def example_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape and dtype kind of one example's tensors, by position or key (from example 0)."""
+        first = self.batch(0, 1)
+        items = first.items() if isinstance(first, Mapping) else enumerate(first)
+        return {str(k): tuple(v.shape[1:]) for k, v in items if isinstance(v, torch.Tensor)}
+
+    def check_like(self, other: ExampleSource) -> None:
+        """Raise :class:`DataError` unless examples have ``other``'s structure and shapes
+        (queries scored against training features must be the same kind of example)."""
+        mine, theirs = self.example_shapes(), other.example_shapes()
+        if mine.keys() != theirs.keys():
+            raise DataError(
+                f"{self.name} have parts {sorted(mine)}, {other.name} {sorted(theirs)}; "
+                "pass queries in the same form as the training data"
+            )
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise DataError(
+                    f"{self.name}: part {key} of each example has shape {mine[key]}, in "
+                    f"{other.name} {theirs[key]}; queries must have the training data's shape"
+                )
+
+    def ranges(self, batch_size: int) -> list[tuple[int, int]]:
+        """Contiguous ``(start, stop)`` ranges covering every example once."""
+        n = len(self)
+        return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+    def fingerprint(self, batch_size: int = 1024) -> str:
+        """A hash of every example (shapes, dtypes and bytes), so that a store is never
+        reused for data that changed anywhere. Tensors are hashed in place; a Dataset is
+        read once for it."""
+        h = hashlib.blake2b(f"n={len(self)}".encode(), digest_size=16)
+        parts = (
+            [self._tensors]
+            if self._tensors is not None
+            else (self.batch(s, e) for s, e in self.ranges(batch_size))
+        )
+        for part in parts:
+            for t in leaves(part):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        return h.hexdigest()
+
+
+def _as_tensor(value: Any) -> Any:
+    """NumPy arrays become tensors (shared memory, converted once); the rest is checked later."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise DataError("an object-dtype NumPy array is not numeric data; convert it first")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return value
+
+
+def _sampled_indices(loader: DataLoader, name: str) -> torch.Tensor | None:
+    """The dataset indices a loader's sampler selects (``None``: all, in dataset order)."""
+    batch_sampler = loader.batch_sampler
+    sampler = getattr(batch_sampler, "sampler", loader.sampler)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    whole = isinstance(batch_sampler, BatchSampler) and not (
+        batch_sampler.drop_last and n % batch_sampler.batch_size
+    )  # batches cover every example the sampler yields
+    if isinstance(sampler, SequentialSampler) and whole:
+        return None
+    random_subset = isinstance(sampler, WeightedRandomSampler) or (
+        isinstance(sampler, RandomSampler)
+        and (sampler.replacement or sampler.num_samples != n or not whole)
+    )
+    if random_subset:
+        raise DataError(
+            f"{name}: the DataLoader's sampler draws a random set of examples (with "
+            "replacement, another number of samples, or drop_last), so the examples to "
+            "attribute are not fixed; pass the Dataset, a Subset, or a loader with "
+            "shuffle=False and drop_last=False"
+        )
+    if isinstance(sampler, RandomSampler):
+        return None  # shuffling the whole dataset: read in dataset order
+    drawn = [int(i) for batch in batch_sampler for i in batch]  # type: ignore[union-attr]
+    chosen = torch.tensor(sorted(set(drawn)), dtype=torch.long)
+    if chosen.numel() != len(drawn):
+        raise DataError(
+            f"{name}: the DataLoader's sampler yields some examples more than once; "
+            "attribution needs each example once (pass a Subset or SubsetRandomSampler)"
+        )
+    if chosen.numel() and (int(chosen[0]) < 0 or int(chosen[-1]) >= n):
+        raise DataError(f"{name}: the sampler yields indices outside [0, {n})")
+    if chosen.numel() == n:
+        return None
+    return chosen
+
+
+def leaves(batch: Batch) -> list[torch.Tensor]:
+    """Every tensor of a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in leaves(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in leaves(v)]
+    return []
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor of a batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch
+
+
+def as_single_batch(example: Any) -> Any:
+    """One example (no leading dimension) as a batch of one."""
+    if isinstance(example, torch.Tensor):
+        return example.unsqueeze(0)
+    if isinstance(example, Mapping):
+        return {k: as_single_batch(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(as_single_batch(v) for v in example)
+    return example
+
+
+def batch_len(batch: Any) -> int:
+    """Number of examples in a batch (tensor, tuple or dict of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return batch_len(next(iter(batch.values())))
+    return batch_len(batch[0])
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples start..stop-1 of a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, start, stop) for v in batch)
+    return batch

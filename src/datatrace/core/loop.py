@@ -1,0 +1,164 @@
+"""THE loop over data: every pass over examples (featurization, curvature fitting, TRAK's
+probabilities, measuring queries) reads its batches through :func:`over_ranges`, so the
+progress bar, the device move, eval mode and the non-finite checks are written once.
+
+* :func:`batch_ranges`: the ``(start, stop)`` ranges of a pass in batches of a given size
+  (also the chunk boundaries of resumable stores, so they must never change).
+* :func:`over_batches` / :func:`over_ranges`: yield ``(start, stop, batch)`` with the batch
+  on the device, optionally under :func:`~datatrace.core.runtime.eval_mode`, with one
+  tqdm bar (shown as :func:`~datatrace.core.runtime.show_progress` decides).
+* :func:`check_finite`: raise :class:`NonFiniteError` naming every non-finite example of a
+  batch; :func:`naming_every_nonfinite` widens such an error to every offending example of
+  the rest of the data (a forward-only scan), so one run reports all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Batch, ExampleSource, batch_to
+from .errors import NonFiniteError
+from .runtime import eval_mode, show_progress
+
+#: how many offending indices an error message lists (``.indices`` has all of them)
+SHOWN_INDICES = 20
+
+
+def batch_ranges(batch_size: int, start: int, stop: int) -> list[tuple[int, int]]:
+    """Contiguous ``(s, e)`` ranges covering ``start..stop-1`` in order, each ``batch_size``
+    long except possibly the last."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
+
+
+def over_batches(
+    source: ExampleSource,
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    device: torch.device | None = None,
+    eval_module: nn.Module | None = None,
+    progress: bool | None = False,
+    desc: str | None = None,
+) -> Generator[tuple[int, int, Batch], None, None]:
+    """Examples ``start..stop-1`` of ``source`` (``stop=None``: to the end) in batches of
+    ``batch_size``; see :func:`over_ranges` for the rest."""
+    stop = len(source) if stop is None else stop
+    return over_ranges(
+        source,
+        batch_ranges(batch_size, start, stop),
+        device=device,
+        eval_module=eval_module,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def over_ranges(
+    source: ExampleSource,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    device: torch.device | None = None,
+    eval_module: nn.Module | None = None,
+    progress: bool | None = False,
+    desc: str | None = None,
+) -> Generator[tuple[int, int, Batch], None, None]:
+    """``(start, stop, batch)`` for each range, in order.
+
+    Args:
+        source: the examples.
+        ranges: ``(start, stop)`` index ranges (e.g. :func:`batch_ranges`, a store's chunks).
+        device: move every tensor of each batch here (``None``: leave where it is).
+        eval_module: hold this module in eval mode for the whole pass; its train/eval flags
+            are restored when the pass ends, is broken out of, or the loop body raises
+            (the generator is closed when the ``for`` loop drops it).
+        progress: one progress bar over the ranges (``None``: when stderr is a terminal).
+        desc: the bar's label.
+    """
+    mode = eval_mode(eval_module) if eval_module is not None else contextlib.nullcontext()
+    bar = tqdm(total=len(ranges), desc=desc, disable=not show_progress(progress), leave=False)
+    with bar, mode:
+        for s, e in ranges:
+            batch = source.batch(s, e)
+            yield s, e, batch if device is None else batch_to(batch, device)
+            bar.update()
+
+
+def check_finite(
+    values: torch.Tensor, rows: Sequence[torch.Tensor], offset: int, what: str
+) -> None:
+    """Raise :class:`NonFiniteError` naming every example of a batch whose value (loss or
+    measurement, (batch,)) or any row of ``rows`` (each (batch, ...)) is NaN or inf.
+
+    ``offset`` is the index of the batch's first example; ``what`` names the value
+    ("loss", "measurement") in the message."""
+    bad_value = ~torch.isfinite(values)
+    flat = [r.reshape(r.shape[0], -1) for r in rows]
+    # A row sum is non-finite if any entry is (one pass, no boolean copy of the gradients);
+    # rows flagged only by an overflowing sum are re-checked entry by entry below.
+    suspect = bad_value.clone()
+    for r in flat:
+        suspect |= ~torch.isfinite(r.sum(dim=1))
+    if not bool(suspect.any()):
+        return
+    bad = bad_value.clone()
+    for r in flat:
+        bad |= ~torch.isfinite(r).all(dim=1)
+    if bool(bad.any()):
+        idx = (bad.nonzero().flatten() + offset).tolist()
+        kind = what if bool(bad_value.any()) else f"gradient of the {what}"
+        raise NonFiniteError(
+            f"non-finite (NaN or inf) {kind} at examples {idx[:SHOWN_INDICES]}"
+            f"{' and more' if len(idx) > SHOWN_INDICES else ''}; check these inputs/labels "
+            "or the checkpoint (a diverged model)",
+            indices=idx,
+        )
+
+
+def nonfinite_examples(
+    value_of: Callable[[Batch], torch.Tensor],
+    source: ExampleSource,
+    ranges: Sequence[tuple[int, int]],
+    device: torch.device | None,
+) -> list[int]:
+    """Indices of the examples in ``ranges`` whose value ``value_of(batch)`` ((batch,)) is
+    not finite, from forward passes only (no gradients)."""
+    bad: list[int] = []
+    with torch.no_grad():
+        for s, _, batch in over_ranges(source, ranges, device=device):
+            vals = value_of(batch)
+            bad += (torch.isfinite(vals).logical_not().nonzero().flatten() + s).tolist()
+    return bad
+
+
+@contextlib.contextmanager
+def naming_every_nonfinite(
+    value_of: Callable[[Batch], torch.Tensor],
+    source: ExampleSource,
+    rest: Sequence[tuple[int, int]],
+    device: torch.device | None,
+    what: str,
+) -> Iterator[None]:
+    """On a :class:`NonFiniteError` from the body, scan the examples of ``rest`` (the ranges
+    not yet reached) with ``value_of`` so the error names every offending example, not just
+    those of the first bad batch."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        bad = list(exc.indices) + nonfinite_examples(value_of, source, rest, device)
+        if len(bad) == len(exc.indices):
+            raise
+        more = len(bad) - SHOWN_INDICES
+        raise NonFiniteError(
+            f"non-finite (NaN or inf) {what} or gradient at examples {bad[:SHOWN_INDICES]}"
+            f"{f' and {more} more' if more > 0 else ''}; check these inputs/labels or the "
+            "checkpoint (a diverged model)",
+            indices=bad,
+        ) from None

@@ -1,0 +1,158 @@
+"""Layer mechanics, written once:
+
+* :func:`hookable`: which layers' per-example gradients can come from hooks;
+* :func:`layer_calls`: THE forward-hook capture (every call's input and output, optionally
+  a probe added to the output), used by :func:`layer_io`, K-FAC and the structured Hessian;
+* :func:`layer_io`: hooked layers' inputs and output gradients from one batched pass;
+* :func:`conv_patches`: THE Conv2d unfolding (the patch each output position sees), used
+  by :func:`conv_grads`, the Kronecker projection and K-FAC;
+* :func:`flat_offsets`: where each parameter sits in a flat vector of selected parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.task import AbstractTask
+from .per_example import Params, bound_model, value_fn
+
+HOOKABLE = (nn.Linear, nn.Conv2d)
+
+
+def hookable(module: nn.Module) -> bool:
+    """Whether per-example gradients of this module's parameters can come from hooks."""
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and (not isinstance(module.padding, str) or module.padding == "valid")
+    )
+
+
+def layer_io(
+    task: AbstractTask,
+    params: Params,
+    buffers: Params,
+    batch: Any,
+    layers: Sequence[str],
+    measurement: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Inputs and output gradients of ``nn.Linear``/``nn.Conv2d`` layers, per example, from
+    one batched forward/backward pass (scoped forward hooks).
+
+    The per-example weight gradient of a Linear layer is ``outer(e, a)`` and its bias
+    gradient ``e``; a Conv2d layer's is ``Σ_positions e_p ⊗ patch_p`` (see
+    :func:`conv_grads`). Valid when each layer is called once per forward (Linear on a
+    (batch, features) input) and examples do not interact (model in eval mode).
+
+    Returns:
+        ({layer: (input, output gradient)}, values): Linear ``a`` (batch, in) and ``e``
+        (batch, out); Conv2d input (batch, C, H, W) and ``e`` (batch, out, H', W').
+
+    Raises:
+        NotFactorable: a layer is not called exactly once, or a Linear input is not 2-D.
+    """
+    modules = {name: task.model.get_submodule(name) for name in layers}
+    with layer_calls(modules) as captured:
+        state = {**buffers, **{k: v.detach().requires_grad_(True) for k, v in params.items()}}
+        values = value_fn(task, measurement)(bound_model(task.model, state), batch)
+    for name, calls in captured.items():
+        if len(calls) != 1:
+            raise NotFactorable(name, f"layer {name!r} is called {len(calls)} times per forward")
+        if type(modules[name]) is nn.Linear and calls[0][0].dim() != 2:
+            raise NotFactorable(name, f"Linear layer {name!r} gets a {calls[0][0].dim()}-D input")
+    outputs = [captured[n][0][1] for n in layers]
+    # Summing per-example values is exact here: example b's output gradient depends only on b.
+    out_grads = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
+    io = {}
+    for n, g in zip(layers, out_grads, strict=True):
+        out = captured[n][0][1]
+        io[n] = (captured[n][0][0].detach(), torch.zeros_like(out) if g is None else g.detach())
+    return io, values.detach()
+
+
+Calls = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@contextlib.contextmanager
+def layer_calls(
+    modules: Mapping[str, nn.Module], probes: Mapping[str, torch.Tensor] | None = None
+) -> Iterator[Calls]:
+    """``{name: [(first input, output) of each call]}`` of the named modules, filled while
+    the context is open (scoped forward hooks, removed on exit, also on errors).
+
+    With ``probes``, a module's hook returns ``output + probes[name]``: differentiating
+    with respect to a zero probe gives the gradient at the layer's output (the output
+    recorded is the one before the probe)."""
+    calls: Calls = {name: [] for name in modules}
+    probes = probes or {}
+
+    def hook_for(name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> Any:
+            calls[name].append((inputs[0], out))
+            return out + probes[name] if name in probes else None
+
+        return hook
+
+    handles = []
+    try:
+        for name, mod in modules.items():
+            handles.append(mod.register_forward_hook(hook_for(name)))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input patch each output position of ``conv`` sees, (batch, in·kh·kw, positions):
+    ``conv(x)`` is ``weight.flatten(1) @ patches`` plus the bias, position by position.
+
+    Raises:
+        ConfigError: string padding other than ``"valid"`` (its amounts are implicit).
+    """
+    if isinstance(conv.padding, str) and conv.padding != "valid":
+        raise ConfigError(
+            f"Conv2d with padding={conv.padding!r} is not supported here; give explicit "
+            "padding amounts (e.g. padding=1)"
+        )
+    pad = 0 if isinstance(conv.padding, str) else conv.padding
+    return F.unfold(x, conv.kernel_size, conv.dilation, pad, conv.stride)
+
+
+def conv_grads(
+    conv: nn.Conv2d, x: torch.Tensor, e: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (weight, bias) gradients of a Conv2d from its input ``x`` and output
+    gradient ``e``: ``Σ_p e_p patch_pᵀ`` (:func:`conv_patches`), shapes
+    (batch, *weight.shape) and (batch, out)."""
+    eg = e.flatten(2)  # (b, out, P)
+    cols = conv_patches(conv, x)  # (b, in·kh·kw, P)
+    weight = torch.bmm(eg, cols.transpose(1, 2)).reshape(x.shape[0], *conv.weight.shape)
+    return weight, eg.sum(2)
+
+
+def flat_offsets(names: Sequence[str], sizes: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """``{name: (start, stop)}``: where each parameter's entries sit in a flat vector that
+    concatenates the parameters ``names`` (of ``sizes`` entries) in that order."""
+    offsets, start = {}, 0
+    for name, size in zip(names, sizes, strict=True):
+        offsets[name] = (start, start + size)
+        start += size
+    return offsets
+
+
+class NotFactorable(Exception):
+    """Internal: the hooked layer path does not apply to ``layer`` of this model."""
+
+    def __init__(self, layer: str, message: str) -> None:
+        super().__init__(message)
+        self.layer = layer

@@ -1,0 +1,242 @@
+"""The one engine: ``S[j, i] = Σ_c w_c v_c(i) ⟨φ_c(query_j), P_c φ_c(train_i)⟩``.
+
+:class:`GradientAttributor` is the engine behind every gradient method (the recipes in
+:mod:`datatrace.methods.recipes` and :mod:`~datatrace.methods.trak` are a few lines each).
+Its slots are typed:
+
+* the featurizer φ: a :class:`~datatrace.features.FeatureSpec` (which parameters,
+  factored or projected), bound to the task at each checkpoint
+  (:class:`~datatrace.features.GradientFeatures`);
+* the preconditioner P: ``None`` (identity) or an
+  :class:`~datatrace.curvature.AbstractPreconditioner` (then scores carry influence's
+  ``1/n``);
+* the checkpoint weights w_c: :class:`CheckpointWeights`;
+* the example weights v_c(i): ``None`` or an :class:`AbstractExampleWeights` (TRAK's
+  ``1 − p_i``);
+* the output: ``None`` (the task's own loss and measurement) or an
+  :class:`AbstractOutput` that says which function of the model is differentiated (TRAK's
+  margin).
+
+Fitting featurizes the training set once per checkpoint (memory, a store, or recomputed:
+:mod:`datatrace.features.placement`); scoring streams training blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core import distributed
+from ..core.checkpoint import Checkpoint
+from ..core.data import ExampleSource
+from ..core.errors import CheckpointError, ConfigError
+from ..core.fingerprint import (
+    check_extra,
+    environment_fingerprint,
+    model_fingerprint,
+    task_fingerprint,
+)
+from ..core.runtime import model_device
+from ..core.task import AbstractTask
+from ..curvature.base import (
+    AbstractPreconditioner,
+)
+from ..features.featurizer import AbstractFeaturizer, GradientFeatures
+from ..features.loop import featurize
+from ..features.placement import place_training_features
+from ..features.spec import FeatureSpec
+from .fitted import FittedGradientAttributor
+from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
+
+log = logging.getLogger("datatrace")
+
+
+@dataclass(frozen=True)
+class GradientAttributor:
+    """Scores from (optionally projected, normalised or preconditioned) gradient inner products.
+
+    Args:
+        features: what a gradient feature is (parameters, projection).
+        normalize: divide by the feature norms (Grad-Cos).
+        checkpoints: which checkpoints count and their weights (:class:`CheckpointWeights`).
+        name: the method's name in logs and reports.
+        preconditioner: ``None`` (identity), or a curvature preconditioner
+            (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``...): scores become
+            influence ``(1/n) Σ_c w_c q_cᵀ (H_c + λI)⁻¹ g_c`` (needs exact dense features
+            unless it ``accepts_projection``).
+        example_weights: ``None``, or per-example column weights (TRAK's ``1 − p_i``).
+        output: ``None``, or the function differentiated instead of the task's loss and
+            measurement (TRAK's margin).
+    """
+
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    normalize: bool = False
+    checkpoints: CheckpointWeights = CheckpointWeights.LEARNING_RATE
+    name: str = "gradient"
+    preconditioner: AbstractPreconditioner | None = None
+    example_weights: AbstractExampleWeights | None = None
+    output: AbstractOutput | None = None
+
+    def __post_init__(self) -> None:
+        _check_slot("features", self.features, FeatureSpec)
+        _check_slot("checkpoints", self.checkpoints, CheckpointWeights)
+        _check_slot("preconditioner", self.preconditioner, AbstractPreconditioner)
+        _check_slot("example_weights", self.example_weights, AbstractExampleWeights)
+        _check_slot("output", self.output, AbstractOutput)
+        pc = self.preconditioner
+        if pc is None:
+            return
+        if self.features.factored is not False or (
+            self.features.projection_dim is not None and not pc.accepts_projection
+        ):
+            raise ConfigError(
+                f"{type(pc).__name__} needs exact dense gradient features: "
+                "FeatureSpec(projection_dim=None, factored=False)"
+            )
+
+    def fit(
+        self,
+        task: AbstractTask,
+        checkpoints: Sequence[Checkpoint],
+        train: Any,
+        *,
+        store: str | Path | None = None,
+        overwrite: bool = False,
+        batch_size: int = 256,
+        block_size: int = 8192,
+        progress: bool | None = None,
+        max_store_bytes: int | None = 8 << 30,
+        max_memory_bytes: int = 4 << 30,
+        fingerprint_extra: Any = None,
+    ) -> FittedGradientAttributor:
+        """Featurize the training data at every checkpoint used.
+
+        Args:
+            task: the model and its loss/measurement.
+            checkpoints: where gradients are taken (and with which weight).
+            train: training data (tuple of tensors, dict, Dataset or DataLoader).
+            store: directory of the feature store (reused when its settings match, resumed
+                after a crash); ``None``: temporary features, in memory up to
+                ``max_memory_bytes``, else in a temporary directory.
+            overwrite: replace a store written with other settings.
+            batch_size: examples per featurization batch (and resumable chunk).
+            block_size: training examples per scoring block.
+            progress: progress bars (default: when stderr is a terminal).
+            max_store_bytes: cache training features on disk only up to this size
+                (``None``: no limit); above it they are recomputed block by block at
+                scoring time (same scores, more compute, no disk).
+            max_memory_bytes: with ``store=None``, keep features in memory (on the model's
+                device: GPU memory for a CUDA model) up to this size.
+            fingerprint_extra: anything else the scores depend on that datatrace cannot see
+                (JSON-able; recorded in the store's fingerprint, e.g. a data version).
+
+        The store is reused only when its fingerprint matches: the method's settings, the
+        model (class, module tree, forward code), the task (class, settings, loss and
+        measurement code), every checkpoint's bytes, the data's bytes, the dtype, the device
+        kind and torch's version (:mod:`datatrace.core.fingerprint`).
+        """
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("block_size", block_size)
+        ckpts = _check_checkpoints(checkpoints)
+        if self.checkpoints is CheckpointWeights.LAST and len(ckpts) > 1:
+            log.info("%s uses only the last of %d checkpoints", self.name, len(ckpts))
+        ckpts, weights = self.checkpoints.select(ckpts)
+        source = ExampleSource(train, "training data")
+        whole = source.whole()
+        if whole is not None:
+            task.check_data(whole, source.name)
+        scored = self.output.wrap(task) if self.output is not None else task
+        # one featurizer per checkpoint: projected features get an independent matrix each
+        per_ckpt: list[AbstractFeaturizer] = [
+            GradientFeatures(self.features.for_checkpoint(c), scored) for c in range(len(ckpts))
+        ]
+        device = model_device(task.model)
+        distributed.ensure_initialized(device)
+        states = [c.parameters_for(task.model, device) for c in ckpts]
+        dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
+        # Probe the model on one example: fixes the factored layout before the store is sized.
+        for f, st in zip(per_ckpt, states, strict=True):
+            featurize(f, st, source, False, batch_size, 0, 1, progress=False)
+        fingerprint = {
+            "method": {"normalize": self.normalize},
+            "model": model_fingerprint(task.model),
+            "task": task_fingerprint(scored),
+            "features": self.features.describe(),
+            "checkpoints": [c.fingerprint() for c in ckpts],
+            "data": source.fingerprint(),
+            "environment": environment_fingerprint(dtype, device),
+            "extra": check_extra(fingerprint_extra),
+        }
+        placed = place_training_features(
+            per_ckpt,
+            states,
+            source,
+            fingerprint,
+            dtype,
+            name=self.name,
+            store=store,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            progress=progress,
+            max_store_bytes=max_store_bytes,
+            max_memory_bytes=max_memory_bytes,
+        )
+        try:
+            column_weights = (
+                [self.example_weights.weights(task, st, source, batch_size) for st in states]
+                if self.example_weights is not None
+                else None
+            )
+            fitted = FittedGradientAttributor(
+                self,
+                scored,
+                per_ckpt,
+                states,
+                weights,
+                source,
+                placed.store,
+                batch_size,
+                block_size,
+                progress,
+                column_weights,
+            )
+        except BaseException:
+            if placed.temporary is not None:
+                shutil.rmtree(placed.temporary, ignore_errors=True)
+            raise
+        if placed.temporary is not None:
+            weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
+        return fitted
+
+
+def _check_slot(name: str, value: Any, kind: type) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(
+            f"{name} must be a {kind.__name__}{' or None' if name != 'features' else ''}, "
+            f"got {type(value).__name__}"
+        )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
+    if isinstance(checkpoints, Checkpoint):
+        checkpoints = [checkpoints]
+    ckpts = list(checkpoints)
+    if not ckpts:
+        raise CheckpointError("no checkpoints given; pass [dt.Checkpoint.from_module(model)]")
+    for c in ckpts:
+        if not isinstance(c, Checkpoint):
+            raise CheckpointError(
+                f"expected dt.Checkpoint objects, got {type(c).__name__}; wrap state dicts "
+                "with dt.Checkpoint.from_state_dict(sd, weight=lr)"
+            )
+    return ckpts

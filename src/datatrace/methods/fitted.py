@@ -1,0 +1,311 @@
+"""A fitted gradient attributor: scores queries against the training features, block by block
+(``attribute``, ``attribute_to_file``, ``top_k``, ``self_influence``), never holding the full
+(n_query, n_train) matrix unless asked for it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..core import distributed
+from ..core.data import ExampleSource
+from ..core.errors import ConfigError, NonFiniteError
+from ..core.runtime import model_device
+from ..core.task import AbstractTask
+from ..curvature.base import (
+    AbstractFittedPreconditioner,
+    AbstractPreconditioner,
+    mean_squared_entry,
+)
+from ..curvature.context import FitContext
+from ..curvature.problem import CurvatureProblem
+from ..features.featurizer import AbstractFeaturizer, Features
+from ..features.loop import State, featurize
+from ..features.store import FeatureStore, MemoryFeatureStore
+from .topk import merge_top_k, running_top_k
+
+if TYPE_CHECKING:
+    from .engine import GradientAttributor
+
+log = logging.getLogger("datatrace")
+
+
+class FittedGradientAttributor:
+    """A fitted gradient attributor: scores queries against the stored training features."""
+
+    def __init__(
+        self,
+        method: GradientAttributor,
+        task: AbstractTask,
+        features: list[AbstractFeaturizer],
+        states: list[State],
+        weights: list[float],
+        train: ExampleSource,
+        store: FeatureStore | MemoryFeatureStore | None,
+        batch_size: int,
+        block_size: int,
+        progress: bool | None,
+        column_weights: list[torch.Tensor] | None = None,
+    ) -> None:
+        self.method = method
+        self.task = task
+        #: the featurizer of each checkpoint (independent projections), and the first one's
+        #: shared helpers (inner products, norms)
+        self.checkpoint_features = features
+        self.features = features[0]
+        self.states = states
+        self.weights = weights
+        self.train = train
+        self.store = store
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.progress = progress
+        #: optional per-checkpoint weights of each training example's column, (n_train,)
+        self.column_weights = column_weights
+        #: scores are computed in the model's dtype (features may be kept in bfloat16)
+        self.compute_dtype = next(iter(states[0][0].values())).dtype
+        self.preconditioners: list[AbstractFittedPreconditioner] = []
+        self.scale = 1.0
+        if method.preconditioner is not None:
+            self._fit_preconditioners(method.preconditioner)
+
+    def _fit_preconditioners(self, spec: AbstractPreconditioner) -> None:
+        """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
+        for c, (params, buffers) in enumerate(self.states):
+            problem = CurvatureProblem(
+                self.task, self.features.names, params, buffers, self.train, self.batch_size
+            )
+            square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
+            lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
+            path = self.store.path if self.store is not None else None
+            cache = path / f"curvature-c{c}" if path is not None else None
+            ctx = FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
+            fitted = spec.fit(ctx)
+            log.info(
+                "%s: checkpoint %d: lambda0 %.3g, damping %.3g",
+                self.method.name,
+                c,
+                lambda0,
+                fitted.damping,
+            )
+            self.preconditioners.append(fitted)
+        self.scale = 1.0 / self.n_train
+
+    @property
+    def damping(self) -> list[float]:
+        """The damping used at each checkpoint (influence methods)."""
+        return [pc.damping for pc in self.preconditioners]
+
+    def _blocks(self, c: int) -> Iterator[tuple[int, Features]]:
+        for start in range(0, self.n_train, self.block_size):
+            stop = min(start + self.block_size, self.n_train)
+            yield start, self._train_block(c, start, stop)
+
+    def _precondition(self, c: int, feats: Features) -> Features:
+        if not self.preconditioners:
+            return feats
+        return {k: self.preconditioners[c].solve(v) for k, v in feats.items()}
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def query_features(self, queries: Any) -> list[Features]:
+        """Measurement-gradient features of the queries at each checkpoint used."""
+        source = ExampleSource(queries, "queries")
+        source.check_like(self.train)
+        whole = source.whole()
+        if whole is not None:
+            self.task.check_data(whole, source.name)
+        out = []
+        for f, st in zip(self.checkpoint_features, self.states, strict=True):
+            feats = featurize(
+                f,
+                st,
+                source,
+                True,
+                self.batch_size,
+                progress=self.progress,
+                desc="featurizing queries",
+            )
+            out.append({k: v.to(self.compute_dtype) for k, v in feats.items()})
+        return out
+
+    def _train_block(self, c: int, start: int, stop: int) -> Features:
+        if self.store is None:  # not cached: recompute (same features, bit for bit per batch)
+            feats = featurize(
+                self.checkpoint_features[c],
+                self.states[c],
+                self.train,
+                False,
+                self.batch_size,
+                start,
+                stop,
+                progress=False,
+            )
+        else:
+            feats = self.store.read(c, start, stop)
+        device = model_device(self.task.model)
+        return {k: v.to(device, self.compute_dtype) for k, v in feats.items()}
+
+    def score_blocks(
+        self, queries: Any, starts: Sequence[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, S[:, start:stop])`` over training blocks (all, or those starting
+        at ``starts``, multiples of ``block_size``); never the whole matrix."""
+        qfeats = [self._precondition(c, q) for c, q in enumerate(self.query_features(queries))]
+        qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats]
+        for start in range(0, self.n_train, self.block_size) if starts is None else starts:
+            stop = min(start + self.block_size, self.n_train)
+            total = None
+            for c, (q, w) in enumerate(zip(qfeats, self.weights, strict=True)):
+                g = self._train_block(c, start, stop)
+                with self.features.scoring():
+                    s = self.features.pairwise(q, g)
+                if self.method.normalize:
+                    gnorm = self.features.sqnorm(g).sqrt()
+                    s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]
+                s = s * (w * self.scale)
+                if self.column_weights is not None:
+                    s = s * self.column_weights[c][start:stop].to(s)
+                total = s if total is None else total + s
+            assert total is not None
+            _check_scores(total, start, self.preconditioners, "scores")
+            yield start, total
+
+    def attribute(self, queries: Any) -> torch.Tensor:
+        """Scores of every training example for every query, shape (n_query, n_train).
+
+        ``S[j, i] > 0``: training example i is a proponent of query j (training on it
+        lowered the query's loss).
+        """
+        return torch.cat([s for _, s in self.score_blocks(queries)], dim=1)
+
+    def _my_block_starts(self) -> list[int]:
+        """Starts of the training blocks this rank scores (all of them in one process)."""
+        n_blocks = -(-self.n_train // self.block_size)
+        return [j * self.block_size for j in distributed.my_jobs(n_blocks)]
+
+    def attribute_to_file(self, queries: Any, path: str | Path) -> Path:
+        """Write ``S`` (n_query, n_train) to an ``.npy`` file block by block: memory stays
+        O(n_query × block_size) whatever n_train. Under torchrun the training blocks are
+        split across the ranks (``path`` must be on a filesystem they share); every rank
+        returns when the file is complete."""
+        out = Path(path)
+        n_query = len(ExampleSource(queries, "queries"))
+        dtype = np.dtype(str(self.compute_dtype).replace("torch.", ""))
+        if distributed.world()[0] == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            mm = np.lib.format.open_memmap(
+                out, mode="w+", dtype=dtype, shape=(n_query, self.n_train)
+            )
+            del mm
+        distributed.barrier()
+        mm = np.load(out, mmap_mode="r+")
+        for start, block in self.score_blocks(queries, self._my_block_starts()):
+            mm[:, start : start + block.shape[1]] = block.detach().cpu().numpy()
+        mm.flush()
+        del mm
+        distributed.barrier()
+        return out
+
+    def top_k(
+        self, queries: Any, k: int = 10, opponents: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest scores (proponents) or smallest (``opponents=True``) per query.
+
+        Streams training blocks: memory is O(n_query × (k + block_size)). Under torchrun
+        the blocks are split across the ranks and the lists merged (every rank returns
+        the single-process result).
+
+        Returns:
+            (values, indices), each (n_query, min(k, n_train)), best first.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        size = distributed.world()[1]
+        if size == 1:
+            return running_top_k(self.score_blocks(queries), k, largest=not opponents)
+        # under torchrun: each rank scores its share of the training blocks, then the
+        # per-rank top-k lists are merged (same result as one process, on every rank)
+        starts = self._my_block_starts()
+        local = (
+            running_top_k(self.score_blocks(queries, starts), k, largest=not opponents)
+            if starts
+            else None
+        )
+        gathered: list[Any] = [None] * size
+        torch.distributed.all_gather_object(gathered, local)
+        parts = [(v.cpu(), i.cpu()) for g in gathered if g is not None for v, i in [g]]
+        return merge_top_k(parts, k, largest=not opponents)
+
+    def self_influence(self) -> torch.Tensor:
+        """``s_i = Σ_c w_c ‖φ_c(z_i)‖²`` (the score of each training example with itself,
+        measured by its training loss; ``(1/n) Σ_c w_c g_cᵀ (H_c + λI)⁻¹ g_c`` for influence
+        methods), shape (n_train,). High values flag suspected mislabelled or atypical
+        examples. Under torchrun the training blocks are split across the ranks and the
+        values merged (every rank returns the single-process result)."""
+        starts = self._my_block_starts()
+        out = []
+        for start in starts:
+            stop = min(start + self.block_size, self.n_train)
+            total = None
+            for c, w in enumerate(self.weights):
+                g = self._train_block(c, start, stop)
+                if self.preconditioners:
+                    sq = self.features.pairwise_diagonal(self._precondition(c, g), g)
+                else:
+                    sq = self.features.sqnorm(g)
+                s = (sq / _safe(sq) if self.method.normalize else sq) * (w * self.scale)
+                if self.column_weights is not None:
+                    s = s * self.column_weights[c][start:stop].to(s)
+                total = s if total is None else total + s
+            assert total is not None
+            _check_scores(total[None], start, self.preconditioners, "self-influence")
+            out.append(total)
+        if distributed.world()[1] == 1:
+            return torch.cat(out)
+        # each rank's blocks into zeros, one all-reduce: bit-identical to one process
+        full = torch.zeros(
+            self.n_train, dtype=self.compute_dtype, device=model_device(self.task.model)
+        )
+        for start, values in zip(starts, out, strict=True):
+            full[start : start + values.shape[0]] = values
+        return distributed.all_sum(full)
+
+
+def _safe(norm: torch.Tensor) -> torch.Tensor:
+    """Norms with exact zeros replaced by 1, so a zero gradient scores 0, not NaN."""
+    return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
+def _check_scores(
+    block: torch.Tensor, start: int, preconditioners: Sequence[Any], what: str
+) -> None:
+    """Never return a NaN or inf score silently: name where, and the likely cause."""
+    bad = ~torch.isfinite(block)
+    if not bool(bad.any()):
+        return
+    cols = (bad.any(0).nonzero().flatten() + start)[:10].tolist()
+    if preconditioners:
+        cause = (
+            "the preconditioner is singular or overflowed (damping "
+            f"{[round(p.damping, 6) for p in preconditioners]}); use damping > 0 or a larger "
+            "one, or dt.GaussNewton/EKFAC with the default damping"
+        )
+    else:
+        cause = (
+            "the gradient products overflowed the compute dtype (inputs or gradients of "
+            "huge magnitude); rescale the inputs, or use a float64 model"
+        )
+    raise NonFiniteError(
+        f"non-finite {what} (NaN or inf) for training examples {cols}"
+        f"{' and more' if int(bad.any(0).sum()) > 10 else ''}: {cause}",
+        indices=cols,
+    )
