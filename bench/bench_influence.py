@@ -2,7 +2,7 @@
 """Influence functions: datatrace vs dattri 0.3.0 and kronfluence 1.0.1, against float64 truth.
 
     python bench/bench_influence.py [--workload mlp|cnn] [--quick] [--dampings 0.01,0.1]
-                                    [--methods exact,cg,...] [--profile auto|none|exact,...]
+                                    [--methods exact,cg,...]
 
 Workloads (:mod:`workloads`): 500 digits x 100 queries, plain SGD, one checkpoint, float32,
 every parameter; ``mlp`` (``digits-mlp``, MLP 64-128-10) or ``cnn`` (``digits-cnn``,
@@ -10,8 +10,8 @@ every parameter; ``mlp`` (``digits-mlp``, MLP 64-128-10) or ``cnn`` (``digits-cn
 Every peer is converted (:mod:`peers`) to ``S[j, i] = (1/n) q_j^T (H + lam I)^{-1} g_i``,
 H the Hessian of the MEAN training loss. ``r(H)``/``r(GN)``: mean per-query Pearson with
 datatrace ``ExactHessian`` / ``GaussNewton`` in float64 (:mod:`influence_reference`).
-Runs are interleaved across cells, each in a fresh worker by default (``--isolate``); a cell
-that raises is recorded with its error. JSON ``rows``: one per (damping, method, library),
+Runs are interleaved across cells, each in a fresh worker; a cell that raises is recorded
+with its error. JSON ``rows``: one per (damping, method, library),
 ``method`` in exact, cg<iters>, lissa, arnoldi, datainf, ekfac; ``agreement`` is r(GN) for
 DataInf and EK-FAC, r(H) otherwise. Details: bench/README.md.
 """
@@ -19,13 +19,11 @@ DataInf and EK-FAC, r(H) otherwise. Details: bench/README.md.
 from __future__ import annotations
 
 import copy
-import cProfile
 import dataclasses
 import gc
 import logging
 import math
 import os
-import resource
 import sys
 import tempfile
 import warnings
@@ -65,7 +63,6 @@ DATATRACE = {
     "DataInf": lambda st: dt.DataInf(damping=st.damping),
     "EK-FAC": lambda st: dt.Influence(dt.EKFAC(damping=st.damping)),
 }  # fmt: skip
-_PROFILER: cProfile.Profile | None = None  # set by profile_run: profiles fit + attribute only
 
 
 def influence_workload(kind: str, n_train: int, n_test: int, quick: bool, epochs: int = 100,
@@ -81,12 +78,8 @@ def datatrace_influence(wl: Workload, st: InfluenceSettings, method: str) -> tup
     model = copy.deepcopy(wl.model)
     task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
     attributor = DATATRACE[method](st)
-    if _PROFILER is not None:
-        _PROFILER.enable()
     S, t, fitted = harness.fit_attribute(attributor, task, ckpts, wl.train, wl.test,
                                          batch_size=st.batch_size)  # fmt: skip
-    if _PROFILER is not None:
-        _PROFILER.disable()
     pc = fitted.preconditioners[0] if fitted.preconditioners else None
     notes = [f"{pc.iterations} CG iterations"] if hasattr(pc, "iterations") else []
     del fitted
@@ -124,7 +117,6 @@ class InfluenceCell:
     api: str
     settings: InfluenceSettings
     gn_type: bool = False
-    isolate: bool = False
     times: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     S: torch.Tensor | None = None
@@ -132,7 +124,7 @@ class InfluenceCell:
 
 
 def build_cells(methods: list[str], libs: set[str], base: InfluenceSettings,
-                cg_iters: list[int], isolate: set[str]) -> list[InfluenceCell]:  # fmt: skip
+                cg_iters: list[int]) -> list[InfluenceCell]:  # fmt: skip
     cells = []
     for m in methods:
         if m not in METHODS:
@@ -147,8 +139,7 @@ def build_cells(methods: list[str], libs: set[str], base: InfluenceSettings,
             ]
         elif m == "arnoldi":
             variants = [(f"r={base.arnoldi_rank},it={base.arnoldi_iter}", base)]
-        iso = "all" in isolate or m in isolate
-        cells += [InfluenceCell(method, variant, lib, api, st, gn, iso)
+        cells += [InfluenceCell(method, variant, lib, api, st, gn)
                   for variant, st in variants for lib, api in apis if lib in libs]  # fmt: skip
     return cells
 
@@ -160,7 +151,7 @@ def tiny_workload(kind: str) -> Workload:
 
 
 def influence_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One timed run (or a profile) of one cell in a fresh worker process."""
+    """One timed run of one cell in a fresh worker process, after a warm-up on tiny data."""
     torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -168,66 +159,30 @@ def influence_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tiny = tiny_workload(wl.name.removeprefix("digits-"))
     run_cell(spec["library"], spec["method"], tiny, st.warm_up(tiny.n_train))
     gc.collect()
-    if spec.get("profile"):
-        return {"S": None, "t": {}, "notes": [profile_run(spec["method"], wl, st, spec["profile"])]}
     S, t, notes = run_cell(spec["library"], spec["method"], wl, st)
     return {"S": S, "t": t, "notes": notes}
 
 
-def run_isolated(
-    cell: InfluenceCell, wl_path: str, threads: int, profile: str | None = None
-) -> tuple:
-    spec = {"workload": wl_path, "settings": cell.settings.__dict__, "library": cell.library,
-            "method": cell.method, "threads": threads, "profile": profile}  # fmt: skip
-    d = harness.run_worker(__file__, spec)
-    return d["S"], d["t"], d["notes"]
-
-
-def profile_run(method: str, wl: Workload, st: InfluenceSettings, label: str, top: int = 14) -> str:
-    """cProfile of one datatrace run (fit + attribute only), plus its minor page faults."""
-    global _PROFILER
-    pr = _PROFILER = cProfile.Profile()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    try:
-        _, t, _ = run_cell("datatrace", method, wl, st)
-    finally:
-        _PROFILER = None
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    head = (f"cProfile of datatrace {label} (fit {t['fit']:.2f}s, attribute {t['attribute']:.2f}s,"
-            f" profiler overhead included; {faults / 1e6:.2f}M minor page faults in the run):")  # fmt: skip
-    return "\n".join([head, *harness.profile_lines(pr, top, ("tottime", "cumulative"))])
-
-
-def time_cells(cells: list[InfluenceCell], wl: Workload, wl_path: str, args: Any) -> None:
-    """Warm up the in-process cells on a slice, then interleaved timed runs of every cell."""
-    warm = wl.subset(min(50, wl.n_train), min(10, wl.n_test))
-    for c in (c for c in cells if not c.isolate):
-        try:
-            run_cell(c.library, c.method, warm, c.settings.warm_up(warm.n_train))
-        except Exception as exc:
-            print(f"  warm-up {c.method} {c.library}: {type(exc).__name__}: {exc}")
+def time_cells(cells: list[InfluenceCell], wl_path: str, args: Any) -> None:
+    """Interleaved timed runs of every cell, each in a fresh worker."""
     for rep in range(args.repeats):
         for c in cells:
             if c.error is not None or (rep > 0 and c.times["total"][0] > args.slow_threshold):
                 continue
-            before = harness.quiet(args.max_wait)
-            watch = harness.CpuWatch()
             label = f"  {c.method:7s} {c.variant:22s} {c.library:11s}"
+            spec = {"workload": wl_path, "settings": c.settings.__dict__, "library": c.library,
+                    "method": c.method, "threads": args.threads}  # fmt: skip
             try:
-                if c.isolate:
-                    S, t, notes = run_isolated(c, wl_path, args.threads)
-                else:
-                    S, t, notes = run_cell(c.library, c.method, wl, c.settings)
+                d, others = harness.measured(__file__, spec, args.max_wait)
             except Exception as exc:
-                c.error = (str(exc) if isinstance(exc, harness.WorkerError)
-                           else f"{type(exc).__name__}: {exc}")[:400]  # fmt: skip
+                c.error = harness.error_text(exc)[:400]
                 print(f"{label} ERROR {c.error}")
                 continue
-            t["others_cores"] = max(before, watch.others())
+            t = {**d["t"], "others_cores": others}
             for k, v in t.items():
                 c.times.setdefault(k, []).append(v)
             if c.S is None:
-                c.S, c.notes = S, notes
+                c.S, c.notes = d["S"], d["notes"]
             print(f"{label} run {rep + 1} {t['total']:8.2f}s (fit {t['fit']:.2f}, attribute "
                   f"{t['attribute']:.2f})", flush=True)  # fmt: skip
 
@@ -259,35 +214,6 @@ def result_rows(cells: list[InfluenceCell], ref: dict, lam: float) -> list[dict[
     return rows
 
 
-def influence_targets(rows: list[dict], lam: float, cg_iters: list[int]) -> list[dict[str, Any]]:
-    """The issue's targets: speed-up over the peer at no worse agreement."""
-
-    def get(method: str, lib: str, variant: str) -> dict | None:
-        return next((r for r in rows if r["method"] == method and r["library"] == lib
-                     and "median_s" in r and (not variant or r["variant"] == variant)), None)  # fmt: skip
-
-    wanted = [
-        ("exact >= 5x faster than dattri explicit", "exact", "dattri", 5.0, "", "pearson_H", 0.01)
-    ]
-    wanted += [("CG >= 2x faster than dattri at equal agreement", "CG", "dattri", 2.0,
-                f"iters={k}", "pearson_H", 0.01) for k in cg_iters]  # fmt: skip
-    wanted += [("LiSSA >= 2x faster than dattri at equal agreement", "LiSSA", "dattri", 2.0, "",
-                "pearson_H", 0.01),
-               ("EK-FAC at least as fast as kronfluence, equal or better agreement", "EK-FAC",
-                "kronfluence", 1.0, "", "pearson_GN", 0.005)]  # fmt: skip
-    out = []
-    for name, method, peer, need, variant, key, tol in wanted:
-        d, p = get(method, "datatrace", variant), get(method, peer, variant)
-        if d is None or p is None:
-            continue
-        speed = p["median_s"] / d["median_s"]
-        agree_ok = not (d[key] < p[key] - tol) if math.isfinite(p[key]) else True
-        out.append({"damping": lam, "target": name, "method": method, "variant": variant,
-                    "peer": peer, "speedup": speed, "needed": need, "dt_" + key: d[key],
-                    "peer_" + key: p[key], "met": speed >= need and agree_ok})  # fmt: skip
-    return out
-
-
 def notes_of(r: dict[str, Any]) -> list[str]:
     notes = ([f"error: {r['error']}"] if r["error"] else []) + list(r["notes"])
     if r.get("nonfinite_rows"):
@@ -295,28 +221,6 @@ def notes_of(r: dict[str, Any]) -> list[str]:
     if any(x > harness.BUSY_LIMIT for x in r.get("others_cores", [])):
         notes.append("busy machine during a run")
     return notes
-
-
-def print_influence_table(rows: list[dict], checks: list[dict]) -> None:
-    harness.print_table(
-        [("method", "8s"), ("variant", "22s"), ("library", "11s"), ("API", "21s"), ("n", "2d"),
-         ("median s", "9.2f"), ("min s", "7.2f"), ("ratio", ">7s"), ("mem GB", "6.2f"),
-         ("r(H)", "7.4f"), ("r(GN)", "7.4f"), ("scale", "6.3f"), ("notes", "s")],
-        [(r["method"], r["variant"], r["library"], r["api"], r.get("n_runs"), r.get("median_s"),
-          r.get("min_s"), "ref" if r["library"] == "datatrace" else harness.fmt(r.get("ratio"), ".2f"),
-          r.get("mem_gb"), r.get("pearson_H"), r.get("pearson_GN"), r.get("scale_vs_H"),
-          " " + "; ".join(notes_of(r))) for r in rows],
-    )  # fmt: skip
-    print("\nratio = peer median / datatrace median (> 1: datatrace faster); r(H), r(GN) = mean "
-          "per-query Pearson vs the float64 exact-Hessian / Gauss-Newton references at the same "
-          "lam; mem GB = peak resident memory above the level before the run; scale = "
-          "least-squares slope vs the exact-H reference (vs GN for EK-FAC/DataInf rows).\n"
-          "\ntargets:")  # fmt: skip
-    for t in checks:
-        key = "pearson_GN" if "dt_pearson_GN" in t else "pearson_H"
-        print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']} {t['variant']}: "
-              f"{t['speedup']:.2f}x (need {t['needed']:g}x); {key.split('_')[1]}-agreement "
-              f"datatrace {t['dt_' + key]:.4f} vs {t['peer']} {t['peer_' + key]:.4f}")  # fmt: skip
 
 
 def json_row(workload: str, r: dict[str, Any], cg_iters: int) -> dict[str, Any]:
@@ -357,32 +261,6 @@ def check_reference(wl: Workload, lam: float, ind: Any, check: torch.Tensor) -> 
     return ref, info
 
 
-def profile_cells(
-    cells: list[InfluenceCell], checks: list[dict], wl: Workload, wl_path: str, args: Any
-) -> dict:
-    """cProfile datatrace's cells of the ``--profile`` methods ('auto': those missing a target)."""
-    if args.profile == "none":
-        return {}
-    if args.profile == "auto":
-        want = {t["method"] for t in checks if not t["met"]}
-    else:
-        want = {c.method for c in cells if c.method.lower() in args.profile.lower().split(",")}
-    out = {}
-    for m in sorted(want):
-        mine = [c for c in cells if c.method == m and c.library == "datatrace" and c.error is None]
-        if not mine:
-            continue
-        cell = mine[-1]  # CG: the longest matched count
-        label = f"{cell.method} {cell.variant}".strip()
-        harness.quiet(args.max_wait)
-        if cell.isolate:
-            out[m] = run_isolated(cell, wl_path, args.threads, profile=label)[2][0]
-        else:
-            out[m] = profile_run(cell.method, wl, cell.settings, label)
-        print("\n" + out[m], flush=True)
-    return out
-
-
 def options(argv: list[str] | None) -> Any:
     ap = harness.arg_parser(__doc__, "datatrace,dattri,kronfluence", batch_size=None)
     ap.add_argument("--workload", choices=("mlp", "cnn"), default="mlp")
@@ -397,12 +275,7 @@ def options(argv: list[str] | None) -> Any:
                     help="default 1.5 x largest |eig(H + lam)|")  # fmt: skip
     ap.add_argument("--arnoldi-rank", type=int, default=None, help="default 50 (quick 20)")
     ap.add_argument("--arnoldi-iter", type=int, default=None, help="default 2 x rank + 20")
-    ap.add_argument("--profile", default="auto", help="methods to cProfile, 'auto' or 'none'")
-    ap.add_argument("--isolate", default="all", help="methods run in fresh processes, all|none|...")
-    args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    return args
+    return harness.parse_args(ap, argv)
 
 
 def solver_settings(args: Any, wl: Workload) -> tuple[list[int], dict[str, Any]]:
@@ -436,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"independent float64 Hessian + spectrum (untimed): {ind.seconds:.1f}s", flush=True)
     libs = {x for x in args.libraries.split(",") if x} | {"datatrace"}
     methods = [x.strip().lower() for x in args.methods.split(",") if x.strip()]
-    isolate = {m.strip().lower().replace("-", "") for m in args.isolate.split(",")}
-    out: dict[str, Any] = {"environment": env, "references": {}, "results": [], "rows": [],
-                           "targets": [], "profiles": {}}  # fmt: skip
+    out: dict[str, Any] = {"environment": env, "references": {}, "results": [], "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench-influence-") as tmp:
         wl_path = os.path.join(tmp, "workload.pt")
         save_workload(wl, wl_path)
@@ -449,18 +320,14 @@ def main(argv: list[str] | None = None) -> int:
             st = InfluenceSettings(
                 lam, lissa_scale=args.lissa_scale or 1.5 * top, top_eig=top, **base
             )
-            cells = build_cells(methods, libs, st, cg_iters, isolate)
-            time_cells(cells, wl, wl_path, args)
+            cells = build_cells(methods, libs, st, cg_iters)
+            time_cells(cells, wl_path, args)
             rows = result_rows(cells, ref, lam)
-            checked = influence_targets(rows, lam, cg_iters)
-            print_influence_table(rows, checked)
             out["results"] += rows
             out["rows"] += [
                 json_row(wl.name, r, c.settings.cg_iters) for r, c in zip(rows, cells, strict=True)
             ]
-            out["targets"] += checked
-            for m, text in profile_cells(cells, checked, wl, wl_path, args).items():
-                out["profiles"][f"{lam:g}/{m}"] = text
+    harness.print_rows(out["rows"])
     if (end := harness.src_state()) != env["datatrace_src"]:
         print(f"\nWARNING: datatrace sources changed during the run (-> {end}); workers may "
               "have run different code")  # fmt: skip

@@ -17,14 +17,12 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before any peer imports tqdm: inner progress bars
 
 import argparse
-import cProfile
 import gc
 import hashlib
 import importlib.metadata
-import io
 import json
+import math
 import platform
-import pstats
 import statistics
 import subprocess
 import sys
@@ -194,6 +192,19 @@ def run_worker(script: str, spec: dict[str, Any], timeout: float | None = None) 
         os.unlink(out)
 
 
+def measured(script: str, spec: dict[str, Any], max_wait: float, timeout: float | None = None):
+    """:func:`run_worker` after :func:`quiet`: (its result, the cores other processes used)."""
+    before = quiet(max_wait)
+    watch = CpuWatch()
+    result = run_worker(script, spec, timeout)
+    return result, max(before, watch.others())
+
+
+def error_text(exc: BaseException) -> str:
+    """A worker's own message, or 'Type: message' of an exception raised here."""
+    return str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+
+
 def worker_main(spec_json: str, work: Callable[[dict[str, Any]], Any]) -> int:
     """The worker side of :func:`run_worker`: ``work(spec)``, saved to ``spec["out"]``; an
     exception is saved as a clean message (exit 3), a library that cannot run a workload
@@ -223,20 +234,6 @@ def fit_attribute(
     S = fitted.attribute(test)
     t2 = time.perf_counter()
     return S.detach(), {"fit": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}, fitted
-
-
-def profile_lines(pr: cProfile.Profile, top: int, sorts: Iterable[str] = ("tottime",)) -> list[str]:
-    """cProfile's top functions per sort key, indented, with site-packages paths shortened."""
-    site = os.path.dirname(os.path.dirname(torch.__file__)) + os.sep
-    lines = []
-    for key in sorts:
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(top)
-        body = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
-        start = next((i for i, ln in enumerate(body) if ln.lstrip().startswith("ncalls")), 0)
-        lines.append(f"  top {top} by {key}:")
-        lines += ["    " + ln.replace(site, "") for ln in body[start : start + top + 1]]
-    return lines
 
 
 # ----------------------------------------------------------------------------- environment
@@ -315,19 +312,28 @@ def fmt(x: Any, spec: str) -> str:
     return format(x, spec)
 
 
-def print_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> None:
-    """Aligned rows under a header and a rule. ``columns``: (title, format spec), e.g.
-    ("library", "9s") left-aligned, ("median s", "9.2f") or ("ratio", ">7s") right-aligned."""
+def row_time(r: dict[str, Any]) -> float | None:
+    """Comparable seconds: the full-size extrapolation where a peer ran on a prefix."""
+    t = r.get("extrapolated_seconds_full") or r.get("seconds")
+    return None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t)
 
-    def align(title: str, spec: str) -> str:
-        width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-        left = spec.endswith("s") and not spec.startswith(">")
-        return title.ljust(width) if left else title.rjust(width)
 
-    header = " ".join(align(t, s) for t, s in columns)
-    print("\n" + header + "\n" + "-" * len(header))
-    for values in rows:
-        print(" ".join(fmt(v, s) for v, (_, s) in zip(values, columns, strict=True)))
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """The rows as one table; ratio = time / datatrace's on the same (workload, method,
+    damping), > 1: datatrace faster."""
+    print(f"\n{'workload':18s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
+          f"{'mem GB':>7s} {'agree':>7s}  agreement with / note")  # fmt: skip
+    key = lambda r: (r["workload"], r["method"], r.get("damping"))  # noqa: E731
+    base = {key(r): row_time(r) for r in rows if r["library"] == "datatrace"}
+    for r in sorted(rows, key=lambda r: (r["workload"], r["method"], r["library"] != "datatrace")):
+        t, ref = row_time(r), base.get(key(r))
+        ratio = t / ref if t is not None and ref else None
+        method = r["method"] + (f" λ={r['damping']:g}" if r.get("damping") is not None else "")
+        extra = " (extrapolated)" if r.get("extrapolated_seconds_full") else ""
+        print(f"{r['workload']:18s} {method:16s} {r['library']:11s} {fmt(t, '9.2f')} "
+              f"{fmt(ratio, '7.2f')} {fmt(r.get('peak_mem_gb'), '7.2f')} "
+              f"{fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
+              f"{extra}{' ' + r['note'] if r.get('note') else ''}")  # fmt: skip
 
 
 def arg_parser(doc: str, libraries: str, repeats: int | None = 3, **defaults: Any):
@@ -345,3 +351,10 @@ def arg_parser(doc: str, libraries: str, repeats: int | None = 3, **defaults: An
     ap.add_argument("--json", default=None, help="write results to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args

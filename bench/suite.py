@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import fmt
+from harness import print_rows, row_time
 
 HERE = Path(__file__).resolve().parent
 TARGET = 2.0  # datatrace at least this many times faster than the fastest peer
@@ -100,12 +100,6 @@ def run_component(name: str, quick: bool, out: Path, python: str) -> dict[str, A
     }
 
 
-def _time(r: dict[str, Any]) -> float | None:
-    """Comparable seconds: the full-size extrapolation where a peer ran on a prefix."""
-    t = r.get("extrapolated_seconds_full") or r.get("seconds")
-    return None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t)
-
-
 def speedup_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (workload, method, damping): datatrace's time vs the fastest peer's."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -113,49 +107,29 @@ def speedup_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["workload"], r["method"], r.get("damping")), []).append(r)
     out = []
     for (workload, method, damping), rs in groups.items():
-        mine = [r for r in rs if r["library"] == "datatrace" and _time(r) is not None]
-        peers = [r for r in rs if r["library"] != "datatrace" and _time(r) is not None]
+        mine = [r for r in rs if r["library"] == "datatrace" and row_time(r) is not None]
+        peers = [r for r in rs if r["library"] != "datatrace" and row_time(r) is not None]
         if not mine:
             continue
-        dt_time = min(_time(r) for r in mine)  # type: ignore[type-var]
+        dt_time = min(row_time(r) for r in mine)  # type: ignore[type-var]
         if not peers:
             out.append(
                 {"workload": workload, "method": method, "damping": damping,
                  "datatrace_s": dt_time, "fastest_peer": None, "speedup": None, "met": None}
             )  # fmt: skip
             continue
-        best = min(peers, key=lambda r: _time(r))  # type: ignore[arg-type,return-value]
-        speedup = _time(best) / dt_time if dt_time > 0 else math.inf  # type: ignore[operator]
+        best = min(peers, key=lambda r: row_time(r))  # type: ignore[arg-type,return-value]
+        speedup = row_time(best) / dt_time if dt_time > 0 else math.inf  # type: ignore[operator]
         out.append(
             {"workload": workload, "method": method, "damping": damping, "datatrace_s": dt_time,
-             "fastest_peer": best["library"], "peer_s": _time(best), "speedup": speedup,
+             "fastest_peer": best["library"], "peer_s": row_time(best), "speedup": speedup,
              "met": speedup >= TARGET}
         )  # fmt: skip
     return out
 
 
 def print_summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
-    print(
-        f"\n{'workload':18s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
-        f"{'mem GB':>7s} {'agree':>7s}  agreement with / note"
-    )
-    base = {
-        (r["workload"], r["method"], r.get("damping")): _time(r)
-        for r in rows
-        if r["library"] == "datatrace"
-    }
-    for r in sorted(rows, key=lambda r: (r["workload"], r["method"], r["library"] != "datatrace")):
-        t, ref = _time(r), base.get((r["workload"], r["method"], r.get("damping")))
-        ratio = t / ref if t is not None and ref else None
-        method = r["method"] + (f" λ={r['damping']:g}" if r.get("damping") is not None else "")
-        extra = " (extrapolated)" if r.get("extrapolated_seconds_full") else ""
-        print(
-            f"{r['workload']:18s} {method:16s} {r['library']:11s} {fmt(t, '9.2f')} "
-            f"{fmt(ratio, '7.2f')} {fmt(r.get('peak_mem_gb'), '7.2f')} "
-            f"{fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
-            f"{extra}{' ' + r['note'] if r.get('note') else ''}"
-        )
-    print("\nratio = time / datatrace's time on the same row group (> 1: datatrace faster)")
+    print_rows(rows)
     print(f"\ntargets (datatrace ≥ {TARGET:g}× faster than the fastest peer implementing it):")
     for c in checks:
         if c["fastest_peer"] is None:
