@@ -145,12 +145,8 @@ def run_once(
     spec = {"mode": mode, "n_train": n, "n_query": args.n_query, "dim": args.dim, "prefix": None,
             "batch_size": args.batch_size, "block": args.block, "threads": args.threads,
             "peer_method": args.peer_method, "peer_query": args.peer_query, **extra}  # fmt: skip
-    before = harness.quiet(args.max_wait)
-    watch = harness.CpuWatch()
-    d = harness.run_worker(__file__, spec, timeout=timeout)
-    d["info"].update(
-        other_cores_before=round(before, 2), other_cores_during=round(watch.others(), 2)
-    )
+    d, others = harness.measured(__file__, spec, args.max_wait, timeout)
+    d["info"].update(other_cores_during=round(others, 2))
     return d["info"], d["mats"]
 
 
@@ -305,21 +301,6 @@ def featurization(args: argparse.Namespace, results: dict) -> tuple[dict, float,
     return row, ratio, dense_ratio
 
 
-def print_rows(rows: list[dict]) -> None:
-    hdr = ("library", "method", "n_train", "seconds", "ex/s", "extrap. full s", "peak GB",
-           "agreement", "busy")  # fmt: skip
-    print("\n| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
-    for r in rows:
-        rate = r["n_train"] / r["seconds"] if r["seconds"] else None
-        cells = (r["library"], r["method"], f"{r['n_train']:,}", harness.fmt(r["seconds"], ".2f"),
-                 harness.fmt(rate, ",.0f"), harness.fmt(r["extrapolated_seconds_full"], ",.1f"),
-                 harness.fmt(r["peak_mem_gb"], ".2f"), harness.fmt(r["agreement"], ".4f"),
-                 "yes" if "CONTENDED" in r["note"] else "")  # fmt: skip
-        print("| " + " | ".join(cells) + " |")
-    for r in rows:
-        print(f"- {r['library']} {r['method']} n={r['n_train']:,}: {r['note']}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = harness.arg_parser(
         __doc__, "datatrace,dattri,captum,traker", batch_size=512, max_wait=120.0
@@ -355,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npeers: {args.peer_method}, k = {args.dim}, {args.peer_query} queries, prefix "
           f"{min(args.peer_train, args.n_train):,} of {args.n_train:,} training examples", flush=True)  # fmt: skip
     rows += peers(args, libraries, results)
-    print_rows(rows)
+    harness.print_rows(rows)
     harness.write_json(args.json, {"args": vars(args), "results": results, "featurize_vs_plain": ratio,
                                    "dense_vs_kronecker": dense_ratio, "rows": rows})  # fmt: skip
     return 0

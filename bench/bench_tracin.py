@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TracIn and Grad-Dot, exact: datatrace vs captum ``TracInCP`` and dattri ``TracInAttributor``.
 
-    python bench/bench_tracin.py [--quick] [--repeats N] [--workloads small,large] [--profile]
+    python bench/bench_tracin.py [--quick] [--repeats N] [--workloads small,large]
 
 Workloads ``small`` (MLP, 1,000 x 200 digits) and ``large`` (CNN, 20,000 augmented x 1,000;
 ``--quick``: 2,000 x 200) from :mod:`workloads`, 4 SGD checkpoints. Every library scores the
@@ -16,7 +16,6 @@ attributor and ``attribute``. How it is timed and configured: bench/README.md.
 from __future__ import annotations
 
 import copy
-import cProfile
 import gc
 import sys
 import tempfile
@@ -126,48 +125,10 @@ def measure(wl: Workload, method: str, libs: list[str], args: Any, files: dict) 
     return results
 
 
-def profile_datatrace(wl: Workload, batch_size: int, max_wait: float, top: int = 15) -> str:
-    """cProfile of one datatrace TracIn run: by internal time, and by cumulative time, where
-    gradient features (``GradientFeatures.compute``), store writes and reads
-    (``FeatureStore.write``/``read``) and inner products (``pairwise``) stand out."""
-    harness.quiet(max_wait)
-    pr = cProfile.Profile()
-    pr.enable()
-    _, t = datatrace_tracin(wl, "TracIn", batch_size, {})
-    pr.disable()
-    head = f"datatrace TracIn on {wl.name}, fit {t['fit']:.2f}s, attribute {t['attribute']:.2f}s:"
-    return "\n".join([head, *harness.profile_lines(pr, top, ("tottime", "cumulative"))])
-
-
-def print_tracin_table(results: list[dict]) -> None:
-    harness.print_table(
-        [("workload", "8s"), ("method", "7s"), ("library", "9s"), ("API", "28s"),
-         ("median s", "9.2f"), ("min s", "8.2f"), ("ratio", "7.2f"), ("mem GB", "6.2f"),
-         ("pearson", ">10s"), ("max rel err", ">11s"), ("busy", ">5s"), ("", "4s")],
-        [(r["workload"], r["method"], r["library"], r["api"], r["median_s"], r["min_s"],
-          r["ratio"], r["peak_mem_gb"],
-          "ref" if r["library"] == "datatrace" else f"{r['pearson']:.6f}",
-          "" if r["library"] == "datatrace" else f"{r['rel_err']:.1e}",
-          f"{r['contended_runs']}/{len(r['runs_s'])}", "" if r["ok"] else "FAIL")
-         for r in results],
-    )  # fmt: skip
-    print("\nratio = peer median / datatrace median (> 1: datatrace is faster); busy = runs "
-          f"during which other processes used > {harness.BUSY_LIMIT} cores (left out of the "
-          "medians when there are undisturbed ones).\ndatatrace split (median s):")  # fmt: skip
-    for r in results:
-        if r["library"] == "datatrace":
-            print(f"  {r['workload']:5s} {r['method']:7s} fit {r['fit_s']:7.2f}  attribute "
-                  f"{r['attribute_s']:7.2f}  (fit = {100 * r['fit_s'] / r['median_s']:.0f}%)")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = harness.arg_parser(__doc__, "datatrace,captum,dattri")
     ap.add_argument("--workloads", default="small,large", help="comma-separated subset")
-    ap.add_argument("--profile", action="store_true",
-                    help="also profile datatrace TracIn on the last workload")  # fmt: skip
-    args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    args = harness.parse_args(ap, argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     libs = ["datatrace"] + [x for x in args.libraries.split(",") if x and x != "datatrace"]
@@ -184,12 +145,6 @@ def main(argv: list[str] | None = None) -> int:
             print("workload", wl.describe(), flush=True)
             for method in ("TracIn", "GradDot"):
                 results += measure(wl, method, libs, args, files)
-    print_tracin_table(results)
-    prof = (
-        profile_datatrace(workloads[-1], args.batch_size, args.max_wait) if args.profile else None
-    )
-    if prof:
-        print(prof)
     failed = [r for r in results if not r["ok"]]
     if failed:
         print(f"\nFAIL: {len(failed)} cell(s) below Pearson {PEARSON_MIN} vs datatrace")
@@ -198,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                         agreement=r["pearson"], note="" if r["ok"] else "FAIL",
                         agreement_with="datatrace float32 (same definition, Pearson of S)")
             for r in results]  # fmt: skip
+    harness.print_rows(rows)
     harness.write_json(args.json, {"environment": env, "pearson_min": PEARSON_MIN,
                                    "workloads": [wl.describe() for wl in workloads],
-                                   "results": results, "profile": prof, "rows": rows})  # fmt: skip
+                                   "results": results, "rows": rows})  # fmt: skip
     return 1 if failed else 0
 
 

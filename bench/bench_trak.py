@@ -131,14 +131,6 @@ def prepare(wl: Workload, tmpdir: str, args: Any, proj_dim: int) -> Prepared:
           f"{info['dattri_regularization']:.4g}; reference {info['reference_s']:.1f}s\n"
           f"  reference vs datatrace TRAK(projection_dim=None) float64 on fc2 ({chk['n_train']} x "
           f"{chk['n_test']}): Pearson {chk['pearson']:.6f}, scale {chk['scale']:.6f}", flush=True)  # fmt: skip
-    if args.dt_reference and wl.name == "small":
-        t0 = time.perf_counter()
-        r_full = datatrace_unprojected(wl, lam)
-        u = info["datatrace_unprojected"] = {
-            "pearson_with_reference": strict_pearson(r_full, ref), "scale": lsq_scale(r_full, ref),
-            "seconds": time.perf_counter() - t0}  # fmt: skip
-        print(f"  datatrace TRAK(projection_dim=None) float64, every parameter: Pearson with the "
-              f"reference {u['pearson_with_reference']:.6f} ({u['seconds']:.0f}s)", flush=True)  # fmt: skip
     return Prepared(wl, path, TrakSettings(proj_dim, lam, args.batch_size), ref, info)
 
 
@@ -163,23 +155,17 @@ def run_cells(prep: Prepared, libs: list[str], args: Any, repeats: int) -> dict[
     for rep in range(repeats):  # interleaved: repeat r of every library, then r + 1
         st = dataclasses.replace(prep.settings, seed=rep)
         for lib, cell in ((lib, c) for lib, c in cells.items() if not c.error):
-            before = harness.quiet(args.max_wait)
-            watch = harness.CpuWatch()
             label = f"  {prep.wl.name:5s} run {rep + 1}/{repeats} {lib:9s}"
-            spec = {
-                "workload": prep.path,
-                "library": lib,
-                "settings": st.__dict__,
-                "threads": args.threads,
-            }
+            spec = {"workload": prep.path, "library": lib, "settings": st.__dict__,
+                    "threads": args.threads}  # fmt: skip
             try:
-                d = harness.run_worker(__file__, spec)
+                d, others = harness.measured(__file__, spec, args.max_wait)
             except Exception as e:  # a failing peer is recorded, not fatal
                 cell.error = f"{type(e).__name__}: {e}"[:300]
                 print(f"{label} FAILED: {cell.error}", flush=True)
                 continue
             S, t = d["S"], d["t"]
-            cell.others.append(max(before, watch.others()))
+            cell.others.append(others)
             cell.runs_s.append(t["total"])
             cell.mem_gb.append(t["mem_gb"])
             for k, v in t.items():
@@ -233,37 +219,12 @@ def summarize(prep: Prepared, cells: dict[str, TrakCell]) -> tuple[list[dict], l
     return rows, details
 
 
-def print_trak_table(rows: list[dict], details: list[dict], preps: list[Prepared]) -> None:
-    harness.print_table(
-        [("workload", "8s"), ("library", "9s"), ("API", "14s"), ("median s", "9.2f"),
-         ("ratio", "6.2f"), ("mem GB", "7.2f"), ("r(ref)", "7.4f"), ("scale", "6.3f"),
-         ("r(dt)", ">7s"), ("r(seed)", "7.4f"), ("note", "s")],
-        [(r["workload"], r["library"], x["api"], r["seconds"], x["ratio"], r["peak_mem_gb"],
-          r["agreement"], statistics.fmean(x["scale_per_seed"]) if x["scale_per_seed"] else None,
-          "ref" if r["library"] == "datatrace" and x["agreement_with_datatrace_seed0"]
-          else harness.fmt(x["agreement_with_datatrace_seed0"], "7.4f"),
-          x["seed0_vs_seed1"], " " + r["note"]) for r, x in zip(rows, details, strict=True)],
-    )  # fmt: skip
-    print("\nratio = peer median / datatrace median (> 1: datatrace is faster). mem GB = peak RSS "
-          "above the worker's level after its warm-up.\nr(ref) = mean per-query Pearson with "
-          "the unprojected float64 reference at the same damping (mean over the repeats' "
-          "projection seeds);\nscale = least-squares slope against it; r(dt) = the same with "
-          "datatrace's scores (seed 0); r(seed) = seed 0 vs seed 1 of the same library.")  # fmt: skip
-    for p in preps:
-        pairs = p.info.get("pairwise_seed0", {})
-        print(
-            f"{p.wl.name}: pairwise (seed 0) " + ", ".join(f"{k} {v:.4f}" for k, v in pairs.items())
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = harness.arg_parser(__doc__, ",".join(RUNNERS), repeats=None, max_wait=30.0)
     ap.add_argument("--workloads", default="small,cnn", help="comma-separated: small,cnn")
     ap.add_argument("--proj-dim", type=int, default=None, help="k (default 512; quick 128)")
     ap.add_argument("--damping", type=float, default=None, help="lam (default lam0)")
-    ap.add_argument("--dt-reference", action="store_true",
-                    help="also datatrace's unprojected float64 TRAK on every parameter of 'small' (slow)")  # fmt: skip
-    args = ap.parse_args(argv)
+    args = harness.parse_args(ap, argv)
     if args.worker:
         return harness.worker_main(args.worker, trak_worker)
     torch.set_num_threads(args.threads)
@@ -272,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     libs = [x for x in args.libraries.split(",") if x]
     if unknown := set(libs) - set(RUNNERS):
         ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(RUNNERS)}")
-    if repeats < 1:
-        ap.error("--repeats must be >= 1")
     if args.damping is not None and args.damping <= 0:
         ap.error("--damping must be > 0 (the unprojected reference needs a ridge)")
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -292,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         for prep in preps:
             r, d = summarize(prep, run_cells(prep, libs, args, repeats))
             rows, details = rows + r, details + d
-    print_trak_table(rows, details, preps)
+    harness.print_rows(rows)
+    for p in preps:
+        pairs = ", ".join(f"{k} {v:.4f}" for k, v in p.info["pairwise_seed0"].items())
+        print(f"{p.wl.name}: pairwise (seed 0) {pairs}")
     total_s = time.perf_counter() - t_start
     print(f"total {total_s:.0f}s")
     harness.write_json(args.json, {"environment": env, "rows": rows, "details": details,
