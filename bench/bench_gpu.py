@@ -3,14 +3,7 @@
     python bench/bench_gpu.py --json bench/results_gpu.json   # a GPU machine (gpu_check.sh)
     python bench/bench_gpu.py --quick --device cpu            # a tiny version anywhere
 
-Synthetic 3x32x32 inputs, :class:`~workloads.ResNet9` (1.65M parameters, batch norm in eval
-mode), Grad-Dot of 5,000 training x 500 queries at one checkpoint, float32, no projection.
-Measures the matmul rate (float32, TF32, bfloat16) and a plain forward+backward pass as
-anchors; datatrace (float32, TF32 scoring, bfloat16 features: time, and the scoring FLOP rate
-as a fraction of the matmul rate); captum ``TracInCP``, dattri TracIn and a ``vmap(grad)``
-loop, each one's agreement with datatrace; float32 vs float64 on 200 x 20. captum's hooks
-skip batch-norm parameters, so its row is timed but is not the same quantity. Target (H100):
-datatrace <= 0.25 s (4x captum's 0.99 s), scoring >= 50% of the float32 matmul rate.
+What it measures and the target: bench/README.md (GPU).
 """
 
 from __future__ import annotations

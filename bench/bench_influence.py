@@ -4,16 +4,10 @@
     python bench/bench_influence.py [--workload mlp|cnn] [--quick] [--dampings 0.01,0.1]
                                     [--methods exact,cg,...]
 
-Workloads (:mod:`workloads`): 500 digits x 100 queries, plain SGD, one checkpoint, float32,
-every parameter; ``mlp`` (``digits-mlp``, MLP 64-128-10) or ``cnn`` (``digits-cnn``,
-:class:`~workloads.PoolCNN` 8/16 channels); ``--quick``: hidden 16 or 4/8 channels, 100 x 20.
 Every peer is converted (:mod:`peers`) to ``S[j, i] = (1/n) q_j^T (H + lam I)^{-1} g_i``,
-H the Hessian of the MEAN training loss. ``r(H)``/``r(GN)``: mean per-query Pearson with
-datatrace ``ExactHessian`` / ``GaussNewton`` in float64 (:mod:`influence_reference`).
-Runs are interleaved across cells, each in a fresh worker; a cell that raises is recorded
-with its error. JSON ``rows``: one per (damping, method, library),
-``method`` in exact, cg<iters>, lissa, arnoldi, datainf, ekfac; ``agreement`` is r(GN) for
-DataInf and EK-FAC, r(H) otherwise. Details: bench/README.md.
+H the Hessian of the MEAN training loss. Row ``agreement``: mean per-query Pearson with
+datatrace ``GaussNewton`` (DataInf, EK-FAC) or ``ExactHessian`` (the rest) in float64
+(:mod:`influence_reference`). Every run is a fresh worker. Details: bench/README.md.
 """
 
 from __future__ import annotations

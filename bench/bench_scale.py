@@ -4,14 +4,9 @@
     python bench/bench_scale.py [--n-train 100000] [--dim 1024] [--peer-train 5000] [--json F]
     python bench/bench_scale.py --quick   # 5,000 examples, peers on 1,000, 1 repeat (minutes)
 
-The MLP 64-512-512-10 (301k parameters) on synthetic data, 2 checkpoints (:mod:`workloads`);
-every measurement in a fresh process, so its peak memory (``VmHWM``) is its own: ``plain``
-(one forward + backward pass per checkpoint; target: featurization within 2x), ``featurize``
-(Kronecker-projected TracIn into an on-disk store, then top-10 of the queries; target: peak
-RSS < 4 GB) and ``dense`` (``kronecker=False`` on ``--dense-n`` examples). Peers
-(:mod:`peers`; ``--peer-method graddot|tracin``) run on a ``--peer-train`` prefix and are
-extrapolated linearly (labelled); agreement: mean per-query Pearson with exact unprojected
-scores from datatrace on the same examples. Details: bench/README.md.
+Every measurement is a fresh worker, so its peak memory (``VmHWM``) is its own: ``plain``
+forward + backward, ``featurize`` (store + top-10), ``dense`` (``kronecker=False``), and the
+peers on a prefix, extrapolated linearly (labelled). Details: bench/README.md.
 """
 
 from __future__ import annotations

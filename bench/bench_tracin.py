@@ -3,14 +3,9 @@
 
     python bench/bench_tracin.py [--quick] [--repeats N] [--workloads small,large]
 
-Workloads ``small`` (MLP, 1,000 x 200 digits) and ``large`` (CNN, 20,000 augmented x 1,000;
-``--quick``: 2,000 x 200) from :mod:`workloads`, 4 SGD checkpoints. Every library scores the
-same model, data and checkpoints exactly, float32, every parameter, as
-``S[j, i] = sum_c lr_c <grad loss(test_j), grad loss(train_i)>`` (Grad-Dot: the last
-checkpoint, weight 1); agreement is the Pearson correlation with datatrace's matrix (FAIL
-below 0.999). A warm-up on 256 x 32, then N runs interleaved across libraries. Timed:
-datatrace ``fit`` + ``attribute``; captum ``TracInCP`` + ``influence``; dattri task,
-attributor and ``attribute``. How it is timed and configured: bench/README.md.
+Every library scores the same model, data and checkpoints exactly (float32, every
+parameter); agreement is the Pearson correlation with datatrace's matrix (FAIL below 0.999).
+Workloads, timing and peer settings: bench/README.md.
 """
 
 from __future__ import annotations

@@ -3,14 +3,10 @@
 
     python bench/bench_trak.py [--quick] [--workloads small,cnn] [--proj-dim K] [--damping LAM]
 
-Workloads (:mod:`workloads`, 4 SGD checkpoints): ``small`` (MLP, 1,000 x 200 digits) and
-``cnn`` (the TracIn CNN, 5,000 x 500 of its data); ``--quick``: 300 x 50, 600 x 100, k = 128.
-Every peer is converted (:mod:`peers`) to
-``S = (1/C) sum_c Phi_q,c (Phi_c^T Phi_c + n lam I)^{-1} Phi_c^T diag(1 - p_c)``, Phi_c the
-projected margin gradients (k = ``--proj-dim`` < n), one ridge lam (default lam0, the mean
-squared margin-gradient entry). ``r(ref)``: mean per-query Pearson with the unprojected
-float64 reference (:mod:`trak_reference`); run r uses projection seed r in every library.
-Every run is a fresh worker (warm-up on 64 x 8); runs interleaved; details: bench/README.md.
+Every peer is converted (:mod:`peers`) to datatrace's TRAK at one ridge lam (default lam0);
+agreement: mean per-query Pearson with the unprojected float64 reference
+(:mod:`trak_reference`), run r with projection seed r in every library; every run a fresh
+worker. Details: bench/README.md.
 """
 
 from __future__ import annotations

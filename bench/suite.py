@@ -1,24 +1,12 @@
 """The benchmark suite in one command: every method × every peer × every workload.
 
-Runs, one after the other (never two at a time: timings need a quiet machine),
-
-* ``bench_tracin.py``: Grad-Dot and TracIn (4 checkpoints), datatrace vs captum and dattri,
-  on the digits MLP (1,000 × 200) and a digits CNN (20,000 × 1,000);
-* ``bench_influence.py``: exact-Hessian, CG, LiSSA, Arnoldi, DataInf and EK-FAC influence,
-  datatrace vs dattri and kronfluence, on the digits MLP and a digits CNN;
-* ``bench_trak.py``: TRAK, datatrace vs traker and dattri, on the digits MLP and CNN;
-* ``bench_scale.py``: 100,000 training examples, projection dimension 1,024, datatrace
-  vs the peers' projected TracIn/TRAK featurization (peers on a prefix, extrapolated);
-
-then reads the ``"rows"`` each script wrote to its JSON, prints one table (time, ratio to
-datatrace, peak memory, agreement) and checks the issue's targets: every datatrace method
-at least 2× faster than the fastest peer implementing it. Writes ``suite.json`` (all rows,
-the target checks, the commands, the environment) into ``--out``.
+Runs the components of :data:`COMPONENTS` one after the other (never two at a time: timings
+need a quiet machine), reads the ``"rows"`` each wrote to its JSON, prints one table and
+checks the target (datatrace at least 2× faster than the fastest peer implementing a
+method); writes ``suite.json`` into ``--out``.
 
     .venv-bench/bin/python bench/suite.py --out bench/suite            # ~1 h on 2 cores
     .venv-bench/bin/python bench/suite.py --quick --out /tmp/suite      # smoke test, minutes
-
-Each script's own table and options are documented in bench/README.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """The models and data the benchmarks attribute over: seeded, offline, deterministic.
 
-* :func:`digits_workload`: scikit-learn ``load_digits`` (features / 16), a seeded split and
-  plain SGD (no momentum, no weight decay: what TracIn models), a checkpoint after each
-  learning-rate stage. The MLP 64-128-10 (TracIn, TRAK, influence) and the small
-  :class:`PoolCNN` of the influence benchmark (its exact Hessian is cheap).
-* :func:`augmented_digits_workload`: the :class:`CNN` (17,362 parameters) on 20,000 shifted,
-  noisy copies of 797 real images, 1,000 held-out real test images (TracIn, TRAK).
-* :func:`synthetic_data` and :func:`scale_checkpoints`: 64 features, 10 classes, the
-  MLP 64-512-512-10 (301k parameters) of the scale run.
-* :class:`ResNet9`: the GPU anchor (1.65M parameters at width 32).
-
-A :class:`Workload` travels to fresh worker processes with :func:`save_workload`.
+Digits workloads trained by plain SGD (no momentum, no weight decay: what TracIn models), a
+checkpoint per learning-rate stage; the scale run's synthetic data and MLP; ResNet-9 for the
+GPU anchor. A :class:`Workload` travels to fresh worker processes with :func:`save_workload`.
 """
 
 from __future__ import annotations
