@@ -222,12 +222,12 @@ def trained_resnet(args: argparse.Namespace, device: torch.device) -> tuple:
 
 
 def print_gpu_table(res: dict[str, Any]) -> None:
-    harness.print_table(
-        [("library", "10s"), ("variant", "14s"), ("seconds", "9.3f"), ("vs dt", "7.2f"),
-         ("GPU GB", "7.2f"), ("pearson", "9.6f"), ("max rel err", "11.2e"), ("note", "s")],
-        [(r["library"], r["variant"], r["seconds"], r.get("ratio_vs_datatrace"), r.get("peak_gpu_gb"),
-          r.get("pearson"), r.get("max_rel_err"), r["note"][:60]) for r in res["rows"]],
-    )  # fmt: skip
+    fmt = harness.fmt
+    for r in res["rows"]:
+        print(f"{r['library']:10s} {r['variant']:14s} {fmt(r['seconds'], '9.3f')} s, "
+              f"{fmt(r.get('ratio_vs_datatrace'), '6.2f')} x datatrace, GPU "
+              f"{fmt(r.get('peak_gpu_gb'), '6.2f')} GB, pearson {fmt(r.get('pearson'), '9.6f')}, "
+              f"max rel err {fmt(r.get('max_rel_err'), '8.1e')} {r['note'][:60]}")  # fmt: skip
     for label, parts in res.get("datatrace_split", {}).items():
         print(f"datatrace {label}: fit {parts['fit']:.3f} s, queries {parts['query_features']:.3f} s, "
               f"scoring {parts['scoring']:.4f} s = {parts['scoring_tflops']:.1f} TFLOP/s "
