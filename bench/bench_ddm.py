@@ -30,31 +30,24 @@ model is trained from a seeded initialisation by SGD with momentum and cosine de
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
+from typing import Any
 
 import torch
-from datatrace.evaluate import sgd_train
-from datatrace.problems import load_sklearn
+from harness import write_json
+from internals import kmeans_groups, load_sklearn, sgd_train
 from torch import nn
 
 import datatrace as dt
-from datatrace.methods.datamodel import kmeans_groups
 
 ALPHA = 1e-3
 
 
-def workload(
-    name: str,
-    n_train: int,
-    n_query: int,
-    hidden: int,
-    clusters: int,
-    noise: int,
-    seed: int = 0,
-    epochs: int = 30,
-):
+def workload(name: str, n_train: int, n_query: int, hidden: int, clusters: int, noise: int,
+             seed: int = 0, epochs: int = 30) -> dict:  # fmt: skip
+    """Seeded split, class-wise k-means groups, labels of half of ``noise`` groups flipped;
+    ``fit(indices, seed, checkpoints)`` trains on a subset with the group order kept."""
     x, y = load_sklearn(name)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:n_train], perm[n_train : n_train + n_query]
@@ -80,19 +73,8 @@ def workload(
         keep[indices] = True
         return sgd_train(make, xt, yt, s, epochs, 0.1, 32, 0.9, ALPHA, checkpoints, keep=keep)
 
-    return dict(
-        name=name,
-        xt=xt,
-        yt=yt,
-        xq=xq,
-        yq=yq,
-        groups=groups,
-        k=k,
-        fit=fit,
-        noisy=noisy,
-        group_class=group_class,
-        n_train=n_train,
-    )
+    return dict(name=name, xt=xt, yt=yt, xq=xq, yq=yq, groups=groups, k=k, fit=fit, noisy=noisy,
+                group_class=group_class, n_train=n_train)  # fmt: skip
 
 
 def per_group(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -105,6 +87,39 @@ def per_group(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).double().mean()) if len(x) else float("nan")
+
+
+def summed_scores(task: Any, ckpts: list, train: tuple, queries: tuple, groups: torch.Tensor,
+                  out: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per-example methods, their scores summed over each group (times into ``out``)."""
+    scores = {}
+    for label, method, cks in (
+        ("Grad-Dot (sum)", dt.GradDot(), ckpts[-1:]),
+        ("TracIn (sum)", dt.TracIn(), ckpts),
+        ("DataInf λ=0.01 (sum)", dt.DataInf(damping=0.01), ckpts[-1:]),
+        ("EK-FAC λ=0.01 (sum)", dt.Influence(dt.EKFAC(damping=0.01)), ckpts[-1:]),
+        ("exact IF λ=0.01 (sum)", dt.Influence(dt.ExactHessian(damping=0.01)), ckpts[-1:]),
+    ):
+        t0 = time.perf_counter()
+        scores[label] = per_group(
+            method.fit(task, cks, train, progress=False).attribute(queries), groups
+        )
+        out.setdefault("method_s", {})[label] = time.perf_counter() - t0
+    return scores
+
+
+def unlearning(groups: torch.Tensor, train: tuple, model: nn.Module, fitted: Any, train_fn: Any,
+               n_groups: int) -> list[dict]:  # fmt: skip
+    """Accuracy on the removed group and on the rest: original / fast-unlearned / retrained."""
+    x, y = train
+    out = []
+    for grp in range(min(3, n_groups)):
+        mask = groups == grp
+        models = {"original": model, "fast_unlearned": fitted.unlearn(grp),
+                  "retrained": train_fn(torch.nonzero(~mask).flatten(), 0)}  # fmt: skip
+        out.append({"group": grp, **{k: [accuracy(m, x[mask], y[mask]), accuracy(m, x[~mask], y[~mask])]
+                                     for k, m in models.items()}})  # fmt: skip
+    return out
 
 
 def run(wl: dict, seeds: int, quick: bool) -> dict:
@@ -136,17 +151,7 @@ def run(wl: dict, seeds: int, quick: bool) -> dict:
     out["ddm_datamodel_s"] = time.perf_counter() - t0
     out["matching"] = fitted.history
 
-    for label, method, cks in (
-        ("Grad-Dot (sum)", dt.GradDot(), ckpts[-1:]),
-        ("TracIn (sum)", dt.TracIn(), ckpts),
-        ("DataInf λ=0.01 (sum)", dt.DataInf(damping=0.01), ckpts[-1:]),
-        ("EK-FAC λ=0.01 (sum)", dt.Influence(dt.EKFAC(damping=0.01)), ckpts[-1:]),
-        ("exact IF λ=0.01 (sum)", dt.Influence(dt.ExactHessian(damping=0.01)), ckpts[-1:]),
-    ):
-        t0 = time.perf_counter()
-        s = method.fit(task, cks, train, progress=False).attribute(queries)
-        scores[label] = per_group(s, wl["groups"])
-        out.setdefault("method_s", {})[label] = time.perf_counter() - t0
+    scores.update(summed_scores(task, ckpts, train, queries, wl["groups"], out))
 
     # gold: group leave-out retraining
     def train_fn(idx: torch.Tensor, s: int) -> nn.Module:
@@ -168,32 +173,7 @@ def run(wl: dict, seeds: int, quick: bool) -> dict:
         a = dt.metrics.agreement(s, gold)
         out["agreement"][label] = {k: list(v) for k, v in a.items()}
 
-    # unlearning
-    rows = []
-    for grp in range(min(3, out["n_groups"])):
-        mask = wl["groups"] == grp
-        keep = torch.nonzero(~mask).flatten()
-        fast = fitted.unlearn(grp)
-        retrained = train_fn(keep, 0)
-        x, y = train
-        rows.append(
-            {
-                "group": grp,
-                "original": [
-                    accuracy(model, x[mask], y[mask]),
-                    accuracy(model, x[~mask], y[~mask]),
-                ],
-                "fast_unlearned": [
-                    accuracy(fast, x[mask], y[mask]),
-                    accuracy(fast, x[~mask], y[~mask]),
-                ],
-                "retrained": [
-                    accuracy(retrained, x[mask], y[mask]),
-                    accuracy(retrained, x[~mask], y[~mask]),
-                ],
-            }
-        )
-    out["unlearning"] = rows
+    out["unlearning"] = unlearning(wl["groups"], train, model, fitted, train_fn, out["n_groups"])
 
     if wl["noisy"]:
         quality = {}
@@ -216,10 +196,8 @@ def main() -> None:
     if args.quick:
         loads = [workload("digits", 300, 50, 16, 1, noise=2, epochs=10)]
     else:
-        loads = [
-            workload("digits", 1000, 200, 32, 2, noise=3),
-            workload("breast_cancer", 400, 150, 16, 5, noise=0),
-        ]
+        loads = [workload("digits", 1000, 200, 32, 2, noise=3),
+                 workload("breast_cancer", 400, 150, 16, 5, noise=0)]  # fmt: skip
     results = []
     for wl in loads:
         r = run(wl, args.seeds, args.quick)
@@ -251,16 +229,9 @@ def main() -> None:
             )
             for label, ranks in r["noisy_group_ranks"].items():
                 print(f"  {label:30s} {ranks}")
-    if args.json:
-        env = {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": 2,
-            "seeds": args.seeds,
-            "quick": args.quick,
-        }
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "results": results}, fh, indent=1)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": 2,
+           "seeds": args.seeds, "quick": args.quick}  # fmt: skip
+    write_json(args.json, {"environment": env, "results": results})
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from datatrace.problems import logistic_regression_problem, mlp_problem
+from internals import logistic_regression_problem, mlp_problem
 
 import datatrace as dt
 
@@ -43,6 +44,58 @@ def methods(lam: float, p: int) -> dict[str, dt.GradientAttributor]:
     }
 
 
+def evaluate(problem: Any, args: argparse.Namespace) -> None:
+    """Every method against the (cached) leave-one-out truth, then the damping sweep."""
+    task = dt.ClassificationTask(problem.model)
+    n = len(problem.train[0])
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.n_left_out]
+    cache = args.out / f"loo-{problem.name}-{args.n_left_out}.pt"
+    if cache.exists():
+        truth = torch.load(cache, weights_only=True)
+    else:
+        t0 = time.perf_counter()
+        truth = dt.truth.leave_one_out(
+            problem.train_fn, task, problem.train, problem.queries, indices=idx
+        )
+        torch.save(truth, cache)
+        print(f"{problem.name}: leave-one-out truth in {time.perf_counter() - t0:.1f} s")
+    ckpts = [dt.Checkpoint.from_module(problem.model)]
+    p = sum(t.numel() for t in problem.model.parameters())
+    lam = 2 * problem.alpha
+    print(
+        f"\n{problem.name}: {n} train, {len(problem.queries[0])} queries, {p} params, "
+        f"damping 2α = {lam:g}; agreement with leave-one-out over {len(idx)} examples"
+    )
+    print(f"  {'method':<16}{'Pearson':>16}{'Spearman':>16}{'cosine':>16}{'time s':>9}")
+    for label, method in methods(lam, p).items():
+        t0 = time.perf_counter()
+        fitted = method.fit(task, ckpts, problem.train, progress=False)
+        scores = fitted.attribute(problem.queries)[:, idx]
+        dt_s = time.perf_counter() - t0
+        a = dt.metrics.agreement(scores, truth)
+        cells = "".join(f"{a[k][0]:>10.3f} ±{a[k][1]:.3f}" for k in a)
+        print(f"  {label:<16}{cells}{dt_s:>9.2f}")
+    print("  damping sweep (multiples of λ₀; Pearson):")
+    lam0 = dt.mean_squared_gradient(task, ckpts[0], problem.train)
+    for label, make in (
+        ("Exact Hessian", lambda d: dt.Influence(dt.ExactHessian(damping=d))),
+        ("Gauss-Newton", lambda d: dt.Influence(dt.GaussNewton(damping=d))),
+        ("EK-FAC", lambda d: dt.Influence(dt.EKFAC(damping=d))),
+    ):
+        pts = dt.damping_sweep(
+            make,
+            task,
+            ckpts,
+            problem.train,
+            problem.queries,
+            multipliers=(0.01, 0.1, 1.0, 10.0, 100.0),
+            progress=False,
+        )
+        pearson = [dt.metrics.agreement(pt.scores[:, idx], truth)["pearson"][0] for pt in pts]
+        row = "  ".join(f"{pt.multiplier:g}x: {r:.3f}" for pt, r in zip(pts, pearson, strict=True))
+        print(f"    {label:<14} λ₀={lam0:.3g}  {row}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-left-out", type=int, default=40)
@@ -52,56 +105,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for problem in (logistic_regression_problem(), mlp_problem()):
-        task = dt.ClassificationTask(problem.model)
-        n = len(problem.train[0])
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.n_left_out]
-        cache = args.out / f"loo-{problem.name}-{args.n_left_out}.pt"
-        if cache.exists():
-            truth = torch.load(cache, weights_only=True)
-        else:
-            t0 = time.perf_counter()
-            truth = dt.truth.leave_one_out(
-                problem.train_fn, task, problem.train, problem.queries, indices=idx
-            )
-            torch.save(truth, cache)
-            print(f"{problem.name}: leave-one-out truth in {time.perf_counter() - t0:.1f} s")
-        ckpts = [dt.Checkpoint.from_module(problem.model)]
-        p = sum(t.numel() for t in problem.model.parameters())
-        lam = 2 * problem.alpha
-        print(
-            f"\n{problem.name}: {n} train, {len(problem.queries[0])} queries, {p} params, "
-            f"damping 2α = {lam:g}; agreement with leave-one-out over {len(idx)} examples"
-        )
-        print(f"  {'method':<16}{'Pearson':>16}{'Spearman':>16}{'cosine':>16}{'time s':>9}")
-        for label, method in methods(lam, p).items():
-            t0 = time.perf_counter()
-            fitted = method.fit(task, ckpts, problem.train, progress=False)
-            scores = fitted.attribute(problem.queries)[:, idx]
-            dt_s = time.perf_counter() - t0
-            a = dt.metrics.agreement(scores, truth)
-            cells = "".join(f"{a[k][0]:>10.3f} ±{a[k][1]:.3f}" for k in a)
-            print(f"  {label:<16}{cells}{dt_s:>9.2f}")
-        print("  damping sweep (multiples of λ₀; Pearson):")
-        lam0 = dt.mean_squared_gradient(task, ckpts[0], problem.train)
-        for label, make in (
-            ("Exact Hessian", lambda d: dt.Influence(dt.ExactHessian(damping=d))),
-            ("Gauss-Newton", lambda d: dt.Influence(dt.GaussNewton(damping=d))),
-            ("EK-FAC", lambda d: dt.Influence(dt.EKFAC(damping=d))),
-        ):
-            pts = dt.damping_sweep(
-                make,
-                task,
-                ckpts,
-                problem.train,
-                problem.queries,
-                multipliers=(0.01, 0.1, 1.0, 10.0, 100.0),
-                progress=False,
-            )
-            pearson = [dt.metrics.agreement(pt.scores[:, idx], truth)["pearson"][0] for pt in pts]
-            row = "  ".join(
-                f"{pt.multiplier:g}x: {r:.3f}" for pt, r in zip(pts, pearson, strict=True)
-            )
-            print(f"    {label:<14} λ₀={lam0:.3g}  {row}")
+        evaluate(problem, args)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,12 @@
 """The benchmark suite in one command: every method × every peer × every workload.
 
-Runs, one after the other (never two at a time: timings need a quiet machine),
-
-* ``bench_tracin.py``: Grad-Dot and TracIn (4 checkpoints), datatrace vs captum and dattri,
-  on the digits MLP (1,000 × 200) and a digits CNN (20,000 × 1,000);
-* ``bench_influence.py``: exact-Hessian, CG, LiSSA, Arnoldi, DataInf and EK-FAC influence,
-  datatrace vs dattri and kronfluence, on the digits MLP and a digits CNN;
-* ``bench_trak.py``: TRAK, datatrace vs traker and dattri, on the digits MLP and CNN;
-* ``bench_scale.py``: 100,000 training examples, projection dimension 1,024, datatrace
-  vs the peers' projected TracIn/TRAK featurization (peers on a prefix, extrapolated);
-
-then reads the ``"rows"`` each script wrote to its JSON, prints one table (time, ratio to
-datatrace, peak memory, agreement) and checks the issue's targets: every datatrace method
-at least 2× faster than the fastest peer implementing it. Writes ``suite.json`` (all rows,
-the target checks, the commands, the environment) into ``--out``.
+Runs the components of :data:`COMPONENTS` one after the other (never two at a time: timings
+need a quiet machine), reads the ``"rows"`` each wrote to its JSON, prints one table and
+checks the target (datatrace at least 2× faster than the fastest peer implementing a
+method); writes ``suite.json`` into ``--out``.
 
     .venv-bench/bin/python bench/suite.py --out bench/suite            # ~1 h on 2 cores
     .venv-bench/bin/python bench/suite.py --quick --out /tmp/suite      # smoke test, minutes
-
-Each script's own table and options are documented in bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,36 +21,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import print_rows, row_time
+
 HERE = Path(__file__).resolve().parent
 TARGET = 2.0  # datatrace at least this many times faster than the fastest peer
 
-# name -> (script, full-run arguments, quick-run arguments)
+# name -> (script, full-run arguments, quick-run arguments). influence-cnn: dattri's CG-100
+# and LiSSA exceed 23 GB on this CNN (killed); DataInf and Arnoldi are in the MLP component.
 COMPONENTS: dict[str, tuple[str, list[str], list[str]]] = {
     "tracin": ("bench_tracin.py", [], ["--quick", "--repeats", "1"]),
-    "influence-mlp": (
-        "bench_influence.py",
-        ["--dampings", "0.1"],
-        ["--quick", "--dampings", "0.1", "--repeats", "1"],
-    ),
-    "influence-cnn": (
-        "bench_influence.py",
-        # dattri's CG-100 and LiSSA exceed 23 GB on this CNN (killed); DataInf and Arnoldi
-        # are in the MLP component
-        [
-            "--workload",
-            "cnn",
-            "--dampings",
-            "0.1",
-            "--methods",
-            "exact,cg,ekfac",
-            "--cg-iters",
-            "20",
-        ],
-        ["--workload", "cnn", "--quick", "--dampings", "0.1", "--repeats", "1"],
-    ),
+    "influence-mlp": ("bench_influence.py", ["--dampings", "0.1"],
+                      ["--quick", "--dampings", "0.1", "--repeats", "1"]),
+    "influence-cnn": ("bench_influence.py",
+                      ["--workload", "cnn", "--dampings", "0.1", "--methods", "exact,cg,ekfac", "--cg-iters", "20"],
+                      ["--workload", "cnn", "--quick", "--dampings", "0.1", "--repeats", "1"]),
     "trak": ("bench_trak.py", [], ["--quick", "--repeats", "1"]),
     "scale": ("bench_scale.py", [], ["--quick"]),
-}
+}  # fmt: skip
 
 
 # the scripts' workload labels -> one name per distinct model and data size
@@ -113,68 +88,36 @@ def run_component(name: str, quick: bool, out: Path, python: str) -> dict[str, A
     }
 
 
-def _time(r: dict[str, Any]) -> float | None:
-    """Comparable seconds: the full-size extrapolation where a peer ran on a prefix."""
-    t = r.get("extrapolated_seconds_full") or r.get("seconds")
-    return None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t)
-
-
-def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def speedup_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (workload, method, damping): datatrace's time vs the fastest peer's."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["workload"], r["method"], r.get("damping")), []).append(r)
     out = []
     for (workload, method, damping), rs in groups.items():
-        mine = [r for r in rs if r["library"] == "datatrace" and _time(r) is not None]
-        peers = [r for r in rs if r["library"] != "datatrace" and _time(r) is not None]
+        mine = [r for r in rs if r["library"] == "datatrace" and row_time(r) is not None]
+        peers = [r for r in rs if r["library"] != "datatrace" and row_time(r) is not None]
         if not mine:
             continue
-        dt_time = min(_time(r) for r in mine)  # type: ignore[type-var]
+        dt_time = min(row_time(r) for r in mine)  # type: ignore[type-var]
         if not peers:
             out.append(
                 {"workload": workload, "method": method, "damping": damping,
                  "datatrace_s": dt_time, "fastest_peer": None, "speedup": None, "met": None}
             )  # fmt: skip
             continue
-        best = min(peers, key=lambda r: _time(r))  # type: ignore[arg-type,return-value]
-        speedup = _time(best) / dt_time if dt_time > 0 else math.inf  # type: ignore[operator]
+        best = min(peers, key=lambda r: row_time(r))  # type: ignore[arg-type,return-value]
+        speedup = row_time(best) / dt_time if dt_time > 0 else math.inf  # type: ignore[operator]
         out.append(
             {"workload": workload, "method": method, "damping": damping, "datatrace_s": dt_time,
-             "fastest_peer": best["library"], "peer_s": _time(best), "speedup": speedup,
+             "fastest_peer": best["library"], "peer_s": row_time(best), "speedup": speedup,
              "met": speedup >= TARGET}
         )  # fmt: skip
     return out
 
 
-def _fmt(x: Any, spec: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return format(x, spec)
-
-
-def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
-    print(
-        f"\n{'workload':18s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
-        f"{'mem GB':>7s} {'agree':>7s}  agreement with / note"
-    )
-    base = {
-        (r["workload"], r["method"], r.get("damping")): _time(r)
-        for r in rows
-        if r["library"] == "datatrace"
-    }
-    for r in sorted(rows, key=lambda r: (r["workload"], r["method"], r["library"] != "datatrace")):
-        t, ref = _time(r), base.get((r["workload"], r["method"], r.get("damping")))
-        ratio = t / ref if t is not None and ref else None
-        method = r["method"] + (f" λ={r['damping']:g}" if r.get("damping") is not None else "")
-        extra = " (extrapolated)" if r.get("extrapolated_seconds_full") else ""
-        print(
-            f"{r['workload']:18s} {method:16s} {r['library']:11s} {_fmt(t, '9.2f')} "
-            f"{_fmt(ratio, '7.2f')} {_fmt(r.get('peak_mem_gb'), '7.2f')} "
-            f"{_fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
-            f"{extra}{' ' + r['note'] if r.get('note') else ''}"
-        )
-    print("\nratio = time / datatrace's time on the same row group (> 1: datatrace faster)")
+def print_summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+    print_rows(rows)
     print(f"\ntargets (datatrace ≥ {TARGET:g}× faster than the fastest peer implementing it):")
     for c in checks:
         if c["fastest_peer"] is None:
@@ -214,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runs[name] = run_component(name, args.quick, out, args.python)
     rows = [r for run in runs.values() for r in run["rows"]]
-    checks = targets(rows)
-    print_table(rows, checks)
+    checks = speedup_targets(rows)
+    print_summary(rows, checks)
     for name, run in runs.items():
         if run["note"]:
             print(f"  {name}: {run['note']}")

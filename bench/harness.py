@@ -1,0 +1,360 @@
+"""The benchmark harness: how every script in bench/ times, watches, records and prints.
+
+* :func:`run_worker` / :func:`worker_main`: a timed run in a fresh process. In one long-lived
+  process a run's speed depends on the heap earlier runs left (datatrace's exact Hessian
+  built 2x faster after dattri's CG had left ~20 GB of freed heap: fewer page faults).
+* :class:`CpuWatch` and :func:`quiet`: the cores *other* processes used (machine busy time
+  from /proc/stat minus ours), and a wait for an idle machine before each run: on the 2-core
+  VM this was built on a second job slowed small torch operations 10-30x.
+* :class:`RssPeak`, :func:`peak_rss_gb`: memory; :func:`clean_median`: medians over the
+  undisturbed runs; :func:`row`: the ``"rows"`` format ``suite.py`` reads; writers.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before any peer imports tqdm: inner progress bars
+
+import argparse
+import gc
+import hashlib
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUSY_LIMIT = 0.25  # CPU cores used by other processes above which a run counts as contended
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# ----------------------------------------------------------------------------- contention
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every process), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _HZ  # user nice system irq softirq steal
+
+
+def _own_s() -> float:
+    """CPU seconds of this process and its finished children (the fresh-process workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuWatch:
+    """CPU cores that *other* processes used since construction (machine busy - ours)."""
+
+    def __init__(self) -> None:
+        self.t, self.busy, self.own = time.perf_counter(), _busy_s(), _own_s()
+
+    def others(self) -> float:
+        wall = time.perf_counter() - self.t
+        other = (_busy_s() - self.busy) - (_own_s() - self.own)
+        return max(0.0, other) / wall if wall > 0 else 0.0
+
+
+def _load_over(seconds: float) -> float:
+    watch = CpuWatch()
+    time.sleep(seconds)
+    return watch.others()
+
+
+def malloc_trim() -> None:
+    """Give freed heap back to the OS (glibc): dattri's CG and LiSSA leave ~20 GB of freed,
+    fragmented heap behind, which would otherwise carry over into later runs."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def quiet(max_wait: float) -> float:
+    """Before each timed run (untimed): collect garbage, return freed heap, flush dirty pages
+    (one run's deleted feature store must not be written back during the next), and wait up
+    to ``max_wait`` s until other processes use < BUSY_LIMIT cores. Returns that load."""
+    gc.collect()
+    malloc_trim()
+    os.sync()
+    load, waited = _load_over(0.5), 0.0
+    while load > BUSY_LIMIT and waited < max_wait:
+        if waited == 0.0:
+            print(f"    (other processes use {load:.2f} cores: waiting up to {max_wait:.0f}s)")
+        load = _load_over(2.0)
+        waited += 2.0
+    return load
+
+
+def clean_median(values: Sequence[float], others: Sequence[float]) -> float:
+    """Median over the runs no other process disturbed (over all runs if none was clean)."""
+    clean = [v for v, o in zip(values, others, strict=True) if o <= BUSY_LIMIT]
+    return statistics.median(clean or values)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (``VmHWM``), GB. Not ``ru_maxrss``: Linux keeps
+    the parent's resident size in a spawned child's, so it is never below the parent's."""
+    return _status_kb("VmHWM") / 1e6
+
+
+class RssPeak:
+    """Peak resident memory above the level at entry, sampled every ``interval`` s in a
+    thread: ``with RssPeak() as peak: run(); peak.gb``."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kb("VmRSS") * 1024)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssPeak:
+        self.base = self.peak = _status_kb("VmRSS") * 1024
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kb("VmRSS") * 1024)
+
+    @property
+    def gb(self) -> float:
+        return (self.peak - self.base) / 1e9
+
+
+# ----------------------------------------------------------------------------- fresh processes
+
+
+class WorkerError(RuntimeError):
+    """An exception raised inside a worker process; its message is 'Type: message'."""
+
+
+def run_worker(script: str, spec: dict[str, Any], timeout: float | None = None) -> Any:
+    """Run ``python script --worker SPEC`` in a fresh process and return what its
+    :func:`worker_main` saved. ``spec`` must be JSON; it gains ``out``, the result file."""
+    fd, out = tempfile.mkstemp(prefix="bench-worker-", suffix=".pt")
+    os.close(fd)
+    cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps({**spec, "out": out})]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 3 and os.path.getsize(out):  # the worker caught an exception
+            raise WorkerError(torch.load(out, weights_only=False)["error"])
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            if proc.returncode == -9:  # SIGKILL, as the kernel's OOM killer sends
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+                how = f"killed by SIGKILL (out of memory? the machine has {ram:.0f} GB)"
+            elif proc.returncode < 0:
+                how = f"killed by signal {-proc.returncode}"
+            else:
+                how = f"exit {proc.returncode}"
+            raise WorkerError(f"worker {how}" + (f": {' | '.join(tail)}" if tail else ""))
+        return torch.load(out, weights_only=False)
+    finally:
+        os.unlink(out)
+
+
+def measured(script: str, spec: dict[str, Any], max_wait: float, timeout: float | None = None):
+    """:func:`run_worker` after :func:`quiet`: (its result, the cores other processes used)."""
+    before = quiet(max_wait)
+    watch = CpuWatch()
+    result = run_worker(script, spec, timeout)
+    return result, max(before, watch.others())
+
+
+def error_text(exc: BaseException) -> str:
+    """A worker's own message, or 'Type: message' of an exception raised here."""
+    return str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+
+
+def worker_main(spec_json: str, work: Callable[[dict[str, Any]], Any]) -> int:
+    """The worker side of :func:`run_worker`: ``work(spec)``, saved to ``spec["out"]``; an
+    exception is saved as a clean message (exit 3), a library that cannot run a workload
+    is a result, not a crash."""
+    spec = json.loads(spec_json)
+    try:
+        result = work(spec)
+    except Exception as exc:
+        traceback.print_exc()
+        torch.save({"error": f"{type(exc).__name__}: {exc}"}, spec["out"])
+        return 3
+    torch.save(result, spec["out"])
+    return 0
+
+
+# ----------------------------------------------------------------------------- datatrace
+
+
+def fit_attribute(
+    method: Any, task: Any, ckpts: list, train: tuple, test: tuple, **fit_kw: Any
+) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """Time ``method.fit`` + ``attribute``: (S, {fit, attribute, total}, fitted). The caller
+    drops ``fitted`` (which removes a temporary feature store) outside the timing."""
+    t0 = time.perf_counter()
+    fitted = method.fit(task, ckpts, train, progress=False, **fit_kw)
+    t1 = time.perf_counter()
+    S = fitted.attribute(test)
+    t2 = time.perf_counter()
+    return S.detach(), {"fit": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}, fitted
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def src_state() -> str:
+    """git commit of the datatrace checkout, '+dirty' if its sources differ from it, and a
+    hash of the imported sources: the code really timed (src/ may change between runs)."""
+    import datatrace
+
+    root = Path(datatrace.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.read_bytes())
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", ".")
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "?", ""
+    return f"{commit or '?'}{'+dirty' if dirty else ''} src-sha256:{h.hexdigest()[:12]}"
+
+
+def environment(peers: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
+    """Versions (a missing peer is reported, not fatal), machine, thread count, ``extra``."""
+    import datatrace
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "datatrace": datatrace.__version__,
+        "datatrace_src": src_state(),
+    }
+    for name in peers:
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError as e:
+            env[name] = f"unavailable: {e}"
+    env.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
+    env.update(cpu_count=os.cpu_count(), **extra)
+    print("environment:", json.dumps(env), flush=True)
+    return env
+
+
+# ----------------------------------------------------------------------------- rows and output
+
+ROW_KEYS = ("workload", "method", "library", "seconds", "peak_mem_gb", "agreement",
+            "agreement_with", "note")  # fmt: skip
+
+
+def row(**kw: Any) -> dict[str, Any]:
+    """One result row of the JSON ``"rows"`` that ``suite.py`` reads: the keys of
+    :data:`ROW_KEYS` (missing ones None, ``note`` ""), extras kept after them."""
+    out: dict[str, Any] = {k: kw.pop(k, None) for k in ROW_KEYS}
+    out["note"] = out["note"] or ""
+    out.update(kw)
+    return out
+
+
+def write_json(path: str | None, obj: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=float)
+        print(f"wrote {path}")
+
+
+def fmt(x: Any, spec: str) -> str:
+    """``format(x, spec)``, or '-' right-aligned to the spec's width for None and NaN."""
+    if x is None or (isinstance(x, float) and x != x):
+        width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+        return "-".rjust(int(width or 0))
+    return format(x, spec)
+
+
+def row_time(r: dict[str, Any]) -> float | None:
+    """Comparable seconds: the full-size extrapolation where a peer ran on a prefix."""
+    t = r.get("extrapolated_seconds_full") or r.get("seconds")
+    return None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t)
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """The rows as one table; ratio = time / datatrace's on the same (workload, method,
+    damping), > 1: datatrace faster."""
+    print(f"\n{'workload':18s} {'method':16s} {'library':11s} {'seconds':>9s} {'ratio':>7s} "
+          f"{'mem GB':>7s} {'agree':>7s}  agreement with / note")  # fmt: skip
+    key = lambda r: (r["workload"], r["method"], r.get("damping"))  # noqa: E731
+    base = {key(r): row_time(r) for r in rows if r["library"] == "datatrace"}
+    for r in sorted(rows, key=lambda r: (r["workload"], r["method"], r["library"] != "datatrace")):
+        t, ref = row_time(r), base.get(key(r))
+        ratio = t / ref if t is not None and ref else None
+        method = r["method"] + (f" λ={r['damping']:g}" if r.get("damping") is not None else "")
+        extra = " (extrapolated)" if r.get("extrapolated_seconds_full") else ""
+        print(f"{r['workload']:18s} {method:16s} {r['library']:11s} {fmt(t, '9.2f')} "
+              f"{fmt(ratio, '7.2f')} {fmt(r.get('peak_mem_gb'), '7.2f')} "
+              f"{fmt(r.get('agreement'), '7.3f')}  {r.get('agreement_with') or ''}"
+              f"{extra}{' ' + r['note'] if r.get('note') else ''}")  # fmt: skip
+
+
+def arg_parser(doc: str, libraries: str, repeats: int | None = 3, **defaults: Any):
+    """The options every benchmark shares; ``defaults`` override (threads, batch_size,
+    max_wait). Returns the parser for the script's own options."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke-test sizes (see the docstring)")
+    ap.add_argument("--repeats", type=int, default=repeats, help="timed runs per cell (median)")
+    ap.add_argument("--threads", type=int, default=defaults.get("threads", 2))
+    ap.add_argument("--batch-size", type=int, default=defaults.get("batch_size", 500),
+                    help="examples per batch, the same for every library")  # fmt: skip
+    ap.add_argument("--libraries", default=libraries, help="comma-separated subset")
+    ap.add_argument("--max-wait", type=float, default=defaults.get("max_wait", 300.0),
+                    help="seconds to wait before each timed run for other processes to idle")  # fmt: skip
+    ap.add_argument("--json", default=None, help="write results to this JSON file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args

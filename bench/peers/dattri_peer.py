@@ -1,0 +1,176 @@
+"""dattri 0.3.0: TracIn, the influence-function attributors and TRAK.
+
+Conventions: a task's loss function is called with single examples (dattri vmaps) and is
+the MEAN cross-entropy of its batch, so curvature is in the mean-loss convention; results
+are (n_train, n_test) and are transposed.
+
+* ``TracInAttributor``: ``weight_list`` = learning rates (or ``[1.0]`` for Grad-Dot),
+  ``normalized_grad=False``. Passing ``projector_kwargs=None`` still projects (its default
+  ``proj_dim=512``): setting the attribute to None after construction turns it off
+  (tracin.py: ``if self.projector_kwargs is not None``). It recomputes every test gradient
+  for every training batch: one test batch of all queries keeps that to one call per batch.
+* Influence: not divided by n: S = dattri.T / n. ``IFAttributorExplicit`` forms one Hessian
+  per batch of its cache loader and sums the solutions, so it gets one full-batch loader.
+  ``IFAttributorCG`` runs exactly ``max_iter`` iterations from x0 = v (its ``tol`` is
+  unused). ``IFAttributorLiSSA`` returns ``(H + damping * scaling)^-1 v``: ``damping =
+  lam / scale``. ``IFAttributorArnoldi`` makes ``max_iter - 1`` products: ``max_iter =
+  n_iter + 1``; it returns NaN when a kept eigenvalue of H + lam is <= 0. ``IFAttributorEKFAC``
+  uses the empirical Fisher and cannot take Conv2d inputs.
+* ``TRAKAttributor``: loss and target = the margin ``log p - log(1 - p)``, Q = 1 - p from
+  ``exp(-cross_entropy)``. Its CPU projector is N(0, 1/k) and gradients are divided by
+  sqrt(p): ``regularization = n lam / p``. It averages Q over checkpoints separately, so
+  one attributor per checkpoint (``proj_seed = seed + 100000 c``, dattri's own seed for
+  checkpoint c), averaged. ``projector_kwargs`` updates a shared module-level dict in 0.3.0,
+  so every key is always passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from settings import InfluenceSettings, TrakSettings
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def cross_entropy(model: nn.Module, example_dim: int) -> Callable:
+    """Mean cross-entropy of a batch, or of one example of ``example_dim`` dimensions (the
+    LiSSA collate function casts labels to float, hence ``.long()``)."""
+
+    def loss(params: dict[str, torch.Tensor], data: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = data
+        if x.dim() == example_dim:
+            x, y = x.unsqueeze(0), y.reshape(1)
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y.long())
+
+    return loss
+
+
+def _loader(data: tuple, batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
+
+
+def tracin(model: nn.Module, states: list[dict], weights: list[float], train: tuple, test: tuple,
+           batch_size: int, projector_kwargs: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """sum_c w_c <g_test, g_train>, (n_test, n_train); exact unless ``projector_kwargs``."""
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    loss = cross_entropy(model, train[0].dim() - 1)
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=states)
+    attributor = TracInAttributor(task=task, weight_list=torch.tensor(weights),
+                                  normalized_grad=False, projector_kwargs=projector_kwargs,
+                                  device="cpu")  # fmt: skip
+    if projector_kwargs is None:
+        attributor.projector_kwargs = None  # the only way to switch projection off (see above)
+    S = attributor.attribute(_loader(train, batch_size), _loader(test, len(test[1])))
+    return S.T.contiguous()
+
+
+def _influence_attributor(method: str, task: Any, st: InfluenceSettings, model: nn.Module):
+    from dattri.algorithm import influence_function as IF
+
+    lam = st.damping
+    if method == "exact":
+        return IF.IFAttributorExplicit(task=task, device="cpu", regularization=lam)
+    if method == "CG":
+        return IF.IFAttributorCG(task=task, device="cpu", max_iter=st.cg_iters, regularization=lam)
+    if method == "LiSSA":
+        return IF.IFAttributorLiSSA(
+            task=task, device="cpu", batch_size=st.lissa_batch, num_repeat=1,
+            recursion_depth=st.lissa_depth, damping=lam / st.lissa_scale, scaling=st.lissa_scale,
+        )  # fmt: skip
+    if method == "Arnoldi":
+        return IF.IFAttributorArnoldi(task=task, device="cpu", proj_dim=st.arnoldi_rank,
+                                      max_iter=st.arnoldi_iter + 1, regularization=lam, seed=0)  # fmt: skip
+    if method == "DataInf":
+        return IF.IFAttributorDataInf(task=task, device="cpu", regularization=lam)
+    # EK-FAC: every Linear and Conv2d layer, i.e. every parameter, as for the other cells
+    # (dattri's default module_name=None would silently keep the nn.Linear layers only)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return IF.IFAttributorEKFAC(task=task, device="cpu", damping=lam, module_name=layers)
+
+
+def _arnoldi_notes(attributor: Any) -> list[str]:
+    """Kept eigenvalues of H + lam that are <= 0 (dattri's Arnoldi then returns NaN)."""
+    for cell in getattr((getattr(attributor, "arnoldi_projectors", None) or [None])[0],
+                        "__closure__", None) or []:  # fmt: skip
+        ev = getattr(cell.cell_contents, "eigvals", None)
+        if ev is not None and int((ev <= 0).sum()):
+            return [f"{int((ev <= 0).sum())} of its {ev.numel()} kept eigenvalues of H+lam <= 0"]
+    return []
+
+
+def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
+    """(S, {fit, attribute, total}, notes) of one ``IFAttributor*``; fit = construction + cache."""
+    from dattri.task import AttributionTask
+
+    model = copy.deepcopy(wl.model).eval()
+    loss = cross_entropy(model, wl.train[0].dim() - 1)
+    full, train = _loader(wl.train, wl.n_train), _loader(wl.train, st.batch_size)
+    test = _loader(wl.test, wl.n_test)  # one IHVP solve per pair of batches: one test batch
+    torch.manual_seed(0)  # LiSSA samples with the global generator
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    t0 = time.perf_counter()
+    try:
+        task = AttributionTask(loss_func=loss, model=model, checkpoints=[model.state_dict()])
+        attributor = _influence_attributor(method, task, st, model)
+        attributor.cache(full)
+        t1 = time.perf_counter()
+        S = attributor.attribute(train, test)  # (n_train, n_test)
+        t2 = time.perf_counter()
+    except Exception as exc:
+        if method != "EK-FAC" or not convs:
+            raise
+        raise RuntimeError(
+            f"dattri IFAttributorEKFAC cannot fit Conv2d layers {convs} (its covariance "
+            f"estimate handles only 2-D (batch, features) layer inputs; its default "
+            f"module_name=None would silently keep only the nn.Linear layers): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    S = S.detach().T.contiguous() / wl.n_train
+    bad = int((~torch.isfinite(S)).sum())
+    notes = [f"{bad}/{S.numel()} scores NaN/inf"] if bad else []
+    times = {"fit": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}
+    return S, times, notes + _arnoldi_notes(attributor)
+
+
+def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+    from trak_reference import margin
+
+    model = copy.deepcopy(wl.model).eval()
+    n, p = wl.n_train, sum(q.numel() for q in model.parameters())
+
+    def margin_of(params: dict, data: tuple) -> torch.Tensor:
+        x, y = data  # one example
+        logits = torch.func.functional_call(model, params, (x.unsqueeze(0),))
+        return margin(logits, y.unsqueeze(0)).squeeze(0)
+
+    def correct_probability(params: dict, data: tuple) -> torch.Tensor:
+        x, y = data
+        logits = torch.func.functional_call(model, params, (x.unsqueeze(0),))
+        return torch.exp(-F.cross_entropy(logits, y.unsqueeze(0)))
+
+    train, test = _loader(wl.train, st.batch_size), _loader(wl.test, st.batch_size)
+    t0 = time.perf_counter()
+    total = None
+    for c, (sd, _) in enumerate(wl.ckpts):
+        task = AttributionTask(loss_func=margin_of, target_func=margin_of, model=model,
+                               checkpoints=[sd])  # fmt: skip
+        projector = {"proj_dim": st.proj_dim, "proj_max_batch_size": 32,
+                     "proj_seed": st.seed + 100_000 * c, "device": "cpu"}  # fmt: skip
+        attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability,
+                                    projector_kwargs=projector, device="cpu",
+                                    regularization=n * st.damping / p)  # fmt: skip
+        attributor.cache(train)
+        s = attributor.attribute(test)  # (n_train, n_test)
+        total = s if total is None else total + s
+    t1 = time.perf_counter()
+    return (total / len(wl.ckpts)).T.contiguous().detach(), {"total": t1 - t0}

@@ -1,0 +1,116 @@
+"""traker 0.3.2: ``TRAKer`` scores (the TRAK benchmark) and featurization (the scale run).
+
+* ``TRAKer(task="image_classification", device="cpu", use_half_precision=False)``: its
+  model output is the margin ``log p - log(1 - p)``, its ``out_to_loss`` Q is 1 - p.
+* On the CPU its ``BasicProjector`` is N(0, 1) (not divided by sqrt(k)), a different seed
+  per checkpoint, and features are divided by sqrt(p): Phi_t = sqrt(k/p) Phi, so
+  ``lambda_reg = n k lam / p``.
+* ``BasicScoreComputer`` divides (X^T X + lambda_reg I)^-1 by the mean of its absolute
+  entries (a float16 safeguard) which differs between checkpoints and so reweights them;
+  :class:`_Unscaled` computes the same products in float32 without that division.
+* ``finalize_scores`` averages the scores and, separately, Q over checkpoints; datatrace
+  multiplies each checkpoint's scores by its own Q_c, so it is called per checkpoint
+  (``model_ids=[c]``) and the results are averaged: S exactly. Result (n_train, n_test).
+* ``save_dir`` is a fresh temporary directory: ``load_from_save_dir=False`` is broken in
+  0.3.2 (``experiments.json`` is never created, and scoring reads it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from settings import TrakSettings
+
+
+def batches(data: tuple, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for s in range(0, len(data[1]), size):
+        yield data[0][s : s + size], data[1][s : s + size]
+
+
+def _unscaled_score_computer() -> type:
+    from trak.score_computers import BasicScoreComputer
+
+    class _Unscaled(BasicScoreComputer):
+        """traker's BasicScoreComputer without ``xtx_inv /= xtx_inv.abs().mean()``."""
+
+        def get_x_xtx_inv(self, grads: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+            eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+            return grads @ torch.linalg.inv((xtx + self.lambda_reg * eye).float()).to(self.dtype)
+
+    return _Unscaled
+
+
+def _traker(model: Any, n: int, save_dir: str, proj_dim: int, **kw: Any) -> Any:
+    from trak import TRAKer
+
+    return TRAKer(model=model, task="image_classification", train_set_size=n, save_dir=save_dir,
+                  device="cpu", proj_dim=proj_dim, logging_level=logging.ERROR,
+                  use_half_precision=False, **kw)  # fmt: skip
+
+
+def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    model = copy.deepcopy(wl.model)
+    n, p = wl.n_train, sum(q.numel() for q in model.parameters() if q.requires_grad)
+    save_dir = tempfile.mkdtemp(prefix="bench-trak-traker-")
+    try:
+        t0 = time.perf_counter()
+        traker = _traker(model, n, save_dir, st.proj_dim, projector_seed=st.seed,
+                         score_computer=_unscaled_score_computer(),
+                         lambda_reg=n * st.proj_dim * st.damping / p)  # fmt: skip
+        for c, (sd, _) in enumerate(wl.ckpts):
+            traker.load_checkpoint(sd, model_id=c)
+            for xb, yb in batches(wl.train, st.batch_size):
+                traker.featurize(batch=(xb, yb), num_samples=len(yb))
+        traker.finalize_features()
+        for c, (sd, _) in enumerate(wl.ckpts):
+            traker.start_scoring_checkpoint(exp_name="bench", checkpoint=sd, model_id=c,
+                                            num_targets=wl.n_test)  # fmt: skip
+            for xb, yb in batches(wl.test, st.batch_size):
+                traker.score(batch=(xb, yb), num_samples=len(yb))
+        t1 = time.perf_counter()
+        total = None
+        for c in range(len(wl.ckpts)):  # scores_c x Q_c, one checkpoint at a time
+            s = torch.from_numpy(np.array(traker.finalize_scores("bench", model_ids=[c])))
+            total = s if total is None else total + s
+        t2 = time.perf_counter()
+    finally:
+        shutil.rmtree(save_dir, ignore_errors=True)
+    S = (total / len(wl.ckpts)).T.contiguous()
+    return S, {"featurize+score": t1 - t0, "finalize_scores": t2 - t1, "total": t2 - t0}
+
+
+def featurize(model: Any, train: tuple, queries: tuple, cks: list, dim: int, batch: int) -> tuple:
+    """Featurization of the training set only (timed), plus (untimed) the queries, whose
+    features turn into projected loss-gradient inner products for the agreement: for
+    cross-entropy grad loss = -(1 - p) grad margin, so S[j, i] = sum_c w_c (1 - p_j)(1 - p_i)
+    <phi_j, phi_i> grad_dim / k (features / sqrt(grad_dim), projection N(0, 1))."""
+    n, nq = len(train[1]), len(queries[1])
+    S = torch.zeros(nq, n, dtype=torch.float64)
+    timed = 0.0
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        tr = _traker(model, n + nq, d, dim)  # the queries go after the training set
+        timed += time.perf_counter() - t0
+        for c, (sd, w) in enumerate(cks):
+            t0 = time.perf_counter()
+            tr.load_checkpoint(sd, model_id=c)
+            for xb, yb in batches(train, batch):
+                tr.featurize((xb, yb), num_samples=len(yb))
+            timed += time.perf_counter() - t0
+            for xb, yb in batches(queries, batch):
+                tr.featurize((xb, yb), num_samples=len(yb))
+            store = tr.saver.current_store
+            phi = torch.from_numpy(np.array(store["grads"], dtype=np.float64))
+            otl = torch.from_numpy(np.array(store["out_to_loss"], dtype=np.float64)).reshape(-1)
+            g = phi * otl[:, None] * (float(tr.normalize_factor) / dim**0.5)
+            S += w * (g[n:] @ g[:n].T)
+    info = {"seconds": timed, "featurize_seconds": timed, "grad_dim": tr.num_params_for_grad}
+    return S.float(), info
