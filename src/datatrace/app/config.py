@@ -136,7 +136,9 @@ def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
         cfg[section] = values
     for name in cfg["methods"]["use"]:
         entry(name)  # an unknown name raises, with a suggestion
-    Removal.of(cfg["truth.further_training"]["mode"])  # an unknown mode raises
+    Removal.of(
+        cfg["truth.further_training"]["mode"], "[truth.further_training] mode"
+    )  # an unknown mode raises
     for name in cfg["truth"]["use"]:
         if name not in TRUTHS:
             raise ConfigError(f"unknown gold standard {name!r}" + _suggest(name, TRUTHS))

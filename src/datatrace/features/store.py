@@ -31,7 +31,6 @@ with a mismatch that ``overwrite=True`` fixes.
 
 from __future__ import annotations
 
-import enum
 import os
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 
 from ..core import distributed, persist
-from ..core.errors import ConfigError, StoreCorruptError
+from ..core.choice import Choice
+from ..core.errors import StoreCorruptError
 
 FORMAT = persist.StoreFormat(
     tag="datatrace-feature-store",
@@ -50,24 +50,13 @@ FORMAT = persist.StoreFormat(
 )
 
 
-class Verify(enum.Enum):
+class Verify(Choice):
     """How much of a reused store is re-hashed against its checksums."""
 
     #: a sample of the finished chunks (at most ``SAMPLE_BYTES`` per checkpoint)
     SAMPLE = "sample"
     #: every finished chunk
     FULL = "full"
-
-    @classmethod
-    def of(cls, value: Verify | str) -> Verify:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(
-                f"verify must be one of {[v.value for v in cls]}, got {value!r}"
-            ) from None
 
 
 # reopening re-hashes about this many bytes per checkpoint (all of a small store): on a
@@ -111,7 +100,7 @@ class FeatureStore:
         overwrite: bool = False,
         verify: Verify | str = Verify.SAMPLE,
     ) -> None:
-        how = Verify.of(verify)
+        how = Verify.of(verify, "verify")
         self._writers: dict[tuple[int, str], tuple[int, int, int]] = {}  # fd, offset, row
         self._lock: tuple[int, int] | None = None
         self.path = Path(path)

@@ -7,7 +7,6 @@ parameters (vmap); ``vectorize=1`` is its slow, obviously correct twin (``torch.
 from __future__ import annotations
 
 import copy
-import enum
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -18,6 +17,7 @@ from torch import nn
 from torch.func import vmap
 
 from ..core.checkpoint import Checkpoint
+from ..core.choice import Choice
 from ..core.data import ExampleSource, as_single_batch, batch_to
 from ..core.errors import ConfigError
 from ..core.runtime import eval_mode, model_device
@@ -28,25 +28,13 @@ from .gold import _base_settings, _indices, _seeds, _sources
 from .jobs import digest, run_jobs
 
 
-class Removal(enum.Enum):
+class Removal(Choice):
     """How an example is taken out of further training."""
 
     #: skip it: its batch keeps its other examples and its normaliser
     REMOVE = "remove"
     #: keep it, but reduce every step's loss by ``ℓ(z_i)/n`` (first-order equivalent)
     DOWNWEIGHT = "downweight"
-
-    @classmethod
-    def of(cls, value: Removal | str) -> Removal:
-        """The member for ``value`` (a member or its name as in configs)."""
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(
-                f"mode must be one of {[m.value for m in cls]} (or dt.truth.Removal), got {value!r}"
-            ) from None
 
 
 def _schedule(
@@ -247,7 +235,7 @@ def further_training(
     The model is run in eval mode (dropout off, batch-norm statistics frozen), so runs
     differ only by the left-out example.
     """
-    removal = Removal.of(mode)
+    removal = Removal.of(mode, "mode")
     for name, value in (("lr", lr), ("batch_size", batch_size)):
         if not value > 0:
             raise ConfigError(f"{name} must be > 0, got {value!r}")
