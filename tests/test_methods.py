@@ -194,3 +194,18 @@ def test_batch_norm_models_fit_in_memory_and_in_a_store(tmp_path) -> None:
     memory = dt.TracIn().fit(task, ck, (x, y), progress=False).attribute((x[:2], y[:2]))
     stored = dt.TracIn().fit(task, ck, (x, y), store=tmp_path, progress=False)
     torch.testing.assert_close(stored.attribute((x[:2], y[:2])), memory, rtol=0, atol=0)
+
+
+def test_the_engine_slots_are_typed() -> None:
+    import pytest
+
+    with pytest.raises(dt.ConfigError, match="features must be a FeatureSpec, got NoneType"):
+        dt.GradientAttributor(features=None)  # type: ignore[arg-type]
+    with pytest.raises(dt.ConfigError, match="checkpoints must be a CheckpointWeights"):
+        dt.GradientAttributor(checkpoints="last")  # type: ignore[arg-type]
+    with pytest.raises(dt.ConfigError, match="preconditioner must be a AbstractPreconditioner"):
+        dt.GradientAttributor(preconditioner=object())  # type: ignore[arg-type]
+    with pytest.raises(dt.ConfigError, match="needs exact dense gradient features"):
+        dt.GradientAttributor(
+            dt.FeatureSpec(projection_dim=8, factored=False), preconditioner=dt.EKFAC()
+        )

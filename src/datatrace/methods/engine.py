@@ -84,8 +84,8 @@ class GradientAttributor:
     output: AbstractOutput | None = None
 
     def __post_init__(self) -> None:
-        _check_slot("features", self.features, FeatureSpec)
-        _check_slot("checkpoints", self.checkpoints, CheckpointWeights)
+        _check_slot("features", self.features, FeatureSpec, optional=False)
+        _check_slot("checkpoints", self.checkpoints, CheckpointWeights, optional=False)
         _check_slot("preconditioner", self.preconditioner, AbstractPreconditioner)
         _check_slot("example_weights", self.example_weights, AbstractExampleWeights)
         _check_slot("output", self.output, AbstractOutput)
@@ -214,12 +214,13 @@ class GradientAttributor:
         return per_ckpt, states
 
 
-def _check_slot(name: str, value: Any, kind: type) -> None:
-    if value is not None and not isinstance(value, kind):
-        raise ConfigError(
-            f"{name} must be a {kind.__name__}{' or None' if name != 'features' else ''}, "
-            f"got {type(value).__name__}"
-        )
+def _check_slot(name: str, value: Any, kind: type, optional: bool = True) -> None:
+    if (value is None and optional) or isinstance(value, kind):
+        return
+    raise ConfigError(
+        f"{name} must be a {kind.__name__}{' or None' if optional else ''}, "
+        f"got {type(value).__name__}"
+    )
 
 
 def _check_positive_int(name: str, value: Any) -> None:
