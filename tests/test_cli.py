@@ -62,3 +62,15 @@ def test_threads_must_be_a_positive_integer(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--threads", "x", "featurize", str(cfg), "--store", str(tmp_path / "s")])
     assert exit_.value.code == 2
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from datatrace.app.cli import build_parser; build_parser().format_help();"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

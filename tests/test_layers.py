@@ -28,8 +28,8 @@ LAYERS = [
 def _layer(module: str) -> int:
     parts = module.split(".")
     assert parts[0] == "datatrace", module
-    if len(parts) == 1:
-        return len(LAYERS)  # the package itself: the public API re-exports
+    if len(parts) == 1:  # the package itself: the public API, for the application layer
+        return LAYERS.index("app")
     return LAYERS.index(parts[1])
 
 

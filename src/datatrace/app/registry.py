@@ -16,13 +16,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import datatrace as dt  # lazy top-level names: recipes import torch only when built
 
 from ..core.errors import ConfigError
-from ..curvature import EKFAC, KFAC, Arnoldi, ConjugateGradient, ExactHessian, GaussNewton, LiSSA
-from ..methods import TRAK, DataInf, GradCos, GradDot, GradientAttributor, Influence, TracIn
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..methods import GradientAttributor
 
 
 @dataclass(frozen=True)
@@ -72,48 +75,50 @@ class MethodEntry:
 
 
 def _influence(make: Callable[[MethodOptions], Any]) -> Callable[[MethodOptions], Any]:
-    return lambda o: Influence(make(o))
+    return lambda o: dt.Influence(make(o))
 
 
 REGISTRY: dict[str, MethodEntry] = {
     "graddot": MethodEntry(
-        lambda o: GradDot(**o.first_order()), "gradient dot product", first_order=True
+        lambda o: dt.GradDot(**o.first_order()), "gradient dot product", first_order=True
     ),
     "gradcos": MethodEntry(
-        lambda o: GradCos(**o.first_order()), "gradient cosine", first_order=True
+        lambda o: dt.GradCos(**o.first_order()), "gradient cosine", first_order=True
     ),
     "tracin": MethodEntry(
-        lambda o: TracIn(**o.first_order()),
+        lambda o: dt.TracIn(**o.first_order()),
         "TracIn over the saved checkpoints",
         trajectory=True,
         first_order=True,
     ),
-    "datainf": MethodEntry(lambda o: DataInf(damping=o.damping), "DataInf", damped=True),
+    "datainf": MethodEntry(lambda o: dt.DataInf(damping=o.damping), "DataInf", damped=True),
     "exact": MethodEntry(
-        _influence(lambda o: ExactHessian(damping=o.damping)), "exact Hessian IF", damped=True
+        _influence(lambda o: dt.ExactHessian(damping=o.damping)), "exact Hessian IF", damped=True
     ),
     "gauss_newton": MethodEntry(
-        _influence(lambda o: GaussNewton(damping=o.damping)), "Gauss-Newton IF", damped=True
+        _influence(lambda o: dt.GaussNewton(damping=o.damping)), "Gauss-Newton IF", damped=True
     ),
     "cg": MethodEntry(
-        _influence(lambda o: ConjugateGradient(damping=o.damping, max_iter=o.cg_iters)),
+        _influence(lambda o: dt.ConjugateGradient(damping=o.damping, max_iter=o.cg_iters)),
         "conjugate-gradient IF",
         damped=True,
     ),
     "lissa": MethodEntry(
-        _influence(lambda o: LiSSA(damping=o.damping, depth=o.lissa_depth)),
+        _influence(lambda o: dt.LiSSA(damping=o.damping, depth=o.lissa_depth)),
         "LiSSA IF",
         damped=True,
     ),
     "arnoldi": MethodEntry(
-        _influence(lambda o: Arnoldi(rank=o.arnoldi_rank, damping=o.damping)),
+        _influence(lambda o: dt.Arnoldi(rank=o.arnoldi_rank, damping=o.damping)),
         "Arnoldi IF",
         damped=True,
     ),
-    "kfac": MethodEntry(_influence(lambda o: KFAC(damping=o.damping)), "K-FAC IF", damped=True),
-    "ekfac": MethodEntry(_influence(lambda o: EKFAC(damping=o.damping)), "EK-FAC IF", damped=True),
+    "kfac": MethodEntry(_influence(lambda o: dt.KFAC(damping=o.damping)), "K-FAC IF", damped=True),
+    "ekfac": MethodEntry(
+        _influence(lambda o: dt.EKFAC(damping=o.damping)), "EK-FAC IF", damped=True
+    ),
     "trak": MethodEntry(
-        lambda o: TRAK(projection_dim=o.trak_dim, damping=o.damping), "TRAK", damped=True
+        lambda o: dt.TRAK(projection_dim=o.trak_dim, damping=o.damping), "TRAK", damped=True
     ),
 }
 
