@@ -183,8 +183,7 @@ class ExampleSource:
 
     def ranges(self, batch_size: int) -> list[tuple[int, int]]:
         """Contiguous ``(start, stop)`` ranges covering every example once."""
-        n = len(self)
-        return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        return batch_ranges(batch_size, 0, len(self))
 
     def fingerprint(self, batch_size: int = 1024) -> str:
         """A hash of every example (shapes, dtypes and bytes), so that a store is never
@@ -301,3 +300,12 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(slice_batch(v, start, stop) for v in batch)
     return batch
+
+
+def batch_ranges(batch_size: int, start: int, stop: int) -> list[tuple[int, int]]:
+    """Contiguous ``(s, e)`` ranges covering ``start..stop-1`` in order, each ``batch_size``
+    long except possibly the last. THE chunking arithmetic: data passes, resumable
+    store chunks and ranges all use it, so chunk boundaries never drift apart."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]

@@ -2,7 +2,8 @@
 probabilities, measuring queries) reads its batches through :func:`over_ranges`, so the
 progress bar, the device move, eval mode and the non-finite checks are written once.
 
-* :func:`batch_ranges`: the ``(start, stop)`` ranges of a pass in batches of a given size
+* :func:`~datatrace.core.data.batch_ranges` (re-exported here): the ``(start, stop)``
+  ranges of a pass in batches of a given size
   (also the chunk boundaries of resumable stores, so they must never change).
 * :func:`over_batches` / :func:`over_ranges`: yield ``(start, stop, batch)`` with the batch
   on the device, optionally under :func:`~datatrace.core.runtime.eval_mode`, with one
@@ -21,20 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, ExampleSource, batch_to
+from .data import Batch, ExampleSource, batch_ranges, batch_to
 from .errors import NonFiniteError
 from .runtime import eval_mode, show_progress
 
 #: how many offending indices an error message lists (``.indices`` has all of them)
 SHOWN_INDICES = 20
-
-
-def batch_ranges(batch_size: int, start: int, stop: int) -> list[tuple[int, int]]:
-    """Contiguous ``(s, e)`` ranges covering ``start..stop-1`` in order, each ``batch_size``
-    long except possibly the last."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    return [(s, min(s + batch_size, stop)) for s in range(start, stop, batch_size)]
 
 
 def over_batches(

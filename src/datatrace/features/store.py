@@ -40,6 +40,7 @@ import torch
 
 from ..core import distributed, persist
 from ..core.choice import Choice
+from ..core.data import batch_ranges
 from ..core.errors import StoreCorruptError
 
 FORMAT = persist.StoreFormat(
@@ -262,7 +263,7 @@ class FeatureStore:
 
     def chunks(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of every chunk."""
-        return [(s, min(s + self.chunk_size, self.n)) for s in range(0, self.n, self.chunk_size)]
+        return batch_ranges(self.chunk_size, 0, self.n)
 
     def complete(self, c: int) -> bool:
         return len(self.done(c)) == len(self.chunks())
@@ -411,7 +412,7 @@ class MemoryFeatureStore:
         self._done: dict[int, set[int]] = {c: set() for c in range(n_checkpoints)}
 
     def chunks(self) -> list[tuple[int, int]]:
-        return [(s, min(s + self.chunk_size, self.n)) for s in range(0, self.n, self.chunk_size)]
+        return batch_ranges(self.chunk_size, 0, self.n)
 
     def done(self, c: int) -> set[int]:
         return set(self._done[c])
