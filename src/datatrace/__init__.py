@@ -37,6 +37,7 @@ _HOMES = {
         "NonFiniteError", "StoreCorruptError", "StoreError", "StoreMismatchError",
     ],
     "datatrace.core.task": ["AbstractTask", "ClassificationTask", "RegressionTask", "Task"],
+    "datatrace.core.language": ["LanguageModelingTask"],
     "datatrace.curvature": [
         "EKFAC", "KFAC", "AbstractPreconditioner", "Arnoldi", "ConjugateGradient",
         "ExactHessian", "GaussNewton", "InfluenceWarning", "LiSSA",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         StoreError,
         StoreMismatchError,
     )
+    from .core.language import LanguageModelingTask
     from .core.task import AbstractTask, ClassificationTask, RegressionTask, Task
     from .curvature import (
         EKFAC,
@@ -158,6 +160,7 @@ __all__ = [
     "GradientAttributor",
     "Influence",
     "InfluenceWarning",
+    "LanguageModelingTask",
     "LiSSA",
     "ModelError",
     "NonFiniteError",
