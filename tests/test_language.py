@@ -144,9 +144,11 @@ def test_plain_module_and_gradients_match_a_float64_brute_force():
     torch.testing.assert_close(fitted.attribute(queries), q @ g.T, rtol=1e-9, atol=1e-12)
 
 
-def test_gpt2_grad_dot_with_padding_matches_per_sequence_gradients():
+def test_gpt2_grad_dot_with_padding_and_other_query_lengths_matches_per_sequence_gradients():
     model = tiny_gpt2()
-    batch, queries = padded_batch(n=5, T=8, seed=5), padded_batch(n=2, T=8, seed=6)
+    # queries: another length than the training sequences, and a key of their own
+    batch, queries = padded_batch(n=5, T=8, seed=5), padded_batch(n=2, T=6, seed=6)
+    del batch["prompt_length"]
     task = dt.LanguageModelingTask(model, length_normalised=True)
     names = ["transformer.h.1.mlp.c_proj.weight", "transformer.h.1.ln_2.bias"]
     params = dict(model.named_parameters())

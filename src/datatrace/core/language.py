@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import ExampleSource
 from .errors import ConfigError, DataError
 from .task import AbstractTask, ModelFn, _as_tensor_output, _take_first
 
@@ -185,6 +186,16 @@ class LanguageModelingTask(AbstractTask):
             raise DataError(
                 f"{name}: examples {empty[:10].tolist()} have no token to predict (need at "
                 "least two attended tokens, with labels not -100, after the prompt)"
+            )
+
+    def check_queries(self, queries: ExampleSource) -> None:
+        """Queries need token ids; unlike other tasks' queries they may have another length
+        than the training sequences, and keys of their own (``prompt_length``, ...)."""
+        shapes = queries.example_shapes()
+        if self.input_key not in shapes and "0" not in shapes:
+            raise DataError(
+                f"{queries.name} have parts {sorted(shapes)} and no {self.input_key!r}; pass "
+                "them as a dict like the training data"
             )
 
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:

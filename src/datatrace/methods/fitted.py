@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..core import distributed
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError, NonFiniteError
+from ..core.language import LanguageModelingTask
 from ..core.runtime import model_device, show_progress
 from ..core.task import AbstractTask
 from ..curvature.base import (
@@ -126,7 +127,10 @@ class FittedGradientAttributor:
     def query_features(self, queries: Any) -> list[Features]:
         """Measurement-gradient features of the queries at each checkpoint used."""
         source = ExampleSource(queries, "queries")
-        source.check_like(self.train)
+        if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
+            self.task.check_queries(source)
+        else:
+            source.check_like(self.train)
         whole = source.whole()
         if whole is not None:
             self.task.check_data(whole, source.name)
