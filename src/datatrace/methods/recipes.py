@@ -7,8 +7,9 @@
 * :func:`Influence`: ``(1/n) Σ_c w_c q_jᵀ (H_c + λI)⁻¹ g_i`` with any curvature
   preconditioner (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``, ...).
 * :func:`DataInf`: influence with DataInf's per-layer closed-form inverse.
-* :func:`TRAK`: projected margin gradients, Gram-inverse preconditioner, ``1 − p`` example
-  weights, averaged over checkpoints.
+* :func:`TRAK`: projected gradients of the output function (classification: the margin,
+  with ``1 − p`` example weights; other tasks: their loss and measurement, weights 1),
+  Gram-inverse preconditioner, averaged over checkpoints.
 
 First-order recipes take ``params`` (``None``: every trainable parameter; or parameter/module
 names, e.g. the last layer), ``projection_dim`` (``None``: exact; or k for a seeded random
@@ -139,10 +140,14 @@ def TRAK(
     projection_seed: int = 0,
     feature_dtype: torch.dtype | None = None,
 ) -> GradientAttributor:
-    """TRAK (needs a ``dt.ClassificationTask``): margin gradients projected to
-    ``projection_dim`` (``None``: exact), ``(ΦᵀΦ/n + λI)⁻¹`` with ``damping`` λ (``None``:
-    the default multiple of the mean squared feature; 0: TRAK's undamped pseudo-inverse),
-    ``1 − p_i`` example weights, averaged over checkpoints."""
+    """TRAK: gradients of the output function projected to ``projection_dim`` (``None``:
+    exact), ``(ΦᵀΦ/n + λI)⁻¹`` with ``damping`` λ (``None``: the default multiple of the
+    mean squared feature; 0: TRAK's undamped pseudo-inverse), averaged over checkpoints.
+
+    The output function: for a ``dt.ClassificationTask`` the margin
+    ``log p_y − log(1 − p_y)`` with ``1 − p_i`` example weights (the paper's); for any other
+    task its loss (training examples) and measurement (queries) with weights 1
+    (:mod:`datatrace.methods.trak`)."""
     spec = FeatureSpec(
         params=_params(params),
         projection_dim=projection_dim,

@@ -1,9 +1,18 @@
 """TRAK's slots (the recipe is :func:`datatrace.methods.recipes.TRAK`), Park et al. 2023:
-``S = (1/n) Φ_q (ΦᵀΦ/n + λI)⁻¹ Φᵀ diag(1 − p)``, averaged over checkpoints, where Φ are
-(randomly projected) gradients of the margin
-``f(z) = log p_y − log(1 − p_y)`` and ``p_i`` the probability of the true label.
+``S = (1/n) Φ_q (ΦᵀΦ/n + λI)⁻¹ Φᵀ diag(q)``, averaged over checkpoints, where Φ are
+(randomly projected) gradients of the model output function f and ``q_i = ∂ℓ_i/∂f_i``
+(up to sign) its example weights. With ``λ = 0`` this is TRAK's ``Φ_q (ΦᵀΦ)⁻¹ Φᵀ Q``
+(pseudo-inverse when ``ΦᵀΦ`` is singular).
 
-With ``λ = 0`` this is TRAK's ``Φ_q (ΦᵀΦ)⁻¹ Φᵀ Q`` (pseudo-inverse when ``ΦᵀΦ`` is singular).
+The output function, by task:
+
+* :class:`~datatrace.ClassificationTask`: the margin ``f(z) = log p_y − log(1 − p_y)`` for
+  training examples and queries alike, with ``q_i = 1 − p_i`` (``p_i`` the probability of
+  the true label), as in the paper.
+* any other task (regression, :class:`~datatrace.LanguageModelingTask`, ``dt.Task``): the
+  task's own loss is the output of a training example and its measurement the output of a
+  query, with ``q_i = 1`` (``∂ℓ/∂f = 1`` when the output *is* the loss). For another output
+  function, write a ``dt.Task`` whose ``loss_fn``/``measurement_fn`` are that function.
 
 References:
     Park et al., "TRAK: Attributing Model Behavior at Scale", ICML 2023.
@@ -48,23 +57,29 @@ class MarginTask(AbstractTask):
 
 
 class Margin(AbstractOutput):
-    """TRAK's output function for classification: the margin ``log p_y − log(1 − p_y)``."""
+    """TRAK's output function: the margin ``log p_y − log(1 − p_y)`` for a
+    :class:`ClassificationTask`; for any other task its own loss (training examples) and
+    measurement (queries)."""
 
     def wrap(self, task: AbstractTask) -> AbstractTask:
-        if not isinstance(task, ClassificationTask):
-            raise ConfigError("TRAK needs a dt.ClassificationTask (it explains the margin)")
-        return MarginTask(task)
+        if isinstance(task, ClassificationTask):
+            return MarginTask(task)
+        if isinstance(task, MarginTask):
+            raise ConfigError("the task is already TRAK's margin task; pass the inner task")
+        return task
 
 
 class MarginResidual(AbstractExampleWeights):
-    """TRAK's example weights ``1 − p_i`` (the true label's predicted probability)."""
+    """TRAK's example weights: ``1 − p_i`` (the true label's predicted probability) for a
+    :class:`ClassificationTask`; 1 for any other task (its output is its loss)."""
 
     def weights(
         self, task: AbstractTask, state: State, train: ExampleSource, batch_size: int
     ) -> torch.Tensor:
-        if not isinstance(task, ClassificationTask):
-            raise ConfigError("1 − p weights need a dt.ClassificationTask")
-        return 1.0 - true_label_probability(task, state, train, batch_size)
+        if isinstance(task, ClassificationTask):
+            return 1.0 - true_label_probability(task, state, train, batch_size)
+        dtype = next(iter(state[0].values())).dtype
+        return torch.ones(len(train), dtype=dtype, device=model_device(task.model))
 
 
 def true_label_probability(
