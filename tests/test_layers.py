@@ -21,6 +21,7 @@ LAYERS = [
     "retrain",
     "methods",
     "truth",
+    "integrations",
     "app",
 ]
 

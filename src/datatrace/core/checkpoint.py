@@ -82,7 +82,8 @@ class Checkpoint:
         Args:
             path: the file or folder.
             weight: the checkpoint's weight; ``None``: the learning rate stored in the
-                file's optimizer state (what TracIn needs), else 1.0.
+                file's optimizer state or, for safetensors, under ``learning_rate`` in its
+                metadata (as datatrace's Trainer callback writes it), else 1.0.
             name: a label (default: the file name).
             key: the entry holding the state dict, when it is none of the usual ones.
             strip_prefix: removed from every parameter name that starts with it (Lightning
@@ -99,6 +100,8 @@ class Checkpoint:
             state = {k.removeprefix(strip_prefix): v for k, v in state.items()}
         if weight is None:
             lr = _learning_rate(beside, path)
+            if lr is None and path.suffix == ".safetensors":
+                lr = _metadata_learning_rate(path)
             weight = lr if lr is not None else 1.0
         return cls(state=dict(state), weight=weight, name=name or path.stem)
 
@@ -275,6 +278,22 @@ def _learning_rate(raw: Mapping[str, Any], path: Path) -> float | None:
         if rates:
             return rates.pop()
     return None
+
+
+def _metadata_learning_rate(path: Path) -> float | None:
+    """``learning_rate`` from a safetensors file's metadata (its header), if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        value = (f.metadata() or {}).get("learning_rate")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise CheckpointError(
+            f"{path}: metadata learning_rate={value!r} is not a number; pass weight=..."
+        ) from None
 
 
 def _natural_key(path: Path) -> list[Any]:
