@@ -151,3 +151,17 @@ def test_datatrace_imports_without_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_checkpoint_from_file_reads_the_learning_rate_from_safetensors_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {"w": torch.ones(2, 3)}
+    save_file(state, str(tmp_path / "a.safetensors"), metadata={"learning_rate": "0.0025"})
+    save_file(state, str(tmp_path / "b.safetensors"))
+    save_file(state, str(tmp_path / "c.safetensors"), metadata={"learning_rate": "fast"})
+    assert dt.Checkpoint.from_file(tmp_path / "a.safetensors").weight == 0.0025
+    assert dt.Checkpoint.from_file(tmp_path / "a.safetensors", weight=2.0).weight == 2.0
+    assert dt.Checkpoint.from_file(tmp_path / "b.safetensors").weight == 1.0
+    with pytest.raises(dt.CheckpointError, match="learning_rate='fast' is not a number"):
+        dt.Checkpoint.from_file(tmp_path / "c.safetensors")

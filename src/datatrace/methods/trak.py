@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from ..core.data import ExampleSource
-from ..core.errors import ConfigError
 from ..core.loop import over_batches
 from ..core.runtime import model_device
 from ..core.task import AbstractTask, ClassificationTask, ModelFn
@@ -62,11 +61,7 @@ class Margin(AbstractOutput):
     measurement (queries)."""
 
     def wrap(self, task: AbstractTask) -> AbstractTask:
-        if isinstance(task, ClassificationTask):
-            return MarginTask(task)
-        if isinstance(task, MarginTask):
-            raise ConfigError("the task is already TRAK's margin task; pass the inner task")
-        return task
+        return MarginTask(task) if isinstance(task, ClassificationTask) else task
 
 
 class MarginResidual(AbstractExampleWeights):
