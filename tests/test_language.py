@@ -188,3 +188,46 @@ def test_bad_batches_are_named():
         dt.GradDot().fit(task, ckpt, {"input_ids": bad}, progress=False)
     with pytest.raises(dt.ConfigError, match="length_normalised"):
         dt.LanguageModelingTask(model, length_normalised="yes")
+
+
+def test_gauss_newton_influence_uses_the_logits_and_matches_a_hand_built_matrix():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    batch = padded_batch(n=6, T=5, seed=3)
+    del batch["prompt_length"]
+    queries = padded_batch(n=2, T=5, seed=4)
+    task = dt.LanguageModelingTask(model)
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def flat_logits(flat, ids):  # the logits as a function of the flattened parameters
+        sizes = [theta[n].numel() for n in names]
+        params = {n: v.view_as(theta[n]) for n, v in zip(names, flat.split(sizes), strict=True)}
+        return torch.func.functional_call(model, params, (ids,))
+
+    flat = torch.cat([theta[n].flatten() for n in names])
+    G = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for i in range(len(batch["input_ids"])):
+        length = int(batch["attention_mask"][i].sum())
+        ids = batch["input_ids"][i : i + 1, :length]
+        J = torch.autograd.functional.jacobian(lambda f, ids=ids: flat_logits(f, ids)[0], flat)
+        p = torch.softmax(flat_logits(flat, ids)[0], -1)
+        for t in range(length - 1):  # position t predicts token t + 1: H = diag(p) − p pᵀ
+            H = torch.diag(p[t]) - torch.outer(p[t], p[t])
+            G += J[t].T @ H @ J[t]
+    n, damping = len(batch["input_ids"]), 0.05
+    G = G / n + damping * torch.eye(len(flat), dtype=torch.float64)
+
+    def grads(data, prompt):
+        rows = []
+        for v in hand_nll(model, data, prompt):
+            gs = torch.autograd.grad(v, list(model.parameters()), retain_graph=True)
+            rows.append(torch.cat([x.flatten() for x in gs]))
+        return torch.stack(rows)
+
+    ref = grads(queries, True) @ torch.linalg.solve(G, grads(batch, False).T) / n
+    ckpt = [dt.Checkpoint.from_module(model)]
+    cg = dt.ConjugateGradient(damping=damping, gauss_newton=True, max_iter=400, tol=1e-14)
+    for pc in (dt.GaussNewton(damping=damping), cg):
+        S = dt.Influence(pc).fit(task, ckpt, batch, progress=False).attribute(queries)
+        torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))

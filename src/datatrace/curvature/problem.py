@@ -109,7 +109,7 @@ class CurvatureProblem:
 
         def one(v: torch.Tensor) -> torch.Tensor:
             jv = jvp(lambda t: self.outputs(t, batch), (self.theta,), (v,))[1]
-            return pullback(torch.einsum("bij,bj->bi", h_out, jv))[0]
+            return pullback(torch.einsum("bij,bj->bi", h_out, jv.flatten(1)).view_as(out))[0]
 
         return torch.stack([one(v) for v in vectors])
 
@@ -147,12 +147,15 @@ class CurvatureProblem:
         return total / self.n
 
     def output_hessians(self, out: torch.Tensor, batch: Any) -> torch.Tensor:
-        """``∇²_out ℓ_i`` per example, (batch, d, d), by autodiff of the output loss."""
+        """``∇²_out ℓ_i`` per example, (batch, d, d), by autodiff of the output loss; outputs
+        of more dimensions (a language model's (batch, T, vocab) logits) are flattened,
+        d = T · vocab."""
+        shape = out.shape[1:]
 
         def single(o: torch.Tensor, example: Any) -> torch.Tensor:
-            return self.task.output_loss(o[None], as_single_batch(example))[0]
+            return self.task.output_loss(o.view(shape)[None], as_single_batch(example))[0]
 
-        return vmap(hessian(single), in_dims=(0, 0))(out, batch)
+        return vmap(hessian(single), in_dims=(0, 0))(out.flatten(1), batch)
 
     # -- full matrices (small models only; callers check the size) --------------------------
 
@@ -298,7 +301,7 @@ class CurvatureProblem:
             h_out = self.output_hessians(out, batch)
 
             def single(t: torch.Tensor, example: Any) -> torch.Tensor:
-                return self.outputs(t, as_single_batch(example))[0]
+                return self.outputs(t, as_single_batch(example))[0].flatten()
 
             jac = vmap(jacrev(single), in_dims=(None, 0))(self.theta, batch)  # (b, d, p)
             total += torch.einsum("bip,bij,bjq->pq", jac, h_out, jac)
