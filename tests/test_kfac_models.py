@@ -335,3 +335,83 @@ def _factors_regression(model, x, y):
     return dt.EKFAC(damping=1e-3, fisher="sampled").fit(
         FitContext(problem, 1.0, None, lambda: iter(()))
     )
+
+
+# -- which layers, decided before any gradient pass ----------------------------------------
+
+
+class _Reused(torch.nn.Module):
+    """``shared`` is called twice per forward, ``unused`` never."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+        self.unused = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_layers_are_chosen_before_any_gradient_pass(monkeypatch, caplog):
+    from datatrace.methods import engine
+
+    def no_gradients(*args, **kwargs):
+        raise AssertionError("a gradient pass ran before the layer check")
+
+    torch.manual_seed(0)
+    model = _Reused().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "featurize", no_gradients)
+        with pytest.raises(dt.ConfigError, match=r"'shared.weight' \(called 2 times per forward"):
+            dt.Influence(dt.EKFAC(), params=["shared.weight", "head"]).fit(task, ckpts, (x, y))
+        with pytest.raises(dt.ConfigError, match=r"'unused.bias' \(not called by the loss"):
+            dt.Influence(dt.KFAC(), params=["unused.bias"]).fit(task, ckpts, (x, y))
+    with caplog.at_level(logging.INFO, logger="datatrace"):
+        fitted = dt.Influence(dt.EKFAC(damping=0.1)).fit(task, ckpts, (x, y), progress=False)
+    assert fitted.features.names == ["head.weight", "head.bias"]
+    assert "shared.weight (called 2 times per forward)" in caplog.text
+    assert "unused.weight (not called by the loss)" in caplog.text
+
+
+def test_token_mask_default():
+    task = dt.ClassificationTask(MLP())
+    mask = torch.tensor([[1, 1, 0]])
+    assert task.token_mask({"input_ids": mask, "attention_mask": mask}) is mask
+    assert task.token_mask({"input_ids": mask}) is None
+    assert task.token_mask((torch.zeros(1, 5), torch.zeros(1))) is None
+
+
+def test_sampled_columns_of_a_masked_scaled_token_loss_average_to_its_output_hessian():
+    """Per-token cross-entropy with a mask and a scale c (a mean over counted tokens):
+    E[Σ_c r_c r_cᵀ] over sampled labels equals the exact output Hessian, block by block,
+    and uncounted tokens get nothing. Monte Carlo error with 100,000 samples: 0.6-1% of the
+    largest entry (measured over seeds at 40,000: 1-1.5%, falling like 1/√K); asserted 3%."""
+    from datatrace.curvature.fisher import Fisher, output_columns
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    batch = {
+        "labels": torch.tensor([[1, 3, 0], [2, 2, 1]]),
+        "keep": torch.tensor([[1, 0, 1], [1, 1, 1]]),
+    }
+
+    def loss(out, b):
+        nll = F.cross_entropy(out.transpose(1, 2), b["labels"], reduction="none")
+        keep = b["keep"].to(out.dtype)
+        return (nll * keep).sum(1) / keep.sum(1)
+
+    task = dt.Task(
+        MLP(), lambda m, b: loss(m(b), b), output_fn=lambda m, b: m(b), output_loss_fn=loss
+    )
+    exact = output_columns(task, logits, batch, Fisher.EXACT, 1, None)  # (12, 2, 3, 4)
+    sampled = output_columns(task, logits, batch, Fisher.SAMPLED, 100_000, g)
+    for i in range(2):
+        h_exact = torch.einsum("ca,cb->ab", exact[:, i].flatten(1), exact[:, i].flatten(1))
+        h_sampled = torch.einsum("ca,cb->ab", sampled[:, i].flatten(1), sampled[:, i].flatten(1))
+        torch.testing.assert_close(
+            h_sampled, h_exact, rtol=0, atol=0.03 * float(h_exact.abs().max())
+        )
+    assert float(sampled[:, 0, 1].abs().max()) == 0.0  # the masked token
