@@ -415,3 +415,34 @@ def test_sampled_columns_of_a_masked_scaled_token_loss_average_to_its_output_hes
             h_sampled, h_exact, rtol=0, atol=0.03 * float(h_exact.abs().max())
         )
     assert float(sampled[:, 0, 1].abs().max()) == 0.0  # the masked token
+
+
+class _Grouped(torch.nn.Module):
+    """A Linear on tokens (masked) and one on a (batch, 2, d) input without the token axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 4)
+        self.tok = torch.nn.Linear(4, 4)
+        self.grp = torch.nn.Linear(2, 3)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.tok(self.emb(input_ids))) * attention_mask[..., None]
+        pooled = h.sum(1) / attention_mask.sum(1, keepdim=True)
+        return self.head(self.grp(pooled.reshape(-1, 2, 2)).flatten(1))
+
+
+def test_an_input_without_the_token_axis_is_warned_about_once(caplog):
+    torch.manual_seed(0)
+    model = _Grouped().double()
+    batch = _bert_data(9, seed=4)
+    with caplog.at_level(logging.INFO, logger="datatrace"):
+        fitted = _fit_bert(model, batch, dt.EKFAC(damping=0.1))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "'grp'" in r.message]
+    assert len(warned) == 1 and "padded positions (if any) are counted" in warned[0].message
+    tok = _layer(fitted, "tok")
+    m = batch["attention_mask"].double()
+    a = torch.cat([model.emb(batch["input_ids"]), torch.ones(9, T, 1, dtype=torch.float64)], 2)
+    A = torch.einsum("bti,btj->ij", a * m[..., None], a) / m.sum()
+    torch.testing.assert_close(tok.A, A.detach(), rtol=1e-12, atol=1e-14)

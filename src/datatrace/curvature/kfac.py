@@ -99,6 +99,7 @@ class _Layer:
     us: torch.Tensor | None = None
     lam: torch.Tensor | None = None  # (out, in') eigenvalues in the U_S ⊗ U_A basis
     positions: float = field(default=0.0)  # counted positions seen (the mean of A)
+    unmasked: bool = False  # warned that its input does not carry the token axis
 
     def patches(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Input activations per position, (batch, positions, in'), with the bias column,
@@ -124,6 +125,9 @@ class _Layer:
         if tokens is None or self.kind is _Kind.CONV2D or x.dim() < 3:
             return None
         if tuple(x.shape[:2]) != tuple(tokens.shape):
+            if self.unmasked:
+                return None
+            self.unmasked = True
             log.warning(
                 "K-FAC: layer %r gets an input of shape %s that does not start with the token "
                 "mask's (batch, tokens) %s: its padded positions (if any) are counted",
