@@ -314,16 +314,25 @@ def test_lissa_divergence_says_increase_scale(setup):
         _fit(model, x, y, dt.LiSSA(damping=0.1, scale=1e-3, depth=200)).attribute((xq, yq))
 
 
-def test_unsupported_module_for_kfac(dict_data):
+def test_unsupported_module_for_kfac(dict_data, caplog):
+    """params=None: every supported layer, the rest listed in the log; an unsupported
+    parameter named explicitly is an error (before any gradient pass)."""
     model, batch = dict_data
-    with pytest.raises(dt.ConfigError, match=r"'emb.weight' belongs to Embedding.*params="):
-        dt.Influence(dt.EKFAC()).fit(
-            dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], batch, progress=False
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    with pytest.raises(dt.ConfigError, match=r"'emb.weight' \(Embedding is not a K-FAC layer"):
+        dt.Influence(dt.EKFAC(), params=["emb.weight", "head"]).fit(
+            task, ckpts, batch, progress=False
         )
-    fitted = dt.Influence(dt.EKFAC(damping=0.1), params=["head"]).fit(
-        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], batch, progress=False
+    with caplog.at_level("INFO", logger="datatrace"):
+        every = dt.Influence(dt.EKFAC(damping=0.1)).fit(task, ckpts, batch, progress=False)
+    assert "left out of the scores" in caplog.text and "emb.weight (Embedding" in caplog.text
+    assert every.features.names == ["head.weight", "head.bias"]
+    head = dt.Influence(dt.EKFAC(damping=0.1), params=["head"]).fit(
+        task, ckpts, batch, progress=False
     )
-    assert fitted.attribute(batch).shape == (8, 8)
+    S = head.attribute(batch)
+    assert S.shape == (8, 8) and S.abs().max() > 0
+    torch.testing.assert_close(every.attribute(batch), S, rtol=1e-12, atol=0.0)
 
 
 def test_hessian_too_large_for_the_exact_path(setup):
@@ -450,9 +459,9 @@ def test_kfac_batched_column_pullbacks_equal_one_backward_per_column():
     x = torch.randn(4, 5, dtype=torch.float64)
     h = lin1(x)
     out = lin2(torch.tanh(h))
-    roots = torch.randn(4, 3, 3, dtype=torch.float64)
-    got = _pull_back_columns(out, [h, out], roots)
+    columns = torch.randn(3, 4, 3, dtype=torch.float64)  # (C, *out.shape)
+    got = _pull_back_columns(out, [h, out], columns)
     for c in range(3):
-        want = torch.autograd.grad(out, [h, out], roots[:, :, c], retain_graph=True)
+        want = torch.autograd.grad(out, [h, out], columns[c], retain_graph=True)
         for i in range(2):
             torch.testing.assert_close(got[i][c], want[i], rtol=1e-12, atol=1e-14)

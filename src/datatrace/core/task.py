@@ -65,6 +65,17 @@ class AbstractTask(ABC):
         batch, ``name``: what it is called), so errors quote the user's shapes and every
         offending example; default: nothing."""
 
+    def token_mask(self, batch: Any) -> torch.Tensor | None:
+        """Which tokens of a sequence batch are real, (batch, T) with 1 = real token and 0 =
+        padding, or ``None`` (no padding, or not a sequence task). Token-level curvature
+        (K-FAC/EK-FAC factors of layers applied to every token) leaves padding out.
+
+        Default: ``batch["attention_mask"]`` when the batch is a mapping with that key."""
+        if isinstance(batch, Mapping) and "attention_mask" in batch:
+            mask = batch["attention_mask"]
+            return mask if isinstance(mask, torch.Tensor) else None
+        return None
+
     def outputs(self, model: ModelFn, batch: Any) -> torch.Tensor:
         """Model outputs (batch, d) that the loss is a function of (for Gauss–Newton/K-FAC)."""
         raise ConfigError(

@@ -4,8 +4,10 @@
 * ``ConjugateGradient``: matrix-free, all queries at once; exact up to ``tol``.
 * ``LiSSA``: stochastic Neumann series; cheap per step, noisy.
 * ``Arnoldi``: top-r eigenpairs; good when the spectrum decays fast.
-* ``KFAC`` / ``EKFAC``: Kronecker-factored Gauss–Newton for Linear/Conv2d layers; scale to
-  large models. EK-FAC is the better of the two.
+* ``KFAC`` / ``EKFAC``: Kronecker-factored Gauss–Newton for Linear (any input rank, e.g.
+  tokens), Conv2d and transformers' Conv1D layers; scale to large models. EK-FAC is the
+  better of the two. ``Fisher``: how their output-side factor is formed (exact, sampled
+  labels, empirical).
 * ``DataInfPreconditioner``: DataInf's closed form (per layer, from training gradients).
 """
 
@@ -19,6 +21,7 @@ from .base import (
 from .context import FitContext
 from .datainf import DataInfPreconditioner
 from .dense import ExactHessian, GaussNewton
+from .fisher import Fisher
 from .gram import GramInverse
 from .iterative import Arnoldi, ConjugateGradient, LiSSA
 from .kfac import EKFAC, KFAC
@@ -35,6 +38,7 @@ __all__ = [
     "CurvatureProblem",
     "DataInfPreconditioner",
     "ExactHessian",
+    "Fisher",
     "FitContext",
     "GaussNewton",
     "GramInverse",

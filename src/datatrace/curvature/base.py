@@ -17,6 +17,8 @@ import torch
 from ..core.errors import ConfigError, NonFiniteError
 
 if TYPE_CHECKING:
+    from ..core.data import ExampleSource
+    from ..core.task import AbstractTask
     from .context import FitContext
 
 #: Multiplier of λ₀ used when ``damping=None``, chosen by Pearson agreement with true
@@ -62,6 +64,19 @@ class AbstractPreconditioner(ABC):
     @abstractmethod
     def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:
         """Fit at one checkpoint from ``ctx`` (curvature problem, λ₀, training blocks)."""
+
+    def parameters(
+        self,
+        task: AbstractTask,
+        names: list[str],
+        requested: tuple[str, ...] | None,
+        train: ExampleSource,
+    ) -> list[str]:
+        """The parameters this preconditioner works on, out of the selected ``names`` (model
+        order), decided before any gradient pass: the features (and so the scores) are
+        restricted to them. ``requested``: the user's ``params`` (``None``: every trainable
+        parameter); ``train``: the training data (for a forward-only probe). Default: all."""
+        return list(names)
 
 
 def mean_squared_entry(square_sum: float, n: int, width: int) -> float:

@@ -23,6 +23,7 @@ Fitting featurizes the training set once per checkpoint (memory, a store, or rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import weakref
@@ -51,6 +52,7 @@ from ..features.loop import State, featurize
 from ..features.placement import place_training_features
 from ..features.spec import FeatureSpec
 from ..features.store import Verify
+from ..grads.per_example import select_parameters
 from .fitted import FittedGradientAttributor
 from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 
@@ -157,7 +159,8 @@ class GradientAttributor:
         if whole is not None:
             task.check_data(whole, source.name)
         scored = self.output.wrap(task) if self.output is not None else task
-        per_ckpt, states = self._bind(scored, ckpts, source, batch_size)
+        spec = self._features_for(scored, source)
+        per_ckpt, states = self._bind(scored, ckpts, source, batch_size, spec)
         device = model_device(task.model)
         dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
 
@@ -166,7 +169,7 @@ class GradientAttributor:
                 "method": {"normalize": self.normalize},
                 "model": model_fingerprint(task.model),
                 "task": task_fingerprint(scored),
-                "features": self.features.describe(),
+                "features": spec.describe(),
                 "checkpoints": [c.fingerprint() for c in ckpts],
                 "data": source.fingerprint(),
                 "environment": environment_fingerprint(dtype, device),
@@ -197,14 +200,30 @@ class GradientAttributor:
             weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
         return fitted
 
+    def _features_for(self, scored: AbstractTask, source: ExampleSource) -> FeatureSpec:
+        """The feature spec restricted to the parameters the preconditioner works on (K-FAC:
+        its supported layers), decided before any gradient pass."""
+        if self.preconditioner is None:
+            return self.features
+        names = select_parameters(scored.model, self.features.params)
+        kept = self.preconditioner.parameters(scored, names, self.features.params, source)
+        if kept == names:
+            return self.features
+        return dataclasses.replace(self.features, params=tuple(kept))
+
     def _bind(
-        self, scored: AbstractTask, ckpts: list[Checkpoint], source: ExampleSource, batch_size: int
+        self,
+        scored: AbstractTask,
+        ckpts: list[Checkpoint],
+        source: ExampleSource,
+        batch_size: int,
+        spec: FeatureSpec,
     ) -> tuple[list[AbstractFeaturizer], list[State]]:
         """One featurizer per checkpoint (projected features get an independent matrix each)
         and the checkpoints' states on the model's device, probed on one example (which
         fixes the factored layout before a store is sized)."""
         per_ckpt: list[AbstractFeaturizer] = [
-            GradientFeatures(self.features.for_checkpoint(c), scored) for c in range(len(ckpts))
+            GradientFeatures(spec.for_checkpoint(c), scored) for c in range(len(ckpts))
         ]
         device = model_device(scored.model)
         distributed.ensure_initialized(device)

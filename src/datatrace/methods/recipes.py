@@ -4,8 +4,8 @@
 * :func:`GradCos`: the cosine of the same gradients (robust to gradient-norm outliers).
 * :func:`TracIn`: ``Σ_c η_c q_j(θ_c)ᵀ g_i(θ_c)`` over saved checkpoints, weighted by the
   learning rate (``Checkpoint.weight``); self-influence ranks suspected mislabels.
-* :func:`Influence`: ``(1/n) Σ_c w_c q_jᵀ (H_c + λI)⁻¹ g_i`` with any curvature
-  preconditioner (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``, ...).
+* :func:`Influence`: ``(1/n) Σ_c w_c q_jᵀ (H_c + λI)⁻¹ g_i`` (``Σ_c w_c = 1``) with any
+  curvature preconditioner (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``, ...).
 * :func:`DataInf`: influence with DataInf's per-layer closed-form inverse.
 * :func:`TRAK`: projected gradients of the output function (classification: the margin,
   with ``1 − p`` example weights; other tasks: their loss and measurement, weights 1),
@@ -16,6 +16,13 @@ names, e.g. the last layer), ``projection_dim`` (``None``: exact; or k for a see
 projection with ``E[PᵀP] = I``), and ``feature_dtype``/``tf32`` (reduced precision with the
 error bound stated in :class:`datatrace.FeatureSpec`). Influence scores estimate
 ``f(z_j; θ without i) − f(z_j; θ)`` (leave-one-out units; positive = proponent).
+
+Units and checkpoint weights: only TracIn multiplies by ``Checkpoint.weight`` (its learning
+rates). Influence functions and DataInf treat several checkpoints as an ensemble, averaged
+with their weights normalised to sum 1 (:attr:`CheckpointWeights.ENSEMBLE`); TRAK averages
+its checkpoints equally (:attr:`CheckpointWeights.MEAN`). Either way their scores are in
+leave-one-out units whatever the weights (a learning rate of 7.9e-7 saved for TracIn does
+not scale them).
 
 A new method that is a new combination of slots is one more function here and one line in
 :mod:`datatrace.app.registry` (see CONTRIBUTING.md).
@@ -111,7 +118,9 @@ def TracIn(
 
 def Influence(preconditioner: AbstractPreconditioner, params: Params = None) -> GradientAttributor:
     """Influence functions with the given curvature preconditioner (e.g.
-    ``dt.ExactHessian(damping=...)``, ``dt.ConjugateGradient(...)``, ``dt.EKFAC(...)``)."""
+    ``dt.ExactHessian(damping=...)``, ``dt.ConjugateGradient(...)``, ``dt.EKFAC(...)``), in
+    leave-one-out units: several checkpoints are an ensemble, averaged with their weights
+    normalised to sum 1 (a single checkpoint's weight does not scale the scores)."""
     if not isinstance(preconditioner, AbstractPreconditioner):
         raise ConfigError(
             f"Influence needs a preconditioner such as dt.ExactHessian(), got "
@@ -119,6 +128,7 @@ def Influence(preconditioner: AbstractPreconditioner, params: Params = None) -> 
         )
     return GradientAttributor(
         FeatureSpec(params=_params(params), factored=False),
+        checkpoints=CheckpointWeights.ENSEMBLE,
         preconditioner=preconditioner,
         name=f"Influence[{type(preconditioner).__name__}]",
     )
@@ -128,6 +138,7 @@ def DataInf(damping: float | None = None, params: Params = None) -> GradientAttr
     """DataInf (Kwon et al. 2024): per-layer closed-form inverse from training gradients."""
     return GradientAttributor(
         FeatureSpec(params=_params(params), factored=False),
+        checkpoints=CheckpointWeights.ENSEMBLE,
         preconditioner=DataInfPreconditioner(damping),
         name="DataInf",
     )

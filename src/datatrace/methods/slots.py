@@ -5,12 +5,14 @@ count (:class:`CheckpointWeights`), per-example column weights
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
 
 import torch
 
 from ..core.checkpoint import Checkpoint
 from ..core.data import ExampleSource
+from ..core.errors import CheckpointError
 from ..core.task import AbstractTask
 from ..features.loop import State
 
@@ -20,10 +22,15 @@ class CheckpointWeights(enum.Enum):
 
     #: the last checkpoint only, weight 1 (Grad-Dot, Grad-Cos: final-model methods)
     LAST = "last"
-    #: every checkpoint, with its ``Checkpoint.weight`` (TracIn's learning rate; influence)
+    #: every checkpoint, with its ``Checkpoint.weight`` as is (TracIn's learning rate: the
+    #: only method whose scores scale with the checkpoint weights)
     LEARNING_RATE = "learning_rate"
     #: every checkpoint, weight 1/C whatever its own weight (TRAK's ensemble average)
     MEAN = "mean"
+    #: every checkpoint, its ``Checkpoint.weight`` normalised to sum 1 (influence functions:
+    #: an ensemble average, so scores stay in leave-one-out units whatever the weights,
+    #: e.g. learning rates saved for TracIn)
+    ENSEMBLE = "ensemble"
 
     def select(self, ckpts: list[Checkpoint]) -> tuple[list[Checkpoint], list[float]]:
         """The checkpoints used and their weights."""
@@ -31,7 +38,21 @@ class CheckpointWeights(enum.Enum):
             return ckpts[-1:], [1.0]
         if self is CheckpointWeights.MEAN:
             return ckpts, [1.0 / len(ckpts)] * len(ckpts)
+        if self is CheckpointWeights.ENSEMBLE:
+            return ckpts, _normalised([c.weight for c in ckpts])
         return ckpts, [c.weight for c in ckpts]
+
+
+def _normalised(weights: list[float]) -> list[float]:
+    """Ensemble weights ``w_c / Σ w``: each ``>= 0``, not all 0."""
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise CheckpointError(
+            f"checkpoint weights {weights} cannot be ensemble weights (influence functions "
+            "average their checkpoints with weights normalised to sum 1): give weights >= 0, "
+            "not all 0 (e.g. the default weight=1 for an equal average)"
+        )
+    total = math.fsum(weights)
+    return [w / total for w in weights]
 
 
 class AbstractExampleWeights(ABC):
