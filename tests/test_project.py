@@ -99,20 +99,18 @@ def _explicit_kronecker(feats, model, names, k):
         size = shapes[n].numel()
         cols[n] = dense[offset : offset + size]
         offset += size
-    for lay in feats.kr_layers:
-        w, b = feats.hooked[lay]
-        weight = shapes[f"{lay}.weight"]
-        out_dim, in_dim = weight.shape[0], weight[0].numel()
-        u, v = feats._kronecker_factors(lay, out_dim, in_dim * w + b, weight.double())
+    for j, (wname, bname, out_dim, in_dim) in enumerate(feats.units):
+        w, b = wname is not None, bname is not None
+        u, v = feats.kronecker_projector.factors(j, torch.float64, torch.device("cpu"))
         # rows u_{c,i} ⊗ v_{c,j} of each block c, the first k of them in (c, i, j) order
         m = feats.spec.kronecker_block
-        uc, vc = u.view(-1, m, out_dim), v.view(-1, m, in_dim * w + b)
-        rows = torch.einsum("cio,cjn->cijon", uc, vc).reshape(-1, out_dim, in_dim * w + b)[:k]
+        uc, vc = u.view(-1, m, out_dim), v.view(-1, m, in_dim + b)
+        rows = torch.einsum("cio,cjn->cijon", uc, vc).reshape(-1, out_dim, in_dim + b)[:k]
         full = rows.permute(1, 2, 0)  # (out, in', k)
         if w:
-            cols[f"{lay}.weight"] = full[:, :in_dim].reshape(out_dim * in_dim, k)
+            cols[wname] = full[:, :in_dim].reshape(out_dim * in_dim, k)
         if b:
-            cols[f"{lay}.bias"] = full[:, -1]
+            cols[bname] = full[:, -1]
     return torch.cat([cols[n] for n in names])
 
 

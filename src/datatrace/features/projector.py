@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ConfigError
+from ..grads.rules import Term
 
 #: the prime that separates the streams of consecutive base seeds
 SEED_STEP = 1_000_003
@@ -235,6 +236,46 @@ class KroneckerProjector(AbstractProjector):
         va4 = torch.einsum("ki,bit->bkt", v, a).view(batch, -1, m, steps)
         blocks = torch.matmul(ue4, va4.transpose(2, 3))
         return blocks if acc is None else acc.add_(blocks)
+
+    def project_terms(
+        self,
+        unit: int,
+        terms: Sequence[Term],
+        bias: torch.Tensor | None,
+        n: int,
+        acc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A unit's blocks ``U_c G V_cᵀ`` of ``G = [Σ_terms Σ_t left_t right_tᵀ | bias]``,
+        from the factors (LoGra: ``Σ_t (U left_t)(V right_t)ᵀ``; an indexed (Embedding)
+        term's ``U left_t`` is a column of U), never forming G; added to ``acc``
+        (n, r, m, m) in place (a new tensor when None). ``bias``: (n, rows), the
+        per-example gradient of the bias folded into the unit's last column."""
+        _, n_in, has_bias = self.layers[unit]
+        like = bias if bias is not None else terms[0].right if terms else None
+        if acc is None:
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            device = like.device if like is not None else torch.device("cpu")
+            r = -(-self.dim // self.block**2)
+            acc = torch.zeros(n, r, self.block, self.block, dtype=dtype, device=device)
+        if like is None:
+            return acc
+        u, v = self.factors(unit, like.dtype, like.device)
+        m = self.block
+        for t in terms:
+            ul = u.T[t.left] if t.indexed else t.left @ u.T  # (n, N, r·m)
+            vr = t.right @ v[:, :n_in].T
+            tokens = ul.shape[1]
+            acc.add_(
+                torch.einsum(
+                    "bnci,bncj->bcij",
+                    ul.reshape(n, tokens, -1, m),
+                    vr.reshape(n, tokens, -1, m),
+                )
+            )
+        if bias is not None and has_bias:
+            ub = (bias @ u.T).view(n, -1, m, 1)
+            acc.addcmul_(ub, v[:, -1].view(1, -1, 1, m))
+        return acc
 
     def __call__(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         """The slow twin: project explicit per-example layer gradients, each
