@@ -109,6 +109,11 @@ class AbstractFeaturizer(ABC):
         """The numerical setting scoring matmuls run under (default: unchanged)."""
         return contextlib.nullcontext()
 
+    def work_entries(self) -> int:
+        """Numbers held per example while a batch is featurized, beyond its features
+        (default: as many as the features; activations not counted)."""
+        return sum(self.layout().values())
+
 
 class GradientFeatures(AbstractFeaturizer):
     """The featurizer of :class:`FeatureSpec` bound to a task's model.
@@ -146,6 +151,7 @@ class GradientFeatures(AbstractFeaturizer):
         self._use_vmap = spec.vmap is not False
         self._probed = False
         self._warned_loop = False
+        self._warned_regen = False
 
     # -- which parameter goes where ---------------------------------------------------------
 
@@ -261,6 +267,16 @@ class GradientFeatures(AbstractFeaturizer):
                 proj, [(rows, cols, b is not None) for _, b, rows, cols in self.units],
                 spec.kronecker_block,
             )  # fmt: skip
+
+    def work_entries(self) -> int:
+        """Numbers held per example while featurizing: the formed per-example gradients
+        (vmap's, the loop's, or the hook rules' where they are formed) and their flattened
+        copy, plus the features (layer activations not counted)."""
+        factored = set() if self.projector is not None else set(self.names) - set(self.dense_names)
+        formed = sum(math.prod(self.shapes[n]) for n in self.names if n not in factored)
+        if self.projector is not None:
+            formed = sum(math.prod(self.shapes[n]) for n in self.dense_proj_names)
+        return 2 * formed + sum(self.layout().values())
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -414,6 +430,17 @@ class GradientFeatures(AbstractFeaturizer):
         if blocks:
             dense = self.projector(blocks)
             out = dense if out is None else out.add_(dense)
+            if self.projector.regenerated and not self._warned_regen:
+                self._warned_regen = True
+                log.warning(
+                    "the dense random projection of %d parameter entries (%s) does not fit "
+                    "its cache: %d entries of P are regenerated from their seeds at every "
+                    "batch (slow); select fewer parameters (params=...) or use layers with "
+                    "hook rules, whose weights are projected from their factors",
+                    sum(math.prod(self.shapes[n]) for n in self.dense_proj_names),
+                    self.dense_proj_names[:4],
+                    self.projector.regenerated,
+                )
         assert out is not None
         return out if out.is_contiguous() else out.contiguous()
 

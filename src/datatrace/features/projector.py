@@ -105,7 +105,9 @@ class RandomProjector(AbstractProjector):
         spec: projection settings.
         sizes: number of entries of each parameter block, in feature order.
         max_block_elems: the largest slice of ``P`` materialised at once.
-        cache_bytes: keep generated slices while their total stays under this.
+        cache_bytes: keep generated slices (in the dtype and on the device they are used
+            in) while their total stays under this; slices beyond it are regenerated from
+            their seeds at every call (:attr:`regenerated` entries of ``P`` per call).
     """
 
     def __init__(
@@ -113,13 +115,15 @@ class RandomProjector(AbstractProjector):
         spec: ProjectionSpec,
         sizes: Sequence[int],
         max_block_elems: int = 1 << 22,
-        cache_bytes: int = 64 << 20,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         self.spec = spec
         self.sizes = list(sizes)
         self.rows_per_block = max(1, max_block_elems // spec.dim)
         self._cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
-        self._cacheable = sum(self.sizes) * spec.dim * 8 <= cache_bytes
+        self._cache_left = cache_bytes
+        #: entries of P generated at the last call that were not cached (0: all cached)
+        self.regenerated = 0
 
     def _slice(
         self, param: int, start: int, stop: int, dtype: torch.dtype, device: torch.device
@@ -130,8 +134,12 @@ class RandomProjector(AbstractProjector):
         gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, 7_919 * param + start))
         block = _gaussian_or_signs((stop - start, self.spec.dim), self.spec.rademacher, gen)
         block = (block / math.sqrt(self.spec.dim)).to(dtype=dtype, device=device)
-        if self._cacheable:
+        nbytes = block.numel() * block.element_size()
+        if nbytes <= self._cache_left:
             self._cache[key] = block
+            self._cache_left -= nbytes
+        else:
+            self.regenerated += block.numel()
         return block
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -151,6 +159,7 @@ class RandomProjector(AbstractProjector):
         if len(blocks) != len(self.sizes):
             raise ValueError(f"expected {len(self.sizes)} blocks, got {len(blocks)}")
         g0 = blocks[0]
+        self.regenerated = 0
         out = torch.zeros(g0.shape[0], self.spec.dim, dtype=g0.dtype, device=g0.device)
         for j, g in enumerate(blocks):
             for s in range(0, self.sizes[j], self.rows_per_block):

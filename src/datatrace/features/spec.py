@@ -93,6 +93,9 @@ class FeatureSpec:
             out["kronecker"] = self.kronecker
             out["kronecker_block"] = self.kronecker_block
             out["checkpoint_seeds"] = "independent"  # see for_checkpoint
+            # 2: Embedding, Conv1D, Linear on token inputs and tied weights are Kronecker
+            # projected (version 1 projected them densely): older stores are not reused
+            out["kronecker_units"] = 2
         if self.feature_dtype is not None:
             out["feature_dtype"] = str(self.feature_dtype).replace("torch.", "")
         return out
