@@ -53,8 +53,11 @@ def test_given_sizes_are_kept_and_defaults_follow_the_feature_size(mlp_data):
     feats.compute(dict(model.named_parameters()), {}, (x[:1], y[:1]), False, 0)
     width = feats.num_params  # 5·7 + 7 + 7·3 + 3 = 66 entries, formed twice + features
     assert sum(feats.layout().values()) == width == 66
-    assert feats.work_entries() == 3 * width
-    assert plan_sizes(feats, torch.float64, 4 * 8 * 3 * 66 * 10, None, None, "t") == (10, 30)
+    # formed gradients twice, the features, and twice the layers' inputs and output
+    # gradients (fc1: 5 + 7, fc2: 7 + 3)
+    work = 3 * width + 2 * (5 + 7 + 7 + 3)
+    assert feats.work_entries() == work
+    assert plan_sizes(feats, torch.float64, 4 * 8 * work * 10, None, None, "t") == (10, 36)
     assert plan_sizes(feats, torch.float64, 1, 7, 9, "t") == (7, 9)
     assert plan_sizes(feats, torch.float64, 1, None, None, "t") == (1, 1)
     assert plan_sizes(feats, torch.float64, 1 << 40, None, None, "t") == (256, 8192)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.data import batch_len
 from ..core.errors import ConfigError, DataError, DatatraceError
 from ..core.loop import check_finite
 from ..core.task import AbstractTask
@@ -152,6 +153,7 @@ class GradientFeatures(AbstractFeaturizer):
         self._probed = False
         self._warned_loop = False
         self._warned_regen = False
+        self._activations = 0  # per example, measured on the first batch
 
     # -- which parameter goes where ---------------------------------------------------------
 
@@ -271,12 +273,13 @@ class GradientFeatures(AbstractFeaturizer):
     def work_entries(self) -> int:
         """Numbers held per example while featurizing: the formed per-example gradients
         (vmap's, the loop's, or the hook rules' where they are formed) and their flattened
-        copy, plus the features (layer activations not counted)."""
+        copy, the features, and twice the hooked layers' inputs and output gradients seen on
+        the first batch (the activations autograd keeps, and their gradients)."""
         factored = set() if self.projector is not None else set(self.names) - set(self.dense_names)
         formed = sum(math.prod(self.shapes[n]) for n in self.names if n not in factored)
         if self.projector is not None:
             formed = sum(math.prod(self.shapes[n]) for n in self.dense_proj_names)
-        return 2 * formed + sum(self.layout().values())
+        return 2 * formed + sum(self.layout().values()) + 2 * self._activations
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -502,6 +505,9 @@ class GradientFeatures(AbstractFeaturizer):
                 self._set_projections()
                 continue
             self._size_factored(calls)
+            n = max(1, batch_len(batch))
+            self._activations = sum(x.numel() + e.numel() for cs in calls.values()
+                                    for x, e in cs) // n  # fmt: skip
             return
 
     def _size_factored(self, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
