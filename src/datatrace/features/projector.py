@@ -4,9 +4,12 @@ Implementations of the projector slot (:class:`AbstractProjector`):
 
 * :class:`RandomProjector`: a dense Gaussian/Rademacher ``P``; any parameter, cost
   O(k·p) per example. The default for everything that is not a hooked layer.
-* :class:`KroneckerProjector`: per ``nn.Linear``/``nn.Conv2d`` layer, r independent
-  Kronecker-product blocks applied to the layer's gradient factors (input ⊗ output
-  gradient) without forming the gradient; cost O(k(out + in)/m + k) per example.
+* :class:`KroneckerProjector`: per hooked weight (``nn.Linear`` on any ``(B, ..., in)``
+  input, transformers' Conv1D, ``nn.Embedding``, a tied weight, ``nn.Conv2d``), r
+  independent Kronecker-product blocks applied to the gradient's factors (inputs ⊗ output
+  gradients per token, :meth:`KroneckerProjector.project_terms`) without forming the
+  gradient (LoGra); cost O(N(k(out + in)/m + k)) per example of N tokens. Its matrices
+  are generated once per unit and kept.
 
 Every random stream is seeded by :func:`derive_seed` (the base seed and the stream's
 position: parameter block, layer, checkpoint), so matrices are identical on every process
@@ -20,7 +23,8 @@ query/training data, and is never held larger than ``max_block_elems`` at once (
 kept in memory only while their total stays under ``cache_bytes``).
 
 References:
-    Johnson and Lindenstrauss (1984); Pruthi et al. 2020 (TracIn-RP); Park et al. 2023 (TRAK).
+    Johnson and Lindenstrauss (1984); Pruthi et al. 2020 (TracIn-RP); Park et al. 2023 (TRAK);
+    Choe et al. 2024 (LoGra: "What is your data worth to GPT?").
 """
 
 from __future__ import annotations
