@@ -265,3 +265,27 @@ def test_the_per_example_loop_is_logged_at_warning_with_its_cost_and_fix(caplog)
     g, _ = per_example_grads_loop(task, params, {}, (x, y), names)
     flat = flatten_grads(g, names)
     torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+
+
+def test_token_level_factored_selections_and_a_longer_batch_is_refused():
+    """Weight-only, bias-only and Conv1D selections kept factored per token equal the loop;
+    a shorter later batch is zero-padded, a longer one refused with the fix named."""
+    model, ids, y = _model_and_batch()
+    task = dt.ClassificationTask(model)
+    params = dict(model.named_parameters())
+    for sel in (("lin.weight",), ("lin.bias",), ("conv1d",), ("lin.bias", "conv1d.weight")):
+        feats = GradientFeatures(FeatureSpec(params=sel, factored=True), task)
+        f = feats.compute(params, {}, (ids, y), False, 0)
+        assert "dense" not in f and feats.tokens
+        names = select_parameters(model, sel)
+        g, _ = per_example_grads_loop(task, params, {}, (ids, y), names)
+        flat = flatten_grads(g, names)
+        torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+        short = feats.compute(params, {}, (ids[:, :3], y), False, 0)
+        assert {k: v.shape for k, v in short.items()} == {k: v.shape for k, v in f.items()}
+        g4, _ = per_example_grads_loop(task, params, {}, (ids[:, :3], y), names)
+        flat4 = flatten_grads(g4, names)
+        torch.testing.assert_close(feats.pairwise(short, f), flat4 @ flat.T, rtol=1e-10, atol=1e-12)
+    wide = torch.cat([ids, ids[:, :3]], 1)
+    with pytest.raises(dt.DataError, match="padding='max_length'"):
+        feats.compute(params, {}, (wide, y), False, 3)
