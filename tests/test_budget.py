@@ -9,7 +9,7 @@ import torch
 
 import datatrace as dt
 from datatrace.features.featurizer import GradientFeatures
-from datatrace.features.placement import plan_sizes
+from datatrace.features.placement import MIN_SIZING_BUDGET, plan_sizes
 from datatrace.features.spec import FeatureSpec
 
 
@@ -30,8 +30,8 @@ def test_a_tiny_budget_streams_with_small_batches_and_blocks_and_the_same_scores
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "recomputed block by block" in warned[0]
     assert "projection_dim=1024" in warned[0] and "max_memory_bytes=3840" in warned[0]
-    assert fitted.store is None and fitted.block_size == 5  # a quarter of the budget each
-    assert fitted.batch_size < 23
+    # batches and blocks are sized within at least 256 MiB: the same features, bit for bit
+    assert fitted.store is None and (fitted.batch_size, fitted.block_size) == (256, 8192)
     torch.testing.assert_close(fitted.attribute(queries), ref, rtol=1e-12, atol=1e-14)
 
 
@@ -57,7 +57,29 @@ def test_given_sizes_are_kept_and_defaults_follow_the_feature_size(mlp_data):
     # gradients (fc1: 5 + 7, fc2: 7 + 3)
     work = 3 * width + 2 * (5 + 7 + 7 + 3)
     assert feats.work_entries() == work
-    assert plan_sizes(feats, torch.float64, 4 * 8 * work * 10, None, None, "t") == (10, 36)
+    floor = MIN_SIZING_BUDGET
+    # a budget of 4·8·(work·10 + pad) bytes: batches of 10, blocks of 10·work/width examples
+    b = floor // (4 * 8 * work) + 1
+    assert plan_sizes(feats, torch.float64, 4 * 8 * work * b, None, None, "t") == (
+        min(256, b),
+        min(8192, work * b // width),
+    )
     assert plan_sizes(feats, torch.float64, 1, 7, 9, "t") == (7, 9)
-    assert plan_sizes(feats, torch.float64, 1, None, None, "t") == (1, 1)
+    tiny = plan_sizes(feats, torch.float64, 0, None, None, "t")
+    assert tiny == plan_sizes(feats, torch.float64, floor, None, None, "t")
     assert plan_sizes(feats, torch.float64, 1 << 40, None, None, "t") == (256, 8192)
+
+
+def test_a_large_feature_gets_small_batches_and_blocks():
+    """Features of ~8 MB per example (a 1M-parameter layer, unprojected): with the 256 MiB
+    floor, blocks of 8 and batches of 2 instead of 8,192 and 256."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 2)).double()
+    feats = GradientFeatures(FeatureSpec(factored=False), dt.ClassificationTask(model))
+    x, y = torch.randn(1, 1000, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    feats.compute(dict(model.named_parameters()), {}, (x, y), False, 0)
+    row = feats.num_params * 8
+    assert row == sum(feats.layout().values()) * 8 == 8_024_016
+    batch, block = plan_sizes(feats, torch.float64, 0, None, None, "t")
+    assert block == MIN_SIZING_BUDGET // 4 // row == 8
+    assert batch == MIN_SIZING_BUDGET // 4 // (feats.work_entries() * 8) == 2

@@ -3,9 +3,10 @@
 
 The memory budget (``max_memory_bytes``, default :data:`MEMORY_BUDGET` = 4 GiB) also sizes
 the work before any is done (:func:`plan_sizes`): unless given, a featurization batch holds
-at most a quarter of it (formed per-example gradients included) and a scoring block of
-training features another quarter; features that exceed it are streamed, with a WARNING
-that names the projection that would make them small.
+at most a quarter of it (formed per-example gradients and the hooked layers' activations
+included) and a scoring block of training features another quarter (of at least 256 MiB);
+features that exceed it are streamed, with a WARNING that names the projection that would
+make them small.
 
 * ``store=None`` and the features fit in ``max_memory_bytes``: a :class:`MemoryFeatureStore`
   on the model's device (no disk I/O).
@@ -40,6 +41,10 @@ log = logging.getLogger("datatrace")
 MEMORY_BUDGET = 4 << 30
 #: the largest default featurization batch and scoring block (the defaults before sizing)
 MAX_BATCH, MAX_BLOCK = 256, 8192
+#: batches and blocks are sized within at least this budget: a smaller max_memory_bytes
+#: (0 is used to send features to disk) moves features, it does not shrink batches
+#: (features are bit-identical wherever they are placed)
+MIN_SIZING_BUDGET = 256 << 20
 #: the projection suggested when features are too big
 SUGGESTED_PROJECTION = 1024
 
@@ -53,7 +58,9 @@ def plan_sizes(
     name: str,
 ) -> tuple[int, int]:
     """(batch size, block size): the given ones, else the largest (≤ 256 and ≤ 8,192) whose
-    featurization work and block features each take at most a quarter of ``budget``."""
+    featurization work and block features each take at most a quarter of ``budget`` (at
+    least :data:`MIN_SIZING_BUDGET`)."""
+    budget = max(budget, MIN_SIZING_BUDGET)
     item = dtype.itemsize
     row = max(1, sum(featurizer.layout().values()) * item)
     work = max(1, featurizer.work_entries() * item)

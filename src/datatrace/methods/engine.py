@@ -128,7 +128,8 @@ class GradientAttributor:
             overwrite: replace a store written with other settings.
             batch_size: examples per featurization batch (and resumable chunk); ``None``:
                 sized from the features (:func:`~datatrace.features.placement.plan_sizes`:
-                at most 256, the work within a quarter of ``max_memory_bytes``).
+                at most 256, the work within a quarter of ``max_memory_bytes``, or of
+                256 MiB if that is more).
             block_size: training examples per scoring block; ``None``: at most 8,192, a
                 block's features within a quarter of ``max_memory_bytes``.
             progress: progress bars (default: when stderr is a terminal).
