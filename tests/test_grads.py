@@ -176,31 +176,37 @@ def test_hooked_conv_and_linear_gradients_equal_vmap(cnn_data):
                 torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
 
 
-def test_a_layer_called_twice_falls_back_to_vmap():
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.shared = torch.nn.Linear(4, 4)
-            self.head = torch.nn.Linear(4, 3)
+class Twice(torch.nn.Module):
+    """A Linear layer called twice per forward: its gradient is the sum over both calls."""
 
-        def forward(self, x):
-            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
 
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_a_layer_called_twice_gets_the_sum_of_both_calls_rules():
     torch.manual_seed(0)
     model = Twice().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     task = dt.ClassificationTask(model)
     params, buffers = _params(model)
-    feats = GradientFeatures(FeatureSpec(), task)
-    f = feats.compute(params, buffers, (x, y), False, 0)
-    assert set(feats.hooked) == {"head"} and feats.vmap_names == ["shared.weight", "shared.bias"]
     names = select_parameters(model, None)
     g, _ = per_example_grads_loop(task, params, buffers, (x, y), names)
     flat = flatten_grads(g, names)
-    torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
-    with pytest.raises(dt.ConfigError, match="factored=True does not apply"):
-        forced = GradientFeatures(FeatureSpec(params=("shared",), factored=True), task)
-        forced.compute(params, buffers, (x, y), False, 0)
+    for spec in (FeatureSpec(), FeatureSpec(factored=True), FeatureSpec(factored=False)):
+        feats = GradientFeatures(spec, task)
+        f = feats.compute(params, buffers, (x, y), False, 0)
+        assert set(feats.hooked) == {"shared", "head"} and not feats.vmap_names
+        torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(feats.sqnorm(f), (flat**2).sum(1), rtol=1e-10, atol=1e-12)
+    # factored=True keeps both calls as two tokens: 2 × (4 inputs + bias)
+    forced = GradientFeatures(FeatureSpec(factored=True), task)
+    ff = forced.compute(params, buffers, (x, y), False, 0)
+    assert forced.tokens == {"shared": 2, "head": 1} and ff["shared.a"].shape == (6, 10)
 
 
 @pytest.mark.parametrize(
@@ -291,20 +297,9 @@ def test_kronecker_projector_from_factors_equals_its_slow_twin(block, weight, bi
     torch.testing.assert_close(fast.view(6, -1)[:, :k], slow, rtol=1e-10, atol=1e-12)
 
 
-def test_a_layer_called_twice_is_projected_densely_with_the_rest():
-    """With a projection, a layer that leaves the hooked path (called twice) goes to the
-    dense projection: features = dense P over its gradient + Kronecker blocks of the others
-    (this raised KeyError before)."""
-
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.shared = torch.nn.Linear(4, 4)
-            self.head = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
-
+def test_a_layer_called_twice_is_kronecker_projected_from_both_calls():
+    """With a projection, a layer called twice is projected from the factors of both calls:
+    equal to the Kronecker slow twin applied to its explicit (summed) gradient."""
     torch.manual_seed(0)
     model = Twice().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
@@ -312,12 +307,12 @@ def test_a_layer_called_twice_is_projected_densely_with_the_rest():
     params, buffers = _params(model)
     feats = GradientFeatures(FeatureSpec(projection_dim=8), task)
     out = feats.compute(params, buffers, (x, y), False, 0)["proj"]
-    assert feats.kr_layers == ["head"]
-    assert feats.dense_proj_names == ["shared.weight", "shared.bias"]
+    assert feats.kr_layers == ["shared", "head"] and feats.dense_proj_names == []
     names = select_parameters(model, None)
     g, _ = per_example_grads_loop(task, params, buffers, (x, y), names)
-    dense = flatten_grads(g, feats.dense_proj_names) @ feats.projector.matrix()
-    head = torch.cat([g["head.weight"], g["head.bias"][:, :, None]], dim=2).flatten(1)
+    explicit = [
+        torch.cat([g[f"{lay}.weight"], g[f"{lay}.bias"][:, :, None]], dim=2).flatten(1)
+        for lay in ("shared", "head")
+    ]
     assert feats.kronecker_projector is not None
-    ref = dense + feats.kronecker_projector([head])
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, feats.kronecker_projector(explicit), rtol=1e-10, atol=1e-12)

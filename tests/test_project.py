@@ -55,6 +55,25 @@ def test_streamed_blocks_equal_the_dense_matrix():
     torch.testing.assert_close(big(blocks), dense, rtol=1e-12, atol=1e-12)  # same P, cached
 
 
+def test_a_partly_cached_projection_equals_the_dense_matrix_at_every_call():
+    """Slices beyond the cache budget are regenerated from their seeds (never the dense
+    p × k matrix at once); every call equals the float64 dense product."""
+    torch.manual_seed(2)
+    sizes = [37, 5, 100]
+    blocks = [torch.randn(4, s, dtype=torch.float64) for s in sizes]
+    slice_bytes = 7 * 16 * 8  # 7 rows of k = 16 float64
+    proj = RandomProjector(
+        ProjectionSpec(16, seed=9), sizes, max_block_elems=16 * 7, cache_bytes=3 * slice_bytes
+    )
+    twin = RandomProjector(ProjectionSpec(16, seed=9), sizes, max_block_elems=16 * 7)
+    dense = torch.cat(blocks, dim=1) @ twin.matrix()
+    first = proj(blocks)
+    assert len(proj._cache) == 3 and proj.regenerated == 142 * 16 - 3 * 7 * 16
+    torch.testing.assert_close(first, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(proj(blocks), dense, rtol=1e-12, atol=1e-12)
+    assert len(proj._cache) == 3
+
+
 def test_projection_is_seeded():
     a = RandomProjector(ProjectionSpec(8, seed=1), [10]).matrix()
     b = RandomProjector(ProjectionSpec(8, seed=1), [10]).matrix()
@@ -99,20 +118,18 @@ def _explicit_kronecker(feats, model, names, k):
         size = shapes[n].numel()
         cols[n] = dense[offset : offset + size]
         offset += size
-    for lay in feats.kr_layers:
-        w, b = feats.hooked[lay]
-        weight = shapes[f"{lay}.weight"]
-        out_dim, in_dim = weight.shape[0], weight[0].numel()
-        u, v = feats._kronecker_factors(lay, out_dim, in_dim * w + b, weight.double())
+    for j, (wname, bname, out_dim, in_dim) in enumerate(feats.units):
+        w, b = wname is not None, bname is not None
+        u, v = feats.kronecker_projector.factors(j, torch.float64, torch.device("cpu"))
         # rows u_{c,i} ⊗ v_{c,j} of each block c, the first k of them in (c, i, j) order
         m = feats.spec.kronecker_block
-        uc, vc = u.view(-1, m, out_dim), v.view(-1, m, in_dim * w + b)
-        rows = torch.einsum("cio,cjn->cijon", uc, vc).reshape(-1, out_dim, in_dim * w + b)[:k]
+        uc, vc = u.view(-1, m, out_dim), v.view(-1, m, in_dim + b)
+        rows = torch.einsum("cio,cjn->cijon", uc, vc).reshape(-1, out_dim, in_dim + b)[:k]
         full = rows.permute(1, 2, 0)  # (out, in', k)
         if w:
-            cols[f"{lay}.weight"] = full[:, :in_dim].reshape(out_dim * in_dim, k)
+            cols[wname] = full[:, :in_dim].reshape(out_dim * in_dim, k)
         if b:
-            cols[f"{lay}.bias"] = full[:, -1]
+            cols[bname] = full[:, -1]
     return torch.cat([cols[n] for n in names])
 
 

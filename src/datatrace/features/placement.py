@@ -1,6 +1,13 @@
 """Where training features live: memory, a (fingerprinted, resumable) disk store, or nowhere
 (recomputed block by block at scoring time). One policy, used by every gradient method.
 
+The memory budget (``max_memory_bytes``, default :data:`MEMORY_BUDGET` = 4 GiB) also sizes
+the work before any is done (:func:`plan_sizes`): unless given, a featurization batch holds
+at most a quarter of it (formed per-example gradients and the hooked layers' activations
+included) and a scoring block of training features another quarter (of at least 256 MiB);
+features that exceed it are streamed, with a WARNING that names the projection that would
+make them small.
+
 * ``store=None`` and the features fit in ``max_memory_bytes``: a :class:`MemoryFeatureStore`
   on the model's device (no disk I/O).
 * above ``max_store_bytes``: not cached; scoring recomputes each training block (same
@@ -28,6 +35,44 @@ from .loop import State, featurize_into_store
 from .store import FeatureStore, MemoryFeatureStore, Verify
 
 log = logging.getLogger("datatrace")
+
+#: default memory budget of training features, batches and blocks (bytes): 4 GiB, a sixth
+#: of a 24 GiB workstation, settable per fit (``max_memory_bytes=``)
+MEMORY_BUDGET = 4 << 30
+#: the largest default featurization batch and scoring block (the defaults before sizing)
+MAX_BATCH, MAX_BLOCK = 256, 8192
+#: batches and blocks are sized within at least this budget: a smaller max_memory_bytes
+#: (0 is used to send features to disk) moves features, it does not shrink batches
+#: (features are bit-identical wherever they are placed)
+MIN_SIZING_BUDGET = 256 << 20
+#: the projection suggested when features are too big
+SUGGESTED_PROJECTION = 1024
+
+
+def plan_sizes(
+    featurizer: AbstractFeaturizer,
+    dtype: torch.dtype,
+    budget: int,
+    batch_size: int | None,
+    block_size: int | None,
+    name: str,
+) -> tuple[int, int]:
+    """(batch size, block size): the given ones, else the largest (≤ 256 and ≤ 8,192) whose
+    featurization work and block features each take at most a quarter of ``budget`` (at
+    least :data:`MIN_SIZING_BUDGET`)."""
+    budget = max(budget, MIN_SIZING_BUDGET)
+    item = dtype.itemsize
+    row = max(1, sum(featurizer.layout().values()) * item)
+    work = max(1, featurizer.work_entries() * item)
+    batch = batch_size or max(1, min(MAX_BATCH, budget // 4 // work))
+    block = block_size or max(1, min(MAX_BLOCK, budget // 4 // row))
+    if (batch_size is None and batch < MAX_BATCH) or (block_size is None and block < MAX_BLOCK):
+        log.info(
+            "%s: %.1f MB of features (%.1f MB of work) per example: batches of %d, "
+            "scoring blocks of %d (memory budget %.2f GB)",
+            name, row / 1e6, work / 1e6, batch, block, budget / 1e9,
+        )  # fmt: skip
+    return batch, block
 
 
 @dataclass(frozen=True)
@@ -67,15 +112,28 @@ def place_training_features(
         featurize_into_store(featurizers, states, source, mem, progress, shard=True)
         log.info("%s: training features in memory (%.1f MB)", name, nbytes / 1e6)
         return Placement(mem, None)
+    per_example = sum(layout.values()) * dtype.itemsize
+    fix = (
+        "a smaller projection_dim, fewer checkpoints or a store= directory would keep them"
+        if set(layout) == {"proj"}
+        else f"projection_dim={SUGGESTED_PROJECTION} (e.g. dt.TracIn(projection_dim="
+        f"{SUGGESTED_PROJECTION})) would make them {SUGGESTED_PROJECTION * dtype.itemsize} "
+        "bytes per example, projected from the layers' gradient factors"
+    )
     if max_store_bytes is not None and nbytes > max_store_bytes:
-        log.info(
-            "%s: training features would take %.1f MB > max_store_bytes; not cached, "
-            "recomputed block by block when scoring (set projection_dim or params, or "
-            "raise max_store_bytes, to cache them)",
-            name,
-            nbytes / 1e6,
-        )
+        log.warning(
+            "%s: training features would take %.2f GB (%.2f MB per example) > "
+            "max_store_bytes and the memory budget (max_memory_bytes=%d): not cached, "
+            "recomputed block by block at every scoring pass; %s",
+            name, nbytes / 1e9, per_example / 1e6, max_memory_bytes, fix,
+        )  # fmt: skip
         return Placement(None, None)
+    if store is None:
+        log.warning(
+            "%s: training features would take %.2f GB (%.2f MB per example) > the memory "
+            "budget (max_memory_bytes=%d): streamed through a temporary disk store; %s",
+            name, nbytes / 1e9, per_example / 1e6, max_memory_bytes, fix,
+        )  # fmt: skip
     tmp = tempfile.mkdtemp(prefix="datatrace-features-") if store is None else None
     try:
         fs = _disk_store(

@@ -4,9 +4,12 @@ Implementations of the projector slot (:class:`AbstractProjector`):
 
 * :class:`RandomProjector`: a dense Gaussian/Rademacher ``P``; any parameter, cost
   O(k·p) per example. The default for everything that is not a hooked layer.
-* :class:`KroneckerProjector`: per ``nn.Linear``/``nn.Conv2d`` layer, r independent
-  Kronecker-product blocks applied to the layer's gradient factors (input ⊗ output
-  gradient) without forming the gradient; cost O(k(out + in)/m + k) per example.
+* :class:`KroneckerProjector`: per hooked weight (``nn.Linear`` on any ``(B, ..., in)``
+  input, transformers' Conv1D, ``nn.Embedding``, a tied weight, ``nn.Conv2d``), r
+  independent Kronecker-product blocks applied to the gradient's factors (inputs ⊗ output
+  gradients per token, :meth:`KroneckerProjector.project_terms`) without forming the
+  gradient (LoGra); cost O(N(k(out + in)/m + k)) per example of N tokens. Its matrices
+  are generated once per unit and kept.
 
 Every random stream is seeded by :func:`derive_seed` (the base seed and the stream's
 position: parameter block, layer, checkpoint), so matrices are identical on every process
@@ -20,7 +23,8 @@ query/training data, and is never held larger than ``max_block_elems`` at once (
 kept in memory only while their total stays under ``cache_bytes``).
 
 References:
-    Johnson and Lindenstrauss (1984); Pruthi et al. 2020 (TracIn-RP); Park et al. 2023 (TRAK).
+    Johnson and Lindenstrauss (1984); Pruthi et al. 2020 (TracIn-RP); Park et al. 2023 (TRAK);
+    Choe et al. 2024 (LoGra: "What is your data worth to GPT?").
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ConfigError
+from ..grads.rules import Term
 
 #: the prime that separates the streams of consecutive base seeds
 SEED_STEP = 1_000_003
@@ -104,7 +109,9 @@ class RandomProjector(AbstractProjector):
         spec: projection settings.
         sizes: number of entries of each parameter block, in feature order.
         max_block_elems: the largest slice of ``P`` materialised at once.
-        cache_bytes: keep generated slices while their total stays under this.
+        cache_bytes: keep generated slices (in the dtype and on the device they are used
+            in) while their total stays under this; slices beyond it are regenerated from
+            their seeds at every call (:attr:`regenerated` entries of ``P`` per call).
     """
 
     def __init__(
@@ -112,13 +119,15 @@ class RandomProjector(AbstractProjector):
         spec: ProjectionSpec,
         sizes: Sequence[int],
         max_block_elems: int = 1 << 22,
-        cache_bytes: int = 64 << 20,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         self.spec = spec
         self.sizes = list(sizes)
         self.rows_per_block = max(1, max_block_elems // spec.dim)
         self._cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
-        self._cacheable = sum(self.sizes) * spec.dim * 8 <= cache_bytes
+        self._cache_left = cache_bytes
+        #: entries of P generated at the last call that were not cached (0: all cached)
+        self.regenerated = 0
 
     def _slice(
         self, param: int, start: int, stop: int, dtype: torch.dtype, device: torch.device
@@ -129,8 +138,12 @@ class RandomProjector(AbstractProjector):
         gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, 7_919 * param + start))
         block = _gaussian_or_signs((stop - start, self.spec.dim), self.spec.rademacher, gen)
         block = (block / math.sqrt(self.spec.dim)).to(dtype=dtype, device=device)
-        if self._cacheable:
+        nbytes = block.numel() * block.element_size()
+        if nbytes <= self._cache_left:
             self._cache[key] = block
+            self._cache_left -= nbytes
+        else:
+            self.regenerated += block.numel()
         return block
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -150,6 +163,7 @@ class RandomProjector(AbstractProjector):
         if len(blocks) != len(self.sizes):
             raise ValueError(f"expected {len(self.sizes)} blocks, got {len(blocks)}")
         g0 = blocks[0]
+        self.regenerated = 0
         out = torch.zeros(g0.shape[0], self.spec.dim, dtype=g0.dtype, device=g0.device)
         for j, g in enumerate(blocks):
             for s in range(0, self.sizes[j], self.rows_per_block):
@@ -235,6 +249,46 @@ class KroneckerProjector(AbstractProjector):
         va4 = torch.einsum("ki,bit->bkt", v, a).view(batch, -1, m, steps)
         blocks = torch.matmul(ue4, va4.transpose(2, 3))
         return blocks if acc is None else acc.add_(blocks)
+
+    def project_terms(
+        self,
+        unit: int,
+        terms: Sequence[Term],
+        bias: torch.Tensor | None,
+        n: int,
+        acc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A unit's blocks ``U_c G V_cᵀ`` of ``G = [Σ_terms Σ_t left_t right_tᵀ | bias]``,
+        from the factors (LoGra: ``Σ_t (U left_t)(V right_t)ᵀ``; an indexed (Embedding)
+        term's ``U left_t`` is a column of U), never forming G; added to ``acc``
+        (n, r, m, m) in place (a new tensor when None). ``bias``: (n, rows), the
+        per-example gradient of the bias folded into the unit's last column."""
+        _, n_in, has_bias = self.layers[unit]
+        like = bias if bias is not None else terms[0].right if terms else None
+        if acc is None:
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            device = like.device if like is not None else torch.device("cpu")
+            r = -(-self.dim // self.block**2)
+            acc = torch.zeros(n, r, self.block, self.block, dtype=dtype, device=device)
+        if like is None:
+            return acc
+        u, v = self.factors(unit, like.dtype, like.device)
+        m = self.block
+        for t in terms:
+            ul = u.T[t.left] if t.indexed else t.left @ u.T  # (n, N, r·m)
+            vr = t.right @ v[:, :n_in].T
+            tokens = ul.shape[1]
+            acc.add_(
+                torch.einsum(
+                    "bnci,bncj->bcij",
+                    ul.reshape(n, tokens, -1, m),
+                    vr.reshape(n, tokens, -1, m),
+                )
+            )
+        if bias is not None and has_bias:
+            ub = (bias @ u.T).view(n, -1, m, 1)
+            acc.addcmul_(ub, v[:, -1].view(1, -1, 1, m))
+        return acc
 
     def __call__(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         """The slow twin: project explicit per-example layer gradients, each

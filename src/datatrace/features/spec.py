@@ -20,22 +20,29 @@ class FeatureSpec:
         params: ``None`` (all trainable parameters) or parameter/module names.
         projection_dim: ``None`` for exact gradients, else the random projection dimension.
         projection_seed: seed of the projection matrix.
-        factored: keep ``nn.Linear`` gradients as their two factors (``None``: where it
-            applies, i.e. without projection).
-        layer_hooks: per-example gradients of ``nn.Linear``/``nn.Conv2d`` layers from one
-            batched backward pass with hooks (requires examples that do not interact in
-            eval mode); ``False``: vmap for every parameter.
+        factored: keep ``nn.Linear`` (and transformers ``Conv1D``) gradients as their
+            factors, per token for ``(B, T, d)`` inputs (``None``: without projection, where
+            pairwise products from N tokens cost less than from the formed gradient,
+            ``N²(out + in) < out·in``, always for one token; ``True``: always).
+        layer_hooks: per-example gradients of the layers with hook rules
+            (:mod:`datatrace.grads.rules`: Linear, Conv1D, Conv2d, Embedding, LayerNorm;
+            tied parameters get every layer's rule summed) from one batched backward pass
+            (requires examples that do not interact in eval mode); ``False``: vmap for
+            every parameter.
         vmap: per-example gradients of other parameters with ``torch.func.vmap`` (``None``:
             try it, fall back to a per-example loop if the model cannot be traced).
         kronecker: with a projection, project hooked layers' gradients ``G = e ãᵀ`` (summed
-            over positions for Conv2d) from the two factors, never forming G, with r
+            over tokens and positions; an Embedding's ``Σ_t onehot(id_t) e_tᵀ``, a tied
+            weight's summed over its layers) from the factors, never forming G, with r
             independent Kronecker-product blocks: ``φ = [vec(U_c e (V_c ã)ᵀ)]_c / √k``
             (U_c, V_c Gaussian m × out and m × in', m = ``kronecker_block``, r = k/m²;
             ``E[φ·φ'] = ⟨G, G'⟩`` like a dense Gaussian projection; per-layer features are
-            summed). Cost O(k(out + in)/m + k) per example instead of O(k·out·in); the
+            summed; LoGra, Choe et al. 2024). Cost O(N(k(out + in)/m + k)) per example for
+            N tokens instead of O(k·out·in); the
             variance of inner products grows about like √m (m = 1: independent rows
-            u_r ⊗ v_r, closest to a dense projection). ``None``: for Linear layers
-            (Conv2d only when asked: with many positions the dense path can be cheaper);
+            u_r ⊗ v_r, closest to a dense projection). ``None``: for Linear, Conv1D and
+            Embedding weights (Conv2d only when asked: with many positions the dense path
+            can be cheaper);
             ``False``: never.
         kronecker_block: m above.
         feature_dtype: dtype features are kept in (store, memory) and rounded to; ``None``:
@@ -93,6 +100,9 @@ class FeatureSpec:
             out["kronecker"] = self.kronecker
             out["kronecker_block"] = self.kronecker_block
             out["checkpoint_seeds"] = "independent"  # see for_checkpoint
+            # 2: Embedding, Conv1D, Linear on token inputs and tied weights are Kronecker
+            # projected (version 1 projected them densely): older stores are not reused
+            out["kronecker_units"] = 2
         if self.feature_dtype is not None:
             out["feature_dtype"] = str(self.feature_dtype).replace("torch.", "")
         return out

@@ -5,6 +5,9 @@
   output gradients from one batched pass), THE forward-hook capture (:func:`layer_calls`),
   THE Conv2d unfolding (:func:`conv_patches`), flat parameter offsets
   (:func:`flat_offsets`).
+* :mod:`~datatrace.grads.rules`: the hook rules (Linear on any ``(B, ..., in)`` input,
+  transformers' Conv1D, Conv2d, Embedding, LayerNorm; tied parameters summed):
+  :func:`hook_plan`, :func:`capture`, :func:`call_grads`, :class:`Term`, :func:`form`.
 """
 
 from .layers import (
@@ -23,18 +26,27 @@ from .per_example import (
     per_example_grads_loop,
     select_parameters,
 )
+from .rules import HookPlan, Term, call_grads, capture, form, hook_plan, hooked_grads, rule_kind
 
 __all__ = [
+    "HookPlan",
     "NotFactorable",
+    "Term",
     "bound_model",
+    "call_grads",
+    "capture",
     "conv_grads",
     "conv_patches",
     "flat_offsets",
     "flatten_grads",
+    "form",
+    "hook_plan",
     "hookable",
+    "hooked_grads",
     "layer_calls",
     "layer_io",
     "per_example_grads",
     "per_example_grads_loop",
+    "rule_kind",
     "select_parameters",
 ]

@@ -49,7 +49,7 @@ from ..curvature.base import (
 )
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import State, featurize
-from ..features.placement import place_training_features
+from ..features.placement import MEMORY_BUDGET, place_training_features, plan_sizes
 from ..features.spec import FeatureSpec
 from ..features.store import Verify
 from ..grads.per_example import select_parameters
@@ -110,11 +110,11 @@ class GradientAttributor:
         *,
         store: str | Path | None = None,
         overwrite: bool = False,
-        batch_size: int = 256,
-        block_size: int = 8192,
+        batch_size: int | None = None,
+        block_size: int | None = None,
         progress: bool | None = None,
         max_store_bytes: int | None = 8 << 30,
-        max_memory_bytes: int = 4 << 30,
+        max_memory_bytes: int = MEMORY_BUDGET,
         fingerprint_extra: Any = None,
         verify: Verify | str = Verify.SAMPLE,
     ) -> FittedGradientAttributor:
@@ -128,14 +128,19 @@ class GradientAttributor:
                 after a crash); ``None``: temporary features, in memory up to
                 ``max_memory_bytes``, else in a temporary directory.
             overwrite: replace a store written with other settings.
-            batch_size: examples per featurization batch (and resumable chunk).
-            block_size: training examples per scoring block.
+            batch_size: examples per featurization batch (and resumable chunk); ``None``:
+                sized from the features (:func:`~datatrace.features.placement.plan_sizes`:
+                at most 256, the work within a quarter of ``max_memory_bytes``, or of
+                256 MiB if that is more).
+            block_size: training examples per scoring block; ``None``: at most 8,192, a
+                block's features within a quarter of ``max_memory_bytes``.
             progress: progress bars (default: when stderr is a terminal).
             max_store_bytes: cache training features on disk only up to this size
                 (``None``: no limit); above it they are recomputed block by block at
                 scoring time (same scores, more compute, no disk).
-            max_memory_bytes: with ``store=None``, keep features in memory (on the model's
-                device: GPU memory for a CUDA model) up to this size.
+            max_memory_bytes: the memory budget (default 4 GiB): with ``store=None``, keep
+                features in memory (on the model's device: GPU memory for a CUDA model) up
+                to this size, else stream them (WARNING); it also sizes batches and blocks.
             verify: when reusing a store, re-hash a sample of its chunks
                 (``Verify.SAMPLE`` or ``"sample"``, at most 32 MiB per checkpoint: all of a
                 small store) or every chunk (``Verify.FULL``, ``"full"``); damage raises
@@ -148,8 +153,9 @@ class GradientAttributor:
         measurement code), every checkpoint's bytes, the data's bytes, the dtype, the device
         kind and torch's version (:mod:`datatrace.core.fingerprint`).
         """
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("block_size", block_size)
+        for what, size in (("batch_size", batch_size), ("block_size", block_size)):
+            if size is not None:
+                _check_positive_int(what, size)
         ckpts = _check_checkpoints(checkpoints)
         if self.checkpoints is CheckpointWeights.LAST and len(ckpts) > 1:
             log.info("%s uses only the last of %d checkpoints", self.name, len(ckpts))
@@ -160,9 +166,12 @@ class GradientAttributor:
             task.check_data(whole, source.name)
         scored = self.output.wrap(task) if self.output is not None else task
         spec = self._features_for(scored, source)
-        per_ckpt, states = self._bind(scored, ckpts, source, batch_size, spec)
+        per_ckpt, states = self._bind(scored, ckpts, source, spec)
         device = model_device(task.model)
         dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
+        batch_size, block_size = plan_sizes(
+            per_ckpt[0], dtype, max_memory_bytes, batch_size, block_size, self.name
+        )
 
         def fingerprint() -> dict[str, Any]:  # only for a disk store: hashing costs a pass
             return {
@@ -216,7 +225,6 @@ class GradientAttributor:
         scored: AbstractTask,
         ckpts: list[Checkpoint],
         source: ExampleSource,
-        batch_size: int,
         spec: FeatureSpec,
     ) -> tuple[list[AbstractFeaturizer], list[State]]:
         """One featurizer per checkpoint (projected features get an independent matrix each)
@@ -229,7 +237,7 @@ class GradientAttributor:
         distributed.ensure_initialized(device)
         states = [c.parameters_for(scored.model, device) for c in ckpts]
         for f, st in zip(per_ckpt, states, strict=True):
-            featurize(f, st, source, False, batch_size, 0, 1, progress=False)
+            featurize(f, st, source, False, 1, 0, 1, progress=False)
         return per_ckpt, states
 
 

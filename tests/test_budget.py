@@ -1,0 +1,85 @@
+"""Memory budget: features are sized before any work; batches and blocks follow from it;
+features over it are streamed with a WARNING naming the projection that would fit."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import datatrace as dt
+from datatrace.features.featurizer import GradientFeatures
+from datatrace.features.placement import MIN_SIZING_BUDGET, plan_sizes
+from datatrace.features.spec import FeatureSpec
+
+
+def _fit(mlp_data, **kw):
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ck = [dt.Checkpoint.from_module(model, weight=0.5)]
+    return dt.TracIn().fit(task, ck, (x, y), progress=False, **kw), (x[:4], y[:4])
+
+
+def test_a_tiny_budget_streams_with_small_batches_and_blocks_and_the_same_scores(mlp_data, caplog):
+    ref_fit, queries = _fit(mlp_data)
+    assert (ref_fit.batch_size, ref_fit.block_size) == (256, 8192)  # small model: defaults
+    ref = ref_fit.attribute(queries)
+    # features of one example: fc1 a (6) + e (7), fc2 a (8) + e (3) = 24 float64 = 192 bytes
+    with caplog.at_level(logging.WARNING, logger="datatrace"):
+        fitted, _ = _fit(mlp_data, max_memory_bytes=4 * 192 * 5, max_store_bytes=0)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "recomputed block by block" in warned[0]
+    assert "projection_dim=1024" in warned[0] and "max_memory_bytes=3840" in warned[0]
+    # batches and blocks are sized within at least 256 MiB: the same features, bit for bit
+    assert fitted.store is None and (fitted.batch_size, fitted.block_size) == (256, 8192)
+    torch.testing.assert_close(fitted.attribute(queries), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_over_the_budget_with_a_disk_store_allowed_streams_through_it(mlp_data, caplog):
+    ref_fit, queries = _fit(mlp_data)
+    with caplog.at_level(logging.WARNING, logger="datatrace"):
+        fitted, _ = _fit(mlp_data, max_memory_bytes=1000)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "temporary disk store" in warned[0]
+    assert fitted.store is not None and fitted.store.path is not None
+    torch.testing.assert_close(
+        fitted.attribute(queries), ref_fit.attribute(queries), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_given_sizes_are_kept_and_defaults_follow_the_feature_size(mlp_data):
+    model, x, y = mlp_data
+    feats = GradientFeatures(FeatureSpec(factored=False), dt.ClassificationTask(model))
+    feats.compute(dict(model.named_parameters()), {}, (x[:1], y[:1]), False, 0)
+    width = feats.num_params  # 5·7 + 7 + 7·3 + 3 = 66 entries, formed twice + features
+    assert sum(feats.layout().values()) == width == 66
+    # formed gradients twice, the features, and twice the layers' inputs and output
+    # gradients (fc1: 5 + 7, fc2: 7 + 3)
+    work = 3 * width + 2 * (5 + 7 + 7 + 3)
+    assert feats.work_entries() == work
+    floor = MIN_SIZING_BUDGET
+    # a budget of 4·8·(work·10 + pad) bytes: batches of 10, blocks of 10·work/width examples
+    b = floor // (4 * 8 * work) + 1
+    assert plan_sizes(feats, torch.float64, 4 * 8 * work * b, None, None, "t") == (
+        min(256, b),
+        min(8192, work * b // width),
+    )
+    assert plan_sizes(feats, torch.float64, 1, 7, 9, "t") == (7, 9)
+    tiny = plan_sizes(feats, torch.float64, 0, None, None, "t")
+    assert tiny == plan_sizes(feats, torch.float64, floor, None, None, "t")
+    assert plan_sizes(feats, torch.float64, 1 << 40, None, None, "t") == (256, 8192)
+
+
+def test_a_large_feature_gets_small_batches_and_blocks():
+    """Features of ~8 MB per example (a 1M-parameter layer, unprojected): with the 256 MiB
+    floor, blocks of 8 and batches of 2 instead of 8,192 and 256."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 2)).double()
+    feats = GradientFeatures(FeatureSpec(factored=False), dt.ClassificationTask(model))
+    x, y = torch.randn(1, 1000, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    feats.compute(dict(model.named_parameters()), {}, (x, y), False, 0)
+    row = feats.num_params * 8
+    assert row == sum(feats.layout().values()) * 8 == 8_024_016
+    batch, block = plan_sizes(feats, torch.float64, 0, None, None, "t")
+    assert block == MIN_SIZING_BUDGET // 4 // row == 8
+    assert batch == MIN_SIZING_BUDGET // 4 // (feats.work_entries() * 8) == 2

@@ -1,0 +1,291 @@
+"""Hook rules for transformer layers against torch.func / a per-example loop (float64):
+Linear on (batch, tokens, features), transformers' Conv1D, Embedding (with padding_idx and
+broadcast (1, T) ids), LayerNorm, tied embeddings, and whole tiny BERT and GPT-2 models
+with padded batches (no vmap needed)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import datatrace as dt
+from datatrace.features.featurizer import GradientFeatures
+from datatrace.features.spec import FeatureSpec
+from datatrace.grads.per_example import flatten_grads, per_example_grads_loop, select_parameters
+from datatrace.grads.rules import capture, form, hook_plan, hooked_grads
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+
+class Blocks(nn.Module):
+    """Every rule in one model: Embedding (padding_idx) + broadcast position Embedding,
+    LayerNorm over 2 dims, Linear on 3-D input, Conv1D, and an output Linear tied to the
+    token Embedding."""
+
+    def __init__(self, vocab: int = 13, dim: int = 6) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim, padding_idx=0)
+        self.pos = nn.Embedding(9, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm((3, dim))
+        self.lin = nn.Linear(dim, dim)
+        self.conv1d = Conv1D(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.tok.weight  # tied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = self.pos(torch.arange(ids.shape[1])[None])  # (1, T, d): broadcast over the batch
+        h = self.norm(self.tok(ids) + pos)
+        h = torch.tanh(self.lin(h)) + self.conv1d(h)
+        h = self.norm2(h.reshape(h.shape[0], -1, 3, h.shape[-1])).reshape(h.shape)
+        return self.out(h).mean(1)  # (B, vocab)
+
+
+def _model_and_batch():
+    torch.manual_seed(0)
+    model = Blocks().double().eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters
+        for m in (model.norm, model.norm2):
+            m.weight.add_(0.3 * torch.randn_like(m.weight))
+            m.bias.add_(0.3 * torch.randn_like(m.bias))
+    ids = torch.randint(0, 13, (5, 6))
+    ids[1, 4:] = 0  # padding ids
+    y = torch.randint(0, 13, (5,))
+    return model, ids, y
+
+
+def test_every_rule_equals_vmap_grad_per_example():
+    """Embedding (padding_idx, broadcast ids), LayerNorm, Linear on 3-D input, Conv1D and a
+    tied output Linear: the hooked per-example gradients equal torch.func's vmap(grad)."""
+    model, ids, y = _model_and_batch()
+    params = dict(model.named_parameters())
+    assert "out.weight" not in params  # tied: one parameter, two layers
+
+    def loss(p, i, t):
+        logits = functional_call(model, p, (i[None],))
+        return F.cross_entropy(logits, t[None])
+
+    ref = vmap(grad(loss), in_dims=(None, 0, 0))(params, ids, y)
+    task = dt.ClassificationTask(model)
+    names = select_parameters(model, None)
+    plan = hook_plan(model, names)
+    assert set(plan.params) == set(names)
+    assert plan.params["tok.weight"] == [("out", "weight"), ("tok", "weight")]
+    modules = {lay: model.get_submodule(lay) for lay in plan.layers}
+    calls, _ = capture(task, params, {}, (ids, y), modules)
+    contrib = hooked_grads(plan, model, calls)
+    for name in names:
+        got = sum(form(c, params[name].shape) for c in contrib[name])
+        torch.testing.assert_close(got, ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    # the Embedding's own contribution leaves the padding_idx row at 0 (the tied output
+    # layer's does not)
+    (emb,) = [c for c in contrib["tok.weight"] if c.indexed]
+    assert torch.all(form(emb, (13, 6))[:, 0] == 0) and bool((ids == 0).any())
+
+
+def test_a_tied_weight_gets_both_rules_summed_in_every_layout():
+    model, ids, y = _model_and_batch()
+    task = dt.ClassificationTask(model)
+    params = dict(model.named_parameters())
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, {}, (ids, y), names)
+    flat = flatten_grads(g, names)
+    for spec in (FeatureSpec(), FeatureSpec(factored=False), FeatureSpec(params=("tok",))):
+        feats = GradientFeatures(spec, task)
+        f = feats.compute(params, {}, (ids, y), False, 0)
+        assert not feats.vmap_names
+        cols = torch.cat([torch.arange(*_span(names, params, n)) for n in feats.names])
+        ref = flat[:, cols]
+        torch.testing.assert_close(feats.pairwise(f, f), ref @ ref.T, rtol=1e-10, atol=1e-12)
+
+
+def _span(names, params, name):
+    start = sum(params[n].numel() for n in names[: names.index(name)])
+    return start, start + params[name].numel()
+
+
+def _explicit_projection(feats, grads, names, n):
+    """The slow twin of a projected feature: the Kronecker projector's explicit path over
+    each unit's formed gradient [(out, in) weight | bias], plus the dense matrix product."""
+    out = torch.zeros(n, feats.projector.dim, dtype=torch.float64)
+    if feats.dense_proj_names:
+        out += flatten_grads(grads, feats.dense_proj_names) @ feats.projector.matrix()
+    blocks = []
+    for (w, b, rows, cols), lay in zip(feats.units, feats.kr_layers, strict=True):
+        parts = []
+        if w is not None:
+            gw = grads[w].reshape(n, -1, grads[w].shape[-1])
+            if feats.hooked[lay] == "conv1d":  # transformers' Conv1D: stored (in, out)
+                gw = gw.transpose(1, 2)
+            parts.append(gw.reshape(n, rows, cols))
+        if b is not None:
+            parts.append(grads[b].reshape(n, rows, 1))
+        blocks.append(torch.cat(parts, 2).flatten(1))
+    if blocks:
+        out += feats.kronecker_projector(blocks)
+    return out
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_kronecker_projection_of_every_rule_equals_the_explicit_projection(block):
+    """Linear (3-D), Conv1D (transposed), Embedding (indexed) and the tied weight are
+    projected from their factors (LoGra), never forming a gradient: equal to projecting the
+    explicit per-example gradients; LayerNorm goes through the dense projection."""
+    model, ids, y = _model_and_batch()
+    task = dt.ClassificationTask(model)
+    params = dict(model.named_parameters())
+    names = select_parameters(model, None)
+    feats = GradientFeatures(FeatureSpec(projection_dim=20, kronecker_block=block), task)
+    out = feats.compute(params, {}, (ids, y), False, 0)["proj"]
+    assert set(feats.kr_layers) == {"tok", "pos", "lin", "conv1d"}  # tok: the tied unit
+    assert set(feats.dense_proj_names) == {"norm.weight", "norm.bias", "norm2.weight", "norm2.bias"}
+    g, _ = per_example_grads_loop(task, params, {}, (ids, y), names)
+    ref = _explicit_projection(feats, g, names, len(ids))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def _bert():
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=24, num_labels=3,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(1, 100, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # padded examples
+    mask[3, 5:] = 0
+    ids = ids * mask  # pad id 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
+    return model, batch
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    ids = torch.randint(0, 100, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+def _lm_loss(m, batch):
+    """Per-example next-token cross-entropy over unpadded tokens."""
+    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    target = batch["input_ids"][:, 1:]
+    keep = batch["attention_mask"][:, 1:].to(logits.dtype)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
+    return (ce * keep).sum(1)
+
+
+def _hf_case(kind):
+    if kind == "bert":
+        model, batch = _bert()
+        return dt.ClassificationTask(model), batch
+    model, batch = _gpt2()
+    return dt.Task(model, _lm_loss, _lm_loss), batch
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_hugging_face_models_need_no_vmap_and_match_a_per_example_loop(kind):
+    """Tiny BERT (sequence classification) and GPT-2 (LM head tied to the token embedding)
+    with padded batches: every parameter gets its gradient from hook rules, and the
+    features' inner products (factored, formed, projected) equal the per-example loop's."""
+    task, batch = _hf_case(kind)
+    model = task.model
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, batch, names)
+    flat = flatten_grads(g, names)
+    n = len(flat)
+    for spec in (FeatureSpec(), FeatureSpec(factored=True)):
+        feats = GradientFeatures(spec, task)
+        f = feats.compute(params, buffers, batch, False, 0)
+        assert feats.vmap_names == []  # no vmap, no loop
+        torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(feats.sqnorm(f), (flat**2).sum(1), rtol=1e-9, atol=1e-11)
+    assert feats.tokens and max(feats.tokens.values()) > 1  # factored token-level layers
+    proj = GradientFeatures(FeatureSpec(projection_dim=64), task)
+    out = proj.compute(params, buffers, batch, False, 0)["proj"]
+    assert proj.vmap_names == [] and proj.units
+    ref = _explicit_projection(proj, g, names, n)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_padded_tokens_contribute_nothing():
+    """An example's hooked gradient is the same padded to 7 tokens in a batch as alone and
+    unpadded (3 tokens)."""
+    task, batch = _hf_case("bert")
+    model = task.model
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    feats = GradientFeatures(FeatureSpec(factored=False), task)
+    padded = feats.compute(params, buffers, batch, False, 0)["dense"][1]
+    alone = {k: v[1:2, :3] if v.dim() == 2 else v[1:2] for k, v in batch.items()}
+    assert bool(alone["attention_mask"].all())
+    short = GradientFeatures(FeatureSpec(factored=False), task)
+    ref = short.compute(params, buffers, alone, False, 0)["dense"][0]
+    torch.testing.assert_close(padded, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_the_per_example_loop_is_logged_at_warning_with_its_cost_and_fix(caplog):
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+            self.head = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            if float(x.sum().item()) > 1e9:  # .item(): vmap cannot trace this
+                return x
+            return self.head(x * self.scale)
+
+    torch.manual_seed(0)
+    model = Untraceable()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    task = dt.ClassificationTask(model)
+    params = dict(model.named_parameters())
+    feats = GradientFeatures(FeatureSpec(), task)
+    with caplog.at_level(logging.WARNING, logger="datatrace"):
+        f = feats.compute(params, {}, (x, y), False, 0)
+    msg = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(msg) == 1 and "per-example loop" in msg[0].getMessage()
+    assert "scale" in msg[0].getMessage() and "params=" in msg[0].getMessage()
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, {}, (x, y), names)
+    flat = flatten_grads(g, names)
+    torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+
+
+def test_token_level_factored_selections_and_a_longer_batch_is_refused():
+    """Weight-only, bias-only and Conv1D selections kept factored per token equal the loop;
+    a shorter later batch is zero-padded, a longer one refused with the fix named."""
+    model, ids, y = _model_and_batch()
+    task = dt.ClassificationTask(model)
+    params = dict(model.named_parameters())
+    for sel in (("lin.weight",), ("lin.bias",), ("conv1d",), ("lin.bias", "conv1d.weight")):
+        feats = GradientFeatures(FeatureSpec(params=sel, factored=True), task)
+        f = feats.compute(params, {}, (ids, y), False, 0)
+        assert "dense" not in f and feats.tokens
+        names = select_parameters(model, sel)
+        g, _ = per_example_grads_loop(task, params, {}, (ids, y), names)
+        flat = flatten_grads(g, names)
+        torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+        short = feats.compute(params, {}, (ids[:, :3], y), False, 0)
+        assert {k: v.shape for k, v in short.items()} == {k: v.shape for k, v in f.items()}
+        g4, _ = per_example_grads_loop(task, params, {}, (ids[:, :3], y), names)
+        flat4 = flatten_grads(g4, names)
+        torch.testing.assert_close(feats.pairwise(short, f), flat4 @ flat.T, rtol=1e-10, atol=1e-12)
+    wide = torch.cat([ids, ids[:, :3]], 1)
+    with pytest.raises(dt.DataError, match="padding='max_length'"):
+        feats.compute(params, {}, (wide, y), False, 3)
