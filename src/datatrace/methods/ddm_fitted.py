@@ -24,7 +24,7 @@ from ..core.errors import (
     StoreCorruptError,
     StoreMismatchError,
 )
-from ..core.runtime import eval_mode, model_device
+from ..core.runtime import eval_mode, load_forward_ad_decompositions, model_device
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
 from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
@@ -98,6 +98,7 @@ class FittedDistilledDatamodel:
         def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return (self._sample_losses(params) * w).sum()
 
+        load_forward_ad_decompositions()
         gen = torch.Generator().manual_seed(0)
         v = {
             nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
