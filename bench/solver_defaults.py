@@ -22,7 +22,7 @@ import datatrace as dt
 from datatrace.metrics import agreement
 
 
-def task_data(model_kind: str, n_train: int, n_query: int, seed: int = 0):
+def task_data(model_kind: str, n_train: int, n_query: int, seed: int = 0, hidden: int = 104):
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -33,7 +33,7 @@ def task_data(model_kind: str, n_train: int, n_query: int, seed: int = 0):
         x = img.reshape(len(x), -1).contiguous()
         model: nn.Module = nn.Linear(784, 10)
     else:
-        model = nn.Sequential(nn.Linear(64, 104), nn.ReLU(), nn.Linear(104, 10))
+        model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
     tr, q = perm[:n_train], perm[n_train : n_train + n_query]
@@ -54,8 +54,18 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-query", type=int, default=500)
     ap.add_argument("--solvers", default="exact,cg,lissa,arnoldi")
+    ap.add_argument(
+        "--sizes",
+        default="",
+        help="MLP hidden widths (e.g. 104,160,213): time exact vs EK-FAC at each "
+        "(what chose curvature.auto.EXACT_MAX_PARAMS)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.sizes:
+        for hidden in [int(h) for h in args.sizes.split(",")]:
+            sizes(args, hidden)
+        return
     model, train, queries = task_data(args.model, args.n_train, args.n_query)
     p = sum(t.numel() for t in model.parameters())
     task = dt.ClassificationTask(model)
@@ -85,6 +95,25 @@ def main() -> None:
             a = agreement(scores, ref)
             agree = f" vs exact: spearman {a['spearman'][0]:.4f} cosine {a['cosine'][0]:.4f}"
         print(f"{name:8s} {seconds:7.1f} s{agree}{extra}", flush=True)
+
+
+def sizes(args: argparse.Namespace, hidden: int) -> None:
+    model, train, queries = task_data("mlp", args.n_train, args.n_query, hidden=hidden)
+    p = sum(t.numel() for t in model.parameters())
+    task = dt.ClassificationTask(model)
+    ckpts = [dt.Checkpoint.from_module(model)]
+    times = {}
+    for name, pre in (
+        ("exact", dt.ExactHessian(damping=args.damping, max_params=10**6)),
+        ("ekfac", dt.EKFAC(damping=args.damping)),
+        ("cg", dt.ConjugateGradient(damping=args.damping)),
+    ):
+        t0 = time.perf_counter()
+        dt.Influence(pre).fit(task, ckpts, train, progress=False).attribute(queries)
+        times[name] = time.perf_counter() - t0
+    print(
+        f"{p:7,} parameters: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), flush=True
+    )
 
 
 if __name__ == "__main__":

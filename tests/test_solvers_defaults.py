@@ -3,6 +3,7 @@ complement, each against ``torch.linalg.solve`` of the exact damped Hessian in f
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import torch
 from test_influence import _fit, exact_hessian, reference
 
 import datatrace as dt
-from datatrace.curvature.iterative import CGPreconditioner, EigenPreconditioner, _MatrixFree
+from datatrace.curvature.iterative import (
+    CGPreconditioner,
+    EigenPreconditioner,
+    _MatrixFree,
+    neumann_depth,
+)
 
 
 class _Dense:
@@ -123,19 +129,110 @@ def test_lissa_defaults_minibatches_of_64_as_the_readme_says():
     assert settings["depth"] == str(pre.depth)
 
 
-def test_lissa_default_depth_converges_on_a_well_damped_problem(setup):
-    """Full batch (n < 64) and the default depth: the Neumann series has converged."""
+def test_lissa_default_depth_converges_on_a_well_damped_problem(setup, caplog):
+    """Full batch (n < 64) and the automatic depth: every eigencomponent of the solution is
+    within 1% (the remainder bound (1 − λ/scale)^depth ≤ 1% of H + λI positive definite)."""
     model, x, y, xq, yq = setup
     H = exact_hessian(model, x, y)
     lam = 0.5
-    top = float(torch.linalg.eigvalsh(H).abs().max())
-    assert top / (lam + float(torch.linalg.eigvalsh(H).min())) < 20  # a well-damped problem
-    S = _fit(model, x, y, dt.LiSSA(damping=lam)).attribute((xq, yq))
+    evals = torch.linalg.eigvalsh(H)
+    assert float(evals.min()) + lam > 0  # positive definite
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit(model, x, y, dt.LiSSA(damping=lam))
+    pc = fitted.preconditioners[0]
+    assert pc.depth == max(20, math.ceil(math.log(100) / -math.log1p(-lam / pc.scale)))
+    assert (1 - lam / pc.scale) ** pc.depth <= 0.01
+    assert f"depth {pc.depth}" in caplog.text
+    S = fitted.attribute((xq, yq))
     ref = reference(model, x, y, xq, yq, lam)
-    torch.testing.assert_close(S, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert float((S - ref).norm() / ref.norm()) < 0.01
+
+
+def test_lissa_depth_rule_is_clipped():
+
+    assert neumann_depth(10.0, 1.0) == math.ceil(math.log(100) / -math.log1p(-0.1))  # 44
+    assert neumann_depth(10.0, 0.0) == 1000
+    assert neumann_depth(1e6, 1e-6) == 1000
+    assert neumann_depth(1.0, 2.0) == 20
 
 
 @pytest.fixture
 def setup(mlp_data):
     model, x, y = mlp_data
     return model, x, y, x[:5] + 0.05, y[:5]
+
+
+# -- dt.Influence() without a preconditioner ------------------------------------------------
+
+
+def _auto(model, data, caplog, **auto):
+    from datatrace.curvature.auto import AutoPreconditioner
+
+    method = dt.Influence(AutoPreconditioner(**auto)) if auto else dt.Influence()
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = method.fit(task, ckpts, data, progress=False)
+    return fitted, task, ckpts
+
+
+def test_influence_without_a_preconditioner_is_exact_on_a_small_model(setup, caplog):
+    model, x, y, xq, yq = setup
+    fitted, task, ckpts = _auto(model, (x, y), caplog)
+    assert "preconditioner ExactHessian (66 parameters <= max_exact_params=10,000)" in caplog.text
+    want = dt.Influence(dt.ExactHessian()).fit(task, ckpts, (x, y), progress=False)
+    torch.testing.assert_close(fitted.attribute((xq, yq)), want.attribute((xq, yq)))
+    assert fitted.damping == want.damping
+
+
+def test_influence_without_a_preconditioner_is_ekfac_above_the_limit(setup, caplog):
+    model, x, y, xq, yq = setup
+    fitted, task, ckpts = _auto(model, (x, y), caplog, max_exact_params=50)
+    assert "preconditioner EKFAC (66 parameters > max_exact_params=50" in caplog.text
+    want = dt.Influence(dt.EKFAC()).fit(task, ckpts, (x, y), progress=False)
+    torch.testing.assert_close(fitted.attribute((xq, yq)), want.attribute((xq, yq)))
+
+
+def test_influence_without_a_preconditioner_is_cg_where_ekfac_cannot_take_a_layer(
+    dict_data, caplog
+):
+    model, batch = dict_data  # an nn.Embedding: not a K-FAC layer
+    fitted, task, ckpts = _auto(model, batch, caplog, max_exact_params=10)
+    assert "preconditioner ConjugateGradient" in caplog.text
+    assert "EK-FAC cannot take every layer" in caplog.text and "emb.weight" in caplog.text
+    want = dt.Influence(dt.ConjugateGradient()).fit(task, ckpts, batch, progress=False)
+    torch.testing.assert_close(fitted.attribute(batch), want.attribute(batch))
+    # and CG there is the exact damped solve (to its tolerance)
+    exact = dt.Influence(dt.ExactHessian(damping=fitted.damping[0])).fit(
+        task, ckpts, batch, progress=False
+    )
+    ref = exact.attribute(batch)
+    torch.testing.assert_close(
+        fitted.attribute(batch), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()
+    )
+
+
+def test_datatrace_forward_mode_ad_emits_no_third_party_warning():
+    """A fresh process, every warning an error: Gauss-Newton products, the exact Hessian's
+    Kronecker block (jacfwd) and EK-FAC's output Hessians run forward-mode AD first."""
+    import subprocess
+    import sys
+
+    from conftest import single_process_env
+
+    code = """
+import warnings
+warnings.simplefilter("error")
+import torch
+import datatrace as dt
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+task, ck = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+for pre in (dt.ExactHessian(damping=1.0), dt.GaussNewton(damping=1.0), dt.EKFAC()):
+    dt.Influence(pre).fit(task, ck, (x, y), progress=False).attribute((x[:2], y[:2]))
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=single_process_env()
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

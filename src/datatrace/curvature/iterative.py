@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -209,16 +210,19 @@ class LiSSA(AbstractPreconditioner):
         damping: λ (``None``: default).
         scale: must exceed the largest eigenvalue of ``H + λI`` (``None``: 1.5 × a power-
             iteration estimate of it).
-        depth: recursion steps per run.
+        depth: recursion steps per run (``None``: enough for the series to converge,
+            ``⌈ln(100) · scale / λ⌉`` so that its remainder in the flattest directions,
+            ``(1 − λ/scale)^depth``, is below 1%, within [20, 1000]; logged).
         repeat: independent runs averaged.
-        batch_size: examples per minibatch Hessian-vector product (``None``: full batch).
+        batch_size: examples per minibatch Hessian-vector product (``None``: full batch;
+            default 64).
         seed: minibatch sampling seed.
         gauss_newton: use Gauss–Newton-vector products.
     """
 
     damping: float | None = None
     scale: float | None = None
-    depth: int = 100
+    depth: int | None = None
     repeat: int = 1
     batch_size: int | None = 64
     seed: int = 0
@@ -226,7 +230,8 @@ class LiSSA(AbstractPreconditioner):
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
-        check_positive("depth", self.depth)
+        if self.depth is not None:
+            check_positive("depth", self.depth)
         check_positive("repeat", self.repeat)
         if self.batch_size is not None:
             check_positive("batch_size", self.batch_size)
@@ -238,7 +243,29 @@ class LiSSA(AbstractPreconditioner):
         op = _MatrixFree(problem, self.gauss_newton, resolve_damping(self.damping, ctx.lambda0))
         top = power_iteration(op, problem.p, problem.theta)
         scale = self.scale if self.scale is not None else 1.5 * max(top, 1e-12)
-        return LiSSAPreconditioner(self, op, scale, top)
+        depth = self.depth if self.depth is not None else neumann_depth(scale, op.damping)
+        log.info(
+            "LiSSA: scale %.3g, depth %d (series remainder in flat directions %.2g), batch size %s",
+            scale,
+            depth,
+            (1 - min(op.damping / scale, 1.0)) ** depth,
+            self.batch_size,
+        )
+        return LiSSAPreconditioner(self, op, scale, top, depth)
+
+
+#: Bounds of LiSSA's automatic depth: at least a few passes' worth of steps, at most the
+#: old fixed default (its cost grows as scale / λ, so tiny damping is capped).
+LISSA_DEPTH_RANGE = (20, 1000)
+
+
+def neumann_depth(scale: float, damping: float) -> int:
+    """Steps after which ``(1 − λ/scale)^depth ≤ 1%``, clipped to :data:`LISSA_DEPTH_RANGE`."""
+    low, high = LISSA_DEPTH_RANGE
+    if damping <= 0 or damping >= scale:
+        return high if damping <= 0 else low
+    steps = math.ceil(math.log(100.0) / -math.log1p(-damping / scale))
+    return max(low, min(high, steps))
 
 
 def power_iteration(op: _MatrixFree, p: int, like: torch.Tensor, iters: int = 30) -> float:
@@ -259,6 +286,7 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
     op: _MatrixFree
     scale: float
     largest: float
+    depth: int
 
     damping: float = field(init=False)
 
@@ -280,7 +308,7 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         for r in range(self.spec.repeat):
             gen = torch.Generator().manual_seed(self.spec.seed * 10_007 + r)
             h = vectors.clone()
-            for step in range(self.spec.depth):
+            for step in range(self.depth):
                 h = vectors + h - self._product(h, gen) / self.scale
                 hn = h.norm()
                 if not torch.isfinite(hn) or hn > 1e8 * max(float(vnorm), 1e-30):
