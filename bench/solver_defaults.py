@@ -88,6 +88,8 @@ def main() -> None:
         pre = fitted.preconditioners[0]
         if hasattr(pre, "iterations"):
             extra = f" iterations {pre.iterations} residual {pre.residual:.1e}"
+        if hasattr(pre, "depth"):
+            extra = f" depth {pre.depth} scale {pre.scale:.3g}"
         if name == "exact":
             ref = scores
         agree = ""
