@@ -82,3 +82,18 @@ def test_check_refuses_a_sample_larger_than_the_data(trained):
         fitted.check(n_examples=80, n_queries=32)
     with pytest.raises(dt.ConfigError, match="n_examples must be an integer >= 2"):
         fitted.check(n_examples=1)
+
+
+def test_check_of_trak_further_trains_the_classification_task(trained):
+    """TRAK scores a margin; the gold standard is still further training of the task as
+    trained (cross-entropy), as `datatrace evaluate` compares."""
+    task, ckpts, train = trained
+    fitted = dt.TRAK(projection_dim=None).fit(task, ckpts, train, progress=False)
+    res = fitted.check(n_examples=8, n_queries=6, n_seeds=1)
+    left, qidx = check_sample(80, 8, 6, 0, True)
+    queries = (train[0][qidx], train[1][qidx])
+    gold = dt.truth.further_training(
+        task, ckpts[0], train, queries, left, epochs=1, seeds=range(1), progress=False
+    )[-1]
+    want = dt.metrics.agreement(fitted.attribute(queries)[:, left], gold)
+    assert res.cosine == want["cosine"]

@@ -23,6 +23,7 @@ from ..core.data import ExampleSource
 from ..core.errors import ConfigError
 from ..metrics import agreement
 from ..truth.further import further_training
+from .trak import MarginTask
 
 if TYPE_CHECKING:
     from .fitted import FittedGradientAttributor
@@ -98,9 +99,12 @@ def check(
     n_q = len(ExampleSource(queries, "queries"))
     params, buffers = fitted.states[-1]
     final = Checkpoint.from_state_dict({**params, **buffers})
+    # further-train with the training task itself (TRAK scores a wrapped margin task, whose
+    # "loss" is not what training minimised): the gold standard datatrace evaluate uses
+    task = fitted.task.inner if isinstance(fitted.task, MarginTask) else fitted.task
     scores = fitted.attribute(queries)[:, left].double().cpu()
     gold = further_training(
-        fitted.task,
+        task,
         final,
         fitted.train,
         queries,
