@@ -83,9 +83,10 @@ class ConjugateGradient(AbstractPreconditioner):
         max_iter: iterations at most (``None``: ``2⌈p/m⌉ + 10`` for m right-hand sides,
             about twice the products of forming ``H``; block CG is exact after ``⌈p/m⌉``
             in exact arithmetic).
-        tol: stop when every residual norm is below ``tol × ‖v‖``. The default 1e-6
-            changes no score ranking (float64 test against ``torch.linalg.solve``) and
-            took 22 iterations where 1e-8 took 29 (bench/solver_defaults.py).
+        tol: stop when every residual norm is below ``tol × ‖v‖``. With the default 1e-6,
+            500 queries on a 7,810-parameter digits MLP (λ = 0.1) took 9 iterations and
+            gave per-query Spearman 1.0000 with the exact solve's scores
+            (bench/solver_defaults.py).
         gauss_newton: use Gauss–Newton-vector products (PSD) instead of the Hessian.
 
     References:
