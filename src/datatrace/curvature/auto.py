@@ -33,8 +33,9 @@ log = logging.getLogger("datatrace")
 #: ``bench/solver_defaults.py --sizes 32,104,160`` (digits ReLU MLPs, 1,000 training
 #: examples, 500 queries, λ = 0.1, one thread, on a shared 2-core machine: noisy) as
 #: fit + scores: 2,410 parameters exact 9 s / EK-FAC 1.6 s / CG 12 s; 7,810: 34 / 1.0 / 22 s;
-#: 12,010: 189 / 6 / 101 s. Exact grows as p³ and is no longer the fastest of the exact
-#: solvers (block CG overtakes it) between 8k and 12k parameters: 10k.
+#: 12,010: 189 / 6 / 101 s (another, quieter run at 7,810: exact 6.5 s, CG 8.2 s). Exact
+#: grows as p³; block CG, as exact to its tolerance, overtakes it between about 8k and
+#: 12k parameters: 10k.
 EXACT_MAX_PARAMS = 10_000
 
 
