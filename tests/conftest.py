@@ -6,6 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from datatrace.core.runtime import load_forward_ad_decompositions
+
+# The tests' own torch.func.hessian/jacfwd twins would otherwise be the first forward-mode
+# AD of the process, and torch warns then (see load_forward_ad_decompositions);
+# test_solvers_defaults checks in a fresh process that datatrace's own calls never do.
+load_forward_ad_decompositions()
+
 
 class MLP(nn.Module):
     def __init__(self, d_in: int = 5, hidden: int = 7, classes: int = 3) -> None:

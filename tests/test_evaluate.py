@@ -84,6 +84,13 @@ def test_small_run_writes_results_and_resumes_from_cache(tmp_path: Path, capsys)
     loo = {r["method"]: r["mean"] for r in report["results"]
            if r["truth"] == "loo" and r["metric"] == "pearson"}  # fmt: skip
     assert loo["exact"] > 0.5, loo  # SGD-trained logreg: influence tracks retraining
+    # every gradient method checked itself against one epoch of further training
+    assert "check cos" in printed
+    assert sorted(report["check"]) == ["cg", "exact", "graddot", "tracin"]
+    for own in report["check"].values():
+        assert (own["n_examples"], own["n_queries"]) == (32, 6)
+        assert -1 <= own["cosine"][0] <= 1 and own["cosine"][1] >= 0
+        assert "further training" in own["gold_standard"]
     assert (tmp_path / "out" / "agreement.png").stat().st_size > 1000
     # rerun: every gold-standard job comes from the cache, same numbers
     jobs = sorted((tmp_path / "out" / "cache").rglob("job-*.safetensors"))

@@ -19,8 +19,8 @@ LAYERS = [
     "features",
     "curvature",
     "retrain",
+    "truth",  # gold standards need only retraining; methods check themselves against them
     "methods",
-    "truth",
     "integrations",
     "app",
 ]

@@ -36,6 +36,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "lissa_depth": 500,
         "arnoldi_rank": 50,
         "trak_dim": 512,
+        # fitted.check(): examples left out of one epoch of further training (0: off)
+        "check": 32,
     },
     "truth": {"use": ["further_training"], "indices": 100, "cache": True},
     "truth.further_training": {

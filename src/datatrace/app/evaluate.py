@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .. import metrics, truth
 from ..core import distributed
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError
+from ..methods.fitted import FittedGradientAttributor
 from .config import load_config
 from .experiment import build_experiment
 from .registry import entry, make_method, method_variants
@@ -58,6 +60,9 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     scores: dict[str, torch.Tensor] = {}
     timing: dict[str, float] = {}
     used: dict[str, Any] = {}
+    # each gradient method's self-check: agreement with one epoch of further training
+    checked: dict[str, dict[str, Any]] = {}
+    n_check = min(cfg["methods"]["check"], n_train)
     for label, name, lam in method_variants(cfg["methods"]):
         s = time.perf_counter()
         method = make_method(name, cfg["methods"], lam)
@@ -66,6 +71,17 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
         scores[label] = fitted.attribute(exp.queries).double().cpu()
         timing[label] = time.perf_counter() - s
         used[label] = fitted.damping or None
+        if n_check >= 2 and isinstance(fitted, FittedGradientAttributor):
+            checked[label] = asdict(
+                fitted.check(
+                    exp.queries,
+                    n_examples=n_check,
+                    seed=top["seed"],
+                    lr=cfg["truth.further_training"]["lr"],
+                    batch_size=cfg["truth.further_training"]["batch_size"],
+                    progress=progress,
+                )
+            )
 
     # gold standards and metrics
     results: list[dict[str, Any]] = []
@@ -127,6 +143,7 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
         "method_seconds": timing,
         "truth_seconds": gold_seconds,
         "damping": used,
+        "check": checked,
         "results": results,
         "environment": {
             "torch": torch.__version__,
@@ -197,9 +214,10 @@ def _plot(results: list[dict[str, Any]], path: Path, title: str) -> str | None:
 
 
 def table(report: dict[str, Any], max_steps: int = 5) -> str:
-    """A plain-text table: one row per method, one column per gold standard (and per
-    evaluated epoch of further training: at most ``max_steps`` of them, evenly spaced;
-    the CSV has all), Spearman/cosine/LDS means."""
+    """A plain-text table: one row per method, its ``fitted.check()`` cosine (mean ± SE;
+    ``-`` where it has none), one column per gold standard (and per evaluated epoch of
+    further training: at most ``max_steps`` of them, evenly spaced; the CSV has all),
+    Spearman/cosine/LDS means."""
     rows = report["results"]
     cols: list[tuple[str, Any, str]] = []
     for r in rows:
@@ -215,12 +233,15 @@ def table(report: dict[str, Any], max_steps: int = 5) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     value = {(r["truth"], r["step"], r["metric"], r["method"]): r["mean"] for r in rows}
     names = {"further_training": "FT"}
-    head = ["method", "s"] + [
+    head = ["method", "s", "check cos"] + [
         f"{names.get(t, t)}{'@' + str(s) if s != '' else ''} {m[:4]}" for t, s, m in cols
     ]
     lines = [head]
+    checked = report.get("check", {})
     for name in methods:
         line = [name, f"{report['method_seconds'][name]:.2f}"]
+        own = checked.get(name)
+        line.append(f"{own['cosine'][0]:+.3f}±{own['cosine'][1]:.3f}" if own else "-")
         line += [f"{value.get((t, s, m, name), float('nan')):+.3f}" for t, s, m in cols]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

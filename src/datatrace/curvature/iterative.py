@@ -4,7 +4,8 @@ to form ``H``:
 * :class:`ConjugateGradient`: CG on ``(H + λI) x = v`` with Hessian-vector products
   (one pass over the training data per iteration, all query vectors at once).
 * :class:`LiSSA`: the stochastic Neumann recursion ``h ← v + h − (H_B + λI) h / scale``.
-* :class:`Arnoldi`: top-r eigenpairs by Arnoldi iteration; invert in that subspace.
+* :class:`Arnoldi`: top-r eigenpairs by Arnoldi iteration; invert in that subspace, and
+  by ``1/λ`` on its complement.
 
 References:
     Agarwal et al. 2017 (LiSSA); Schioppa et al. 2022 (Arnoldi); Martens 2010 (CG with
@@ -13,6 +14,8 @@ References:
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,17 +37,27 @@ from .context import FitContext
 from .dense import krylov_eigenpairs
 from .problem import CurvatureProblem
 
+log = logging.getLogger("datatrace")
+
 
 @dataclass
 class EigenPreconditioner(AbstractFittedPreconditioner):
-    """``(H + λI)⁻¹`` from (some of) the eigenpairs of H."""
+    """``(H + λI)⁻¹`` from r eigenpairs ``(Λ, U)`` of H, with H taken as 0 on the rest:
+    ``U (Λ + λ)⁻¹ Uᵀ v + (v − U Uᵀ v) / λ``. Exact at full rank; below it the complement
+    term keeps every direction H has not been probed in (scaled by 1/λ, what ``H + λI``
+    does there when H is small), so damping still matters and scores degrade gracefully
+    as the rank drops. With ``damping == 0`` the complement is dropped (the pseudo-inverse
+    in the subspace)."""
 
     evals: torch.Tensor
     evecs: torch.Tensor
     damping: float
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
-        return eigen_solve(self.evals, self.evecs, self.damping, vectors)
+        inside = eigen_solve(self.evals, self.evecs, self.damping, vectors)
+        if self.damping == 0:
+            return inside
+        return inside + (vectors - (vectors @ self.evecs) @ self.evecs.T) / self.damping
 
 
 @dataclass
@@ -60,23 +73,36 @@ class _MatrixFree:
 
 @dataclass(frozen=True)
 class ConjugateGradient(AbstractPreconditioner):
-    """Conjugate gradients on ``(H + λI) x = v``, all right-hand sides at once.
+    """Block conjugate gradients on ``(H + λI) X = V``: all right-hand sides (queries) share
+    one growing Krylov space, so m right-hand sides need at most about ``⌈p/m⌉``
+    iterations in exact arithmetic (each iteration: one pass over the training data with
+    m Hessian-vector products), never more products than forming ``H`` would take.
 
     Args:
         damping: λ (``None``: default).
-        max_iter: iterations at most (one pass over the training data each).
-        tol: stop when every residual norm is below ``tol × ‖v‖``.
+        max_iter: iterations at most (``None``: ``2⌈p/m⌉ + 10`` for m right-hand sides,
+            about twice the products of forming ``H``; block CG is exact after ``⌈p/m⌉``
+            in exact arithmetic).
+        tol: stop when every residual norm is below ``tol × ‖v‖``. With the default 1e-6,
+            500 queries on a 7,810-parameter digits MLP (λ = 0.1) took 9 iterations and
+            gave per-query Spearman 1.0000 with the exact solve's scores
+            (bench/solver_defaults.py).
         gauss_newton: use Gauss–Newton-vector products (PSD) instead of the Hessian.
+
+    References:
+        O'Leary 1980 (block CG); Ji and Li 2017 (breakdown-free block CG: the search block
+        is re-orthonormalised and rank-reduced every iteration).
     """
 
     damping: float | None = None
-    max_iter: int = 100
-    tol: float = 1e-8
+    max_iter: int | None = None
+    tol: float = 1e-6
     gauss_newton: bool = False
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
-        check_positive("max_iter", self.max_iter)
+        if self.max_iter is not None:
+            check_positive("max_iter", self.max_iter)
         if not self.tol > 0:
             raise ConfigError(f"tol must be > 0, got {self.tol!r}")
 
@@ -85,12 +111,30 @@ class ConjugateGradient(AbstractPreconditioner):
         return CGPreconditioner(op, self.max_iter, self.tol)
 
 
+def _orthonormal_rows(block: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (rows) of the row space of ``block`` (k, p), dropping directions
+    that are numerically dependent (rank-revealing: eigenvalues of the Gram matrix of the
+    row-normalised block below ``100 k eps`` of the largest), computed twice (CholeskyQR2)."""
+    norms = block.norm(dim=1, keepdim=True)
+    rows = block[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
+    eps = torch.finfo(block.dtype).eps
+    for _ in range(2):
+        if rows.shape[0] == 0:
+            return rows
+        evals, evecs = torch.linalg.eigh(rows @ rows.T)
+        keep = evals > 100 * rows.shape[0] * eps * evals[-1].clamp_min(0)
+        rows = (evecs[:, keep] / evals[keep].sqrt()).T @ rows
+    return rows
+
+
 @dataclass
 class CGPreconditioner(AbstractFittedPreconditioner):
     op: _MatrixFree
-    max_iter: int
+    max_iter: int | None
     tol: float
+    #: iterations and largest relative residual of the last solve
     iterations: int = 0
+    residual: float = 0.0
 
     damping: float = field(init=False)
 
@@ -98,22 +142,27 @@ class CGPreconditioner(AbstractFittedPreconditioner):
         self.damping = self.op.damping
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
-        x = torch.zeros_like(vectors)
-        r = vectors.clone()
-        d = r.clone()
-        rr = (r * r).sum(1)
-        stop = (self.tol * vectors.norm(dim=1)) ** 2
+        """Breakdown-free block CG (Ji and Li 2017, Algorithm 3) on the right-hand sides
+        scaled to unit norm (the tolerance is relative to each)."""
+        m, p = vectors.shape
+        max_iter = self.max_iter or 2 * -(-p // max(m, 1)) + 10
+        norms = vectors.norm(dim=1)
+        scale = torch.where(norms == 0, torch.ones_like(norms), norms)
+        r = vectors / scale[:, None]
+        x = torch.zeros_like(r)
+        search = _orthonormal_rows(r)
         warned = False
-        for it in range(1, self.max_iter + 1):
-            active = rr > stop
-            if not bool(active.any()):
+        self.iterations = 0
+        for it in range(1, max_iter + 1):
+            if search.shape[0] == 0:
                 break
-            ad = self.op.apply(d)
-            curv = (d * ad).sum(1)
-            # converged rows (residual at round-off level) can show d·Ad <= 0 from round-off
-            eps = torch.finfo(vectors.dtype).eps
-            live = active & (rr > (1e3 * eps) ** 2 * (vectors * vectors).sum(1))
-            if bool((curv[live] <= 0).any()) and not warned:
+            self.iterations = it
+            a_search = self.op.apply(search)  # (s, p)
+            gram = search @ a_search.T
+            evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+            if not warned and float(evals[0]) <= -1e3 * torch.finfo(r.dtype).eps * float(
+                evals.abs().max()
+            ):
                 warned = True
                 warnings.warn(
                     "conjugate gradients met negative curvature: H + damping is not positive "
@@ -122,15 +171,35 @@ class CGPreconditioner(AbstractFittedPreconditioner):
                     InfluenceWarning,
                     stacklevel=2,
                 )
-            alpha = torch.where(active, rr / torch.where(curv == 0, 1.0, curv), 0.0)
-            x += alpha[:, None] * d
-            r -= alpha[:, None] * ad
-            rr_new = (r * r).sum(1)
-            beta = torch.where(active, rr_new / torch.where(rr == 0, 1.0, rr), 0.0)
-            d = r + beta[:, None] * d
-            rr = rr_new
-            self.iterations = it
-        return x
+            inv = (evecs / torch.where(evals == 0, torch.ones_like(evals), evals)) @ evecs.T
+            alpha = inv @ (search @ r.T)  # (s, m)
+            x += alpha.T @ search
+            r -= alpha.T @ a_search
+            active = r.norm(dim=1) > self.tol
+            if not bool(active.any()):
+                break
+            z = r[active]
+            beta = inv @ (a_search @ z.T)  # A-conjugacy to the previous block
+            search = _orthonormal_rows(z - beta.T @ search)
+        self.residual = float(r.norm(dim=1).max()) if m else 0.0
+        if self.residual > self.tol and not warned:  # (negative curvature already warned)
+            warnings.warn(
+                f"conjugate gradients stopped after {self.iterations} iterations with a "
+                f"relative residual of {self.residual:.2g} (tol {self.tol:.2g}): the "
+                "solution is approximate. Raise max_iter, add damping, or use "
+                "gauss_newton=True if the Hessian + damping is not positive definite.",
+                InfluenceWarning,
+                stacklevel=2,
+            )
+        log.info(
+            "conjugate gradients: %d right-hand sides, %d iterations, largest relative "
+            "residual %.2g (tol %.2g)",
+            m,
+            self.iterations,
+            self.residual,
+            self.tol,
+        )
+        return x * scale[:, None]
 
 
 @dataclass(frozen=True)
@@ -142,24 +211,28 @@ class LiSSA(AbstractPreconditioner):
         damping: λ (``None``: default).
         scale: must exceed the largest eigenvalue of ``H + λI`` (``None``: 1.5 × a power-
             iteration estimate of it).
-        depth: recursion steps per run.
+        depth: recursion steps per run (``None``: enough for the series to converge,
+            ``⌈ln(100) · scale / λ⌉`` so that its remainder in the flattest directions,
+            ``(1 − λ/scale)^depth``, is below 1%, within [20, 1000]; logged).
         repeat: independent runs averaged.
-        batch_size: examples per minibatch Hessian-vector product (``None``: full batch).
+        batch_size: examples per minibatch Hessian-vector product (``None``: full batch;
+            default 64).
         seed: minibatch sampling seed.
         gauss_newton: use Gauss–Newton-vector products.
     """
 
     damping: float | None = None
     scale: float | None = None
-    depth: int = 1000
+    depth: int | None = None
     repeat: int = 1
-    batch_size: int | None = None
+    batch_size: int | None = 64
     seed: int = 0
     gauss_newton: bool = False
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
-        check_positive("depth", self.depth)
+        if self.depth is not None:
+            check_positive("depth", self.depth)
         check_positive("repeat", self.repeat)
         if self.batch_size is not None:
             check_positive("batch_size", self.batch_size)
@@ -171,7 +244,29 @@ class LiSSA(AbstractPreconditioner):
         op = _MatrixFree(problem, self.gauss_newton, resolve_damping(self.damping, ctx.lambda0))
         top = power_iteration(op, problem.p, problem.theta)
         scale = self.scale if self.scale is not None else 1.5 * max(top, 1e-12)
-        return LiSSAPreconditioner(self, op, scale, top)
+        depth = self.depth if self.depth is not None else neumann_depth(scale, op.damping)
+        log.info(
+            "LiSSA: scale %.3g, depth %d (series remainder in flat directions %.2g), batch size %s",
+            scale,
+            depth,
+            (1 - min(op.damping / scale, 1.0)) ** depth,
+            self.batch_size,
+        )
+        return LiSSAPreconditioner(self, op, scale, top, depth)
+
+
+#: Bounds of LiSSA's automatic depth: at least a few passes' worth of steps, at most the
+#: old fixed default (its cost grows as scale / λ, so tiny damping is capped).
+LISSA_DEPTH_RANGE = (20, 1000)
+
+
+def neumann_depth(scale: float, damping: float) -> int:
+    """Steps after which ``(1 − λ/scale)^depth ≤ 1%``, clipped to :data:`LISSA_DEPTH_RANGE`."""
+    low, high = LISSA_DEPTH_RANGE
+    if damping <= 0 or damping >= scale:
+        return high if damping <= 0 else low
+    steps = math.ceil(math.log(100.0) / -math.log1p(-damping / scale))
+    return max(low, min(high, steps))
 
 
 def power_iteration(op: _MatrixFree, p: int, like: torch.Tensor, iters: int = 30) -> float:
@@ -192,6 +287,7 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
     op: _MatrixFree
     scale: float
     largest: float
+    depth: int
 
     damping: float = field(init=False)
 
@@ -213,7 +309,7 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         for r in range(self.spec.repeat):
             gen = torch.Generator().manual_seed(self.spec.seed * 10_007 + r)
             h = vectors.clone()
-            for step in range(self.spec.depth):
+            for step in range(self.depth):
                 h = vectors + h - self._product(h, gen) / self.scale
                 hn = h.norm()
                 if not torch.isfinite(hn) or hn > 1e8 * max(float(vnorm), 1e-30):
@@ -229,7 +325,9 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
 @dataclass(frozen=True)
 class Arnoldi(AbstractPreconditioner):
     """Top-``rank`` eigenpairs of H (by magnitude) from ``n_iter`` Arnoldi steps with full
-    reorthogonalisation; ``(H + λI)⁻¹`` is applied in that subspace only (Schioppa et al.).
+    reorthogonalisation; ``(H + λI)⁻¹ ≈ U (Λ + λ)⁻¹ Uᵀ + (I − U Uᵀ) / λ``: exact in that
+    subspace, ``1/λ`` on its complement (Schioppa et al. drop the complement, which made
+    damping have no effect and cost LDS 0.80 → 0.34 at rank 50 on digits, issue 12).
 
     Args:
         rank: eigenpairs kept (<= number of parameters).

@@ -18,6 +18,7 @@ from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from ..core.data import ExampleSource, as_single_batch
 from ..core.loop import over_batches
+from ..core.runtime import load_forward_ad_decompositions
 from ..core.task import AbstractTask
 from ..grads.layers import flat_offsets, layer_calls
 from ..grads.per_example import bound_model
@@ -58,6 +59,7 @@ class CurvatureProblem:
         self.batch_size = batch_size
         self.n = len(train)
         self._cached_pullback: Any = None
+        load_forward_ad_decompositions()  # Gauss-Newton and Hessian blocks use forward AD
 
     @property
     def p(self) -> int:

@@ -2,14 +2,14 @@
 
 **Offline** (from saved checkpoints, or during training with :meth:`DistilledDatamodel.recorder`):
 each group of training examples G_k gets a small synthetic set s_k (``synset_per_group``
-inputs, initialised from real members, labels fixed, each standing for ``|G_k|/m`` real
-examples). At every trajectory point θ_t, processed from the last to the first (the
-"reverse" walk from the final model), the synthetic inputs are moved by Adam to minimise a
-layer-wise gradient distance between the synset's contribution to the mean training loss
-and the group's::
+inputs, ``m_k = min(m, |G_k|)`` per group, initialised from real members, labels fixed,
+each standing for ``|G_k|/m_k`` real examples). At every trajectory point θ_t, processed
+from the last to the first (the "reverse" walk from the final model), the synthetic inputs
+are moved by Adam to minimise a layer-wise gradient distance between the synset's
+contribution to the mean training loss and the group's::
 
     D_k(θ_t) = Σ_layers ‖ĝ_k,l − g_k,l‖² / ‖g_k,l‖²
-    g_k = (1/n) Σ_{i ∈ G_k} ∇ℓ(z_i; θ_t),   ĝ_k = (|G_k| / (n m)) Σ_{s ∈ s_k} ∇ℓ(s; θ_t)
+    g_k = (1/n) Σ_{i ∈ G_k} ∇ℓ(z_i; θ_t),   ĝ_k = (|G_k| / (n m_k)) Σ_{s ∈ s_k} ∇ℓ(s; θ_t)
 
 (summed over groups, each trajectory point weighted by its checkpoint weight).
 
@@ -58,7 +58,8 @@ class DistilledDatamodel:
         groups: group id of every training example (LongTensor (n,), ids 0..K-1, every
             group non-empty); ``None``: class-wise k-means on the inputs,
             ``clusters_per_class`` per class.
-        synset_per_group: synthetic examples per group (m ≤ the smallest group).
+        synset_per_group: synthetic examples per group, m (a group of fewer members gets
+            one per member, ``min(m, |G_k|)``; the fit log says which).
         steps_per_point: Adam steps on the synsets at each trajectory point.
         lr: Adam learning rate, in units of the inputs' standard deviation.
         unlearn_steps, unlearn_lr, unlearn_momentum: online fast-learning: heavy-ball

@@ -24,7 +24,7 @@ from ..core.errors import (
     StoreCorruptError,
     StoreMismatchError,
 )
-from ..core.runtime import eval_mode, model_device
+from ..core.runtime import eval_mode, load_forward_ad_decompositions, model_device
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
 from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
@@ -56,6 +56,9 @@ class FittedDistilledDatamodel:
         history: list[tuple[float, float]] | None = None,
     ) -> None:
         self.task, self.final, self.ddm = task, final, ddm
+        if weights.dim() == 1:  # saved before per-example weights: every slot live
+            weights = weights[:, None].expand(syn_x.shape[0], syn_x.shape[1]).contiguous()
+        #: weight of each synthetic example, (K, m): |G_k| / (n m_k), 0 on padding slots
         self.syn_x, self.syn_y, self.weights = syn_x.detach(), syn_y, weights
         self.group_ids = group_ids
         self.k = syn_x.shape[0]
@@ -90,12 +93,12 @@ class FittedDistilledDatamodel:
 
     def _power_step(self) -> float:
         """1 / the largest eigenvalue of the distilled objective's Hessian at θ_T."""
-        m = self.syn_x.shape[1]
-        w = self.weights.repeat_interleave(m)
+        w = self.weights.reshape(-1)
 
         def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return (self._sample_losses(params) * w).sum()
 
+        load_forward_ad_decompositions()
         gen = torch.Generator().manual_seed(0)
         v = {
             nm: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
@@ -113,8 +116,8 @@ class FittedDistilledDatamodel:
     def _fast_learn(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Train R models from θ_T at once, model r on the groups where ``keep[r]`` (R, K)
         is True; returns stacked parameters (R, ...)."""
-        r_models, m = keep.shape[0], self.syn_x.shape[1]
-        w = (self.weights[None, :] * keep.to(self.weights)).repeat_interleave(m, dim=1)  # (R, K·m)
+        r_models = keep.shape[0]
+        w = (self.weights[None] * keep.to(self.weights)[:, :, None]).reshape(r_models, -1)
         params = {
             nm: p.unsqueeze(0).repeat(r_models, *[1] * p.dim()) for nm, p in self.start.items()
         }

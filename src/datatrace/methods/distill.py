@@ -4,6 +4,7 @@ training trajectory (:class:`_Distiller`), resumable from a checksummed run stor
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,8 @@ from .ddm_fitted import FittedDistilledDatamodel
 
 if TYPE_CHECKING:
     from .datamodel import DistilledDatamodel
+
+log = logging.getLogger("datatrace")
 
 
 def kmeans_groups(
@@ -135,24 +138,32 @@ class _Distiller:
         if empty:
             raise DataError(f"groups {empty[:10]} are empty; number groups 0..K-1")
         m = ddm.synset_per_group
+        per_group = sizes.clamp(max=m)  # m_k = min(m, |G_k|)
         small = torch.nonzero(sizes < m).flatten().tolist()
         if small:
-            raise DataError(
-                f"synset_per_group={m} is larger than groups {small[:10]} (sizes "
-                f"{sizes[small[:10]].tolist()}); use a smaller m or larger groups"
+            log.info(
+                "Distilled Datamodel: %d group(s) smaller than synset_per_group=%d (e.g. "
+                "groups %s of sizes %s) get a synset of every member, min(m, |G_k|)",
+                len(small),
+                m,
+                small[:10],
+                sizes[small[:10]].tolist(),
             )
         self.ids, self.sizes, self.n, self.k = ids, sizes, n, len(sizes)
         g = torch.Generator().manual_seed(ddm.seed)
-        init = torch.stack(
-            [
-                torch.nonzero(ids == k).flatten()[torch.randperm(int(sizes[k]), generator=g)[:m]]
-                for k in range(self.k)
-            ]
-        )
-        self.init_index = init  # (K, m) training indices
-        self.syn_x = self.x[init.to(self.device)].clone()  # (K, m, ...)
-        self.syn_y = self.y[init.to(self.device)].clone()
-        self.weights = (sizes.double() / (n * m)).to(self.device, self.x.dtype)  # (K,)
+        # (K, m) training indices; a group of m_k < m members fills its m slots by cycling
+        # through them, and only its first m_k slots carry weight (the rest are padding)
+        init = []
+        for k in range(self.k):
+            members = torch.nonzero(ids == k).flatten()[torch.randperm(int(sizes[k]), generator=g)]
+            init.append(members[torch.arange(m) % len(members)])
+        self.init_index = torch.stack(init)
+        self.syn_x = self.x[self.init_index.to(self.device)].clone()  # (K, m, ...)
+        self.syn_y = self.y[self.init_index.to(self.device)].clone()
+        #: weight of each synthetic example in ĝ_k, (K, m): |G_k| / (n m_k), 0 on padding
+        live = torch.arange(m)[None, :] < per_group[:, None]
+        weights = live.double() * (sizes.double() / (n * per_group.double()))[:, None]
+        self.weights = weights.to(self.device, self.x.dtype)
         self.scale = float(self.x.std()) or 1.0
         self.names = [nm for nm, p in task.model.named_parameters() if p.requires_grad]
         self.final = final
@@ -196,7 +207,7 @@ class _Distiller:
         per = vmap(grad(self._loss1), in_dims=(None, None, 0, 0))(params, fixed, flat_x, flat_y)
         total = syn_x.new_zeros(())
         for nm, t in per.items():
-            ghat = t.reshape(k, m, -1).sum(1) * self.weights[:, None]
+            ghat = (t.reshape(k, m, -1) * self.weights[:, :, None]).sum(1)
             g = target[nm].reshape(k, -1)
             denom = (g * g).sum(1) + 1e-12 * float((g * g).sum(1).max()) + 1e-30
             total = total + (((ghat - g) ** 2).sum(1) / denom).sum()

@@ -30,6 +30,7 @@ from ..curvature.problem import CurvatureProblem
 from ..features.featurizer import AbstractFeaturizer, Features
 from ..features.loop import State, featurize
 from ..features.store import FeatureStore, MemoryFeatureStore
+from .check import CheckResult, check
 from .topk import merge_top_k, running_top_k
 
 if TYPE_CHECKING:
@@ -257,6 +258,45 @@ class FittedGradientAttributor:
         torch.distributed.all_gather_object(gathered, local)
         parts = [(v.cpu(), i.cpu()) for g in gathered if g is not None for v, i in [g]]
         return merge_top_k(parts, k, largest=not opponents)
+
+    def check(
+        self,
+        queries: Any = None,
+        *,
+        n_examples: int = 32,
+        n_queries: int = 32,
+        epochs: int = 1,
+        seed: int = 0,
+        n_seeds: int = 5,
+        lr: float = 0.01,
+        batch_size: int = 32,
+        progress: bool | None = False,
+    ) -> CheckResult:
+        """Score this method against further training (Wei et al. 2024) on a random sample.
+
+        ``n_examples`` training examples (drawn with ``seed``) are left out of ``epochs``
+        of SGD from the final checkpoint (``lr``, ``batch_size``, averaged over ``n_seeds``
+        batch orders: :func:`datatrace.truth.further_training`, run stacked); the scores
+        of the queries (``None``: ``n_queries`` other training examples from the same
+        draw) for those examples are compared with it per query.
+
+        Returns:
+            a :class:`~datatrace.methods.check.CheckResult`: cosine and Spearman agreement
+            (mean, standard error over queries), the gold standard used, the sample sizes
+            and the seconds taken. Reproducible given ``seed``.
+        """
+        return check(
+            self,
+            queries,
+            n_examples=n_examples,
+            n_queries=n_queries,
+            epochs=epochs,
+            seed=seed,
+            n_seeds=n_seeds,
+            lr=lr,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
     def self_influence(self) -> torch.Tensor:
         """``s_i = Σ_c w_c ‖φ_c(z_i)‖²`` (the score of each training example with itself,

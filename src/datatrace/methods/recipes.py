@@ -4,8 +4,9 @@
 * :func:`GradCos`: the cosine of the same gradients (robust to gradient-norm outliers).
 * :func:`TracIn`: ``Σ_c η_c q_j(θ_c)ᵀ g_i(θ_c)`` over saved checkpoints, weighted by the
   learning rate (``Checkpoint.weight``); self-influence ranks suspected mislabels.
-* :func:`Influence`: ``(1/n) Σ_c w_c q_jᵀ (H_c + λI)⁻¹ g_i`` (``Σ_c w_c = 1``) with any
-  curvature preconditioner (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``, ...).
+* :func:`Influence`: ``(1/n) Σ_c w_c q_jᵀ (H_c + λI)⁻¹ g_i`` with any curvature
+  preconditioner (``dt.ExactHessian``, ``dt.ConjugateGradient``, ``dt.EKFAC``, ...), or
+  one chosen by problem size; ``Σ_c w_c = 1``.
 * :func:`DataInf`: influence with DataInf's per-layer closed-form inverse.
 * :func:`TRAK`: projected gradients of the output function (classification: the margin,
   with ``1 − p`` example weights; other tasks: their loss and measurement, weights 1),
@@ -43,6 +44,7 @@ import torch
 
 from ..core.errors import ConfigError
 from ..curvature import AbstractPreconditioner, DataInfPreconditioner, GramInverse
+from ..curvature.auto import AutoPreconditioner
 from ..features.spec import FeatureSpec
 from .engine import GradientAttributor
 from .slots import CheckpointWeights
@@ -116,21 +118,32 @@ def TracIn(
     return _first_order("TracIn", *args, normalize=False, checkpoints=every)
 
 
-def Influence(preconditioner: AbstractPreconditioner, params: Params = None) -> GradientAttributor:
+def Influence(
+    preconditioner: AbstractPreconditioner | None = None, params: Params = None
+) -> GradientAttributor:
     """Influence functions with the given curvature preconditioner (e.g.
-    ``dt.ExactHessian(damping=...)``, ``dt.ConjugateGradient(...)``, ``dt.EKFAC(...)``), in
-    leave-one-out units: several checkpoints are an ensemble, averaged with their weights
+    ``dt.ExactHessian(damping=...)``, ``dt.ConjugateGradient(...)``, ``dt.EKFAC(...)``;
+    ``None``: chosen by problem size at fit time, exact up to
+    :data:`~datatrace.curvature.auto.EXACT_MAX_PARAMS` parameters, EK-FAC above, CG where
+    EK-FAC cannot take a layer, and the fit log says which and why), in leave-one-out units: several checkpoints are an ensemble, averaged with their weights
     normalised to sum 1 (a single checkpoint's weight does not scale the scores)."""
+    if preconditioner is None:
+        preconditioner = AutoPreconditioner()
     if not isinstance(preconditioner, AbstractPreconditioner):
         raise ConfigError(
             f"Influence needs a preconditioner such as dt.ExactHessian(), got "
             f"{type(preconditioner).__name__}"
         )
+    name = (
+        "Influence"
+        if isinstance(preconditioner, AutoPreconditioner)
+        else f"Influence[{type(preconditioner).__name__}]"
+    )
     return GradientAttributor(
         FeatureSpec(params=_params(params), factored=False),
         checkpoints=CheckpointWeights.ENSEMBLE,
         preconditioner=preconditioner,
-        name=f"Influence[{type(preconditioner).__name__}]",
+        name=name,
     )
 
 

@@ -1,0 +1,238 @@
+"""The iterative solvers' defaults (issue 12): block CG, LiSSA's minibatches, Arnoldi's
+complement, each against ``torch.linalg.solve`` of the exact damped Hessian in float64."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_influence import _fit, exact_hessian, reference
+
+import datatrace as dt
+from datatrace.curvature.iterative import (
+    CGPreconditioner,
+    EigenPreconditioner,
+    _MatrixFree,
+    neumann_depth,
+)
+
+
+class _Dense:
+    """A stand-in for the curvature problem: products with a given symmetric matrix."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+
+    def mean_product(self, vectors: torch.Tensor, gauss_newton: bool) -> torch.Tensor:
+        return vectors @ self.matrix
+
+
+def _spd(p: int, seed: int, spread: float = 1e3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    evals = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), p, dtype=torch.float64)
+    return (q * evals) @ q.T / spread
+
+
+def test_block_cg_matches_linalg_solve_for_many_right_hand_sides():
+    p, m, lam = 60, 25, 1e-3
+    H = _spd(p, 0)
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(m, p, generator=g, dtype=torch.float64)
+    V[3] = 0.0  # a zero right-hand side solves to zero, not NaN
+    V[4] *= 1e6  # the tolerance is relative to each right-hand side
+    pc = CGPreconditioner(_MatrixFree(_Dense(H), False, lam), None, 1e-10)  # type: ignore[arg-type]
+    X = pc.solve(V)
+    ref = torch.linalg.solve(H + lam * torch.eye(p, dtype=torch.float64), V.T).T
+    torch.testing.assert_close(X, ref, rtol=1e-8, atol=1e-8 * ref.abs().max().item())
+    assert X[3].abs().max() == 0
+    # block CG is exact after ⌈p/m⌉ = 3 iterations in exact arithmetic; round-off costs a few
+    assert pc.iterations <= 6, pc.iterations
+    assert pc.residual <= 1e-10
+
+
+def test_block_cg_needs_fewer_iterations_than_one_right_hand_side_at_a_time():
+    p, lam = 80, 1e-4
+    H = _spd(p, 2, spread=1e4)
+    V = torch.randn(20, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    block = CGPreconditioner(_MatrixFree(_Dense(H), False, lam), None, 1e-8)  # type: ignore[arg-type]
+    block.solve(V)
+    single = CGPreconditioner(_MatrixFree(_Dense(H), False, lam), 500, 1e-8)  # type: ignore[arg-type]
+    single.solve(V[:1])
+    assert block.iterations <= 10 < single.iterations, (block.iterations, single.iterations)
+
+
+def test_cg_defaults_on_the_model_match_the_exact_damped_hessian(setup):
+    model, x, y, xq, yq = setup
+    pre = dt.ConjugateGradient(damping=0.5)
+    assert (pre.max_iter, pre.tol) == (None, 1e-6)
+    fitted = _fit(model, x, y, pre, batch_size=7)
+    S = fitted.attribute((xq, yq))
+    ref = reference(model, x, y, xq, yq, 0.5)
+    torch.testing.assert_close(S, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert fitted.preconditioners[0].residual <= 1e-6
+
+
+def test_cg_that_stops_before_converging_warns(setup):
+    model, x, y, xq, yq = setup
+    with pytest.warns(dt.InfluenceWarning, match=r"stopped after 1 iterations.*max_iter"):
+        _fit(model, x, y, dt.ConjugateGradient(damping=0.5, max_iter=1)).attribute((xq, yq))
+
+
+def test_eigen_solve_with_complement_is_the_inverse_of_the_truncated_hessian():
+    """``U(Λ+λ)⁻¹Uᵀ + (I−UUᵀ)/λ = (UΛUᵀ + λI)⁻¹`` exactly, for any r."""
+    p, r, lam = 30, 7, 0.3
+    H = _spd(p, 4) - 0.2 * torch.eye(p, dtype=torch.float64)  # some negative eigenvalues
+    evals, evecs = torch.linalg.eigh(H)
+    top = evals.abs().argsort(descending=True)[:r]
+    U, L = evecs[:, top], evals[top]
+    V = torch.randn(4, p, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = EigenPreconditioner(L, U, lam).solve(V)
+    Hr = (U * L) @ U.T
+    ref = torch.linalg.solve(Hr + lam * torch.eye(p, dtype=torch.float64), V.T).T
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_arnoldi_is_exact_at_full_rank_and_degrades_gracefully(setup):
+    model, x, y, xq, yq = setup
+    p = sum(t.numel() for t in model.parameters())
+    ref = reference(model, x, y, xq, yq, 0.5)
+    errors = {}
+    for rank in (5, 20, p):
+        S = _fit(model, x, y, dt.Arnoldi(rank=rank, damping=0.5)).attribute((xq, yq))
+        errors[rank] = float((S - ref).norm() / ref.norm())
+    assert errors[p] < 1e-9, errors
+    assert errors[5] > errors[20] > errors[p], errors
+    # the rank-5 error is the complement's: H ≈ 0 on it. Without the complement (old
+    # behaviour) the scores would miss every direction outside the top 5 entirely.
+    assert errors[5] < 1.0, errors
+
+
+def test_arnoldi_damping_has_an_effect_below_full_rank(setup):
+    model, x, y, xq, yq = setup
+    a = _fit(model, x, y, dt.Arnoldi(rank=5, damping=0.5)).attribute((xq, yq))
+    b = _fit(model, x, y, dt.Arnoldi(rank=5, damping=2.0)).attribute((xq, yq))
+    assert float((a - b).norm() / a.norm()) > 0.1
+
+
+def test_lissa_defaults_minibatches_of_64_as_the_readme_says():
+    pre = dt.LiSSA()
+    assert pre.batch_size == 64
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = re.search(r"dt\.Influence\(dt\.LiSSA\((.*)\)\)", readme)
+    assert line is not None
+    settings = dict(kv.split("=") for kv in line.group(1).replace(" ", "").split(","))
+    assert settings["batch_size"] == str(pre.batch_size)
+    assert settings["depth"] == str(pre.depth)
+
+
+def test_lissa_default_depth_converges_on_a_well_damped_problem(setup, caplog):
+    """Full batch (n < 64) and the automatic depth: every eigencomponent of the solution is
+    within 1% (the remainder bound (1 − λ/scale)^depth ≤ 1% of H + λI positive definite)."""
+    model, x, y, xq, yq = setup
+    H = exact_hessian(model, x, y)
+    lam = 0.5
+    evals = torch.linalg.eigvalsh(H)
+    assert float(evals.min()) + lam > 0  # positive definite
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit(model, x, y, dt.LiSSA(damping=lam))
+    pc = fitted.preconditioners[0]
+    assert pc.depth == max(20, math.ceil(math.log(100) / -math.log1p(-lam / pc.scale)))
+    assert (1 - lam / pc.scale) ** pc.depth <= 0.01
+    assert f"depth {pc.depth}" in caplog.text
+    S = fitted.attribute((xq, yq))
+    ref = reference(model, x, y, xq, yq, lam)
+    assert float((S - ref).norm() / ref.norm()) < 0.01
+
+
+def test_lissa_depth_rule_is_clipped():
+
+    assert neumann_depth(10.0, 1.0) == math.ceil(math.log(100) / -math.log1p(-0.1))  # 44
+    assert neumann_depth(10.0, 0.0) == 1000
+    assert neumann_depth(1e6, 1e-6) == 1000
+    assert neumann_depth(1.0, 2.0) == 20
+
+
+@pytest.fixture
+def setup(mlp_data):
+    model, x, y = mlp_data
+    return model, x, y, x[:5] + 0.05, y[:5]
+
+
+# -- dt.Influence() without a preconditioner ------------------------------------------------
+
+
+def _auto(model, data, caplog, **auto):
+    from datatrace.curvature.auto import AutoPreconditioner
+
+    method = dt.Influence(AutoPreconditioner(**auto)) if auto else dt.Influence()
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = method.fit(task, ckpts, data, progress=False)
+    return fitted, task, ckpts
+
+
+def test_influence_without_a_preconditioner_is_exact_on_a_small_model(setup, caplog):
+    model, x, y, xq, yq = setup
+    fitted, task, ckpts = _auto(model, (x, y), caplog)
+    assert "preconditioner ExactHessian (66 parameters <= max_exact_params=10,000)" in caplog.text
+    want = dt.Influence(dt.ExactHessian()).fit(task, ckpts, (x, y), progress=False)
+    torch.testing.assert_close(fitted.attribute((xq, yq)), want.attribute((xq, yq)))
+    assert fitted.damping == want.damping
+
+
+def test_influence_without_a_preconditioner_is_ekfac_above_the_limit(setup, caplog):
+    model, x, y, xq, yq = setup
+    fitted, task, ckpts = _auto(model, (x, y), caplog, max_exact_params=50)
+    assert "preconditioner EKFAC (66 parameters > max_exact_params=50" in caplog.text
+    want = dt.Influence(dt.EKFAC()).fit(task, ckpts, (x, y), progress=False)
+    torch.testing.assert_close(fitted.attribute((xq, yq)), want.attribute((xq, yq)))
+
+
+def test_influence_without_a_preconditioner_is_cg_where_ekfac_cannot_take_a_layer(
+    dict_data, caplog
+):
+    model, batch = dict_data  # an nn.Embedding: not a K-FAC layer
+    fitted, task, ckpts = _auto(model, batch, caplog, max_exact_params=10)
+    assert "preconditioner ConjugateGradient" in caplog.text
+    assert "EK-FAC cannot take every layer" in caplog.text and "emb.weight" in caplog.text
+    want = dt.Influence(dt.ConjugateGradient()).fit(task, ckpts, batch, progress=False)
+    torch.testing.assert_close(fitted.attribute(batch), want.attribute(batch))
+    # and CG there is the exact damped solve (to its tolerance)
+    exact = dt.Influence(dt.ExactHessian(damping=fitted.damping[0])).fit(
+        task, ckpts, batch, progress=False
+    )
+    ref = exact.attribute(batch)
+    torch.testing.assert_close(
+        fitted.attribute(batch), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()
+    )
+
+
+def test_datatrace_forward_mode_ad_emits_no_third_party_warning():
+    """A fresh process, every warning an error: Gauss-Newton products, the exact Hessian's
+    Kronecker block (jacfwd) and EK-FAC's output Hessians run forward-mode AD first."""
+    import subprocess
+    import sys
+
+    from conftest import single_process_env
+
+    code = """
+import warnings
+warnings.simplefilter("error")
+import torch
+import datatrace as dt
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+task, ck = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+for pre in (dt.ExactHessian(damping=1.0), dt.GaussNewton(damping=1.0), dt.EKFAC()):
+    dt.Influence(pre).fit(task, ck, (x, y), progress=False).attribute((x[:2], y[:2]))
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=single_process_env()
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
