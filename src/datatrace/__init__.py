@@ -108,6 +108,10 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
 def __getattr__(name: str) -> Any:
     if name in _HOME:
         value = getattr(importlib.import_module(_HOME[name]), name)
+        if _HOME[name] in ("datatrace.methods", "datatrace.curvature"):
+            # registers the damping="auto" calibrator (datatrace.truth.autodamp), which
+            # the methods layer below it cannot import
+            importlib.import_module("datatrace.truth")
     elif name in _MODULES:
         value = importlib.import_module(_MODULES[name])
     elif name in _MOVED:

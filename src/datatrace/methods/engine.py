@@ -23,10 +23,11 @@ Fitting featurizes the training set once per checkpoint (memory, a store, or rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,7 @@ from ..core.fingerprint import (
 )
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
-from ..curvature.base import (
-    AbstractPreconditioner,
-)
+from ..curvature.base import AUTO, AbstractPreconditioner
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import State, featurize
 from ..features.placement import place_training_features
@@ -195,7 +194,35 @@ class GradientAttributor:
             raise
         if placed.temporary is not None:
             weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
+        if self.preconditioner is not None and _is_auto(self.preconditioner):
+            self._calibrate(fitted, task, ckpts[-1], train)
         return fitted
+
+    def _calibrate(
+        self, fitted: FittedGradientAttributor, task: AbstractTask, last: Checkpoint, train: Any
+    ) -> None:
+        """``damping="auto"``: refit the preconditioner at the damping that agrees best with
+        further training on a sample (the calibrator :mod:`datatrace.truth.autodamp`
+        registers; fitted above at the default rule's damping, the grid's centre)."""
+        if _CALIBRATOR is None:
+            raise ConfigError(
+                "damping='auto' is calibrated by datatrace.truth: `import datatrace.truth` "
+                "before fitting"
+            )
+        pc = self.preconditioner
+        assert pc is not None
+        if len(fitted.preconditioners) != 1:
+            raise ConfigError(
+                "damping='auto' calibrates one checkpoint's damping; this method uses "
+                f"{len(fitted.preconditioners)} checkpoints: give a number"
+            )
+
+        def refit(damping: float) -> None:
+            fitted.preconditioners.clear()
+            fitted._fit_preconditioners(dataclasses.replace(pc, damping=damping))  # type: ignore[type-var]
+
+        result = _CALIBRATOR(fitted, task, last, train, refit, fitted.damping[0])
+        fitted.auto_damping = result  # type: ignore[attr-defined]
 
     def _bind(
         self, scored: AbstractTask, ckpts: list[Checkpoint], source: ExampleSource, batch_size: int
@@ -212,6 +239,22 @@ class GradientAttributor:
         for f, st in zip(per_ckpt, states, strict=True):
             featurize(f, st, source, False, batch_size, 0, 1, progress=False)
         return per_ckpt, states
+
+
+def _is_auto(pc: AbstractPreconditioner) -> bool:
+    return bool(getattr(pc, "damping", None) == AUTO)
+
+
+#: The ``damping="auto"`` calibrator (registered by :mod:`datatrace.truth.autodamp`, which
+#: sits above this layer): ``(fitted, task, last checkpoint, train, refit, start) -> result``.
+_CALIBRATOR: Callable[..., Any] | None = None
+
+
+def register_damping_calibrator(calibrate: Callable[..., Any]) -> None:
+    """Install the ``damping="auto"`` calibrator (dependency inversion: methods cannot import
+    the truth layer that holds further training)."""
+    global _CALIBRATOR
+    _CALIBRATOR = calibrate
 
 
 def _check_slot(name: str, value: Any, kind: type, optional: bool = True) -> None:
