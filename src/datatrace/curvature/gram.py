@@ -6,11 +6,13 @@ projection dimension above the rank of ``Φ`` stays well defined.
 
 Default damping (``damping=None``): ``GRAM_FACTOR ×`` the mean eigenvalue of ``ΦᵀΦ/n``
 (= λ₀ of the features), logged. TRAK's Gram matrix is not a curvature of the loss that
-needs lifting above zero; damping only regularises a (nearly) singular inverse, and the
-measurements (bench/defaults.py) found the published TRAK's undamped inverse far better
-than ``10 × λ₀`` (LDS 0.69–0.75 vs 0.49–0.51, issue 12): hence a tiny relative damping,
-which keeps round-off-sized eigenvalues of a rank-deficient ``ΦᵀΦ`` (projection dimension
-above the number of examples) from dominating.
+needs lifting above zero; damping only regularises a (nearly) singular inverse. Issue 12
+measured the undamped inverse far better than ``10 ×`` the mean eigenvalue for TRAK over
+10-50 independently trained logistic regressions; on bench/defaults.py's tasks (TRAK over the
+checkpoints of one SGD run, more projected dimensions than examples, so a rank-deficient
+``ΦᵀΦ``) it was the other way round: LDS at 0 / 1e-3 / 10 × the mean eigenvalue, breast
+cancer logistic regression and digits MLP, both best at 10 (see bench/RESULTS.md). The rule
+follows the suite; ``damping=0`` gives the published TRAK's pseudo-inverse.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .context import FitContext
 log = logging.getLogger("datatrace")
 
 #: Default damping of TRAK's Gram matrix, a multiple of its mean eigenvalue (module docstring).
-GRAM_FACTOR = 1e-3
+GRAM_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
