@@ -32,8 +32,8 @@ as they come, tiny clusters included) on three tasks (two with ``--quick``), bes
 summed exact influence of each group.
 
 ``--quick``: two tasks (logreg_bc, mlp_sgd), 200 training examples, 20 queries, 24 subsets,
-16 left out × 2 seeds; a few minutes. The full run: 5 tasks, 400-500 training examples, 40
-queries, 64 subsets, 24 left out × 3 seeds; designed for ≤ 30 min on a quiet 2-core machine.
+16 left out × 2 seeds; a few minutes. The full run: 5 tasks, 400 training examples, 40
+queries, 50 subsets, 20 left out × 3 seeds; designed for ≤ 30 min on a quiet 2-core machine.
 Timings on a busy machine are noisy (the harness's contention watch is printed).
 """
 
@@ -76,7 +76,7 @@ class Sizes:
 
 
 QUICK = Sizes(200, 20, 24, 16, (0, 1))
-FULL = Sizes(450, 40, 64, 24, (0, 1, 2))
+FULL = Sizes(400, 40, 50, 20, (0, 1, 2))
 
 
 @dataclass
@@ -89,7 +89,8 @@ class Task:
     ckpts: list[Any]
     train_fn: Callable[[torch.Tensor, int], nn.Module]
     classification: bool
-    groups: torch.Tensor | None = None
+    #: the L2 coefficient of training in torch.optim.SGD's sense (the DDM's weight_decay)
+    weight_decay: float = 0.0
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, s: Sizes, seed: int = 0) -> tuple:
@@ -121,7 +122,7 @@ def _classifier(
     model, ckpts = fit(None, 0)
     return Task(
         name, kind, dt.ClassificationTask(model), train, queries, ckpts,
-        lambda keep, seed: fit(keep, seed)[0], True,
+        lambda keep, seed: fit(keep, seed)[0], True, weight_decay + 2 * alpha,
     )  # fmt: skip
 
 
@@ -266,7 +267,7 @@ def variants(t: Task, lambda0: float, gram_mean: float, full: bool, p: int) -> d
         trak = [("0", lambda: dt.TRAK(damping=0.0))]
         trak += [
             (f"mean-eig×{m:g}", lambda m=m: dt.TRAK(damping=m * gram_mean))
-            for m in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+            for m in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
         ]
         out["TRAK"] = (dt.TRAK, trak)
     return out
@@ -378,29 +379,34 @@ def ddm_rows(t: Task, cache: Path, s: Sizes) -> list[dict[str, Any]]:
         out.append(row(workload=t.name, method=label, library="datatrace", seconds=sec,
                        agreement=a["pearson"][0], agreement_with="group leave-out (Pearson)",
                        note=f"Spearman {a['spearman'][0]:.3f}", spearman=a["spearman"][0]))  # fmt: skip
-    note = ""
-    m = 4
-    t0 = time.perf_counter()
-    try:
-        ddm = dt.DistilledDatamodel(groups=groups, synset_per_group=m)
-        fitted = ddm.fit(t.task, t.ckpts, t.train, progress=False)
-    except (dt.ConfigError, dt.DataError) as exc:
-        m = int(sizes.min())
-        note = f"default refused ({exc}); ran with synset_per_group={m}. "
-        ddm = dt.DistilledDatamodel(groups=groups, synset_per_group=m)
-        fitted = ddm.fit(t.task, t.ckpts, t.train, progress=False)
-    A = fitted.attribute(t.queries).double()
-    secs = time.perf_counter() - t0
-    a = dt.metrics.agreement(A, gold)
-    out.append(row(
-        workload=t.name, method="DDM", library="datatrace", seconds=secs,
-        agreement=a["pearson"][0], agreement_with="group leave-out (Pearson)",
-        note=f"{note}Spearman {a['spearman'][0]:.3f}; {len(sizes)} groups, sizes "
-        f"{int(sizes.min())}-{int(sizes.max())}", spearman=a["spearman"][0],
-        group_sizes=sizes.tolist(),
-    ))  # fmt: skip
-    print(f"[{t.name}] DDM Pearson {a['pearson'][0]:.3f} vs summed IF "
-          f"{out[0]['agreement']:.3f} ({len(sizes)} groups, min size {int(sizes.min())})", flush=True)  # fmt: skip
+    for steps in (20, 200):  # the default, and enough steps for an ill-conditioned model
+        note, m = "", 4
+        t0 = time.perf_counter()
+        kw = {"weight_decay": t.weight_decay, "unlearn_steps": steps}
+        try:
+            fitted = dt.DistilledDatamodel(groups=groups, **kw).fit(
+                t.task, t.ckpts, t.train, progress=False
+            )
+        except (dt.ConfigError, dt.DataError) as exc:
+            m = int(sizes.min())
+            note = f"default refused ({str(exc)[:60]}...); ran with synset_per_group={m}. "
+            fitted = dt.DistilledDatamodel(groups=groups, synset_per_group=m, **kw).fit(
+                t.task, t.ckpts, t.train, progress=False
+            )
+        A = fitted.attribute(t.queries).double()
+        secs = time.perf_counter() - t0
+        a = dt.metrics.agreement(A, gold)
+        out.append(row(
+            workload=t.name, method=f"DDM unlearn_steps={steps}", library="datatrace",
+            seconds=secs, agreement=a["pearson"][0],
+            agreement_with="group leave-out (Pearson)",
+            note=f"{note}Spearman {a['spearman'][0]:.3f}; {len(sizes)} groups, sizes "
+            f"{int(sizes.min())}-{int(sizes.max())}; weight_decay {t.weight_decay:g}",
+            spearman=a["spearman"][0], group_sizes=sizes.tolist(),
+        ))  # fmt: skip
+    print(f"[{t.name}] DDM Pearson {out[1]['agreement']:.3f} (20 steps), "
+          f"{out[2]['agreement']:.3f} (200) vs summed IF {out[0]['agreement']:.3f} "
+          f"({len(sizes)} groups, min size {int(sizes.min())})", flush=True)  # fmt: skip
     return out
 
 
