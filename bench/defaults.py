@@ -410,6 +410,39 @@ def ddm_rows(t: Task, cache: Path, s: Sizes) -> list[dict[str, Any]]:
     return out
 
 
+# ----------------------------------------------------------------------------- markdown
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The results as the Markdown table of bench/RESULTS.md and the README."""
+    out = ["| task | method | default LDS | best LDS (setting) | ratio | LOO ρ | seconds | × exact |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r["method"].startswith(("DDM", "summed")):
+            continue
+        if r.get("agreement") is None:
+            out.append(f"| {r['workload']} | {r['method']} | failed | | | | | |")
+            continue
+        best = r.get("lds_best")
+        b = f"{best:.3f} ({r.get('best_setting')})" if best is not None else "-"
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
+        tve = f"{r['time_vs_exact']:.2f}" if r.get("time_vs_exact") is not None else "-"
+        out.append(
+            f"| {r['workload']} | {r['method']} | {r['agreement']:.3f} | {b} | {ratio}"
+            f"{'' if r.get('meets_target', True) else ' ✗'} | {r['loo_default']:.3f} | "
+            f"{r['seconds']:.2f} | {tve} |"
+        )
+    out += ["", "| task | method | Pearson with group leave-out | Spearman | seconds | note |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r["method"].startswith(("DDM", "summed")):
+            out.append(
+                f"| {r['workload']} | {r['method']} | {r['agreement']:.3f} | "
+                f"{r['spearman']:.3f} | {r['seconds']:.2f} | {r['note'][:90]} |"
+            )
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -423,7 +456,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="bench/out/defaults")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, help="print a --json file's rows as Markdown")
     args = ap.parse_args(argv)
+    if args.markdown:
+        import json
+
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)["rows"]))
+        return
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
     names = ["logreg_bc", "mlp_sgd"] if args.quick else [
@@ -442,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_ddm and name in ddm_tasks:
             rows += ddm_rows(t, cache, s)
     print_rows(rows)
+    print("\n" + markdown(rows))
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
     write_json(args.json, {"environment": env, "rows": rows})
 
