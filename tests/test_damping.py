@@ -189,3 +189,26 @@ def test_auto_picks_the_grid_point_of_a_brute_force_search() -> None:
     # reproducible: the same seed, the same choice and agreements
     again = dt.Influence(dt.ExactHessian(damping="auto")).fit(task, ckpts, (x, y), progress=False)
     assert again.auto_damping.spearman == res.spearman  # type: ignore[attr-defined]
+
+
+def test_auto_refits_other_preconditioners_at_the_chosen_grid_point() -> None:
+    model, x, y = _trained_mlp()
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    fitted = dt.Influence(dt.EKFAC(damping="auto")).fit(task, ckpts, (x, y), progress=False)
+    res = fitted.auto_damping  # type: ignore[attr-defined]
+    assert res.damping in res.grid and fitted.damping == [res.damping]
+    fixed = dt.Influence(dt.EKFAC(damping=res.damping)).fit(task, ckpts, (x, y), progress=False)
+    q = (x[:5], y[:5])
+    torch.testing.assert_close(fitted.attribute(q), fixed.attribute(q), rtol=1e-10, atol=1e-12)
+
+
+def test_auto_refuses_several_checkpoints(mlp_data) -> None:
+    model, x, y = mlp_data
+    ckpts = [dt.Checkpoint.from_module(model), dt.Checkpoint.from_module(model)]
+    method = dt.GradientAttributor(
+        dt.FeatureSpec(factored=False),
+        preconditioner=dt.ExactHessian(damping="auto"),
+        checkpoints=dt.CheckpointWeights.MEAN,
+    )
+    with pytest.raises(ConfigError, match="one checkpoint"):
+        method.fit(dt.ClassificationTask(model), ckpts, (x, y), progress=False)
