@@ -34,7 +34,7 @@ class DiagonalFisher(dt.AbstractPreconditioner):
             sq = (feats["dense"] ** 2).sum(0)
             diagonal = sq if diagonal is None else diagonal + sq
         assert diagonal is not None
-        return FittedDiagonal(diagonal / ctx.problem.n, resolve_damping(self.damping, ctx.lambda0))
+        return FittedDiagonal(diagonal / ctx.problem.n, resolve_damping(self.damping, ctx, True))
 
 
 @dataclass

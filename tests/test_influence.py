@@ -247,7 +247,8 @@ def test_default_damping_is_a_multiple_of_mean_squared_gradient(setup):
     model, x, y, _, _ = setup
     fitted = _fit(model, x, y, dt.GaussNewton())
     lambda0 = (flat_grads(model, x, y) ** 2).mean().item()
-    assert fitted.damping[0] == pytest.approx(dt.curvature.DAMPING_FACTOR * lambda0, rel=1e-9)
+    gn_factor = dt.curvature.base.GN_FACTOR  # the Gauss-Newton rule (tests/test_damping.py)
+    assert fitted.damping[0] == pytest.approx(gn_factor * lambda0, rel=1e-9)
 
 
 def test_linear_regression_closed_form_and_leave_one_out():

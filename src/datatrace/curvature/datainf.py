@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import AbstractFittedPreconditioner, AbstractPreconditioner, check_damping
+from .base import AUTO, AbstractFittedPreconditioner, AbstractPreconditioner, check_damping
 from .context import FitContext
 
 
@@ -24,7 +24,7 @@ class DataInfPreconditioner(AbstractPreconditioner):
     """Settings: ``damping=None`` for the per-layer default ``0.1 × mean(g_l²)``, or one λ
     for every layer."""
 
-    damping: float | None = None
+    damping: float | str | None = None
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
@@ -46,7 +46,7 @@ class DataInfPreconditioner(AbstractPreconditioner):
             g = feats["dense"]
             for k, (a, b) in enumerate(slices):
                 sq[k] += float((g[:, a:b] ** 2).sum())
-        if self.damping is None:
+        if self.damping is None or self.damping == AUTO:
             lams = [0.1 * float(sq[k]) / (problem.n * (b - a)) for k, (a, b) in enumerate(slices)]
         else:
             lams = [float(self.damping)] * len(slices)

@@ -170,7 +170,7 @@ class ExactHessian(AbstractPreconditioner):
         max_params: refuse to form matrices for more parameters than this.
     """
 
-    damping: float | None = None
+    damping: float | str | None = None
     max_params: int = 20_000
 
     def __post_init__(self) -> None:
@@ -179,7 +179,7 @@ class ExactHessian(AbstractPreconditioner):
 
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
-        damping = resolve_damping(self.damping, ctx.lambda0)
+        damping = resolve_damping(self.damping, ctx)
         return _dense_inverse(ctx.problem.hessian(symmetrize=False), damping, hessian=True)
 
 
@@ -187,7 +187,7 @@ class ExactHessian(AbstractPreconditioner):
 class GaussNewton(AbstractPreconditioner):
     """The exact Gauss–Newton matrix ``(1/n) Σ Jᵀ ∇²_out ℓ J`` (PSD), eigendecomposed."""
 
-    damping: float | None = None
+    damping: float | str | None = None
     max_params: int = 20_000
 
     def __post_init__(self) -> None:
@@ -196,5 +196,5 @@ class GaussNewton(AbstractPreconditioner):
 
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Gauss-Newton matrix")
-        damping = resolve_damping(self.damping, ctx.lambda0)
+        damping = resolve_damping(self.damping, ctx, gauss_newton=True)
         return _dense_inverse(ctx.problem.gauss_newton(), damping, hessian=False)

@@ -107,7 +107,11 @@ class ConjugateGradient(AbstractPreconditioner):
             raise ConfigError(f"tol must be > 0, got {self.tol!r}")
 
     def fit(self, ctx: FitContext) -> CGPreconditioner:
-        op = _MatrixFree(ctx.problem, self.gauss_newton, resolve_damping(self.damping, ctx.lambda0))
+        op = _MatrixFree(
+            ctx.problem,
+            self.gauss_newton,
+            resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton),
+        )
         return CGPreconditioner(op, self.max_iter, self.tol)
 
 
@@ -241,7 +245,11 @@ class LiSSA(AbstractPreconditioner):
 
     def fit(self, ctx: FitContext) -> LiSSAPreconditioner:
         problem = ctx.problem
-        op = _MatrixFree(problem, self.gauss_newton, resolve_damping(self.damping, ctx.lambda0))
+        op = _MatrixFree(
+            problem,
+            self.gauss_newton,
+            resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton),
+        )
         top = power_iteration(op, problem.p, problem.theta)
         scale = self.scale if self.scale is not None else 1.5 * max(top, 1e-12)
         depth = self.depth if self.depth is not None else neumann_depth(scale, op.damping)
@@ -357,7 +365,7 @@ class Arnoldi(AbstractPreconditioner):
                 f"Arnoldi rank {self.rank} is larger than the number of parameters ({p}); "
                 f"use rank <= {p}"
             )
-        damping = resolve_damping(self.damping, ctx.lambda0)
+        damping = resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton)
         op = _MatrixFree(problem, self.gauss_newton, 0.0)
         n_iter = min(p, self.n_iter if self.n_iter is not None else 2 * self.rank + 20)
         n_iter = max(n_iter, self.rank)

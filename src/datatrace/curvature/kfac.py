@@ -493,7 +493,7 @@ def _fit_kronecker(
             _refit_eigenvalues(problem, layers, settings)
         if path is not None:
             _save(path, layers, described)
-    used = resolve_damping(damping, ctx.lambda0)
+    used = resolve_damping(damping, ctx, gauss_newton=True)
     _check_not_singular(layers, used, kind)
     return KroneckerPreconditioner(problem, layers, used)
 

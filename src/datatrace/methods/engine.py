@@ -44,15 +44,14 @@ from ..core.fingerprint import (
 )
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
-from ..curvature.base import (
-    AbstractPreconditioner,
-)
+from ..curvature.base import AUTO, AbstractPreconditioner
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import State, featurize
 from ..features.placement import MEMORY_BUDGET, place_training_features, plan_sizes
 from ..features.spec import FeatureSpec
 from ..features.store import Verify
 from ..grads.per_example import select_parameters
+from .autodamp import calibrate_damping
 from .fitted import FittedGradientAttributor
 from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 
@@ -207,6 +206,8 @@ class GradientAttributor:
             raise
         if placed.temporary is not None:
             weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
+        if self.preconditioner is not None and _is_auto(self.preconditioner):
+            self._calibrate(fitted, task, ckpts[-1], train)
         return fitted
 
     def _features_for(self, scored: AbstractTask, source: ExampleSource) -> FeatureSpec:
@@ -219,6 +220,27 @@ class GradientAttributor:
         if kept == names:
             return self.features
         return dataclasses.replace(self.features, params=tuple(kept))
+
+    def _calibrate(
+        self, fitted: FittedGradientAttributor, task: AbstractTask, last: Checkpoint, train: Any
+    ) -> None:
+        """``damping="auto"``: refit the preconditioner at the damping that agrees best with
+        further training on a sample (:mod:`.autodamp`; fitted above at the default rule's
+        damping, the grid's centre)."""
+        pc = self.preconditioner
+        assert pc is not None
+        if len(fitted.preconditioners) != 1:
+            raise ConfigError(
+                "damping='auto' calibrates one checkpoint's damping; this method uses "
+                f"{len(fitted.preconditioners)} checkpoints: give a number"
+            )
+
+        def refit(damping: float) -> None:
+            fitted.preconditioners.clear()
+            fitted._fit_preconditioners(dataclasses.replace(pc, damping=damping))  # type: ignore[type-var]
+
+        result = calibrate_damping(fitted, task, last, train, refit, fitted.damping[0])
+        fitted.auto_damping = result  # type: ignore[attr-defined]
 
     def _bind(
         self,
@@ -239,6 +261,10 @@ class GradientAttributor:
         for f, st in zip(per_ckpt, states, strict=True):
             featurize(f, st, source, False, 1, 0, 1, progress=False)
         return per_ckpt, states
+
+
+def _is_auto(pc: AbstractPreconditioner) -> bool:
+    return bool(getattr(pc, "damping", None) == AUTO)
 
 
 def _check_slot(name: str, value: Any, kind: type, optional: bool = True) -> None:

@@ -125,8 +125,9 @@ def Influence(
     ``dt.ExactHessian(damping=...)``, ``dt.ConjugateGradient(...)``, ``dt.EKFAC(...)``;
     ``None``: chosen by problem size at fit time, exact up to
     :data:`~datatrace.curvature.auto.EXACT_MAX_PARAMS` parameters, EK-FAC above, CG where
-    EK-FAC cannot take a layer, and the fit log says which and why), in leave-one-out units: several checkpoints are an ensemble, averaged with their weights
-    normalised to sum 1 (a single checkpoint's weight does not scale the scores)."""
+    EK-FAC cannot take a layer, and the fit log says which and why), in leave-one-out units:
+    several checkpoints are an ensemble, averaged with their weights normalised to sum 1
+    (a single checkpoint's weight does not scale the scores)."""
     if preconditioner is None:
         preconditioner = AutoPreconditioner()
     if not isinstance(preconditioner, AbstractPreconditioner):
