@@ -389,3 +389,88 @@ def test_the_built_in_experiment_is_trained_once_and_reused(
     cfg.write_text(IRIS_CONFIG.replace("epochs = 5", "epochs = 4"))
     assert main(["score", str(cfg), "--out", str(second)]) == 0
     assert len(calls) == 2 and len(list((tmp_path / "evaluate-out").iterdir())) == 2
+
+
+# -- datatrace report on your own model ---------------------------------------------------------
+
+
+@pytest.fixture
+def captured_report(monkeypatch):
+    """The report helper's ``write_report`` replaced by a recorder (the CLI's part is what
+    it passes; the HTML itself is tested with the report)."""
+    import datatrace.app.report as report
+
+    calls: list[dict[str, object]] = []
+
+    def write_report(path, **kwargs):
+        calls.append({"path": path, **kwargs})
+        Path(path).write_text("<html></html>")
+        return Path(path)
+
+    monkeypatch.setattr(report, "write_report", write_report, raising=False)
+    return calls
+
+
+def test_report_passes_scores_self_influence_and_a_cosine_view(
+    tmp_path: Path, capsys, monkeypatch, captured_report
+) -> None:
+    import torch
+
+    import datatrace as dt
+
+    p = _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noisy.txt").write_text("# flipped on purpose\n3, 7\n12\n")
+    out = tmp_path / "r" / "report.html"
+    argv = ["report", *_own(tmp_path), "--suspected", "noisy.txt", "--out", str(out),
+            "--top", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    (call,) = captured_report
+    model = p["model"]
+    task = dt.ClassificationTask(model)
+    ckpts = dt.Checkpoint.glob(tmp_path / "ckpts" / "epoch*.pt")
+    train, queries = (p["x"], p["y"]), (p["xq"], p["yq"])
+    tracin = dt.TracIn().fit(task, ckpts, train)
+    assert torch.equal(call["scores"], tracin.attribute(queries))
+    assert torch.equal(call["self_influence"], tracin.self_influence())
+    cosine = dt.GradCos().fit(task, ckpts[-1:], train).attribute(queries)
+    assert torch.equal(call["normalised_scores"], cosine)
+    assert call["suspected"].tolist() == [3, 7, 12]
+    assert torch.equal(call["train"][0], p["x"]) and torch.equal(call["queries"][1], p["yq"])
+    assert call["path"] == out and call["method"] == "tracin" and call["top"] == 3
+    assert call["rerun"].startswith("datatrace report --model ") and "--suspected" in call["rerun"]
+    assert call["render"] is None and call["decode"] is None
+    # a normalised method is its own cosine view
+    assert main(["report", *_own(tmp_path), "--method", "gradcos", "--out", str(out)]) == 0
+    assert captured_report[1]["normalised_scores"] is None
+
+
+def test_report_mistakes_are_one_line_errors(
+    tmp_path: Path, capsys, monkeypatch, captured_report
+) -> None:
+    _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noisy.txt").write_text("3 30\n")
+    (tmp_path / "words.txt").write_text("3 seven\n")
+    for extra, message in (
+        (["--suspected", "noisy.txt"], "index 30 is outside the training data (n_train = 30)"),
+        (["--suspected", "words.txt"], "['seven'] are not training indices"),
+        (["--suspected", "missing.txt"], "--suspected: cannot read"),
+        (["--decode", "no_tokenizer"], "no such tokenizer folder"),
+        (["--top", "0"], "--top must be >= 1"),
+    ):
+        assert message in _one_line_error(capsys, ["report", *_own(tmp_path), *extra])
+    assert captured_report == []
+
+
+def test_report_decodes_token_ids_with_a_local_tokenizer(tmp_path: Path) -> None:
+    from transformers import BertTokenizer
+
+    from datatrace.app.commands import load_decode
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world"]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(str(tmp_path / "tok"))
+    decode = load_decode(str(tmp_path / "tok"))
+    assert decode([2, 4, 5, 3, 0]) == "hello world"

@@ -107,7 +107,7 @@ def test_ekfac_factors_are_saved_and_not_refitted(tmp_path: Path, monkeypatch) -
 
     monkeypatch.setattr(kfac, "_fit_factors", refit)
     monkeypatch.setattr(kfac, "_refit_eigenvalues", refit)
-    loaded = dt.load(tmp_path / "saved", model, train)
+    loaded = dt.load(tmp_path / "saved", model=model, train=train)
     assert torch.equal(loaded.attribute(q), fitted.attribute(q))
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..core import distributed
+from ..core.data import ExampleSource
 from ..core.errors import ConfigError, DataError
 from ..methods.engine import FittedGradientAttributor
 from .config import SCHEMA, load_config
@@ -101,11 +102,13 @@ def _method(args: Any, cfg_methods: dict[str, Any] | None) -> tuple[MethodEntry,
     return method_entry, method_entry.build(options)
 
 
-def _fit(args: Any, need_queries: bool) -> tuple[FittedGradientAttributor, Inputs, float]:
+def _fit(
+    args: Any, need_queries: bool, inputs: Inputs | None = None
+) -> tuple[FittedGradientAttributor, Inputs, float]:
     cfg_methods = load_config(args.config)["methods"] if args.config is not None else None
     method_entry, method = _method(args, cfg_methods)
     device = distributed.resolve_device(args.device)
-    inputs = resolve_inputs(args, need_queries)
+    inputs = inputs if inputs is not None else resolve_inputs(args, need_queries)
     inputs.task.model.to(device)
     ckpts = inputs.checkpoints if method_entry.trajectory else inputs.checkpoints[-1:]
     t0 = time.perf_counter()
@@ -135,7 +138,7 @@ def featurize_main(args: Any) -> int:
 def score_main(args: Any) -> int:
     fitted, inputs, _ = _fit(args, need_queries=True)
     rank = distributed.world()[0]
-    n_query = len(_source(inputs.queries))
+    n_query = len(ExampleSource(inputs.queries, "queries"))
     if args.matrix is not None:
         path = fitted.attribute_to_file(inputs.queries, args.matrix)
         if rank == 0:
@@ -173,12 +176,6 @@ def score_main(args: Any) -> int:
         if shown < values.shape[0]:
             print(f"showing {shown} of {values.shape[0]} queries (all of them with --out FILE.csv)")
     return 0
-
-
-def _source(data: Any) -> Any:
-    from ..core.data import ExampleSource
-
-    return ExampleSource(data, "queries")
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -227,10 +224,14 @@ def load_decode(folder: str) -> Any:
 
 def report_main(args: Any, argv: list[str]) -> int:
     """Scores, self-influence and a Grad-Cos view of the queries; one HTML file."""
-    fitted, inputs, _ = _fit(args, need_queries=True)
-    n_train = fitted.n_train
-    suspected = None if args.suspected is None else read_suspected(args.suspected, n_train)
+    entry(args.method)  # an unknown name fails before any work
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
     decode = None if args.decode is None else load_decode(args.decode)
+    inputs = resolve_inputs(args, need_queries=True)
+    n_train = len(ExampleSource(inputs.train, "training data"))
+    suspected = None if args.suspected is None else read_suspected(args.suspected, n_train)
+    fitted, inputs, _ = _fit(args, need_queries=True, inputs=inputs)
     scores = fitted.attribute(inputs.queries)
     self_influence = fitted.self_influence()
     normalised = None
@@ -249,9 +250,11 @@ def report_main(args: Any, argv: list[str]) -> int:
         normalised = cos.attribute(inputs.queries)
     if distributed.world()[0] != 0:
         return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = importlib.import_module(".report", __package__)
     path = report.write_report(
-        Path(args.out),
+        out,
         scores=scores.detach().cpu(),
         train=inputs.train,
         queries=inputs.queries,

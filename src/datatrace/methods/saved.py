@@ -272,9 +272,10 @@ def _find_class(name: str) -> type:
 
 def load(
     path: str | Path,
-    task: AbstractTask | nn.Module,
+    task: AbstractTask | nn.Module | None = None,
     train: Any = None,
     *,
+    model: nn.Module | None = None,
     checkpoints: list[Checkpoint] | None = None,
     store: str | Path | None = None,
     progress: bool | None = None,
@@ -287,6 +288,7 @@ def load(
         task: the task (or model) it was fitted for; its architecture, code and settings
             must be the same (fingerprints).
         train: the training data (same bytes; needed by gradient attributors).
+        model: instead of ``task``: the model (``dt.ClassificationTask(model)``).
         checkpoints: a Distilled Datamodel's final checkpoint (``[final]``).
         store: where the feature store it refers to is now, if it moved.
         progress: progress bars when scoring.
@@ -297,6 +299,9 @@ def load(
         StoreCorruptError: damaged or incomplete files, or a feature store that is gone.
     """
     folder = Path(path)
+    if (task is None) == (model is None):
+        raise ConfigError("load needs exactly one of task (the task it was fitted for) or model=")
+    task = task if task is not None else model
     the_task = ClassificationTask(task) if isinstance(task, nn.Module) else task
     if not isinstance(the_task, AbstractTask):
         raise ConfigError(f"load needs a datatrace task or a model, got {type(task).__name__}")
@@ -316,8 +321,8 @@ def load(
     if train is None:
         raise ConfigError("load needs train=, the training data the fit was made on")
     tensors, meta = persist.load_tensors(folder / TENSORS, FORMAT, FORMAT.fix)
-    model = the_task.model
-    method = _Decoder(tensors, model, None)(meta["method"])
+    net = the_task.model
+    method = _Decoder(tensors, net, None)(meta["method"])
     if not isinstance(method, GradientAttributor):
         raise StoreCorruptError(f"{folder / TENSORS} holds no method; {FORMAT.fix}")
     scored = method.output.wrap(the_task) if method.output is not None else the_task
@@ -325,7 +330,7 @@ def load(
     _check_same(folder, meta["fingerprint"], _fingerprint(scored, source))
     ckpts = [Checkpoint(state=_state(tensors, c), weight=w) for c, w in enumerate(meta["weights"])]
     per_ckpt, states = method._bind(scored, ckpts, source, meta["batch_size"])
-    device = model_device(model)
+    device = model_device(net)
     column_weights = (
         [tensors[f"column_weights/{c}"].to(device) for c in range(len(ckpts))]
         if meta["column_weights"]
@@ -339,7 +344,7 @@ def load(
     )  # fmt: skip
     for c, encoded in enumerate(meta["preconditioners"]):
         ctx = fitted.fit_context(c, meta["lambda0"][c])
-        pc = _Decoder(tensors, model, ctx)(encoded)
+        pc = _Decoder(tensors, net, ctx)(encoded)
         if not isinstance(pc, AbstractFittedPreconditioner):
             raise StoreCorruptError(f"{folder / TENSORS}: preconditioner {c} is unreadable")
         fitted.preconditioners.append(pc)
