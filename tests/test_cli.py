@@ -474,3 +474,75 @@ def test_report_decodes_token_ids_with_a_local_tokenizer(tmp_path: Path) -> None
     BertTokenizer(str(vocab)).save_pretrained(str(tmp_path / "tok"))
     decode = load_decode(str(tmp_path / "tok"))
     assert decode([2, 4, 5, 3, 0]) == "hello world"
+
+
+def test_a_task_factory_for_regression(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    import numpy as np
+    import torch
+
+    import datatrace as dt
+
+    p = _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks.py").write_text(
+        "import datatrace as dt\ndef regression(model):\n    return dt.RegressionTask(model)\n"
+    )
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randn(30, 3, generator=g)  # float32 in the file: cast to the model's dtype
+    np.savez(tmp_path / "reg.npz", x=p["x"].numpy(), y=targets.numpy())
+    argv = ["score", "--model", f"{tmp_path / 'mymodel.py'}:build", "--task",
+            f"{tmp_path / 'tasks.py'}:regression", "--train", "reg.npz", "--queries", "reg.npz",
+            "--method", "graddot", "--top-k", "2", "--out", "top.csv"]  # fmt: skip
+    assert main(argv) == 0
+    idx, val = _read_top(tmp_path / "top.csv")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mymodel import build  # type: ignore[import-not-found]
+
+    monkeypatch.delitem(sys.modules, "mymodel")
+    net = build()  # the factory's weights (no --checkpoints)
+    data = (p["x"], targets.double())
+    v, i = (
+        dt.GradDot()
+        .fit(dt.RegressionTask(net), [dt.Checkpoint.from_module(net)], data)
+        .top_k(data, k=2)
+    )
+    assert idx == i.tolist()
+    torch.testing.assert_close(torch.tensor(val, dtype=torch.float64), v, rtol=1e-12, atol=0)
+
+
+def test_featurize_then_score_from_the_store_of_your_own_model(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    store = str(tmp_path / "store")
+    argv = _own(tmp_path)
+    train_only = argv[: argv.index("--queries")]
+    assert main(["featurize", *train_only, "--store", store]) == 0
+    assert "features of 30 training examples in" in capsys.readouterr().err
+    with_store, without = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert main(["score", *argv, "--store", store, "--out", str(with_store)]) == 0
+    assert main(["score", *argv, "--out", str(without)]) == 0
+    assert with_store.read_text() == without.read_text()
+    # other features (a projection) are another store: refused without --overwrite
+    other = ["score", *argv, "--store", store, "--projection-dim", "8"]
+    capsys.readouterr()
+    assert "overwrite" in _one_line_error(capsys, other)
+
+
+def test_a_lightning_prefix_is_named_with_the_flag_that_strips_it(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import torch
+
+    p = _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    state = {f"model.{k}": v for k, v in p["model"].state_dict().items()}
+    (tmp_path / "lightning").mkdir()
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "lightning" / "last.ckpt")
+    argv = _own(tmp_path)
+    argv[argv.index("--checkpoints") + 1] = str(tmp_path / "lightning" / "*.ckpt")
+    assert "pass --strip-prefix model." in _one_line_error(capsys, ["score", *argv])
+    assert main(["score", *argv, "--strip-prefix", "model."]) == 0

@@ -393,7 +393,10 @@ def own_inputs(
     the_task = load_task(task, module, base)
     ckpts = load_checkpoints(checkpoints, module, lr, strip_prefix, base)
     # the model runs with the last checkpoint's weights in the probes (and the report)
-    params, buffers = ckpts[-1].parameters_for(module)
+    try:
+        params, buffers = ckpts[-1].parameters_for(module)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--checkpoints: {exc}{_prefix_hint(ckpts[-1], module)}") from None
     with torch.no_grad():
         for name, value in {**params, **buffers}.items():
             _lookup(module, name).copy_(value)
@@ -408,6 +411,18 @@ def own_inputs(
         ExampleSource(query_data, "--queries").check_like(ExampleSource(train_data, "--train"))
     desc = f"{type(module).__name__} from {model}, {len(ckpts)} checkpoint(s)"
     return Inputs(the_task, ckpts, train_data, query_data, desc, {"classes": classes})
+
+
+def _prefix_hint(ckpt: Checkpoint, module: nn.Module) -> str:
+    """A hint when every name in the checkpoint carries a prefix the model's lack
+    (Lightning's ``model.``)."""
+    keys = list(ckpt.state)
+    prefix = keys[0].split(".")[0] + "." if keys and "." in keys[0] else ""
+    if not prefix or not all(k.startswith(prefix) for k in keys):
+        return ""
+    if any(k.startswith(prefix) for k in module.state_dict()):
+        return ""
+    return f"; its names all start with {prefix!r}: pass --strip-prefix {prefix}"
 
 
 def _lookup(module: nn.Module, name: str) -> torch.Tensor:

@@ -143,11 +143,12 @@ def _features(fitted: FittedGradientAttributor, tensors: dict[str, torch.Tensor]
     if isinstance(store, FeatureStore) and not _temporary(store.path):
         return {"kind": "store", "path": str(store.path.resolve()), "manifest": store.manifest}
     layout = store.manifest["layout"]
+    dtype = None
     for c in range(len(fitted.states)):
         for name, t in store.read(c, 0, fitted.n_train).items():
             tensors[f"features/{c}/{name}"] = t
-    dtype = next(iter(tensors.values())).dtype if layout else None
-    return {"kind": "inline", "layout": layout, "dtype": str(dtype), "chunk": store.chunk_size}
+            dtype = str(t.dtype).removeprefix("torch.")
+    return {"kind": "inline", "layout": layout, "dtype": dtype, "chunk": store.chunk_size}
 
 
 def _temporary(path: Path) -> bool:
