@@ -93,14 +93,22 @@ def _tensor_names(folder: Path) -> list[str]:
         return list(f.keys())
 
 
-def test_ekfac_factors_are_saved_and_not_refitted(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("store", [False, True])
+def test_ekfac_factors_are_saved_and_not_refitted(tmp_path: Path, monkeypatch, store: bool) -> None:
     from datatrace.curvature import kfac
 
     model, ckpts, train, q = trained()
-    fitted = dt.Influence(dt.EKFAC()).fit(dt.ClassificationTask(model), ckpts, train)
+    where = {"store": tmp_path / "store"} if store else {}
+    fitted = dt.Influence(dt.EKFAC()).fit(dt.ClassificationTask(model), ckpts, train, **where)
     fitted.save(tmp_path / "saved")
-    names = _tensor_names(tmp_path / "saved")
-    assert {"preconditioner/0/layers/0/ua", "preconditioner/0/layers/1/lam"} <= set(names)
+    names = set(_tensor_names(tmp_path / "saved"))
+    inline = {"preconditioner/0/layers/0/ua", "preconditioner/0/layers/1/lam"}
+    if store:  # by reference to the store's factor cache
+        assert (
+            not inline & names and (tmp_path / "store" / "curvature-c0-ekfac.safetensors").exists()
+        )
+    else:
+        assert inline <= names
 
     def refit(*args, **kwargs):
         raise AssertionError("the factors were fitted again")

@@ -5,8 +5,9 @@ DataInf, TRAK) is a folder of two files, written atomically, nothing pickled::
 
     attributor.safetensors   tensors: every checkpoint's parameters and buffers
                              (state/<c>/...), the fitted preconditioners' tensors
-                             (preconditioner/<c>/...: EK-FAC's factors and eigenvalues,
-                             a Cholesky factor...), TRAK's example weights, and the
+                             (preconditioner/<c>/...: a Cholesky factor, eigenpairs,
+                             K-FAC/EK-FAC factors unless the feature store caches them:
+                             then by reference), TRAK's example weights, and the
                              training features when no feature store holds them
                              (features/<c>/<name>); its header carries the metadata below
                              with a checksum of everything
@@ -49,6 +50,7 @@ from ..core.runtime import model_device
 from ..core.task import AbstractTask, ClassificationTask
 from ..curvature.base import AbstractFittedPreconditioner, AbstractPreconditioner
 from ..curvature.context import FitContext
+from ..curvature.kfac import EKFAC, KFAC
 from ..curvature.problem import CurvatureProblem
 from ..features.spec import FeatureSpec
 from ..features.store import FeatureStore, MemoryFeatureStore
@@ -103,7 +105,9 @@ def save_fitted(fitted: FittedGradientAttributor, path: str | Path) -> Path:
         "damping": fitted.damping,
         "column_weights": fitted.column_weights is not None,
         "preconditioners": [
-            _encode(pc, f"preconditioner/{c}", tensors, model)
+            {"in_store": True}
+            if _factors_in_store(fitted, c)
+            else _encode(pc, f"preconditioner/{c}", tensors, model)
             for c, pc in enumerate(fitted.preconditioners)
         ],
         "features": _features(fitted, tensors),
@@ -149,6 +153,17 @@ def _features(fitted: FittedGradientAttributor, tensors: dict[str, torch.Tensor]
             tensors[f"features/{c}/{name}"] = t
             dtype = str(t.dtype).removeprefix("torch.")
     return {"kind": "inline", "layout": layout, "dtype": dtype, "chunk": store.chunk_size}
+
+
+def _factors_in_store(fitted: FittedGradientAttributor, c: int) -> bool:
+    """K-FAC / EK-FAC factors cached in a (non-temporary) feature store: saved by reference
+    (loading reads them from there, checksummed; recomputed, identically, if deleted)."""
+    store = fitted.store
+    if not isinstance(store, FeatureStore) or _temporary(store.path):
+        return False
+    spec = fitted.method.preconditioner
+    kind = "ekfac" if isinstance(spec, EKFAC) else "kfac" if isinstance(spec, KFAC) else None
+    return kind is not None and (store.path / f"curvature-c{c}-{kind}.safetensors").exists()
 
 
 def _temporary(path: Path) -> bool:
@@ -345,7 +360,11 @@ def load(
     )  # fmt: skip
     for c, encoded in enumerate(meta["preconditioners"]):
         ctx = fitted.fit_context(c, meta["lambda0"][c])
-        pc = _Decoder(tensors, net, ctx)(encoded)
+        if encoded == {"in_store": True}:
+            assert method.preconditioner is not None
+            pc = method.preconditioner.fit(ctx)  # reads the factors cached in the store
+        else:
+            pc = _Decoder(tensors, net, ctx)(encoded)
         if not isinstance(pc, AbstractFittedPreconditioner):
             raise StoreCorruptError(f"{folder / TENSORS}: preconditioner {c} is unreadable")
         fitted.preconditioners.append(pc)
