@@ -546,3 +546,22 @@ def test_a_lightning_prefix_is_named_with_the_flag_that_strips_it(
     argv[argv.index("--checkpoints") + 1] = str(tmp_path / "lightning" / "*.ckpt")
     assert "pass --strip-prefix model." in _one_line_error(capsys, ["score", *argv])
     assert main(["score", *argv, "--strip-prefix", "model."]) == 0
+
+
+def test_a_model_factory_as_an_importable_module_of_the_current_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import sys
+
+    _project(tmp_path)
+    (tmp_path / "cli_factory_pkg.py").write_text(MODEL_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the current folder
+    monkeypatch.delitem(sys.modules, "cli_factory_pkg", raising=False)
+    argv = _own(tmp_path)
+    by_file, by_module = tmp_path / "f.csv", tmp_path / "m.csv"
+    assert main(["score", *argv, "--method", "graddot", "--out", str(by_file)]) == 0
+    argv[argv.index("--model") + 1] = "cli_factory_pkg:build"
+    assert main(["score", *argv, "--method", "graddot", "--out", str(by_module)]) == 0
+    assert by_file.read_text() == by_module.read_text()
+    monkeypatch.delitem(sys.modules, "cli_factory_pkg")
