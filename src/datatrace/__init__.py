@@ -51,6 +51,7 @@ _HOMES = {
         "GradDot", "GradientAttributor", "Influence", "SweepPoint", "TracIn", "damping_sweep",
         "mean_squared_gradient",
     ],
+    "datatrace.methods.saved": ["load", "load_scores"],
 }  # fmt: skip
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -105,6 +106,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         damping_sweep,
         mean_squared_gradient,
     )
+    from .methods.saved import load, load_scores
 
 
 def __getattr__(name: str) -> Any:
@@ -175,6 +177,8 @@ __all__ = [
     "__version__",
     "damping_sweep",
     "distributed",
+    "load",
+    "load_scores",
     "mean_squared_gradient",
     "metrics",
     "truth",

@@ -44,14 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("config", type=Path, help="the experiment's TOML file")
     ev.add_argument("--out", type=Path, default=None, help="output folder (overrides config)")
     for name, text in (
-        ("featurize", "compute a config's training features into a store (torchrun-aware)"),
-        ("score", "top-k proponents/opponents (and optionally the full matrix) from a store"),
+        ("featurize", "compute the training features into a store (torchrun-aware)"),
+        ("score", "top-k proponents/opponents (and optionally the full matrix)"),
+        ("report", "an HTML report: top proponents/opponents, self-influence, Grad-Cos view"),
     ):
-        cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("config", type=Path, help="an experiment TOML (as for evaluate)")
-        cmd.add_argument("--store", type=Path, required=True, help="feature store directory")
+        cmd = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text}. Your own model (nothing is trained): --model, "
+            "--checkpoints, --train, --queries; or an experiment TOML (the same keys in "
+            "[model] and [data]; flags override it).",
+            epilog=INPUTS_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_input_options(cmd)
         cmd.add_argument(
-            "--method", default="tracin", help=f"one of: {', '.join(REGISTRY)} (default: tracin)"
+            "--store",
+            type=Path,
+            required=name == "featurize",
+            default=None,
+            help="feature store directory (reused when its settings match)"
+            + ("" if name == "featurize" else "; default: temporary"),
+        )
+        cmd.add_argument(
+            "--method",
+            default="tracin",
+            help=f"one of: {', '.join(REGISTRY)} (default: tracin)",
         )
         cmd.add_argument("--projection-dim", type=int, default=None)
         cmd.add_argument("--batch-size", type=int, default=256)
@@ -77,12 +95,64 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "score":
             cmd.add_argument("--top-k", type=int, default=10)
             cmd.add_argument("--opponents", action="store_true")
-            cmd.add_argument("--matrix", type=Path, default=None, help="write S to this .npy")
+            cmd.add_argument(
+                "--matrix", type=Path, default=None, help="write S to this .npy (dt.load_scores)"
+            )
             cmd.add_argument("--out", type=Path, default=None, help="top-k as CSV")
+        if name == "report":
+            cmd.add_argument(
+                "--out", type=Path, default=Path("datatrace-report.html"), help="the HTML file"
+            )
+            cmd.add_argument(
+                "--suspected",
+                type=Path,
+                default=None,
+                help="text file of training indices believed mislabelled (found-vs-inspected "
+                "curve)",
+            )
+            cmd.add_argument(
+                "--decode", default=None, help="tokenizer folder: show token ids as text"
+            )
+            cmd.add_argument(
+                "--render",
+                choices=("image", "text", "table"),
+                default=None,
+                help="how examples are shown (default: inferred from the data)",
+            )
+            cmd.add_argument("--top", type=int, default=5, help="examples per query and list")
+            cmd.add_argument("--title", default="datatrace report")
     return parser
 
 
+INPUTS_HELP = """inputs:
+  --model pkg.module:build      a function returning your nn.Module (or file.py:build)
+  --task pkg.module:make        make(model) -> a datatrace task (default: classification)
+  --checkpoints 'ckpts/*.pt'    checkpoint files in natural order; learning rates from
+                                their optimizer state, or --lr (default: the model's weights)
+  --train / --queries DATA      pkg.module:function returning a Dataset or tensors; a
+                                .npz / .pt / .safetensors file with x and y (or inputs and
+                                labels; other keys: a dict batch such as input_ids,
+                                attention_mask, labels); or a folder of images (.npy, or
+                                PNG/JPEG with Pillow) with labels.csv (filename,label)
+"""
+
+
+def _add_input_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "config", type=Path, nargs="?", default=None, help="an experiment TOML (optional)"
+    )
+    group = cmd.add_argument_group("your model and data (see below)")
+    group.add_argument("--model", default=None, metavar="MODULE:FUNCTION")
+    group.add_argument("--task", default=None, metavar="MODULE:FUNCTION")
+    group.add_argument("--checkpoints", default=None, metavar="GLOB")
+    group.add_argument("--lr", type=float, default=None, help="every checkpoint's weight")
+    group.add_argument("--strip-prefix", default=None, help="e.g. 'model.' (Lightning)")
+    group.add_argument("--train", default=None, metavar="DATA")
+    group.add_argument("--queries", default=None, metavar="DATA")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -109,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .commands import featurize_main, score_main
 
             return (featurize_main if args.command == "featurize" else score_main)(args)
+        elif args.command == "report":
+            from .commands import report_main
+
+            return report_main(args, argv)
         elif args.command == "evaluate":
             from .evaluate import main as evaluate_main
 

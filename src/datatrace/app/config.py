@@ -1,6 +1,17 @@
-"""The TOML config of ``datatrace evaluate`` / ``featurize`` / ``score``: :data:`SCHEMA`
-(every key, its type and default), loading, checking and resolving. An unknown key is an
-error with a suggestion. A config is a program: ``entry = "module:function"`` runs code."""
+"""The TOML config of ``datatrace evaluate`` / ``featurize`` / ``score`` / ``report``:
+:data:`SCHEMA` (every key, its type and default), loading, checking and resolving. An unknown
+key is an error with a suggestion. A config is a program: ``entry = "module:function"`` and
+``[model] factory`` run code.
+
+Your own model (nothing trained)::
+
+    [model]
+    factory = "mypkg.models:build"     # returns the nn.Module
+    checkpoints = "ckpts/epoch*.pt"    # optional; learning rates from the optimizer state
+    [data]
+    train = "train.npz"                # x, y (see datatrace.app.inputs)
+    queries = "test.npz"
+"""
 
 from __future__ import annotations
 
@@ -19,8 +30,29 @@ TRUTHS = ("further_training", "loo", "lds")
 # section -> key -> default (the type of the default is the expected type; None = any)
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": "experiment", "seed": 0, "out": "evaluate-out", "progress": False},
-    "data": {"dataset": "digits", "n_train": 300, "n_query": 30, "entry": ""},
-    "model": {"kind": "mlp", "hidden": 32, "activation": "tanh", "alpha": 1e-3},
+    # your own data (featurize/score/report; see datatrace.app.inputs): a file, an image
+    # folder or "module:function" each; relative paths are relative to the config's folder
+    "data": {
+        "dataset": "digits",
+        "n_train": 300,
+        "n_query": 30,
+        "entry": "",
+        "train": "",
+        "queries": "",
+    },
+    # factory = "module:function" returning your nn.Module: nothing is trained; task,
+    # checkpoints (a glob), lr (0: from the files' optimizer state) and strip_prefix go with it
+    "model": {
+        "kind": "mlp",
+        "hidden": 32,
+        "activation": "tanh",
+        "alpha": 1e-3,
+        "factory": "",
+        "task": "",
+        "checkpoints": "",
+        "lr": 0.0,
+        "strip_prefix": "",
+    },
     "train": {
         "epochs": 30,
         "lr": 0.1,
@@ -146,6 +178,16 @@ def resolve_config(raw: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unknown gold standard {name!r}" + _suggest(name, TRUTHS))
     if not cfg["methods"]["use"] or not cfg["truth"]["use"]:
         raise ConfigError("methods.use and truth.use must name at least one entry each")
+    own = cfg["model"]["factory"] != ""
+    if own and cfg["data"]["train"] == "":
+        raise ConfigError("[model] factory needs [data] train (your training data)")
+    if not own and (cfg["data"]["train"] or cfg["data"]["queries"] or cfg["model"]["checkpoints"]):
+        raise ConfigError(
+            "[data] train/queries and [model] checkpoints go with [model] factory "
+            "('module:function' returning your model)"
+        )
+    if own and cfg["data"]["entry"]:
+        raise ConfigError("give [model] factory or [data] entry, not both")
     if cfg["data"]["entry"] == "" and cfg["data"]["dataset"] not in DATASETS:
         raise ConfigError(
             f"unknown dataset {cfg['data']['dataset']!r}"

@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import logging
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core import persist
 from ..core.checkpoint import Checkpoint
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, StoreMismatchError
 from ..core.task import AbstractTask, ClassificationTask
 from ..retrain import sgd_train
 from .problems import lbfgs_fit, load_sklearn
+
+log = logging.getLogger("datatrace")
 
 
 @dataclass
@@ -45,7 +51,9 @@ def _make_model(cfg: dict[str, Any], d: int, k: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, m["hidden"]), act, nn.Linear(m["hidden"], k)).double()
 
 
-def builtin_experiment(cfg: dict[str, Any]) -> Experiment:
+def builtin_experiment(cfg: dict[str, Any], cache: Path | None = None) -> Experiment:
+    """The built-in experiment; with ``cache`` (a folder), its trained model is read from
+    there when an earlier call trained it with the same settings, and saved otherwise."""
     d_cfg, t = cfg["data"], cfg["train"]
     x, y = load_sklearn(d_cfg["dataset"])
     n_train, n_query = d_cfg["n_train"], d_cfg["n_query"]
@@ -72,14 +80,24 @@ def builtin_experiment(cfg: dict[str, Any]) -> Experiment:
             t["momentum"], cfg["model"]["alpha"], checkpoints, keep=keep,
         )  # fmt: skip
 
-    model, ckpts = fit(torch.arange(n_train), cfg[""]["seed"], max(1, t["checkpoints"]))
     alpha = cfg["model"]["alpha"]
-    if t["retrain"] == "lbfgs":
-        # the model explained is the optimum that leave-one-out retraining starts from and
-        # compares with: polish the SGD result to convergence (the last checkpoint too)
-        lbfgs_fit(model, xt, yt, alpha, max_iter=3000)
-        last = ckpts[-1]
-        ckpts[-1] = Checkpoint.from_module(model, weight=last.weight, name=last.name + "+lbfgs")
+    folder = cache / f"trained-{trained_fingerprint(cfg)}" if cache is not None else None
+    cached = read_trained(folder) if folder is not None else None
+    if cached is not None:
+        model, ckpts = make(), cached
+        model.load_state_dict(dict(ckpts[-1].state))
+        log.info("reusing the model trained by an earlier call (%s)", folder)
+    else:
+        model, ckpts = fit(torch.arange(n_train), cfg[""]["seed"], max(1, t["checkpoints"]))
+        if t["retrain"] == "lbfgs":
+            # the model explained is the optimum that leave-one-out retraining starts from
+            # and compares with: polish the SGD result to convergence (the last checkpoint too)
+            lbfgs_fit(model, xt, yt, alpha, max_iter=3000)
+            last = ckpts[-1]
+            ckpts[-1] = Checkpoint.from_module(model, weight=last.weight, name=last.name + "+lbfgs")
+        if folder is not None:
+            write_trained(folder, ckpts, cfg)
+            log.info("trained the built-in model; cached in %s", folder)
 
     def train_fn(indices: torch.Tensor, seed: int) -> nn.Module:
         if t["retrain"] == "sgd":
@@ -96,7 +114,69 @@ def builtin_experiment(cfg: dict[str, Any]) -> Experiment:
         f"{cfg['model']['kind']} on {d_cfg['dataset']} ({n_train} train, {n_query} queries; "
         f"train acc {acc_tr:.3f}, query acc {acc_q:.3f})"
     )
-    return Experiment(task, (xt, yt), (xq, yq), ckpts, train_fn, desc)
+    extra = {"trained_cache": folder, "reused": cached is not None}
+    return Experiment(task, (xt, yt), (xq, yq), ckpts, train_fn, desc, extra)
+
+
+# -- the built-in experiment's trained model, cached -------------------------------------------
+
+_TRAINED = persist.StoreFormat(
+    tag="datatrace-trained-model",
+    version=1,
+    files=("model.safetensors", "experiment.json"),
+    fix="delete the folder to train again",
+)
+
+
+def trained_fingerprint(cfg: dict[str, Any]) -> str:
+    """A hash of everything the built-in training depends on: the data, model and training
+    settings, the seed, and the torch and datatrace versions."""
+    import datatrace
+
+    what = {
+        "data": {k: cfg["data"][k] for k in ("dataset", "n_train", "n_query")},
+        "model": {k: cfg["model"][k] for k in ("kind", "hidden", "activation", "alpha")},
+        "train": cfg["train"],
+        "seed": cfg[""]["seed"],
+        "torch": torch.__version__,
+        "datatrace": datatrace.__version__,
+    }
+    return persist.checksum(json.dumps(what, sort_keys=True).encode())[:16]
+
+
+def write_trained(folder: Path, ckpts: list[Checkpoint], cfg: dict[str, Any]) -> None:
+    """``model.safetensors`` (every checkpoint's state, checksummed) and ``experiment.json``
+    (the settings it was trained with, for people)."""
+    persist.make_folder(folder)
+    tensors = {f"c{i}/{k}": v for i, c in enumerate(ckpts) for k, v in c.state.items()}
+    meta = {
+        "format": _TRAINED.tag,
+        "version": _TRAINED.version,
+        "checkpoints": [{"name": c.name, "weight": c.weight} for c in ckpts],
+    }
+    persist.save_tensors(folder / "model.safetensors", tensors, meta)
+    persist.write_json(
+        folder / "experiment.json",
+        {"fingerprint": trained_fingerprint(cfg), "config": {k: cfg[k] for k in cfg if k}},
+    )
+
+
+def read_trained(folder: Path) -> list[Checkpoint] | None:
+    """The checkpoints :func:`write_trained` saved in ``folder``, or None when there are
+    none (or they are of another format version: trained again)."""
+    path = folder / "model.safetensors"
+    if not path.exists():
+        return None
+    try:
+        tensors, meta = persist.load_tensors(path, _TRAINED, _TRAINED.fix)
+    except StoreMismatchError:
+        return None
+    out = []
+    for i, c in enumerate(meta["checkpoints"]):
+        prefix = f"c{i}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        out.append(Checkpoint(state=state, weight=c["weight"], name=c["name"]))
+    return out
 
 
 _ENTRY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
@@ -128,10 +208,16 @@ def _load_entry(entry: str) -> Callable[[dict[str, Any]], Experiment]:
     return fn
 
 
-def build_experiment(cfg: dict[str, Any]) -> Experiment:
-    """The config's experiment: its ``data.entry`` function's, or the built-in one."""
+def build_experiment(cfg: dict[str, Any], cache: Path | None = None) -> Experiment:
+    """The config's experiment: its ``data.entry`` function's, or the built-in one (its
+    trained model cached in the folder ``cache`` when given)."""
+    if cfg["model"]["factory"]:
+        raise ConfigError(
+            "[model] factory names your own trained model: use it with datatrace featurize, "
+            "score or report (evaluate retrains, so it needs [data] entry or a built-in dataset)"
+        )
     entry = cfg["data"]["entry"]
-    exp = _load_entry(entry)(cfg) if entry else builtin_experiment(cfg)
+    exp = _load_entry(entry)(cfg) if entry else builtin_experiment(cfg, cache)
     if not isinstance(exp, Experiment) or not exp.checkpoints:
         raise ConfigError("the experiment must be an Experiment with at least one checkpoint")
     return exp

@@ -55,6 +55,7 @@ class FittedGradientAttributor:
         block_size: int,
         progress: bool | None,
         column_weights: list[torch.Tensor] | None = None,
+        fit_preconditioners: bool = True,
     ) -> None:
         self.method = method
         self.task = task
@@ -74,27 +75,46 @@ class FittedGradientAttributor:
         #: scores are computed in the model's dtype (features may be kept in bfloat16)
         self.compute_dtype = next(iter(states[0][0].values())).dtype
         self.preconditioners: list[AbstractFittedPreconditioner] = []
+        #: λ₀ (the damping scale) at each checkpoint (influence methods)
+        self.lambda0: list[float] = []
         self.scale = 1.0
-        if method.preconditioner is not None:
+        if method.preconditioner is not None and fit_preconditioners:
             self._fit_preconditioners(method.preconditioner)
+
+    def fit_context(self, c: int, lambda0: float | None = None) -> FitContext:
+        """What a preconditioner is fitted from at checkpoint ``c`` (λ₀ computed from the
+        training features unless given)."""
+        params, buffers = self.states[c]
+        problem = CurvatureProblem(
+            self.task,
+            self.features.names,
+            params,
+            buffers,
+            self.train,
+            self.batch_size,
+            self.progress,
+        )
+        if lambda0 is None:
+            square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
+            lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
+        path = self.store.path if self.store is not None else None
+        cache = path / f"curvature-c{c}" if path is not None else None
+        return FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
+
+    def save(self, path: str | Path) -> Path:
+        """Write this fit to the folder ``path`` (settings, fingerprints, checkpoints and
+        fitted preconditioners; features by reference to the store when there is one):
+        ``dt.load(path, task, train)`` gives it back. See :mod:`datatrace.methods.saved`."""
+        from .saved import save_fitted
+
+        return save_fitted(self, path)
 
     def _fit_preconditioners(self, spec: AbstractPreconditioner) -> None:
         """Fit ``spec`` at every checkpoint; scores get the ``1/n`` of influence functions."""
-        for c, (params, buffers) in enumerate(self.states):
-            problem = CurvatureProblem(
-                self.task,
-                self.features.names,
-                params,
-                buffers,
-                self.train,
-                self.batch_size,
-                self.progress,
-            )
-            square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
-            lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
-            path = self.store.path if self.store is not None else None
-            cache = path / f"curvature-c{c}" if path is not None else None
-            ctx = FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
+        for c in range(len(self.states)):
+            ctx = self.fit_context(c)
+            lambda0 = ctx.lambda0
+            self.lambda0.append(lambda0)
             fitted = spec.fit(ctx)
             log.info(
                 "%s: checkpoint %d: lambda0 %.3g, damping %.3g",
