@@ -341,3 +341,17 @@ def test_bad_inputs_are_clear_errors(tmp_path):
             queries=(torch.rand(2, 5, 6, 7), y[:2]),
         )  # fmt: skip
     assert not out.exists()
+
+
+def test_token_ids_without_decode_show_as_ids_and_wide_rows_are_capped(tmp_path):
+    ids = torch.tensor([[5, 6, 0], [7, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([1, 0])}
+    path = write_report(tmp_path / "a.html", scores=torch.tensor([[1.0, -1.0]]), train=batch,
+                        queries={k: v[1:] for k, v in batch.items()}, top=1)  # fmt: skip
+    assert re.findall(r"<blockquote>(.*?)</blockquote>", path.read_text()) == ["7", "5 6", "7"]
+    wide = torch.rand(3, 100)
+    path = write_report(tmp_path / "b.html", scores=torch.ones(1, 3), train=(wide, torch.zeros(3)),
+                        queries=(wide[:1], torch.zeros(1)), top=1)  # fmt: skip
+    html = path.read_text()
+    assert "<th>x39</th><th>…</th>" in html and "<th>x40</th>" not in html
+    assert "<td>(+60 more)</td>" in html

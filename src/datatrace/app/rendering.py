@@ -4,7 +4,7 @@
   (a tuple or dict of tensors, NumPy arrays or lists of strings, a Dataset, a DataLoader or
   a bare tensor) as its renderable part and its label.
 * :func:`infer_render` picks how an example is shown: ``"image"`` for (H, W), (C, H, W) or
-  (H, W, C) arrays, ``"text"`` for strings (or token ids with a ``decode`` function),
+  (H, W, C) arrays, ``"text"`` for strings and token ids (decoded with ``decode``),
   ``"table"`` for feature vectors and dicts of scalar columns.
 * :func:`image_uri` encodes one image as a PNG ``data:`` URI (a small PNG writer of our
   own: no matplotlib or Pillow needed, byte-for-byte deterministic).
@@ -41,6 +41,7 @@ CONTENT_KEYS = ("text", "sentence", "input_ids", "pixel_values", "image", "x", "
 #: photos do not make a report of hundreds of megabytes
 IMAGE_MIN_PX, IMAGE_MAX_PX = 64, 96
 TEXT_MAX_CHARS = 300
+TABLE_MAX_COLUMNS = 40  # feature columns shown per table row (the rest are counted)
 
 
 class ExampleView:
@@ -160,7 +161,18 @@ class ExampleView:
         if isinstance(value, str):
             return [("text", value)]
         flat = torch.as_tensor(value).flatten()
-        return [(f"x{j}", _scalar_text(v) or "") for j, v in enumerate(flat)]
+        cells = [(f"x{j}", _scalar_text(v) or "") for j, v in enumerate(flat[:TABLE_MAX_COLUMNS])]
+        if flat.numel() > TABLE_MAX_COLUMNS:
+            cells.append(("…", f"(+{flat.numel() - TABLE_MAX_COLUMNS} more)"))
+        return cells
+
+    @property
+    def holds_token_ids(self) -> bool:
+        """Whether the content is a dict batch's ``input_ids`` (shown as text)."""
+        if self._columns is not None:
+            return self._content_key == "input_ids"
+        ex = self._example(0) if len(self) else None
+        return isinstance(ex, Mapping) and "input_ids" in ex and "text" not in ex
 
 
 def _as_column(value: Any) -> Any:
@@ -196,12 +208,16 @@ def _scalar_text(value: Any) -> str | None:
     return str(v)
 
 
-def infer_render(content: Any, decode: Callable[..., str] | None, table_like: bool) -> str:
-    """How to show an example with this content (see the module docstring)."""
+def infer_render(
+    content: Any, decode: Callable[..., str] | None, table_like: bool, token_ids: bool = False
+) -> str:
+    """How to show an example with this content (see the module docstring); ``token_ids``:
+    the content is known to be token ids (a batch's ``input_ids``), shown as text even
+    without ``decode`` (as the ids)."""
     if isinstance(content, str):
         return "text"
     t = torch.as_tensor(content)
-    if not t.is_floating_point() and t.dtype != torch.uint8 and decode is not None:
+    if not t.is_floating_point() and t.dtype != torch.uint8 and (decode is not None or token_ids):
         return "text"
     if table_like or t.dim() <= 1:
         return "table"

@@ -112,8 +112,8 @@ def write_report(
             training examples exactly as Grad-Cos does).
         render: ``"image"``, ``"text"`` or ``"table"``; ``None``: inferred from the first
             training example ((H, W), (C, H, W) or (H, W, C) arrays are images, strings or
-            token ids with ``decode`` are text, feature vectors and dicts of scalar
-            columns are table rows).
+            token ids (``input_ids``, or integers with ``decode``) are text, feature
+            vectors and dicts of scalar columns are table rows).
         decode: turns a list of token ids into text (e.g. ``tokenizer.decode``).
         suspected: bool (n_train,) or a list of training indices suspected mislabelled:
             marked in red, and the found-vs-inspected curve of the self-influence ranking
@@ -153,7 +153,9 @@ def write_report(
         raise ConfigError(f"render must be one of {list(RENDER_KINDS)} or None, got {render!r}")
     method = method or "raw scores"
     norm, norm_label, norm_note = _normalised_view(S, normalised_scores, self_inf, method)
-    kind = render or infer_render(train_view.content(0), decode, bool(train_view.frame_columns))
+    kind = render or infer_render(
+        train_view.content(0), decode, bool(train_view.frame_columns), train_view.holds_token_ids
+    )
     shower = _Shower(kind, decode, sus)
     body = [
         _section("summary", _summary(method, n_train, n_query, kind, sus)),
