@@ -63,3 +63,19 @@ def test_every_page_is_in_the_navigation_and_every_include_exists():
     assert '--8<-- "examples/own_cnn_checkpoints.py"' in examples
     tabular = (DOCS / "examples" / "mislabelled-tabular.md").read_text()
     assert '--8<-- "examples/mislabelled_tabular.py"' in tabular
+
+
+def test_optional_script_includes(tmp_path):
+    path = DOCS / "hooks" / "optional_include.py"
+    spec = importlib.util.spec_from_file_location("optional_include", path)
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "a.py").write_text("print('<hi>')\n")
+    page = "x\n<!-- include-script: ex/a.py -->\ny <!-- include-script: ex/missing.py -->"
+    out = hook.render(page, tmp_path)
+    assert out == (
+        "x\n```python\nprint('<hi>')\n```\n"
+        "y *(`ex/missing.py` is not in this checkout of the repository.)*"
+    )
