@@ -355,3 +355,35 @@ def test_token_ids_without_decode_show_as_ids_and_wide_rows_are_capped(tmp_path)
     html = path.read_text()
     assert "<th>x39</th><th>…</th>" in html and "<th>x40</th>" not in html
     assert "<td>(+60 more)</td>" in html
+
+
+class _Column:
+    def __init__(self, values):
+        self.values = values
+
+    def to_numpy(self):
+        return np.asarray(self.values)
+
+
+class _FrameLike:
+    """What the report reads of a pandas DataFrame (pandas is not a dependency)."""
+
+    def __init__(self, data: dict):
+        self.data, self.columns, self.iloc = data, list(data), object()
+
+    def __getitem__(self, key):
+        return _Column(self.data[key])
+
+
+def test_a_data_frame_shows_as_named_table_rows(tmp_path):
+    frame = _FrameLike({"age": [30, 41, 52], "city": ["Oslo", "<Rome>", "Lima"],
+                        "label": [0, 1, 1]})  # fmt: skip
+    view = ExampleView(frame, "train")
+    assert view.label(1) == "1" and view.table_columns(1) == [("age", "41"), ("city", "<Rome>")]
+    queries = _FrameLike({"age": [33], "city": ["Kyiv"], "label": [0]})
+    path = write_report(tmp_path / "r.html", scores=torch.tensor([[0.0, 2.0, -1.0]]),
+                        train=frame, queries=queries, top=1)  # fmt: skip
+    html = path.read_text()
+    assert "<th>age</th><th>city</th>" in html
+    row = "<td>proponent</td><td>1</td><td>+2</td><td>1</td><td>41</td><td>&lt;Rome&gt;</td>"
+    assert row in html

@@ -49,8 +49,8 @@ class ExampleView:
 
     Args:
         data: tuple/list ``(inputs, labels, ...)`` or dict of tensors, arrays or lists of
-            strings; a Dataset or DataLoader (read one example at a time); or a single
-            tensor of inputs.
+            strings; a pandas DataFrame (its columns); a Dataset or DataLoader (read one
+            example at a time); or a single tensor of inputs.
         name: what the data is called in error messages.
     """
 
@@ -67,6 +67,8 @@ class ExampleView:
             self._n = len(source)
             dataset = data.dataset
             self._getter = lambda i: dataset[i if rows is None else int(rows[i])]
+        elif hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame
+            self._set_columns({str(c): _as_column(data[c].to_numpy()) for c in data.columns}, name)
         elif isinstance(data, (torch.Tensor, np.ndarray)):
             self._set_columns({"0": _as_column(data)}, name)
         elif isinstance(data, Mapping):
@@ -176,8 +178,10 @@ class ExampleView:
 
 
 def _as_column(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.dtype != object:
-        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":  # numbers and booleans: a tensor
+            return torch.from_numpy(np.ascontiguousarray(value))
+        return value.tolist()  # strings or objects: one Python value per example
     if isinstance(value, (torch.Tensor, list, tuple, np.ndarray)):
         return value
     raise DataError(f"a {type(value).__name__} is not a column of examples")
