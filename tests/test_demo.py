@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -21,8 +22,14 @@ def test_quick_demo_finds_flipped_labels(tmp_path, capsys):
     assert result["test_accuracy"] > 0.8
     out = tmp_path / "demo"
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 * 11 + 30  # queries, top-k, ranking
-    assert "mislabel_detection.png" in html
+    # 4 queries with 5 proponents and 5 opponents in two views (TracIn, Grad-Cos), the
+    # 30 training images of the self-influence ranking, the curve: all inline
+    assert html.count('src="data:image/png;base64,') == 4 * 21 + 30
+    assert html.count('src="data:image/svg+xml;base64,') == 1
+    assert html.count("src=") == 4 * 21 + 30 + 1  # no relative link: copy the file anywhere
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == {"test_accuracy": result["test_accuracy"], "detection": det}
+    assert "<polyline" in (out / "mislabel_detection.svg").read_text()
     assert (out / "mislabel_detection.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "checkpoints").glob("*.safetensors"))) >= 4
     printed = capsys.readouterr().out

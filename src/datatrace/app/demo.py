@@ -4,8 +4,10 @@ Trains a small MLP on the real 8×8 digits with 10% of the training labels flipp
 (seeded), saving a checkpoint and its learning rate every few epochs; runs TracIn over
 those checkpoints; prints the top proponents/opponents of a few test images; ranks the
 training data by self-influence and reports how many flipped labels are found after
-inspecting 5/10/20% of it (beside a random ranking and the final-model loss); writes an
-HTML report and a PNG of the found-vs-inspected curve.
+inspecting 5/10/20% of it (beside a random ranking and the final-model loss); writes the
+self-contained HTML report of :func:`datatrace.app.report.write_report` (TracIn beside
+Grad-Cos), the found-vs-inspected curve (PNG and SVG) and ``summary.json`` (the numbers
+printed, from which ``scripts/readme_figures.py`` writes the README's table).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from torch import nn
 from ..core.checkpoint import Checkpoint
 from ..core.errors import ConfigError
 from ..core.task import ClassificationTask
-from ..methods.recipes import TracIn
+from ..methods.recipes import GradCos, TracIn
 from ..metrics import detection_auc, detection_curve, found_at
 from ..retrain import LRSchedule, sgd_train
 from . import report
+from .rendering import svg_line_plot
 
 FRACTIONS = (0.05, 0.10, 0.20)
 
@@ -132,18 +135,39 @@ def run(cfg: DemoConfig) -> dict[str, object]:
     pro_v, pro_i = fitted.top_k(queries, k=5)
     opp_v, opp_i = fitted.top_k(queries, k=5, opponents=True)
     print_top(data, pro_v, pro_i, opp_v, opp_i)
-    rankings = suspicion_rankings(fitted.self_influence(), model, train)
+    self_influence = fitted.self_influence()
+    rankings = suspicion_rankings(self_influence, model, train)
     summary = print_detection(rankings, data["flipped"])
     curves = {k: detection_curve(v, data["flipped"]) for k, v in rankings.items()}
     report.plot_detection_curves(
         curves, out / "mislabel_detection.png", "Finding flipped labels in digits"
     )
-    write_demo_report(out, data, acc, pro_v, pro_i, opp_v, opp_i, rankings, summary)
+    (out / "mislabel_detection.svg").write_text(detection_svg(curves), encoding="utf-8")
+    (out / "summary.json").write_text(
+        json.dumps({"test_accuracy": acc, "detection": summary}, indent=1) + "\n"
+    )
+    # the normalised view beside TracIn: Grad-Cos at the final checkpoint
+    gradcos = GradCos().fit(task, ckpts[-1:], train, progress=False).attribute(queries)
+    html_path = write_demo_report(
+        out, cfg, data, acc, fitted.attribute(queries), gradcos, self_influence
+    )
     print(
-        f"report: {out / 'report.html'}  plot: {out / 'mislabel_detection.png'}  "
+        f"report: {html_path}  plot: {out / 'mislabel_detection.png'}  "
         f"({time.perf_counter() - t0:.1f} s)"
     )
     return {"test_accuracy": acc, "detection": summary, "out": str(out)}
+
+
+def detection_svg(curves: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """The found-vs-inspected curves as SVG text (the README's figure)."""
+    lines = {k: (x.tolist(), y.tolist()) for k, (x, y) in curves.items()}
+    return svg_line_plot(
+        {**lines, "random": ([0.0, 1.0], [0.0, 1.0])},
+        title="Finding flipped labels in digits",
+        xlabel="fraction of training data inspected",
+        ylabel="fraction of flipped labels found",
+        dashed=("random",),
+    )
 
 
 def suspicion_rankings(
@@ -200,55 +224,26 @@ def print_detection(
 
 def write_demo_report(
     out: Path,
+    cfg: DemoConfig,
     data: dict[str, torch.Tensor],
     acc: float,
-    pro_v: torch.Tensor,
-    pro_i: torch.Tensor,
-    opp_v: torch.Tensor,
-    opp_i: torch.Tensor,
-    rankings: dict[str, torch.Tensor],
-    summary: dict[str, dict[str, float]],
-) -> None:
-    def train_fig(j: int, score: float | None = None) -> str:
-        lab = int(data["y_train"][j])
-        cap = f"#{j} label {lab}" + (
-            f" (true {int(data['y_clean'][j])})" if data["flipped"][j] else ""
-        )
-        cap += f" {score:+.3f}" if score is not None else ""
-        img = data["x_train"][j].reshape(8, 8)
-        return report.figure(report.image_data_uri(img), cap, bool(data["flipped"][j]))
-
-    body = [
-        f"<p>MLP on scikit-learn digits, {len(data['y_train'])} training images with "
-        f"{int(data['flipped'].sum())} labels flipped (red border); test accuracy "
-        f"{acc:.3f}. Scores are TracIn (learning-rate-weighted gradient dot products "
-        "summed over checkpoints); positive = proponent.</p>",
-        "<h2>Test images and their most influential training images</h2>",
-    ]
-    for q in range(len(pro_i)):
-        qimg = report.image_data_uri(data["x_test"][q].reshape(8, 8))
-        qcap = f"test {q}: {int(data['y_test'][q])}"
-        body.append(
-            f"<div class='row'>{report.figure(qimg, qcap)}"
-            "<span class='label'>proponents</span>"
-            + "".join(train_fig(int(j), float(s)) for s, j in zip(pro_v[q], pro_i[q], strict=True))
-            + "<span class='label'>opponents</span>"
-            + "".join(train_fig(int(j), float(s)) for s, j in zip(opp_v[q], opp_i[q], strict=True))
-            + "</div>"
-        )
-    body.append("<h2>Finding flipped labels by self-influence</h2>")
-    header = ["ranking"] + [f"found @ {f:.0%}" for f in FRACTIONS] + ["AUC"]
-    body.append(
-        report.table(
-            header,
-            [
-                [k, *[f"{s[f'{f:.2f}']:.1%}" for f in FRACTIONS], f"{s['auc']:.3f}"]
-                for k, s in summary.items()
-            ],
-        )
+    scores: torch.Tensor,
+    gradcos: torch.Tensor,
+    self_influence: torch.Tensor,
+) -> Path:
+    """The demo's report: :func:`report.write_report` on the digits shown as 8×8 images,
+    with the flipped labels as the suspected examples."""
+    n_query = scores.shape[0]
+    rerun = f"datatrace demo --seed {cfg.seed} --out {out}" + (" --quick" if cfg.quick else "")
+    return report.write_report(
+        out / "report.html",
+        scores=scores,
+        train=(data["x_train"].reshape(-1, 8, 8), data["y_train"]),
+        queries=(data["x_test"][:n_query].reshape(-1, 8, 8), data["y_test"][:n_query]),
+        self_influence=self_influence,
+        normalised_scores=gradcos,
+        suspected=data["flipped"],
+        method="TracIn",
+        rerun=rerun,
+        title=f"datatrace demo: TracIn on digits (test accuracy {acc:.3f})",
     )
-    body.append("<img src='mislabel_detection.png' alt='found vs inspected'>")
-    top = torch.sort(rankings["TracIn self-influence"], descending=True, stable=True).indices
-    body.append("<h2>Training images ranked by self-influence (top 30)</h2>")
-    body.append("".join(train_fig(int(j)) for j in top[:30]))
-    report.write_html(out / "report.html", "datatrace demo: TracIn on digits", body)
