@@ -1,30 +1,10 @@
 #!/usr/bin/env python
 """Distilled Datamodel against real group leave-out retraining, and against per-example
-methods summed per group.
-
-Usage::
+methods summed per group; cost, unlearning and noisy-group ranks.
 
     python bench/bench_ddm.py [--quick] [--seeds 3] [--json bench/results_ddm.json]
 
-Workloads (scikit-learn's bundled data, offline, seeded): ``digits`` (1,000 train, 200
-queries, MLP 64-32-10 tanh, 20 groups = class-wise k-means, 2 per class) and
-``breast_cancer`` (400 train, 150 queries, MLP 30-16-2 tanh, 10 groups, 5 per class). Each
-model is trained from a seeded initialisation by SGD with momentum and cosine decay on
-``mean CE + α‖θ‖²`` (α = 1e-3), 5 learning-rate-weighted checkpoints.
-
-* Gold standard: ``dt.truth.group_leave_out`` retraining from scratch, same seed and batch
-  order with the group skipped, mean over ``--seeds`` seeds (the full model retrained
-  with each seed too).
-* Methods: DDM (``attribute``, and datamodel mode); Grad-Dot (final model), TracIn (the 5
-  checkpoints), DataInf and EK-FAC influence (λ = 0.01): per-example scores summed over
-  each group. Agreement: per-query Pearson / Spearman over groups, mean ± se.
-* Cost: one training run, DDM offline fit (and its fraction of training), DDM online per
-  group vs retraining per group (one seed).
-* Unlearning: accuracy on the removed group's examples and on the rest of the training
-  data, original / fast-unlearned / retrained (seed 0), for 3 groups.
-* Data quality (digits): labels of half the members of 3 groups flipped before training;
-  groups ranked by their removal effect on the mean clean query loss (most harmful
-  first); where the noisy groups land.
+Workloads, gold standard, methods and measures: bench/README.md (Distilled Datamodel).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ What it measures and the target: bench/README.md (GPU).
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 from collections.abc import Callable, Iterator
@@ -208,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.n_train + args.n_query, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (len(x),), device=device)
     train, queries = (x[: args.n_train], y[: args.n_train]), (x[args.n_train :], y[args.n_train :])
-    sgd_pass(
-        model, train, args.batch_size, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sgd_pass(model, train, args.batch_size, opt)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -223,18 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     res["matmul_tflops"] = matmul_rates(device, 512 if args.quick else 8192, args.repeats)
     fwd_bwd = timed(lambda: sgd_pass(model, train, args.batch_size), device, args.repeats)[0]
     res["forward_backward_per_s"] = args.n_train / fwd_bwd
-    print(
-        f"matmul TFLOP/s {res['matmul_tflops']}; fwd+bwd {res['forward_backward_per_s']:,.0f} ex/s"
-    )
+    print(f"matmul TFLOP/s {res['matmul_tflops']}; fwd+bwd {res['forward_backward_per_s']:,.0f} ex/s")  # fmt: skip
     runs, splits = cases(model, train, queries, args)
     res["rows"] = time_cases(runs, device, args.repeats)
     flops = 2 * args.n_query * args.n_train * n_params
     for label, split in splits.items():
         parts = split()
         tflops = flops / parts["scoring"] / 1e12
-        rate = res["matmul_tflops"].get(
-            "tf32" if label.startswith("tf32") else "fp32", float("nan")
-        )
+        rate = res["matmul_tflops"].get("tf32" if label.startswith("tf32") else "fp32", math.nan)
         res.setdefault("datatrace_split", {})[label] = {**parts, "scoring_tflops": tflops,
                                                         "fraction_of_matmul_rate": tflops / rate}  # fmt: skip
     if "datatrace" in args.libraries.split(","):

@@ -1,18 +1,9 @@
 #!/usr/bin/env python
 """How close is each attribution method to true leave-one-out retraining?
 
-Usage::
-
     python bench/influence_quality.py [--n-left-out 40] [--out bench/out]
 
-Problems (float64, scikit-learn data, trained to convergence with L2 α‖θ‖²; see
-``datatrace.problems``): logistic regression on breast cancer (300 train, 30 queries) and
-a 64-12-10 tanh MLP on digits (300 train, 30 queries). Leave-one-out truth for
-``n_left_out`` random training examples is computed once (warm-started L-BFGS) and cached
-under ``--out``. Then every method is scored against it (mean per-query Pearson / Spearman
-/ cosine ± standard error), with damping 2α (the Hessian of the penalty), and a damping
-sweep over multiples of λ₀ (the mean squared per-example gradient entry) shows what the
-default ``damping=None`` gets.
+Problems, truth and measures: bench/README.md (Agreement with leave-one-out retraining).
 """
 
 from __future__ import annotations
