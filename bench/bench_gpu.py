@@ -9,72 +9,61 @@ What it measures and the target: bench/README.md (GPU).
 from __future__ import annotations
 
 import argparse
-import itertools
+import math
 import platform
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import harness
 import torch
-from agreement import max_rel_err, pearson
 from peers import captum_peer, dattri_peer
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from workloads import ResNet9
+from workloads import batches, resnet9
 
 import datatrace as dt
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def clock(device: torch.device) -> harness.Clock:
+    """A clock that waits for the device's queued work before every reading."""
+    return harness.Clock(lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
     """Median seconds of ``repeats`` runs after one warm-up, and the last result."""
-    out = fn()
-    times = []
+    out, times = fn(), []
     for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+        c = clock(device)
         out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(c.lap()["total"])
     return sorted(times)[len(times) // 2], out
 
 
 def matmul_rates(device: torch.device, n: int, repeats: int) -> dict[str, float]:
     """TFLOP/s of an n × n GEMM in float32 (IEEE), TF32 and bfloat16."""
-    out = {}
-    matmul = torch.backends.cuda.matmul
+    out, matmul = {}, torch.backends.cuda.matmul
     old = matmul.fp32_precision
     for name, dtype, precision in (("fp32", torch.float32, "ieee"), ("tf32", torch.float32, "tf32"),
                                    ("bf16", torch.bfloat16, "ieee")):  # fmt: skip
         if name == "tf32" and device.type != "cuda":
             continue
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         matmul.fp32_precision = precision
         try:
-            t, _ = timed(lambda a=a, b=b: a @ b, device, repeats)
+            out[name] = 2 * n**3 / timed(lambda a=a, b=b: a @ b, device, repeats)[0] / 1e12
         finally:
             matmul.fp32_precision = old
-        out[name] = 2 * n**3 / t / 1e12
     return out
 
 
-def forward_backward_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
-                          repeats: int) -> float:  # fmt: skip
-    """Examples/s of one plain forward+backward pass (mean loss, eval mode)."""
-
-    def run() -> None:
-        for s in range(0, len(x), batch):
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x[s : s + batch]), y[s : s + batch]).backward()
-
-    return len(x) / timed(run, x.device, repeats)[0]
+def sgd_pass(model: nn.Module, data: tuple, batch: int, opt: Any = None) -> None:
+    """One forward+backward pass over ``data`` (mean loss), an SGD step per batch if ``opt``."""
+    for x, y in batches(data, batch):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if opt is not None:
+            opt.step()
 
 
 def vmap_loop(model: nn.Module, train: tuple, queries: tuple, batch: int) -> Callable:
@@ -90,13 +79,13 @@ def vmap_loop(model: nn.Module, train: tuple, queries: tuple, batch: int) -> Cal
 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))
 
-    def flat(data: tuple, s: int) -> torch.Tensor:
-        g = per_example(params, data[0][s : s + batch], data[1][s : s + batch])
-        return torch.cat([v.flatten(1) for v in g.values()], dim=1)
+    def flat(data: tuple) -> Iterator[torch.Tensor]:
+        for x, y in batches(data, batch):
+            yield torch.cat([v.flatten(1) for v in per_example(params, x, y).values()], dim=1)
 
     def run() -> torch.Tensor:
-        q = torch.cat([flat(queries, s) for s in range(0, len(queries[0]), batch)])
-        return torch.cat([q @ flat(train, s).T for s in range(0, len(train[0]), batch)], dim=1)
+        q = torch.cat(list(flat(queries)))
+        return torch.cat([q @ g.T for g in flat(train)], dim=1)
 
     return run
 
@@ -107,32 +96,21 @@ def datatrace_run(model: nn.Module, train: tuple, queries: tuple, batch: int, **
     last = dt.CheckpointWeights.LAST
     method = dt.GradientAttributor(dt.FeatureSpec(**spec), checkpoints=last, name="GradDot")
     kw = dict(batch_size=batch, block_size=len(train[0]), progress=False, max_memory_bytes=80 << 30)
-
-    def run() -> torch.Tensor:
-        return method.fit(task, ckpt, train, **kw).attribute(queries)
+    device = queries[0].device
 
     def split() -> dict[str, float]:
-        device = queries[0].device
-        sync(device)
-        marks = [time.perf_counter()]
-
-        def mark() -> None:
-            sync(device)
-            marks.append(time.perf_counter())
-
+        c = clock(device)
         fitted = method.fit(task, ckpt, train, **kw)
-        mark()
+        c.lap("fit")
         q = fitted.query_features(queries)
-        mark()
+        c.lap("query_features")
         g = fitted._train_block(0, 0, fitted.n_train)
-        mark()
+        c.lap("read")
         with fitted.features.scoring():
             fitted.features.pairwise(q[0], g)
-        mark()
-        d = [b - a for a, b in itertools.pairwise(marks)]
-        return {"fit": d[0], "query_features": d[1], "read": d[2], "scoring": d[3]}
+        return c.lap("scoring")
 
-    return run, split
+    return lambda: method.fit(task, ckpt, train, **kw).attribute(queries), split
 
 
 def cases(model: nn.Module, train: tuple, queries: tuple, args: argparse.Namespace) -> tuple:
@@ -156,28 +134,24 @@ def cases(model: nn.Module, train: tuple, queries: tuple, args: argparse.Namespa
 
 
 def exactness(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    return {"pearson": pearson(a, ref), "max_rel_err": max_rel_err(a, ref)}
+    return {"pearson": harness.pearson(a, ref), "max_rel_err": harness.max_rel_err(a, ref)}
 
 
-def time_cases(runs: list, device: torch.device, repeats: int) -> tuple[list[dict], dict]:
+def time_cases(runs: list, device: torch.device, repeats: int) -> list[dict]:
     rows, results = [], {}
     for lib, label, run in runs:
+        r: dict[str, Any] = {"library": lib, "variant": label, "seconds": None, "note": ""}
+        rows.append(r)
         try:
-            t, results[lib, label] = timed(run, device, repeats)
+            r["seconds"], results[lib, label] = timed(run, device, repeats)
         except Exception as exc:  # a peer that cannot run is reported, not fatal
-            rows.append(
-                {"library": lib, "variant": label, "seconds": None, "note": repr(exc)[:300]}
-            )
+            r["note"] = repr(exc)[:300]
             print(f"{lib:10s} {label:14s} failed: {exc!r}"[:300])
             continue
-        peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             run()
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(
-            {"library": lib, "variant": label, "seconds": t, "peak_gpu_gb": peak, "note": ""}
-        )
+            r["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     ref = results.get(("datatrace", "float32"))
     base = next((r["seconds"] for r in rows if r["variant"] == "float32"), None)
     for r in rows:
@@ -185,12 +159,12 @@ def time_cases(runs: list, device: torch.device, repeats: int) -> tuple[list[dic
             r.update(exactness(S, ref))
         if r["seconds"] and base:
             r["ratio_vs_datatrace"] = r["seconds"] / base
-    return rows, results
+    return rows
 
 
 def float64_check(model: nn.Module, train: tuple, queries: tuple, width: int) -> dict[str, float]:
     """datatrace float32 vs float64 on a 200 × 20 subset: exact scores either way."""
-    m64 = ResNet9(width).to(train[0].device).double()
+    m64 = resnet9(width).to(train[0].device).double()
     m64.load_state_dict(model.state_dict())
     m64.eval()
     sub, subq = (train[0][:200], train[1][:200]), (queries[0][:20], queries[1][:20])
@@ -201,24 +175,6 @@ def float64_check(model: nn.Module, train: tuple, queries: tuple, width: int) ->
         return fitted.attribute((subq[0].to(dtype), subq[1]))
 
     return exactness(grad_dot(model, torch.float32), grad_dot(m64, torch.float64))
-
-
-def trained_resnet(args: argparse.Namespace, device: torch.device) -> tuple:
-    """ResNet-9 after one epoch of SGD on synthetic data (a checkpoint, not an initialisation),
-    and the data: the first ``n_train`` examples for training, the rest as queries."""
-    torch.manual_seed(0)
-    model = ResNet9(args.width).to(device)
-    x = torch.randn(args.n_train + args.n_query, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (len(x),), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for s in range(0, args.n_train, args.batch_size):  # one epoch: a checkpoint, not init
-        opt.zero_grad()
-        nn.functional.cross_entropy(
-            model(x[s : s + args.batch_size]), y[s : s + args.batch_size]
-        ).backward()
-        opt.step()
-    model.eval()
-    return model, x, y
 
 
 def print_gpu_table(res: dict[str, Any]) -> None:
@@ -237,24 +193,25 @@ def print_gpu_table(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.arg_parser(__doc__, "datatrace,captum,dattri,vmap", repeats=5)
     ap.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     ap.add_argument("--n-train", type=int, default=5000)
     ap.add_argument("--n-query", type=int, default=500)
     ap.add_argument("--width", type=int, default=32, help="ResNet-9 base width (32: 1.65M)")
-    ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--libraries", default="datatrace,captum,dattri,vmap")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    args = harness.parse_args(ap, argv)
     if args.quick:
         args.n_train, args.n_query, args.width, args.batch_size, args.repeats = 64, 8, 4, 32, 1
     from internals import resolve_device
 
     device = resolve_device(args.device)
-    model, x, y = trained_resnet(args, device)
+    torch.manual_seed(0)  # ResNet-9 after one epoch of SGD on synthetic data: a checkpoint
+    model = resnet9(args.width).to(device)
+    x = torch.randn(args.n_train + args.n_query, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (len(x),), device=device)
     train, queries = (x[: args.n_train], y[: args.n_train]), (x[args.n_train :], y[args.n_train :])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sgd_pass(model, train, args.batch_size, opt)
+    model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     res: dict[str, Any] = {
@@ -264,21 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(f"ResNet-9 w={args.width}: {n_params:,} parameters on {name}")
     res["matmul_tflops"] = matmul_rates(device, 512 if args.quick else 8192, args.repeats)
-    res["forward_backward_per_s"] = forward_backward_rate(
-        model, *train, args.batch_size, args.repeats
-    )
-    print(
-        f"matmul TFLOP/s {res['matmul_tflops']}; fwd+bwd {res['forward_backward_per_s']:,.0f} ex/s"
-    )
+    fwd_bwd = timed(lambda: sgd_pass(model, train, args.batch_size), device, args.repeats)[0]
+    res["forward_backward_per_s"] = args.n_train / fwd_bwd
+    print(f"matmul TFLOP/s {res['matmul_tflops']}; fwd+bwd {res['forward_backward_per_s']:,.0f} ex/s")  # fmt: skip
     runs, splits = cases(model, train, queries, args)
-    res["rows"], _ = time_cases(runs, device, args.repeats)
+    res["rows"] = time_cases(runs, device, args.repeats)
     flops = 2 * args.n_query * args.n_train * n_params
     for label, split in splits.items():
         parts = split()
         tflops = flops / parts["scoring"] / 1e12
-        rate = res["matmul_tflops"].get(
-            "tf32" if label.startswith("tf32") else "fp32", float("nan")
-        )
+        rate = res["matmul_tflops"].get("tf32" if label.startswith("tf32") else "fp32", math.nan)
         res.setdefault("datatrace_split", {})[label] = {**parts, "scoring_tflops": tflops,
                                                         "fraction_of_matmul_rate": tflops / rate}  # fmt: skip
     if "datatrace" in args.libraries.split(","):

@@ -14,19 +14,18 @@ import copy
 import gc
 import sys
 import tempfile
-import time
 import warnings
 from typing import Any
 
 import harness
 import torch
-from agreement import max_rel_err, pearson
 from peers import captum_peer, dattri_peer
 from workloads import Workload, augmented_digits_workload, small_mlp_workload
 
 import datatrace as dt
 
 PEARSON_MIN = 0.999
+LIBRARIES = ("datatrace", "captum", "dattri")
 API = {("datatrace", "TracIn"): "dt.TracIn", ("datatrace", "GradDot"): "dt.GradDot",
        ("captum", "TracIn"): "TracInCP", ("captum", "GradDot"): "TracInCP(last, lr=1)",
        ("dattri", "TracIn"): "TracInAttributor",
@@ -47,111 +46,76 @@ def selected(wl: Workload, method: str) -> list[tuple[dict, float]]:
     return wl.ckpts if method == "TracIn" else [(wl.ckpts[-1][0], 1.0)]
 
 
-def datatrace_tracin(wl: Workload, method: str, bs: int, files: dict) -> tuple:
-    task = dt.ClassificationTask(copy.deepcopy(wl.model))
-    ckpts = [dt.Checkpoint.from_state_dict(sd, weight=lr) for sd, lr in wl.ckpts]
-    attributor = dt.TracIn() if method == "TracIn" else dt.GradDot()  # GradDot: last, w=1
-    S, t, fitted = harness.fit_attribute(attributor, task, ckpts, wl.train, wl.test, batch_size=bs)
-    del fitted  # removes the temporary feature store (not timed)
-    gc.collect()
-    return S, t
-
-
-def captum_tracin(wl: Workload, method: str, bs: int, files: dict) -> tuple:
+def tracin_run(lib: str, wl: Workload, method: str, bs: int, files: dict) -> tuple:
+    """(S, times): datatrace's fit + attribute (also apart); a peer's whole API call."""
     model = copy.deepcopy(wl.model)
-    t0 = time.perf_counter()
-    S = captum_peer.tracincp(model, wl.train, wl.test, files[wl.name, method], batch_size=bs)
-    return S, {"total": time.perf_counter() - t0}
+    if lib == "datatrace":
+        ckpts = [dt.Checkpoint.from_state_dict(sd, weight=lr) for sd, lr in wl.ckpts]
+        attributor = dt.TracIn() if method == "TracIn" else dt.GradDot()  # GradDot: last, w=1
+        S, t, fitted = harness.fit_attribute(attributor, dt.ClassificationTask(model), ckpts,
+                                             wl.train, wl.test, batch_size=bs)  # fmt: skip
+        del fitted  # removes the temporary feature store (not timed)
+        gc.collect()
+        return S, t
+    clock = harness.Clock()
+    if lib == "captum":
+        S = captum_peer.tracincp(model, wl.train, wl.test, files[wl.name, method], batch_size=bs)
+    else:
+        cks = selected(wl, method)
+        S = dattri_peer.tracin(model, [sd for sd, _ in cks], [w for _, w in cks], wl.train,
+                               wl.test, bs)  # fmt: skip
+    return S, clock.lap()
 
 
-def dattri_tracin(wl: Workload, method: str, bs: int, files: dict) -> tuple:
-    cks = selected(wl, method)
-    model = copy.deepcopy(wl.model).eval()
-    t0 = time.perf_counter()
-    S = dattri_peer.tracin(model, [sd for sd, _ in cks], [w for _, w in cks], wl.train, wl.test, bs)
-    return S, {"total": time.perf_counter() - t0}
-
-
-RUNNERS = {"datatrace": datatrace_tracin, "captum": captum_tracin, "dattri": dattri_tracin}
-
-
-def measure(wl: Workload, method: str, libs: list[str], args: Any, files: dict) -> list[dict]:
-    """Warm up, then ``--repeats`` interleaved runs of every library; one result per library."""
-    warm = wl.subset(min(256, wl.n_train), min(32, wl.n_test))
-    for lib in libs:  # lazy init, imports, vmap/hook set-up, allocator
-        RUNNERS[lib](warm, method, args.batch_size, files)
-    phases: dict[str, dict[str, list[float]]] = {lib: {} for lib in libs}
-    agree: dict[str, tuple[float, float]] = {}
-    ref = None
-    for rep in range(args.repeats):  # interleaved: slow drifts hit every library alike
-        for lib in libs:
-            before = harness.quiet(args.max_wait)
-            watch = harness.CpuWatch()
-            with harness.RssPeak() as peak:
-                S, t = RUNNERS[lib](wl, method, args.batch_size, files)
-            t.update(peak_mem_gb=peak.gb, others_cores=max(before, watch.others()))
-            for k, v in t.items():
-                phases[lib].setdefault(k, []).append(v)
-            if rep == 0:  # deterministic scores: agreement once
-                ref = S if lib == "datatrace" else ref
-                same = ref is not None and S.shape == ref.shape
-                agree[lib] = (pearson(S, ref), max_rel_err(S, ref)) if same else (float("nan"),) * 2
-            busy = t["others_cores"] > harness.BUSY_LIMIT
-            print(f"  {wl.name:5s} {method:7s} run {rep + 1}/{args.repeats} {lib:9s} "
-                  f"{t['total']:8.2f}s" + ("  CONTENDED" if busy else ""), flush=True)  # fmt: skip
-    dt_median = harness.clean_median(
-        phases["datatrace"]["total"], phases["datatrace"]["others_cores"]
-    )
-    results = []
-    for lib in libs:
-        ph = phases[lib]
-        med = {k: harness.clean_median(v, ph["others_cores"]) for k, v in ph.items()}
-        r, err = (1.0, 0.0) if lib == "datatrace" else agree[lib]
-        results.append({
-            "workload": wl.name, "method": method, "library": lib, "api": API[lib, method],
-            "median_s": med["total"], "min_s": min(ph["total"]), "runs_s": ph["total"],
-            "others_cores": ph["others_cores"],
-            "contended_runs": sum(x > harness.BUSY_LIMIT for x in ph["others_cores"]),
-            "ratio": med["total"] / dt_median, "peak_mem_gb": max(ph["peak_mem_gb"]),
-            "pearson": r, "rel_err": err, "ok": r > PEARSON_MIN,
-            **({"fit_s": med["fit"], "attribute_s": med["attribute"], "fit_runs_s": ph["fit"],
-                "attribute_runs_s": ph["attribute"]} if lib == "datatrace" else {}),
-        })  # fmt: skip
-    return results
+def tracin_row(c: harness.Cell, ref: harness.Cell) -> dict[str, Any]:
+    """Pearson of the first run's scores with datatrace's (the scores are deterministic)."""
+    same = bool(c.scores and ref.scores) and c.scores[0].shape == ref.scores[0].shape
+    r = harness.pearson(c.scores[0], ref.scores[0]) if same else float("nan")
+    r = 1.0 if c is ref and same else r
+    return harness.row(
+        workload=ROW_WORKLOAD[c.workload], method=c.method.lower(), library=c.library,
+        seconds=c.median(), peak_mem_gb=max(c.runs["peak_mem_gb"]) if c.runs else None,
+        agreement=r, agreement_with="datatrace float32 (same definition, Pearson of S)",
+        note="; ".join(([c.error] if c.error else []) + ([] if r > PEARSON_MIN else ["FAIL"])),
+        api=API[c.library, c.method],
+        rel_err=harness.max_rel_err(c.scores[0], ref.scores[0]) if same else None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.arg_parser(__doc__, "datatrace,captum,dattri")
+    ap = harness.arg_parser(__doc__, ",".join(LIBRARIES))
     ap.add_argument("--workloads", default="small,large", help="comma-separated subset")
     args = harness.parse_args(ap, argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     libs = ["datatrace"] + [x for x in args.libraries.split(",") if x and x != "datatrace"]
-    if unknown := set(libs) - set(RUNNERS):
-        ap.error(f"unknown libraries {sorted(unknown)}; choose from {sorted(RUNNERS)}")
+    if unknown := set(libs) - set(LIBRARIES):
+        ap.error(f"unknown libraries {sorted(unknown)}; choose from {LIBRARIES}")
     env = harness.environment(("captum", "dattri"), dtype="float32", batch_size=args.batch_size,
                               repeats=args.repeats, quick=args.quick)  # fmt: skip
-    workloads = [tracin_workload(name, args.quick) for name in args.workloads.split(",")]
-    results: list[dict] = []
+    workloads = {n: tracin_workload(n, args.quick) for n in args.workloads.split(",")}
+    rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="bench-tracin-") as tmp:
         files = {(wl.name, m): captum_peer.save_checkpoints(selected(wl, m), tmp, f"{wl.name}-{m}")
-                 for wl in workloads for m in ("TracIn", "GradDot")}  # fmt: skip
-        for wl in workloads:
+                 for wl in workloads.values() for m in ("TracIn", "GradDot")}  # fmt: skip
+        for wl in workloads.values():  # one workload, one method at a time, as ever
             print("workload", wl.describe(), flush=True)
             for method in ("TracIn", "GradDot"):
-                results += measure(wl, method, libs, args, files)
-    failed = [r for r in results if not r["ok"]]
-    if failed:
+                cells = [harness.Cell(wl.name, method, lib) for lib in libs]
+                warm = wl.subset(min(256, wl.n_train), min(32, wl.n_test))
+                for lib in libs:  # lazy init, imports, vmap/hook set-up, allocator
+                    tracin_run(lib, warm, method, args.batch_size, files)
+                run = harness.in_process(args.max_wait, lambda c, _: tracin_run(
+                    c.library, wl, c.method, args.batch_size, files))  # fmt: skip
+                harness.time_cells(cells, args.repeats, run)
+                rows += [tracin_row(c, cells[0]) for c in cells]
+                records += [c.record() for c in cells]
+    if failed := [r for r in rows if "FAIL" in r["note"]]:
         print(f"\nFAIL: {len(failed)} cell(s) below Pearson {PEARSON_MIN} vs datatrace")
-    rows = [harness.row(workload=ROW_WORKLOAD[r["workload"]], method=r["method"].lower(),
-                        library=r["library"], seconds=r["median_s"], peak_mem_gb=r["peak_mem_gb"],
-                        agreement=r["pearson"], note="" if r["ok"] else "FAIL",
-                        agreement_with="datatrace float32 (same definition, Pearson of S)")
-            for r in results]  # fmt: skip
     harness.print_rows(rows)
     harness.write_json(args.json, {"environment": env, "pearson_min": PEARSON_MIN,
-                                   "workloads": [wl.describe() for wl in workloads],
-                                   "results": results, "rows": rows})  # fmt: skip
+                                   "workloads": [wl.describe() for wl in workloads.values()],
+                                   "cells": records, "rows": rows})  # fmt: skip
     return 1 if failed else 0
 
 

@@ -5,7 +5,7 @@
 
 Every peer is converted (:mod:`peers`) to datatrace's TRAK at one ridge lam (default lam0);
 agreement: mean per-query Pearson with the unprojected float64 reference
-(:mod:`trak_reference`), run r with projection seed r in every library; every run a fresh
+(:mod:`references`), run r with projection seed r in every library; every run a fresh
 worker. Details: bench/README.md.
 """
 
@@ -20,21 +20,18 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import harness
 import torch
-from agreement import lsq_scale, per_query_pearson
-from peers import dattri_peer, traker_peer
-from settings import TrakSettings
-from trak_reference import datatrace_unprojected, kernels
+from peers import TrakSettings, dattri_peer, traker_peer
+from references import datatrace_unprojected, kernels
 from workloads import (
     Workload,
     augmented_digits_workload,
     load_workload,
     save_workload,
-    small_mlp_workload,  # fmt: skip
+    small_mlp_workload,
 )
 
 import datatrace as dt
@@ -44,7 +41,7 @@ API = {"datatrace": "dt.TRAK", "traker": "TRAKer", "dattri": "TRAKAttributor"}
 
 def strict_pearson(S: torch.Tensor, R: torch.Tensor) -> float:
     """Mean per-query Pearson; NaN if any score is not finite."""
-    r, bad = per_query_pearson(S, R)
+    r, bad = harness.per_query_pearson(S, R)
     return float("nan") if bad else r
 
 
@@ -63,10 +60,9 @@ def datatrace_trak(wl: Workload, st: TrakSettings) -> tuple[torch.Tensor, dict[s
     task = dt.ClassificationTask(copy.deepcopy(wl.model))
     ckpts = [dt.Checkpoint.from_state_dict(sd) for sd, _ in wl.ckpts]  # TRAK weighs 1/C
     method = dt.TRAK(projection_dim=st.proj_dim, damping=st.damping, projection_seed=st.seed)
-    S, t, _ = harness.fit_attribute(
-        method, task, ckpts, wl.train, wl.test, batch_size=st.batch_size
-    )
-    return S, t
+    return harness.fit_attribute(method, task, ckpts, wl.train, wl.test, batch_size=st.batch_size)[
+        :2
+    ]
 
 
 RUNNERS = {"datatrace": datatrace_trak, "traker": traker_peer.trak, "dattri": dattri_peer.trak}
@@ -74,7 +70,6 @@ RUNNERS = {"datatrace": datatrace_trak, "traker": traker_peer.trak, "dattri": da
 
 def trak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed run in a fresh process: warm up on a slice, run, return (S, times)."""
-    torch.set_num_threads(spec["threads"])
     warnings.filterwarnings("ignore")
     wl, st = load_workload(spec["workload"]), TrakSettings(**spec["settings"])
     run = RUNNERS[spec["library"]]
@@ -85,7 +80,7 @@ def trak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"S": S, "t": {**t, "mem_gb": mem.gb}}
 
 
-@dataclass
+@dataclasses.dataclass
 class Prepared:
     """A workload saved for the workers, its settings, its reference and untimed checks."""
 
@@ -115,13 +110,11 @@ def prepare(wl: Workload, tmpdir: str, args: Any, proj_dim: int) -> Prepared:
     part = wl.subset(min(wl.n_train, 1_000), min(wl.n_test, 100))
     r_dt = datatrace_unprojected(part, lam, params=("fc2",))
     r_kern = kernels(part, params=("fc2",)).scores(lam)
-    info["reference_check"] = {
+    chk = info["reference_check"] = {
         "params": ["fc2"], "n_train": part.n_train, "n_test": part.n_test,
-        "pearson": strict_pearson(r_kern, r_dt), "scale": lsq_scale(r_kern, r_dt),
-        "max_rel_err": float((r_kern - r_dt).abs().max() / r_dt.abs().max()),
-        "seconds": time.perf_counter() - t0,
+        "pearson": strict_pearson(r_kern, r_dt), "scale": harness.lsq_scale(r_kern, r_dt),
+        "max_rel_err": harness.max_rel_err(r_kern, r_dt), "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    chk = info["reference_check"]
     print(f"workload {wl.describe()}\n  lam = {lam:.4g} (lam0 {info['lam0']:.4g}); traker "
           f"lambda_reg {info['traker_lambda_reg']:.4g}, dattri regularization "
           f"{info['dattri_regularization']:.4g}; reference {info['reference_s']:.1f}s\n"
@@ -130,89 +123,27 @@ def prepare(wl: Workload, tmpdir: str, args: Any, proj_dim: int) -> Prepared:
     return Prepared(wl, path, TrakSettings(proj_dim, lam, args.batch_size), ref, info)
 
 
-@dataclass
-class TrakCell:
-    library: str
-    runs_s: list[float] = field(default_factory=list)
-    mem_gb: list[float] = field(default_factory=list)
-    others: list[float] = field(default_factory=list)  # cores used by other processes
-    phases: dict[str, list[float]] = field(default_factory=dict)
-    agreement: list[float] = field(default_factory=list)  # with the reference, one per seed
-    scale: list[float] = field(default_factory=list)
-    scores: list[torch.Tensor] = field(default_factory=list)  # seeds 0 and 1
-    error: str | None = None
-
-    def median(self) -> float | None:
-        return harness.clean_median(self.runs_s, self.others) if self.runs_s else None
-
-
-def run_cells(prep: Prepared, libs: list[str], args: Any, repeats: int) -> dict[str, TrakCell]:
-    cells = {lib: TrakCell(lib) for lib in libs}
-    for rep in range(repeats):  # interleaved: repeat r of every library, then r + 1
-        st = dataclasses.replace(prep.settings, seed=rep)
-        for lib, cell in ((lib, c) for lib, c in cells.items() if not c.error):
-            label = f"  {prep.wl.name:5s} run {rep + 1}/{repeats} {lib:9s}"
-            spec = {"workload": prep.path, "library": lib, "settings": st.__dict__,
-                    "threads": args.threads}  # fmt: skip
-            try:
-                d, others = harness.measured(__file__, spec, args.max_wait)
-            except Exception as e:  # a failing peer is recorded, not fatal
-                cell.error = f"{type(e).__name__}: {e}"[:300]
-                print(f"{label} FAILED: {cell.error}", flush=True)
-                continue
-            S, t = d["S"], d["t"]
-            cell.others.append(others)
-            cell.runs_s.append(t["total"])
-            cell.mem_gb.append(t["mem_gb"])
-            for k, v in t.items():
-                cell.phases.setdefault(k, []).append(v)
-            cell.agreement.append(strict_pearson(S, prep.reference))
-            cell.scale.append(lsq_scale(S, prep.reference))
-            cell.scores += [S] if rep < 2 else []
-            busy = (
-                f"  (busy: others used {cell.others[-1]:.2f} cores)"
-                if cell.others[-1] > harness.BUSY_LIMIT
-                else ""
-            )
-            print(f"{label} {t['total']:8.2f}s  mem {t['mem_gb']:5.2f} GB  r(ref) "
-                  f"{cell.agreement[-1]:.4f}{busy}", flush=True)  # fmt: skip
-    return cells
-
-
-def summarize(prep: Prepared, cells: dict[str, TrakCell]) -> tuple[list[dict], list[dict]]:
-    """The JSON rows and per-cell details; adds the pairwise agreement (seed 0) to info."""
-    dt_cell = cells.get("datatrace")
-    dt_med = dt_cell.median() if dt_cell else None
-    dt_S = dt_cell.scores[0] if dt_cell and dt_cell.scores else None
-    done = [c for c in cells.values() if c.scores]
-    prep.info["pairwise_seed0"] = {f"{a.library}~{b.library}": strict_pearson(a.scores[0], b.scores[0])
-                                   for i, a in enumerate(done) for b in done[i + 1 :]}  # fmt: skip
-    rows, details = [], []
-    for lib, c in cells.items():
-        med = c.median()
-        vs_dt = None
-        if c.scores and dt_S is not None:
-            vs_dt = 1.0 if lib == "datatrace" else strict_pearson(c.scores[0], dt_S)
-        busy = sum(o > harness.BUSY_LIMIT for o in c.others)
-        note = ([c.error] if c.error else []) + (
-            ["non-finite scores"] if any(x != x for x in c.agreement) else []
-        )
-        note += [f"{busy}/{len(c.others)} runs disturbed by other processes"] if busy else []
-        rows.append(harness.row(
-            workload=prep.wl.name, method="trak", library=lib, seconds=med,
-            peak_mem_gb=statistics.median(c.mem_gb) if c.mem_gb else None,
-            agreement=statistics.fmean(c.agreement) if c.agreement else None,
-            agreement_with=f"{prep.info['reference']} (lam={prep.settings.damping:.4g})",
-            note="; ".join(note)))  # fmt: skip
-        details.append({
-            "workload": prep.wl.name, "library": lib, "api": API[lib],
-            "ratio": med / dt_med if med is not None and dt_med else None, "runs_s": c.runs_s,
-            "phases_s": c.phases, "mem_gb": c.mem_gb, "others_cores": c.others,
-            "agreement_per_seed": c.agreement, "scale_per_seed": c.scale,
-            "agreement_with_datatrace_seed0": vs_dt,
-            "seed0_vs_seed1": strict_pearson(c.scores[0], c.scores[1]) if len(c.scores) > 1 else None,
-        })  # fmt: skip
-    return rows, details
+def trak_row(c: harness.Cell, prep: Prepared, dt_cell: harness.Cell | None) -> dict[str, Any]:
+    """Agreement: the mean over runs (seeds) of the per-query Pearson with the reference;
+    with datatrace's scores and between the first two seeds (seed 0): details."""
+    agree = c.runs.get("agreement", [])
+    note = ([c.error] if c.error else []) + (
+        ["non-finite scores"] if any(x != x for x in agree) else []
+    )
+    vs_dt = (
+        strict_pearson(c.scores[0], dt_cell.scores[0])
+        if c.scores and dt_cell and dt_cell.scores
+        else None
+    )
+    return harness.row(
+        workload=c.workload, method="trak", library=c.library, seconds=c.median(),
+        peak_mem_gb=statistics.median(c.runs["mem_gb"]) if c.runs else None,
+        agreement=statistics.fmean(agree) if agree else None,
+        agreement_with=f"{prep.info['reference']} (lam={prep.settings.damping:.4g})",
+        note="; ".join(note + c.busy()), api=API[c.library], agreement_per_seed=agree,
+        scale_per_seed=c.runs.get("scale", []), agreement_with_datatrace_seed0=vs_dt,
+        seed0_vs_seed1=strict_pearson(*c.scores) if len(c.scores) > 1 else None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,26 +167,45 @@ def main(argv: list[str] | None = None) -> int:
                               proj_dim=proj_dim, batch_size=args.batch_size, repeats=repeats,
                               quick=args.quick)  # fmt: skip
     t_start = time.perf_counter()
-    rows, details, preps = [], [], []
+    preps: dict[str, Prepared] = {}
     with tempfile.TemporaryDirectory(prefix="bench-trak-") as tmp:
         for name in args.workloads.split(","):
             wl = trak_workload(name, args.quick)
             if proj_dim >= wl.n_train:
                 ap.error(f"--proj-dim {proj_dim} must be < n_train = {wl.n_train}")
-            preps.append(prepare(wl, tmp, args, proj_dim))
+            preps[wl.name] = prepare(wl, tmp, args, proj_dim)
         print(f"prepared in {time.perf_counter() - t_start:.0f}s (untimed)", flush=True)
-        for prep in preps:
-            r, d = summarize(prep, run_cells(prep, libs, args, repeats))
-            rows, details = rows + r, details + d
+        worker = harness.in_workers(__file__, args.max_wait, lambda c, rep: {  # run r: seed r
+            "workload": preps[c.workload].path, "library": c.library, "threads": args.threads,
+            "settings": dataclasses.replace(preps[c.workload].settings, seed=rep).__dict__})  # fmt: skip
+
+        def run(c: harness.Cell, rep: int) -> tuple:
+            S, t, notes = worker(c, rep)
+            ref = preps[c.workload].reference
+            return (
+                S,
+                {**t, "agreement": strict_pearson(S, ref), "scale": harness.lsq_scale(S, ref)},
+                notes,
+            )
+
+        for name in preps:  # one workload at a time, repeats interleaved across libraries
+            cells = [harness.Cell(name, "trak", lib) for lib in libs]
+            harness.time_cells(cells, repeats, run)
+            dt_cell = next((c for c in cells if c.library == "datatrace"), None)
+            rows = [trak_row(c, preps[name], dt_cell) for c in cells]
+            done = [c for c in cells if c.scores]
+            preps[name].info.update(rows=rows, pairwise_seed0={
+                f"{a.library}~{b.library}": strict_pearson(a.scores[0], b.scores[0])
+                for i, a in enumerate(done) for b in done[i + 1 :]})  # fmt: skip
+    rows = [r for p in preps.values() for r in p.info.pop("rows")]
     harness.print_rows(rows)
-    for p in preps:
+    for p in preps.values():
         pairs = ", ".join(f"{k} {v:.4f}" for k, v in p.info["pairwise_seed0"].items())
         print(f"{p.wl.name}: pairwise (seed 0) {pairs}")
     total_s = time.perf_counter() - t_start
     print(f"total {total_s:.0f}s")
-    harness.write_json(args.json, {"environment": env, "rows": rows, "details": details,
-                                   "workloads": {p.wl.name: p.info for p in preps},
-                                   "total_seconds": total_s})  # fmt: skip
+    harness.write_json(args.json, {"environment": env, "rows": rows, "total_seconds": total_s,
+                                   "workloads": {n: p.info for n, p in preps.items()}})  # fmt: skip
     return 0
 
 

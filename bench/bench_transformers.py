@@ -38,7 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import harness
 import torch
-from agreement import pearson
+from harness import pearson
 from torch import nn
 
 import datatrace as dt

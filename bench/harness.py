@@ -1,13 +1,12 @@
 """The benchmark harness: how every script in bench/ times, watches, records and prints.
 
-* :func:`run_worker` / :func:`worker_main`: a timed run in a fresh process. In one long-lived
-  process a run's speed depends on the heap earlier runs left (datatrace's exact Hessian
-  built 2x faster after dattri's CG had left ~20 GB of freed heap: fewer page faults).
-* :class:`CpuWatch` and :func:`quiet`: the cores *other* processes used (machine busy time
-  from /proc/stat minus ours), and a wait for an idle machine before each run: on the 2-core
-  VM this was built on a second job slowed small torch operations 10-30x.
-* :class:`RssPeak`, :func:`peak_rss_gb`: memory; :func:`clean_median`: medians over the
-  undisturbed runs; :func:`row`: the ``"rows"`` format ``suite.py`` reads; writers.
+Fresh-process runs (:func:`run_worker`, :func:`worker_main`: in one long-lived process a
+run's speed depends on the heap earlier runs left), the contention watch (:class:`CpuWatch`,
+:func:`quiet`: the cores *other* processes used, from /proc/stat minus ours), memory
+(:class:`RssPeak`, :func:`peak_rss_gb`), :func:`clean_median` over undisturbed runs, phase
+times (:class:`Clock`), the one loop of interleaved repeats (:class:`Cell`,
+:func:`time_cells`, in this process or in workers), agreement measures, the ``"rows"``
+format ``suite.py`` reads (:func:`row`, :func:`print_rows`), writers and shared options.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,6 @@ import torch
 
 BUSY_LIMIT = 0.25  # CPU cores used by other processes above which a run counts as contended
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-# ----------------------------------------------------------------------------- contention
 
 
 def _busy_s() -> float:
@@ -71,12 +68,6 @@ class CpuWatch:
         return max(0.0, other) / wall if wall > 0 else 0.0
 
 
-def _load_over(seconds: float) -> float:
-    watch = CpuWatch()
-    time.sleep(seconds)
-    return watch.others()
-
-
 def malloc_trim() -> None:
     """Give freed heap back to the OS (glibc): dattri's CG and LiSSA leave ~20 GB of freed,
     fragmented heap behind, which would otherwise carry over into later runs."""
@@ -95,11 +86,13 @@ def quiet(max_wait: float) -> float:
     gc.collect()
     malloc_trim()
     os.sync()
-    load, waited = _load_over(0.5), 0.0
-    while load > BUSY_LIMIT and waited < max_wait:
+    waited, watch = 0.0, CpuWatch()
+    time.sleep(0.5)
+    while (load := watch.others()) > BUSY_LIMIT and waited < max_wait:
         if waited == 0.0:
             print(f"    (other processes use {load:.2f} cores: waiting up to {max_wait:.0f}s)")
-        load = _load_over(2.0)
+        watch = CpuWatch()
+        time.sleep(2.0)
         waited += 2.0
     return load
 
@@ -110,14 +103,31 @@ def clean_median(values: Sequence[float], others: Sequence[float]) -> float:
     return statistics.median(clean or values)
 
 
-# ----------------------------------------------------------------------------- memory
+class Clock:
+    """Phase times: ``clock.lap("fit")`` records the time since the last lap and ``total``,
+    the time since construction, and returns every phase so far. ``sync`` (e.g. CUDA's) is
+    called before every reading."""
+
+    def __init__(self, sync: Callable[[], Any] = lambda: None) -> None:
+        self.sync = sync
+        sync()
+        self.start = self.last = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def lap(self, phase: str | None = None) -> dict[str, float]:
+        self.sync()
+        now = time.perf_counter()
+        if phase:
+            self.times[phase] = now - self.last
+        self.last, self.times["total"] = now, now - self.start
+        return self.times
 
 
-def _status_kb(field: str) -> int:
+def _status_kb(name: str) -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(field + ":"):
+                if line.startswith(name + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -135,15 +145,15 @@ class RssPeak:
     thread: ``with RssPeak() as peak: run(); peak.gb``."""
 
     def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self.base = self.peak = 0
-        self._stop = threading.Event()
+        self.interval, self._stop = interval, threading.Event()
+        self.base = self.peak = _status_kb("VmRSS") * 1024
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        while not self._stop.is_set():
+        stopped = False
+        while not stopped:  # every interval, and once more when stopped
+            stopped = self._stop.wait(self.interval)
             self.peak = max(self.peak, _status_kb("VmRSS") * 1024)
-            time.sleep(self.interval)
 
     def __enter__(self) -> RssPeak:
         self.base = self.peak = _status_kb("VmRSS") * 1024
@@ -153,14 +163,10 @@ class RssPeak:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kb("VmRSS") * 1024)
 
     @property
     def gb(self) -> float:
         return (self.peak - self.base) / 1e9
-
-
-# ----------------------------------------------------------------------------- fresh processes
 
 
 class WorkerError(RuntimeError):
@@ -201,15 +207,20 @@ def measured(script: str, spec: dict[str, Any], max_wait: float, timeout: float 
 
 
 def error_text(exc: BaseException) -> str:
-    """A worker's own message, or 'Type: message' of an exception raised here."""
+    """A worker's own message, a timeout, or 'Type: message' of an exception raised here."""
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"timed out after {exc.timeout:.0f} s"
     return str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
 
 
 def worker_main(spec_json: str, work: Callable[[dict[str, Any]], Any]) -> int:
-    """The worker side of :func:`run_worker`: ``work(spec)``, saved to ``spec["out"]``; an
-    exception is saved as a clean message (exit 3), a library that cannot run a workload
-    is a result, not a crash."""
+    """The worker side of :func:`run_worker`: ``work(spec)`` (after
+    ``torch.set_num_threads(spec["threads"])`` where given), saved to ``spec["out"]``; an
+    exception is saved as a clean message (exit 3): a library that cannot run a workload is
+    a result, not a crash."""
     spec = json.loads(spec_json)
+    if "threads" in spec:
+        torch.set_num_threads(spec["threads"])
     try:
         result = work(spec)
     except Exception as exc:
@@ -220,23 +231,141 @@ def worker_main(spec_json: str, work: Callable[[dict[str, Any]], Any]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- datatrace
+@dataclass
+class Cell:
+    """One (workload, method, library) timed over interleaved runs: every run's measurements
+    (``total`` seconds, ``others_cores``, phases, memory, ...), the first two runs' scores,
+    the first run's notes; ``error`` once a run failed (the cell then stops)."""
+
+    workload: str
+    method: str
+    library: str
+    spec: dict[str, Any] = field(default_factory=dict)  # what the script's runner needs
+    runs: dict[str, list[Any]] = field(default_factory=dict)
+    scores: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def median(self, key: str = "total") -> float | None:
+        """Median of ``key`` over the undisturbed runs; None if no run finished."""
+        return clean_median(self.runs[key], self.runs["others_cores"]) if self.runs else None
+
+    def busy(self) -> list[str]:
+        runs = self.runs.get("others_cores", [])
+        n = sum(x > BUSY_LIMIT for x in runs)
+        return [f"{n}/{len(runs)} runs disturbed by other processes"] if n else []
+
+    def record(self) -> dict[str, Any]:
+        """The cell for the JSON: every run's measurements, notes and error, not scores."""
+        return {"workload": self.workload, "method": self.method, "library": self.library,
+                "runs": self.runs, "notes": self.notes, "error": self.error}  # fmt: skip
+
+
+Runner = Callable[[Cell, int], tuple[Any, dict[str, Any], list[str]]]
+
+
+def time_cells(cells: list[Cell], repeats: int, run: Runner, slow_s: float = math.inf,
+               retry_busy: bool = False) -> None:  # fmt: skip
+    """Interleaved runs, run r of every cell before r + 1 (slow drifts hit every library
+    alike). ``run(cell, r)`` returns (scores, measurements with ``total`` and
+    ``others_cores``, notes). A failing run is the cell's error, not fatal; a cell whose
+    first run took over ``slow_s`` s runs once; ``retry_busy``: up to 2 x ``repeats`` runs
+    while every run of a cell was disturbed (``repeats`` > 1)."""
+    for rep in range(2 * repeats if retry_busy and repeats > 1 else repeats):
+        for c in cells:
+            done = c.runs.get("total", [])
+            if c.error is not None or (done and done[0] > slow_s):
+                continue
+            if rep >= repeats and any(o <= BUSY_LIMIT for o in c.runs["others_cores"]):
+                continue
+            label = f"  {c.workload:12s} {c.method:18s} {c.library:11s} run {rep + 1}"
+            try:
+                S, t, notes = run(c, rep)
+            except Exception as exc:  # a library that cannot run is a result
+                c.error = error_text(exc)[:400]
+                print(f"{label} ERROR {c.error}", flush=True)
+                continue
+            for k, v in t.items():
+                c.runs.setdefault(k, []).append(v)
+            c.scores += [S] if len(c.scores) < 2 else []
+            c.notes = c.notes or notes
+            extra = "".join(f" {k} {v:.3g}" for k, v in t.items()
+                            if k not in ("total", "others_cores") and isinstance(v, float))  # fmt: skip
+            busy = "  CONTENDED" if t["others_cores"] > BUSY_LIMIT else ""
+            print(f"{label} {t['total']:8.2f}s{extra}{busy}", flush=True)
+
+
+def in_process(max_wait: float, fn: Callable[[Cell, int], tuple[Any, dict]]) -> Runner:
+    """A runner for :func:`time_cells` in this process: ``fn(cell, r)`` -> (scores, times)
+    after :func:`quiet`, under :class:`CpuWatch` and :class:`RssPeak` (``peak_mem_gb``)."""
+
+    def run(c: Cell, rep: int) -> tuple[Any, dict[str, Any], list[str]]:
+        before = quiet(max_wait)
+        watch = CpuWatch()
+        with RssPeak() as peak:
+            S, t = fn(c, rep)
+        return S, {**t, "peak_mem_gb": peak.gb, "others_cores": max(before, watch.others())}, []
+
+    return run
+
+
+def in_workers(script: str, max_wait: float, spec: Callable[[Cell, int], dict],
+               timeout: float | None = None) -> Runner:  # fmt: skip
+    """A runner for :func:`time_cells`: run r of a cell is a fresh worker given ``spec(cell,
+    r)`` (:func:`measured`), whose work returns ``{"S", "t"[, "notes"]}``."""
+
+    def run(c: Cell, rep: int) -> tuple[Any, dict[str, Any], list[str]]:
+        d, others = measured(script, spec(c, rep), max_wait, timeout)
+        return d["S"], {**d["t"], "others_cores": others}, d.get("notes", [])
+
+    return run
 
 
 def fit_attribute(
     method: Any, task: Any, ckpts: list, train: tuple, test: tuple, **fit_kw: Any
 ) -> tuple[torch.Tensor, dict[str, float], Any]:
-    """Time ``method.fit`` + ``attribute``: (S, {fit, attribute, total}, fitted). The caller
-    drops ``fitted`` (which removes a temporary feature store) outside the timing."""
-    t0 = time.perf_counter()
+    """Time datatrace's ``method.fit`` + ``attribute``: (S, {fit, attribute, total}, fitted).
+    The caller drops ``fitted`` (which removes a temporary feature store) outside the timing."""
+    clock = Clock()
     fitted = method.fit(task, ckpts, train, progress=False, **fit_kw)
-    t1 = time.perf_counter()
+    clock.lap("fit")
     S = fitted.attribute(test)
-    t2 = time.perf_counter()
-    return S.detach(), {"fit": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}, fitted
+    return S.detach(), dict(clock.lap("attribute")), fitted
 
 
-# ----------------------------------------------------------------------------- environment
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    x = a.detach().double().flatten().cpu()
+    y = b.detach().double().flatten().cpu()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x @ y) / (x.norm() * y.norm()))
+
+
+def max_rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref|."""
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    return float((a - ref).abs().max() / ref.abs().max())
+
+
+def per_query_pearson(S: torch.Tensor, R: torch.Tensor) -> tuple[float, int]:
+    """(mean over queries of the Pearson correlation over training examples, number of
+    queries left out because their row of S has a non-finite entry)."""
+    a, b = S.double(), R.double()
+    ok = torch.isfinite(a).all(1)
+    a, b = a[ok], b[ok]
+    if a.shape[0] == 0:
+        return float("nan"), int((~ok).sum())
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    return float(r.mean()), int((~ok).sum())
+
+
+def lsq_scale(S: torch.Tensor, R: torch.Tensor) -> float:
+    """Least-squares slope of S on R over the finite entries (1 = same sign and scale)."""
+    a, b = S.double().flatten(), R.double().flatten()
+    ok = torch.isfinite(a)
+    a, b = a[ok], b[ok]
+    return float((a @ b) / (b @ b)) if a.numel() else float("nan")
 
 
 def src_state() -> str:
@@ -265,12 +394,8 @@ def environment(peers: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
     """Versions (a missing peer is reported, not fatal), machine, thread count, ``extra``."""
     import datatrace
 
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "datatrace": datatrace.__version__,
-        "datatrace_src": src_state(),
-    }
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "datatrace": datatrace.__version__, "datatrace_src": src_state()}  # fmt: skip
     for name in peers:
         try:
             env[name] = importlib.metadata.version(name)
@@ -281,8 +406,6 @@ def environment(peers: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
     print("environment:", json.dumps(env), flush=True)
     return env
 
-
-# ----------------------------------------------------------------------------- rows and output
 
 ROW_KEYS = ("workload", "method", "library", "seconds", "peak_mem_gb", "agreement",
             "agreement_with", "note")  # fmt: skip

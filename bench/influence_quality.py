@@ -1,18 +1,9 @@
 #!/usr/bin/env python
 """How close is each attribution method to true leave-one-out retraining?
 
-Usage::
-
     python bench/influence_quality.py [--n-left-out 40] [--out bench/out]
 
-Problems (float64, scikit-learn data, trained to convergence with L2 α‖θ‖²; see
-``datatrace.problems``): logistic regression on breast cancer (300 train, 30 queries) and
-a 64-12-10 tanh MLP on digits (300 train, 30 queries). Leave-one-out truth for
-``n_left_out`` random training examples is computed once (warm-started L-BFGS) and cached
-under ``--out``. Then every method is scored against it (mean per-query Pearson / Spearman
-/ cosine ± standard error), with damping 2α (the Hessian of the penalty), and a damping
-sweep over multiples of λ₀ (the mean squared per-example gradient entry) shows what the
-default ``damping=None`` gets.
+Problems, truth and measures: bench/README.md (Agreement with leave-one-out retraining).
 """
 
 from __future__ import annotations
@@ -44,10 +35,13 @@ def methods(lam: float, p: int) -> dict[str, dt.GradientAttributor]:
     }
 
 
+SWEPT = {"Exact Hessian": dt.ExactHessian, "Gauss-Newton": dt.GaussNewton, "EK-FAC": dt.EKFAC}
+
+
 def evaluate(problem: Any, args: argparse.Namespace) -> None:
     """Every method against the (cached) leave-one-out truth, then the damping sweep."""
-    task = dt.ClassificationTask(problem.model)
-    n = len(problem.train[0])
+    task, ckpts = dt.ClassificationTask(problem.model), [dt.Checkpoint.from_module(problem.model)]
+    n, p = len(problem.train[0]), sum(t.numel() for t in problem.model.parameters())
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.n_left_out]
     cache = args.out / f"loo-{problem.name}-{args.n_left_out}.pt"
     if cache.exists():
@@ -59,40 +53,24 @@ def evaluate(problem: Any, args: argparse.Namespace) -> None:
         )
         torch.save(truth, cache)
         print(f"{problem.name}: leave-one-out truth in {time.perf_counter() - t0:.1f} s")
-    ckpts = [dt.Checkpoint.from_module(problem.model)]
-    p = sum(t.numel() for t in problem.model.parameters())
     lam = 2 * problem.alpha
-    print(
-        f"\n{problem.name}: {n} train, {len(problem.queries[0])} queries, {p} params, "
-        f"damping 2α = {lam:g}; agreement with leave-one-out over {len(idx)} examples"
-    )
-    print(f"  {'method':<16}{'Pearson':>16}{'Spearman':>16}{'cosine':>16}{'time s':>9}")
+    print(f"\n{problem.name}: {n} train, {len(problem.queries[0])} queries, {p} params, damping 2α = "
+          f"{lam:g}; agreement with leave-one-out over {len(idx)} examples\n"
+          f"  {'method':<16}{'Pearson':>16}{'Spearman':>16}{'cosine':>16}{'time s':>9}")  # fmt: skip
     for label, method in methods(lam, p).items():
         t0 = time.perf_counter()
-        fitted = method.fit(task, ckpts, problem.train, progress=False)
-        scores = fitted.attribute(problem.queries)[:, idx]
+        scores = method.fit(task, ckpts, problem.train, progress=False).attribute(problem.queries)
         dt_s = time.perf_counter() - t0
-        a = dt.metrics.agreement(scores, truth)
-        cells = "".join(f"{a[k][0]:>10.3f} ±{a[k][1]:.3f}" for k in a)
-        print(f"  {label:<16}{cells}{dt_s:>9.2f}")
+        a = dt.metrics.agreement(scores[:, idx], truth)
+        print(f"  {label:<16}{''.join(f'{a[k][0]:>10.3f} ±{a[k][1]:.3f}' for k in a)}{dt_s:>9.2f}")
     print("  damping sweep (multiples of λ₀; Pearson):")
     lam0 = dt.mean_squared_gradient(task, ckpts[0], problem.train)
-    for label, make in (
-        ("Exact Hessian", lambda d: dt.Influence(dt.ExactHessian(damping=d))),
-        ("Gauss-Newton", lambda d: dt.Influence(dt.GaussNewton(damping=d))),
-        ("EK-FAC", lambda d: dt.Influence(dt.EKFAC(damping=d))),
-    ):
-        pts = dt.damping_sweep(
-            make,
-            task,
-            ckpts,
-            problem.train,
-            problem.queries,
-            multipliers=(0.01, 0.1, 1.0, 10.0, 100.0),
-            progress=False,
-        )
-        pearson = [dt.metrics.agreement(pt.scores[:, idx], truth)["pearson"][0] for pt in pts]
-        row = "  ".join(f"{pt.multiplier:g}x: {r:.3f}" for pt, r in zip(pts, pearson, strict=True))
+    for label, solver in SWEPT.items():
+        pts = dt.damping_sweep(lambda d, s=solver: dt.Influence(s(damping=d)), task, ckpts,
+                               problem.train, problem.queries,
+                               multipliers=(0.01, 0.1, 1.0, 10.0, 100.0), progress=False)  # fmt: skip
+        r = [dt.metrics.agreement(pt.scores[:, idx], truth)["pearson"][0] for pt in pts]
+        row = "  ".join(f"{pt.multiplier:g}x: {x:.3f}" for pt, x in zip(pts, r, strict=True))
         print(f"    {label:<14} λ₀={lam0:.3g}  {row}")
 
 

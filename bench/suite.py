@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -39,7 +38,6 @@ COMPONENTS: dict[str, tuple[str, list[str], list[str]]] = {
     "scale": ("bench_scale.py", [], ["--quick"]),
 }  # fmt: skip
 
-
 # the scripts' workload labels -> one name per distinct model and data size
 WORKLOADS = {
     ("tracin", "digits-mlp"): "digits MLP 1k",
@@ -52,67 +50,54 @@ WORKLOADS = {
 }
 
 
-def _label(rows: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+def read_rows(path: Path, component: str) -> list[dict[str, Any]]:
+    rows = json.loads(path.read_text()).get("rows", [])
     for r in rows:
         r["component"] = component
         r["workload"] = WORKLOADS.get((component, r["workload"]), r["workload"])
     return rows
 
 
-def run_component(name: str, quick: bool, out: Path, python: str) -> dict[str, Any]:
+def run_component(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     script, full, small = COMPONENTS[name]
-    path = out / f"{name}.json"
-    cmd = [python, str(HERE / script), *(small if quick else full), "--json", str(path)]
+    path, log = out / f"{name}.json", out / f"{name}.log"
+    if args.reuse and path.exists():
+        return {"command": "reused", "exit": 0, "note": "", "rows": read_rows(path, name)}
+    cmd = [args.python, str(HERE / script), *(small if args.quick else full), "--json", str(path)]
+    cmd += ["--max-wait", str(args.max_wait)] if args.max_wait is not None else []
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    log = out / f"{name}.log"
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    took = time.perf_counter() - t0
     tail = log.read_text(errors="replace").splitlines()[-40:]
     print("\n".join(line for line in tail if "it/s" not in line))
-    rows: list[dict[str, Any]] = []
-    note = ""
-    if path.exists():
-        rows = _label(json.loads(path.read_text()).get("rows", []), name)
-    else:
-        note = f"no JSON written (exit code {proc.returncode}); see {log}"
+    note = "" if path.exists() else f"no JSON written (exit code {proc.returncode}); see {log}"
     if proc.returncode != 0:
         note = note or f"exit code {proc.returncode} (a FAIL flag or an error); see {log}"
-    return {
-        "command": " ".join(cmd),
-        "seconds": took,
-        "exit": proc.returncode,
-        "note": note,
-        "rows": rows,
-    }
+    return {"command": " ".join(cmd), "seconds": time.perf_counter() - t0,
+            "exit": proc.returncode, "note": note,
+            "rows": read_rows(path, name) if path.exists() else []}  # fmt: skip
 
 
 def speedup_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (workload, method, damping): datatrace's time vs the fastest peer's."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["workload"], r["method"], r.get("damping")), []).append(r)
+        if row_time(r) is not None:
+            groups.setdefault((r["workload"], r["method"], r.get("damping")), []).append(r)
     out = []
     for (workload, method, damping), rs in groups.items():
-        mine = [r for r in rs if r["library"] == "datatrace" and row_time(r) is not None]
-        peers = [r for r in rs if r["library"] != "datatrace" and row_time(r) is not None]
+        mine = [row_time(r) for r in rs if r["library"] == "datatrace"]
+        peers = sorted((row_time(r), r["library"]) for r in rs if r["library"] != "datatrace")
         if not mine:
             continue
-        dt_time = min(row_time(r) for r in mine)  # type: ignore[type-var]
-        if not peers:
-            out.append(
-                {"workload": workload, "method": method, "damping": damping,
-                 "datatrace_s": dt_time, "fastest_peer": None, "speedup": None, "met": None}
-            )  # fmt: skip
-            continue
-        best = min(peers, key=lambda r: row_time(r))  # type: ignore[arg-type,return-value]
-        speedup = row_time(best) / dt_time if dt_time > 0 else math.inf  # type: ignore[operator]
-        out.append(
-            {"workload": workload, "method": method, "damping": damping, "datatrace_s": dt_time,
-             "fastest_peer": best["library"], "peer_s": row_time(best), "speedup": speedup,
-             "met": speedup >= TARGET}
-        )  # fmt: skip
+        check = {"workload": workload, "method": method, "damping": damping,
+                 "datatrace_s": min(mine), "fastest_peer": None, "speedup": None, "met": None}  # fmt: skip
+        if peers:
+            (peer_s, peer), dt_s = peers[0], check["datatrace_s"]
+            speedup = peer_s / dt_s if dt_s > 0 else float("inf")
+            check.update(fastest_peer=peer, peer_s=peer_s, speedup=speedup, met=speedup >= TARGET)
+        out.append(check)
     return out
 
 
@@ -120,14 +105,10 @@ def print_summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> N
     print_rows(rows)
     print(f"\ntargets (datatrace ≥ {TARGET:g}× faster than the fastest peer implementing it):")
     for c in checks:
-        if c["fastest_peer"] is None:
-            verdict = "no peer implements it"
-        else:
-            verdict = (
-                f"{c['speedup']:.2f}× vs {c['fastest_peer']} "
-                f"({c['peer_s']:.2f} s vs {c['datatrace_s']:.2f} s): "
-                f"{'met' if c['met'] else 'MISSED'}"
-            )
+        verdict = "no peer implements it"
+        if c["fastest_peer"] is not None:
+            verdict = (f"{c['speedup']:.2f}× vs {c['fastest_peer']} ({c['peer_s']:.2f} s vs "
+                       f"{c['datatrace_s']:.2f} s): {'met' if c['met'] else 'MISSED'}")  # fmt: skip
         damping = f" λ={c['damping']:g}" if c["damping"] is not None else ""
         print(f"  {c['workload']:18s} {c['method'] + damping:18s} {verdict}")
 
@@ -141,42 +122,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--reuse", action="store_true", help="do not rerun components whose JSON exists"
     )
+    ap.add_argument("--max-wait", type=float, default=None,
+                    help="every script's wait for an idle machine before a timed run (s)")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in args.only.split(",") if n]
-    unknown = [n for n in names if n not in COMPONENTS]
-    if unknown:
+    if unknown := [n for n in names if n not in COMPONENTS]:
         ap.error(f"unknown components {unknown}; choose from {sorted(COMPONENTS)}")
-    runs = {}
-    for name in names:
-        path = out / f"{name}.json"
-        if args.reuse and path.exists():
-            rows = _label(json.loads(path.read_text()).get("rows", []), name)
-            runs[name] = {"command": "reused", "rows": rows, "note": "", "exit": 0}
-            continue
-        runs[name] = run_component(name, args.quick, out, args.python)
+    runs = {name: run_component(name, args, out) for name in names}
     rows = [r for run in runs.values() for r in run["rows"]]
     checks = speedup_targets(rows)
     print_summary(rows, checks)
     for name, run in runs.items():
         if run["note"]:
             print(f"  {name}: {run['note']}")
-    commit = subprocess.run(
-        ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    summary = {
-        "environment": {
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "commit": commit,
-            "quick": args.quick,
-        },
-        "components": {k: {kk: v for kk, v in r.items() if kk != "rows"} for k, r in runs.items()},
-        "rows": rows,
-        "targets": checks,
-    }
-    (out / "suite.json").write_text(json.dumps(summary, indent=1))
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    env = {"python": platform.python_version(), "machine": platform.machine(), "commit": commit,
+           "quick": args.quick}  # fmt: skip
+    components = {k: {kk: v for kk, v in r.items() if kk != "rows"} for k, r in runs.items()}
+    (out / "suite.json").write_text(json.dumps(
+        {"environment": env, "components": components, "rows": rows, "targets": checks}, indent=1))  # fmt: skip
     print(f"\nwrote {out / 'suite.json'}")
     return 0 if all(r["exit"] == 0 for r in runs.values()) else 1
 

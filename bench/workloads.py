@@ -7,6 +7,8 @@ GPU anchor. A :class:`Workload` travels to fresh worker processes with :func:`sa
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,64 +17,49 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int = 128) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, hidden)
-        self.fc2 = nn.Linear(hidden, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
+def mlp(hidden: int = 128) -> nn.Module:
+    """64-hidden-10, ReLU; layers ``fc1``, ``fc2`` (TRAK's reference check takes ``fc2``)."""
+    return nn.Sequential(
+        OrderedDict(fc1=nn.Linear(64, hidden), relu=nn.ReLU(), fc2=nn.Linear(hidden, 10))
+    )
 
 
-class CNN(nn.Module):
+def cnn() -> nn.Module:
     """Conv(1,16)-ReLU-Conv(16,32)-ReLU-MaxPool2-Linear(512,24)-ReLU-Linear(24,10) on 8x8
-    images. Layers are attributes: captum's per-sample-gradient hooks need modules."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(32 * 4 * 4, 24)
-        self.relu3 = nn.ReLU()
-        self.fc2 = nn.Linear(24, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
-        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+    images, every layer a module (captum's per-sample-gradient hooks need modules)."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 16, 3, padding=1), relu1=nn.ReLU(), conv2=nn.Conv2d(16, 32, 3, padding=1),
+        relu2=nn.ReLU(), pool=nn.MaxPool2d(2), flatten=nn.Flatten(), fc1=nn.Linear(32 * 4 * 4, 24),
+        relu3=nn.ReLU(), fc2=nn.Linear(24, 10)))  # fmt: skip
 
 
-class PoolCNN(nn.Module):
+def pool_cnn(c1: int = 8, c2: int = 16) -> nn.Module:
     """Conv2d(1, c1, 3, padding=1)-ReLU-MaxPool2-Conv2d(c1, c2, 3, padding=1)-ReLU-MaxPool2-
     Linear(4 c2, 10) (1,898 parameters for 8, 16). Integer padding: datatrace's K-FAC and
     EK-FAC reject ``padding="same"``."""
-
-    def __init__(self, c1: int = 8, c2: int = 16) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.fc = nn.Linear(c2 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, 4, 4)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, 2, 2)
-        return self.fc(x.flatten(1))
+    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(c2 * 4, 10))  # fmt: skip
 
 
-MODELS: dict[str, type[nn.Module]] = {"MLP": MLP, "CNN": CNN, "PoolCNN": PoolCNN}
+MODELS: dict[str, Callable[..., nn.Module]] = {"MLP": mlp, "CNN": cnn, "PoolCNN": pool_cnn}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
-    """``{"model": "MLP", "hidden": 16}`` -> MLP(hidden=16): a recipe a worker can rebuild."""
-    kwargs = {k: v for k, v in arch.items() if k != "model"}
-    return MODELS[arch["model"]](**kwargs)
+    """``{"model": "MLP", "hidden": 16}`` -> mlp(hidden=16): a recipe a worker can rebuild."""
+    return MODELS[arch["model"]](**{k: v for k, v in arch.items() if k != "model"})
 
 
 Checkpoints = list[tuple[dict[str, torch.Tensor], float]]  # (state_dict, learning rate)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def batches(data: tuple, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for s in range(0, len(data[1]), size):
+        yield data[0][s : s + size], data[1][s : s + size]
 
 
 @dataclass
@@ -85,22 +72,14 @@ class Workload:
     arch: dict[str, Any]
     stats: dict[str, float] = field(default_factory=dict)  # train loss/accuracy, test accuracy
 
-    @property
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train[1])
-
-    @property
-    def n_test(self) -> int:
-        return len(self.test[1])
+    def __post_init__(self) -> None:
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_train, self.n_test = len(self.train[1]), len(self.test[1])
 
     def describe(self) -> str:
         stats = ", ".join(f"{k} {v:.4g}" for k, v in self.stats.items())
         return (
-            f"{self.name}: {type(self.model).__name__} {self.arch} {self.n_params:,} params, "
+            f"{self.name}: {self.arch} {self.n_params:,} params, "
             f"{self.n_train:,} train x {self.n_test:,} test, {len(self.ckpts)} ckpts "
             f"lr={[lr for _, lr in self.ckpts]}, float32; {stats}"
         )
@@ -136,7 +115,7 @@ def train_sgd(
                 opt.zero_grad()
                 F.cross_entropy(model(X[idx]), y[idx]).backward()
                 opt.step()
-        ckpts.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, lr))
+        ckpts.append((snapshot(model), lr))
     return ckpts
 
 
@@ -199,10 +178,8 @@ def augmented_digits_workload(n_train: int = 20_000, n_test: int = 1_000, seed: 
     te, base = perm[:n_test], perm[n_test:]
     Xtr, src = _augment(X[base], n_train, noise=0.05, g=torch.Generator().manual_seed(seed + 2))
     train, test = (Xtr.contiguous(), y[base][src].contiguous()), (X[te].contiguous(), y[te])
-    epochs = max(1, 20_000 // n_train)
-    return _trained(
-        "large", {"model": "CNN"}, train, test, [0.1, 0.05, 0.02, 0.01], epochs, 64, seed
-    )
+    lrs, epochs = [0.1, 0.05, 0.02, 0.01], max(1, 20_000 // n_train)
+    return _trained("large", {"model": "CNN"}, train, test, lrs, epochs, 64, seed)
 
 
 def save_workload(wl: Workload, path: str) -> None:
@@ -219,8 +196,6 @@ def load_workload(path: str) -> Workload:
                     d["arch"], d["stats"])  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- scale run
-
 SCALE_WEIGHTS = (0.1, 0.05)  # the two checkpoints' weights (learning rates)
 
 
@@ -234,32 +209,19 @@ def synthetic_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def scale_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    )
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10))  # fmt: skip
 
 
 def scale_checkpoints() -> Checkpoints:
     """The initial weights and the same scaled by 1.01 (the cost, not the scores, is measured)."""
-    m = scale_model()
-    out = [({k: v.detach().clone() for k, v in m.state_dict().items()}, SCALE_WEIGHTS[0])]
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(1.01)
-    out.append(({k: v.detach().clone() for k, v in m.state_dict().items()}, SCALE_WEIGHTS[1]))
-    return out
-
-
-# ----------------------------------------------------------------------------- GPU anchor
+    sd = snapshot(scale_model())
+    return [(sd, SCALE_WEIGHTS[0]), ({k: 1.01 * v for k, v in sd.items()}, SCALE_WEIGHTS[1])]
 
 
 def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(),
-    ]
-    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(), *([nn.MaxPool2d(2)] if pool else []))  # fmt: skip
 
 
 class Residual(nn.Module):
@@ -271,22 +233,9 @@ class Residual(nn.Module):
         return x + self.b(self.a(x))
 
 
-class ResNet9(nn.Module):
+def resnet9(w: int = 32, classes: int = 10) -> nn.Sequential:
     """ResNet-9 (Page's DAWNBench layout) with base width w: 1.65M parameters at w = 32."""
-
-    def __init__(self, w: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            conv_bn(3, w),
-            conv_bn(w, 2 * w, pool=True),
-            Residual(2 * w),
-            conv_bn(2 * w, 4 * w, pool=True),
-            conv_bn(4 * w, 8 * w, pool=True),
-            Residual(8 * w),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8 * w, classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    return nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w, pool=True), Residual(2 * w),
+                         conv_bn(2 * w, 4 * w, pool=True), conv_bn(4 * w, 8 * w, pool=True),
+                         Residual(8 * w), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                         nn.Linear(8 * w, classes))  # fmt: skip

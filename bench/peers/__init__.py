@@ -1,6 +1,41 @@
 """Peer libraries, one adapter module each, run on the benchmarks' models and data.
 
 Every adapter returns scores in datatrace's convention: (n_test, n_train), positive =
-proponent, same scale (each module's docstring lists its conversions). Peers are imported
-inside the functions, so a benchmark runs without the peers it is not asked to run.
+proponent, same scale (each module's docstring lists its conversions), and its times from
+a :class:`harness.Clock`. Peers are imported inside the functions, so a benchmark runs
+without the peers it is not asked to run. The settings a benchmark and its adapters share
+are here (each adapter converts them).
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class InfluenceSettings:
+    damping: float  # lam, mean-loss convention: (H + lam I), H of the mean training loss
+    batch_size: int
+    cg_iters: int = 0
+    lissa_depth: int = 1000
+    lissa_batch: int = 50
+    lissa_scale: float = 1.0
+    arnoldi_rank: int = 50
+    arnoldi_iter: int = 120
+    top_eig: float = float("nan")  # largest |eigenvalue| of H + lam (from the reference)
+
+    def warm_up(self, n_train: int) -> InfluenceSettings:
+        """Cheap settings for a warm-up run on ``n_train`` examples."""
+        return InfluenceSettings(
+            self.damping, min(self.batch_size, n_train), min(self.cg_iters, 3),
+            min(self.lissa_depth, 20), min(self.lissa_batch, n_train), self.lissa_scale,
+            min(self.arnoldi_rank, 10), min(self.arnoldi_iter, 30), self.top_eig,
+        )  # fmt: skip
+
+
+@dataclass
+class TrakSettings:
+    proj_dim: int
+    damping: float  # lam, datatrace's convention
+    batch_size: int
+    seed: int = 0

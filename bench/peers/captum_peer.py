@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import os
-import time
 
 import torch
+from harness import Clock
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -59,20 +59,18 @@ def fast_rand_proj(model: nn.Sequential, train: tuple, test: tuple, paths: list[
     except ImportError as exc:
         raise RuntimeError(f"annoy not installable/importable: {exc}") from exc
     loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=False)
-    t0 = time.perf_counter()
+    clock = Clock()
     tracin = captum_influence().TracInCPFastRandProj(
         model, model[-1], loader, checkpoints=paths, checkpoints_load_func=load_checkpoint,
         loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
         projection_dim=dim, seed=0,
     )  # fmt: skip
-    t1 = time.perf_counter()
+    clock.lap("featurize_seconds")
     S = tracin.influence(test, k=None)
-    t2 = time.perf_counter()
+    t = clock.lap("score_seconds")
     pq = tracin.projection_quantities
     dims = pq[0].shape[1] * pq[1].shape[1] if pq is not None else None
-    info = {"seconds": t2 - t0, "featurize_seconds": t1 - t0, "score_seconds": t2 - t1,
-            "dims_per_checkpoint": dims}  # fmt: skip
-    return S.detach(), info
+    return S.detach(), {**t, "seconds": t["total"], "dims_per_checkpoint": dims}
 
 
 def captum_influence():

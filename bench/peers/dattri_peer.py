@@ -27,15 +27,16 @@ are (n_train, n_test) and are transposed.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from settings import InfluenceSettings, TrakSettings
+from harness import Clock
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from peers import InfluenceSettings, TrakSettings
 
 
 def cross_entropy(model: nn.Module, example_dim: int) -> Callable:
@@ -75,25 +76,20 @@ def tracin(model: nn.Module, states: list[dict], weights: list[float], train: tu
 def _influence_attributor(method: str, task: Any, st: InfluenceSettings, model: nn.Module):
     from dattri.algorithm import influence_function as IF
 
-    lam = st.damping
-    if method == "exact":
-        return IF.IFAttributorExplicit(task=task, device="cpu", regularization=lam)
-    if method == "CG":
-        return IF.IFAttributorCG(task=task, device="cpu", max_iter=st.cg_iters, regularization=lam)
-    if method == "LiSSA":
-        return IF.IFAttributorLiSSA(
-            task=task, device="cpu", batch_size=st.lissa_batch, num_repeat=1,
-            recursion_depth=st.lissa_depth, damping=lam / st.lissa_scale, scaling=st.lissa_scale,
-        )  # fmt: skip
-    if method == "Arnoldi":
-        return IF.IFAttributorArnoldi(task=task, device="cpu", proj_dim=st.arnoldi_rank,
-                                      max_iter=st.arnoldi_iter + 1, regularization=lam, seed=0)  # fmt: skip
-    if method == "DataInf":
-        return IF.IFAttributorDataInf(task=task, device="cpu", regularization=lam)
+    lam, kw = st.damping, {"task": task, "device": "cpu"}
     # EK-FAC: every Linear and Conv2d layer, i.e. every parameter, as for the other cells
     # (dattri's default module_name=None would silently keep the nn.Linear layers only)
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return IF.IFAttributorEKFAC(task=task, device="cpu", damping=lam, module_name=layers)
+    return {
+        "exact": lambda: IF.IFAttributorExplicit(**kw, regularization=lam),
+        "CG": lambda: IF.IFAttributorCG(**kw, max_iter=st.cg_iters, regularization=lam),
+        "LiSSA": lambda: IF.IFAttributorLiSSA(**kw, batch_size=st.lissa_batch, num_repeat=1,
+            recursion_depth=st.lissa_depth, damping=lam / st.lissa_scale, scaling=st.lissa_scale),
+        "Arnoldi": lambda: IF.IFAttributorArnoldi(**kw, proj_dim=st.arnoldi_rank,
+            max_iter=st.arnoldi_iter + 1, regularization=lam, seed=0),
+        "DataInf": lambda: IF.IFAttributorDataInf(**kw, regularization=lam),
+        "EK-FAC": lambda: IF.IFAttributorEKFAC(**kw, damping=lam, module_name=layers),
+    }[method]()  # fmt: skip
 
 
 def _arnoldi_notes(attributor: Any) -> list[str]:
@@ -116,14 +112,14 @@ def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
     test = _loader(wl.test, wl.n_test)  # one IHVP solve per pair of batches: one test batch
     torch.manual_seed(0)  # LiSSA samples with the global generator
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    t0 = time.perf_counter()
+    clock = Clock()
     try:
         task = AttributionTask(loss_func=loss, model=model, checkpoints=[model.state_dict()])
         attributor = _influence_attributor(method, task, st, model)
         attributor.cache(full)
-        t1 = time.perf_counter()
+        clock.lap("fit")
         S = attributor.attribute(train, test)  # (n_train, n_test)
-        t2 = time.perf_counter()
+        clock.lap("attribute")
     except Exception as exc:
         if method != "EK-FAC" or not convs:
             raise
@@ -136,30 +132,27 @@ def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
     S = S.detach().T.contiguous() / wl.n_train
     bad = int((~torch.isfinite(S)).sum())
     notes = [f"{bad}/{S.numel()} scores NaN/inf"] if bad else []
-    times = {"fit": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}
-    return S, times, notes + _arnoldi_notes(attributor)
+    return S, clock.times, notes + _arnoldi_notes(attributor)
 
 
 def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
-    from trak_reference import margin
+    from references import margin
 
     model = copy.deepcopy(wl.model).eval()
     n, p = wl.n_train, sum(q.numel() for q in model.parameters())
 
-    def margin_of(params: dict, data: tuple) -> torch.Tensor:
-        x, y = data  # one example
-        logits = torch.func.functional_call(model, params, (x.unsqueeze(0),))
-        return margin(logits, y.unsqueeze(0)).squeeze(0)
+    def margin_of(params: dict, data: tuple) -> torch.Tensor:  # one example
+        logits = torch.func.functional_call(model, params, (data[0][None],))
+        return margin(logits, data[1][None])[0]
 
     def correct_probability(params: dict, data: tuple) -> torch.Tensor:
-        x, y = data
-        logits = torch.func.functional_call(model, params, (x.unsqueeze(0),))
-        return torch.exp(-F.cross_entropy(logits, y.unsqueeze(0)))
+        logits = torch.func.functional_call(model, params, (data[0][None],))
+        return torch.exp(-F.cross_entropy(logits, data[1][None]))
 
     train, test = _loader(wl.train, st.batch_size), _loader(wl.test, st.batch_size)
-    t0 = time.perf_counter()
+    clock = Clock()
     total = None
     for c, (sd, _) in enumerate(wl.ckpts):
         task = AttributionTask(loss_func=margin_of, target_func=margin_of, model=model,
@@ -172,5 +165,4 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
         attributor.cache(train)
         s = attributor.attribute(test)  # (n_train, n_test)
         total = s if total is None else total + s
-    t1 = time.perf_counter()
-    return (total / len(wl.ckpts)).T.contiguous().detach(), {"total": t1 - t0}
+    return (total / len(wl.ckpts)).T.contiguous().detach(), clock.lap()

@@ -15,14 +15,15 @@ import copy
 import logging
 import shutil
 import tempfile
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from settings import InfluenceSettings
+from harness import Clock
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from peers import InfluenceSettings
 
 
 def _task() -> Any:
@@ -55,14 +56,14 @@ def ekfac(wl: Any, st: InfluenceSettings) -> tuple:
     out_dir = tempfile.mkdtemp(prefix="bench-kronfluence-")
     torch.manual_seed(0)  # label sampling
     try:
-        t0 = time.perf_counter()
+        clock = Clock()
         analyzer = Analyzer(analysis_name="digits", model=prepare_model(model, task), task=task,
                             cpu=True, disable_tqdm=True, output_dir=out_dir)  # fmt: skip
         factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False, amp_dtype=None,
                                       covariance_max_examples=None, lambda_max_examples=None)  # fmt: skip
         analyzer.fit_all_factors(factors_name="ekfac", dataset=train, factor_args=factor_args,
                                  per_device_batch_size=st.batch_size, overwrite_output_dir=True)  # fmt: skip
-        t1 = time.perf_counter()
+        clock.lap("fit")
         analyzer.compute_pairwise_scores(
             scores_name="pairwise", factors_name="ekfac", query_dataset=test,
             train_dataset=train, per_device_query_batch_size=wl.n_test,
@@ -70,8 +71,8 @@ def ekfac(wl: Any, st: InfluenceSettings) -> tuple:
             score_args=ScoreArguments(damping_factor=st.damping, amp_dtype=None),
         )  # fmt: skip
         scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
-        t2 = time.perf_counter()
+        clock.lap("attribute")
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     S = scores.detach().float() / wl.n_train
-    return S, {"fit": t1 - t0, "attribute": t2 - t1, "total": t2 - t0}, ["true Fisher, MC labels"]
+    return S, clock.times, ["true Fisher, MC labels"]

@@ -22,17 +22,14 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from settings import TrakSettings
+from harness import Clock
+from workloads import batches
 
-
-def batches(data: tuple, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for s in range(0, len(data[1]), size):
-        yield data[0][s : s + size], data[1][s : s + size]
+from peers import TrakSettings
 
 
 def _unscaled_score_computer() -> type:
@@ -61,7 +58,7 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
     n, p = wl.n_train, sum(q.numel() for q in model.parameters() if q.requires_grad)
     save_dir = tempfile.mkdtemp(prefix="bench-trak-traker-")
     try:
-        t0 = time.perf_counter()
+        clock = Clock()
         traker = _traker(model, n, save_dir, st.proj_dim, projector_seed=st.seed,
                          score_computer=_unscaled_score_computer(),
                          lambda_reg=n * st.proj_dim * st.damping / p)  # fmt: skip
@@ -75,16 +72,15 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
                                             num_targets=wl.n_test)  # fmt: skip
             for xb, yb in batches(wl.test, st.batch_size):
                 traker.score(batch=(xb, yb), num_samples=len(yb))
-        t1 = time.perf_counter()
+        clock.lap("featurize+score")
         total = None
         for c in range(len(wl.ckpts)):  # scores_c x Q_c, one checkpoint at a time
             s = torch.from_numpy(np.array(traker.finalize_scores("bench", model_ids=[c])))
             total = s if total is None else total + s
-        t2 = time.perf_counter()
+        clock.lap("finalize_scores")
     finally:
         shutil.rmtree(save_dir, ignore_errors=True)
-    S = (total / len(wl.ckpts)).T.contiguous()
-    return S, {"featurize+score": t1 - t0, "finalize_scores": t2 - t1, "total": t2 - t0}
+    return (total / len(wl.ckpts)).T.contiguous(), clock.times
 
 
 def featurize(model: Any, train: tuple, queries: tuple, cks: list, dim: int, batch: int) -> tuple:
