@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import enum
 import sys
 import tempfile
 from pathlib import Path
@@ -192,6 +193,8 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], model: nn.Modu
         return {"dtype": str(obj).removeprefix("torch.")}
     if isinstance(obj, CheckpointWeights):
         return {"checkpoint_weights": obj.value}
+    if isinstance(obj, enum.Enum):  # a setting such as K-FAC's layer kind or its Fisher
+        return {"enum": _class_name(type(obj)), "value": obj.value}
     if isinstance(obj, CurvatureProblem):
         return {"problem": True}
     if isinstance(obj, FitContext):
@@ -246,6 +249,8 @@ class _Decoder:
             return dtype
         if "checkpoint_weights" in value:
             return CheckpointWeights(value["checkpoint_weights"])
+        if "enum" in value:
+            return _find_enum(value["enum"])(value["value"])
         if "problem" in value or "context" in value:
             assert self.ctx is not None, "a fitted preconditioner outside a checkpoint"
             return self.ctx.problem if "problem" in value else self.ctx
@@ -280,6 +285,21 @@ def _find_class(name: str) -> type:
         issubclass(obj, _SLOTS) or (ours and dataclasses.is_dataclass(obj))
     ):
         raise StoreCorruptError(f"the saved fit names {name!r}, not a datatrace slot class")
+    return obj
+
+
+def _find_enum(name: str) -> type[enum.Enum]:
+    """An enum a saved fit names: datatrace's own only."""
+    module_name, _, qualname = name.partition(":")
+    if not module_name.startswith("datatrace."):
+        raise StoreCorruptError(f"the saved fit names {name!r}, not a datatrace enum")
+    import importlib
+
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, enum.Enum)):
+        raise StoreCorruptError(f"the saved fit names {name!r}, not a datatrace enum")
     return obj
 
 
@@ -345,7 +365,8 @@ def load(
     source = ExampleSource(train, "training data")
     _check_same(folder, meta["fingerprint"], _fingerprint(scored, source))
     ckpts = [Checkpoint(state=_state(tensors, c), weight=w) for c, w in enumerate(meta["weights"])]
-    per_ckpt, states = method._bind(scored, ckpts, source, meta["batch_size"])
+    spec = method._features_for(scored, source)  # the preconditioner's parameter choice
+    per_ckpt, states = method._bind(scored, ckpts, source, spec)
     device = model_device(net)
     column_weights = (
         [tensors[f"column_weights/{c}"].to(device) for c in range(len(ckpts))]
