@@ -144,3 +144,20 @@ def test_write_report_output_in_a_browser(browser, tmp_path, kind):
     result = _inspect(browser, path, f"write-report-{kind}")
     images = {"image": n_query * 21 + 30 + 1, "text": 1, "table": 1}[kind]
     _check(result, path, min_images=images)
+
+
+def test_cli_report_on_your_own_model_in_a_browser(browser, tmp_path, monkeypatch):
+    """``datatrace report`` on a user's model file, checkpoints on disk and .npz data (the
+    project of tests/test_cli.py), opened as a person would."""
+    from test_cli import _own, _project
+
+    from datatrace.app.cli import main
+
+    _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noisy.txt").write_text("3, 7\n12\n")
+    out = tmp_path / "report" / "report.html"
+    argv = ["report", *_own(tmp_path), "--suspected", "noisy.txt", "--out", str(out)]
+    assert main(argv) == 0
+    result = _inspect(browser, out, "cli-report")
+    _check(result, out, min_images=1)

@@ -212,3 +212,24 @@ def test_auto_refuses_several_checkpoints(mlp_data) -> None:
     )
     with pytest.raises(ConfigError, match="one checkpoint"):
         method.fit(dt.ClassificationTask(model), ckpts, (x, y), progress=False)
+
+
+def test_kfac_default_damping_is_never_below_round_off(monkeypatch):
+    """The rule's λ comes from the mean curvature; a stiff layer's float32 eigenvalues can
+    make it round-off there (MiniLM's pooler). The default is then raised to
+    NUMERICAL_MARGIN × that layer's round-off level (logged); an explicit λ is refused."""
+    from datatrace.curvature import base, kfac
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(40, 6) * 30, torch.randint(0, 3, (40,))
+    task = dt.ClassificationTask(model)
+    ckpt = [dt.Checkpoint.from_module(model)]
+    monkeypatch.setattr(base, "GN_FACTOR", 1e-12)  # a rule that lands below round-off
+    fitted = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y))
+    layers = fitted.preconditioners[0].layers
+    floor = max(kfac._numerical_floor(lay) for lay in layers)
+    assert fitted.damping[0] == pytest.approx(kfac.NUMERICAL_MARGIN * floor, rel=1e-12)
+    assert torch.isfinite(fitted.attribute((x[:3], y[:3]))).all()
+    with pytest.raises(dt.ConfigError, match="singular"):
+        dt.Influence(dt.EKFAC(damping=floor / 100)).fit(task, ckpt, (x, y))

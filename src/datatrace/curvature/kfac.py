@@ -494,8 +494,29 @@ def _fit_kronecker(
         if path is not None:
             _save(path, layers, described)
     used = resolve_damping(damping, ctx, gauss_newton=True)
+    if damping is None:  # the rule's λ (from the mean curvature) may be round-off for a layer
+        needed = max(_numerical_floor(lay) for lay in layers) * NUMERICAL_MARGIN
+        if needed > used:
+            log.info(
+                "%s damping raised from the rule's %.3g to %.3g: %g × the round-off level "
+                "of the stiffest layer's eigenvalues (float %s)",
+                kind.upper(), used, needed, NUMERICAL_MARGIN, problem.theta.dtype,
+            )  # fmt: skip
+            used = needed
     _check_not_singular(layers, used, kind)
     return KroneckerPreconditioner(problem, layers, used)
+
+
+#: The default damping is at least this many times a layer's round-off level
+#: (:func:`_numerical_floor`), so ``G + λI`` is never numerically singular by default.
+NUMERICAL_MARGIN = 10.0
+
+
+def _numerical_floor(lay: _Layer, damping: float = 0.0) -> float:
+    """The size below which an eigenvalue of the layer's ``G + λI`` is round-off."""
+    assert lay.lam is not None
+    shifted = lay.lam + damping
+    return torch.finfo(shifted.dtype).eps * float(shifted.abs().max()) * max(shifted.shape)
 
 
 def _check_not_singular(layers: list[_Layer], damping: float, kind: str) -> None:
@@ -504,7 +525,7 @@ def _check_not_singular(layers: list[_Layer], damping: float, kind: str) -> None
     for lay in layers:
         assert lay.lam is not None
         shifted = lay.lam + damping
-        floor = torch.finfo(shifted.dtype).eps * float(shifted.abs().max()) * max(shifted.shape)
+        floor = _numerical_floor(lay, damping)
         smallest = float(shifted.min())
         if smallest <= floor:
             raise ConfigError(
