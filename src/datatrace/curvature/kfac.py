@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -544,12 +544,42 @@ def _check_settings(damping: float | None, fisher: Any, samples: Any, seed: Any)
 
 
 @dataclass(frozen=True)
-class KFAC(AbstractPreconditioner):
+class _KroneckerFactored(AbstractPreconditioner):
+    """The settings, layer choice and fit K-FAC and EK-FAC share (see :class:`KFAC`)."""
+
+    damping: float | None = None
+    fisher: Fisher | str | None = None
+    samples: int = 1
+    seed: int = 0
+    #: refit the eigenvalues in the Kronecker eigenbasis (EK-FAC)
+    refit: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        fisher = _check_settings(self.damping, self.fisher, self.samples, self.seed)
+        object.__setattr__(self, "fisher", fisher)
+
+    def parameters(
+        self,
+        task: AbstractTask,
+        names: list[str],
+        requested: tuple[str, ...] | None,
+        train: ExampleSource,
+    ) -> list[str]:
+        return _select(type(self).__name__, task, names, requested, train)
+
+    def fit(self, ctx: FitContext) -> KroneckerPreconditioner:
+        settings = _Settings(as_fisher(self.fisher), self.samples, self.seed)
+        return _fit_kronecker(ctx, self.damping, self.refit, settings)
+
+
+@dataclass(frozen=True)
+class KFAC(_KroneckerFactored):
     """Kronecker-factored Gauss–Newton (block-diagonal over Linear/Conv2d/Conv1D layers);
     factors are cached in the feature store.
 
     Args:
-        damping: λ (``None``: the default multiple of λ₀).
+        damping: λ (``None``: the default rule, :func:`~datatrace.curvature.base.resolve_damping`,
+            never below a layer's round-off level).
         fisher: the output-side factor: ``"exact"`` (per-example output Hessians),
             ``"sampled"`` (labels sampled from the model: the true Fisher, for large outputs
             such as a language model's logits), ``"empirical"`` (training labels), or
@@ -559,54 +589,12 @@ class KFAC(AbstractPreconditioner):
         seed: seed of the sampled labels.
     """
 
-    damping: float | None = None
-    fisher: Fisher | str | None = None
-    samples: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        fisher = _check_settings(self.damping, self.fisher, self.samples, self.seed)
-        object.__setattr__(self, "fisher", fisher)
-
-    def parameters(
-        self,
-        task: AbstractTask,
-        names: list[str],
-        requested: tuple[str, ...] | None,
-        train: ExampleSource,
-    ) -> list[str]:
-        return _select(type(self).__name__, task, names, requested, train)
-
-    def fit(self, ctx: FitContext) -> KroneckerPreconditioner:
-        settings = _Settings(as_fisher(self.fisher), self.samples, self.seed)
-        return _fit_kronecker(ctx, self.damping, False, settings)
-
 
 @dataclass(frozen=True)
-class EKFAC(AbstractPreconditioner):
+class EKFAC(_KroneckerFactored):
     """Eigenvalue-corrected K-FAC (George et al. 2018), as used by Grosse et al. 2023.
 
     Args: as :class:`KFAC` (``damping``, ``fisher``, ``samples``, ``seed``).
     """
 
-    damping: float | None = None
-    fisher: Fisher | str | None = None
-    samples: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        fisher = _check_settings(self.damping, self.fisher, self.samples, self.seed)
-        object.__setattr__(self, "fisher", fisher)
-
-    def parameters(
-        self,
-        task: AbstractTask,
-        names: list[str],
-        requested: tuple[str, ...] | None,
-        train: ExampleSource,
-    ) -> list[str]:
-        return _select(type(self).__name__, task, names, requested, train)
-
-    def fit(self, ctx: FitContext) -> KroneckerPreconditioner:
-        settings = _Settings(as_fisher(self.fisher), self.samples, self.seed)
-        return _fit_kronecker(ctx, self.damping, True, settings)
+    refit: ClassVar[bool] = True
