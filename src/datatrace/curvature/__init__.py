@@ -12,7 +12,6 @@
 """
 
 from .base import (
-    DAMPING_FACTOR,
     AbstractFittedPreconditioner,
     AbstractPreconditioner,
     InfluenceWarning,
@@ -28,7 +27,6 @@ from .kfac import EKFAC, KFAC
 from .problem import CurvatureProblem
 
 __all__ = [
-    "DAMPING_FACTOR",
     "EKFAC",
     "KFAC",
     "AbstractFittedPreconditioner",

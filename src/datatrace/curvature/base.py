@@ -43,16 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("datatrace")
 
-#: Multiplier of λ₀ used when ``damping=None``, chosen by Pearson agreement with true
-#: leave-one-out retraining (bench/influence_quality.py; L2 logistic regression on breast
-#: cancer and a tanh MLP on digits, 300 training examples each). Mean per-query Pearson at
-#: 0.1× / 1× / 10× / 100× λ₀: exact Hessian, logreg 0.77/0.95/0.95/0.80, MLP
-#: 0.29/0.35/0.65/0.74; Gauss-Newton, MLP 0.50/0.62/0.73/0.68; EK-FAC, logreg
-#: 0.83/0.85/0.81/0.75, MLP 0.67/0.69/0.67/0.59. 10× is the best worst case: smaller values
-#: let the negative curvature of a non-convex network ruin exact influence, larger ones
-#: wash out the curvature (Wei et al. 2024 plot 100×).
-DAMPING_FACTOR = 10.0
-
 
 class InfluenceWarning(UserWarning):
     """Scores may be unreliable (e.g. a Hessian that is not positive definite)."""

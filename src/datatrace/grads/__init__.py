@@ -17,7 +17,6 @@ from .layers import (
     flat_offsets,
     hookable,
     layer_calls,
-    layer_io,
 )
 from .per_example import (
     bound_model,
@@ -44,7 +43,6 @@ __all__ = [
     "hookable",
     "hooked_grads",
     "layer_calls",
-    "layer_io",
     "per_example_grads",
     "per_example_grads_loop",
     "rule_kind",

@@ -2,8 +2,7 @@
 
 * :func:`hookable`: which layers' per-example gradients can come from hooks;
 * :func:`layer_calls`: THE forward-hook capture (every call's input and output, optionally
-  a probe added to the output), used by :func:`layer_io`, K-FAC and the structured Hessian;
-* :func:`layer_io`: hooked layers' inputs and output gradients from one batched pass;
+  a probe added to the output), used by K-FAC and the structured Hessian;
 * :func:`conv_patches`: THE Conv2d unfolding (the patch each output position sees), used
   by :func:`conv_grads`, the Kronecker projection and K-FAC;
 * :func:`flat_offsets`: where each parameter sits in a flat vector of selected parameters.
@@ -20,8 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.task import AbstractTask
-from .per_example import Params, bound_model, value_fn
 
 HOOKABLE = (nn.Linear, nn.Conv2d)
 
@@ -35,48 +32,6 @@ def hookable(module: nn.Module) -> bool:
         and module.groups == 1
         and (not isinstance(module.padding, str) or module.padding == "valid")
     )
-
-
-def layer_io(
-    task: AbstractTask,
-    params: Params,
-    buffers: Params,
-    batch: Any,
-    layers: Sequence[str],
-    measurement: bool = False,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Inputs and output gradients of ``nn.Linear``/``nn.Conv2d`` layers, per example, from
-    one batched forward/backward pass (scoped forward hooks).
-
-    The per-example weight gradient of a Linear layer is ``outer(e, a)`` and its bias
-    gradient ``e``; a Conv2d layer's is ``Σ_positions e_p ⊗ patch_p`` (see
-    :func:`conv_grads`). Valid when each layer is called once per forward (Linear on a
-    (batch, features) input) and examples do not interact (model in eval mode).
-
-    Returns:
-        ({layer: (input, output gradient)}, values): Linear ``a`` (batch, in) and ``e``
-        (batch, out); Conv2d input (batch, C, H, W) and ``e`` (batch, out, H', W').
-
-    Raises:
-        NotFactorable: a layer is not called exactly once, or a Linear input is not 2-D.
-    """
-    modules = {name: task.model.get_submodule(name) for name in layers}
-    with layer_calls(modules) as captured:
-        state = {**buffers, **{k: v.detach().requires_grad_(True) for k, v in params.items()}}
-        values = value_fn(task, measurement)(bound_model(task.model, state), batch)
-    for name, calls in captured.items():
-        if len(calls) != 1:
-            raise NotFactorable(name, f"layer {name!r} is called {len(calls)} times per forward")
-        if type(modules[name]) is nn.Linear and calls[0][0].dim() != 2:
-            raise NotFactorable(name, f"Linear layer {name!r} gets a {calls[0][0].dim()}-D input")
-    outputs = [captured[n][0][1] for n in layers]
-    # Summing per-example values is exact here: example b's output gradient depends only on b.
-    out_grads = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
-    io = {}
-    for n, g in zip(layers, out_grads, strict=True):
-        out = captured[n][0][1]
-        io[n] = (captured[n][0][0].detach(), torch.zeros_like(out) if g is None else g.detach())
-    return io, values.detach()
 
 
 Calls = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]

@@ -5,12 +5,10 @@ Implementations:
 * :func:`per_example_grads`: ``vmap(grad(functional_call))``, the fast default.
 * :func:`per_example_grads_loop`: one ``autograd.grad`` per example; the slow, obviously
   correct twin, and the fallback for models vmap cannot trace.
-* :func:`layer_io`: for ``nn.Linear`` and ``nn.Conv2d`` layers called once per forward, the
-  layer inputs and output gradients of every example from one batched forward/backward
-  pass (scoped hooks). For Linear layers these are the factors of the per-example weight
-  gradient ``e ⊗ a``, kept factored so the full gradient is never formed (TracIn's
-  last-layer trick: ``⟨e⊗a, e'⊗a'⟩ = (e·e')(a·a')``); :func:`conv_grads` turns a Conv2d's
-  into its per-example gradient (unfolded patches times output gradients).
+* :mod:`.rules`: hook rules (Linear on any (B, ..., d) input, Conv1D, Embedding,
+  LayerNorm, Conv2d): every example's layer inputs and output gradients from one batched
+  forward/backward pass, kept factored where that is cheaper (TracIn's last-layer trick:
+  ``⟨e⊗a, e'⊗a'⟩ = (e·e')(a·a')``, summed over tokens).
 
 Parameter selection (:func:`select_parameters`) accepts parameter names (``fc.weight``) and
 module names (``fc`` selects all of its parameters).
