@@ -289,3 +289,39 @@ def test_token_level_factored_selections_and_a_longer_batch_is_refused():
     wide = torch.cat([ids, ids[:, :3]], 1)
     with pytest.raises(dt.DataError, match="padding='max_length'"):
         feats.compute(params, {}, (wide, y), False, 3)
+
+
+@pytest.mark.parametrize("kind", ["blocks", "gpt2"])
+def test_dense_features_formed_in_place_equal_the_per_example_loop(kind):
+    """Unfactored features written straight into strided rows of a wider array (as into
+    the memory store): every rule, the tied weight (its written and scattered parts), the
+    untied Embedding (zeroed, then scattered), equal the per-example loop (float64, with
+    padding), match the slow twin (each parameter formed, then concatenated) and touch
+    nothing outside their columns."""
+    if kind == "blocks":
+        model, ids, y = _model_and_batch()
+        task, batch = dt.ClassificationTask(model), (ids, y)
+    else:
+        task, batch = _hf_case("gpt2")
+        model = task.model
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, batch, names)
+    flat = flatten_grads(g, names)
+    feats = GradientFeatures(FeatureSpec(factored=False), task)
+    first = feats.compute(params, buffers, batch, False, 0)  # probe and slow-path layout
+    assert feats.dense_names == names and not feats.vmap_names
+    n, width = flat.shape
+    wide = torch.full((n, width + 5), float("nan"), dtype=torch.float64)
+    out = {"dense": wide[:, 2 : 2 + width]}
+    got = feats.compute(params, buffers, batch, False, 0, out=out)
+    assert got["dense"].data_ptr() == out["dense"].data_ptr()
+    torch.testing.assert_close(got["dense"], flat, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(first["dense"], flat, rtol=1e-10, atol=1e-12)
+    assert wide[:, :2].isnan().all() and wide[:, 2 + width :].isnan().all()
+    # the slow twin: each hooked parameter's parts formed and summed, then concatenated
+    modules = {lay: model.get_submodule(lay) for lay in feats.plan.layers}
+    calls, _ = capture(task, params, buffers, batch, modules)
+    contrib = hooked_grads(feats.plan, model, calls)
+    twin = {k: feats._formed(k, contrib[k], n) for k in names}
+    torch.testing.assert_close(got["dense"], flatten_grads(twin, names), rtol=1e-12, atol=1e-14)

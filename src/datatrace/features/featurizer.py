@@ -32,7 +32,6 @@ from ..core.task import AbstractTask
 from ..grads.layers import NotFactorable
 from ..grads.per_example import (
     bound_model,
-    flatten_grads,
     per_example_grads,
     per_example_grads_loop,
     select_parameters,
@@ -47,6 +46,7 @@ from ..grads.rules import (
     Term,
     capture,
     form,
+    form_into,
     hook_plan,
     hooked_grads,
 )
@@ -82,8 +82,11 @@ class AbstractFeaturizer(ABC):
         batch: Any,
         measurement: bool,
         offset: int = 0,
+        out: Features | None = None,
     ) -> Features:
-        """Features of one batch (of the loss, or the measurement for queries)."""
+        """Features of one batch (of the loss, or the measurement for queries); with
+        ``out`` (arrays of the layout's widths, one row per example), written into it and
+        returned."""
 
     @abstractmethod
     def pairwise(self, q: Features, g: Features) -> torch.Tensor:
@@ -319,13 +322,22 @@ class GradientFeatures(AbstractFeaturizer):
         batch: Any,
         measurement: bool,
         offset: int = 0,
+        out: Features | None = None,
     ) -> Features:
         """Features of one batch, (batch, width) each; ``offset`` = index of its first example
-        (in ``feature_dtype`` when one is set)."""
-        feats = self._compute(params, buffers, batch, measurement, offset)
-        if self.spec.feature_dtype is None:
+        (in ``feature_dtype`` when one is set). With ``out`` (e.g. rows of the feature
+        store), the dense gradients are formed straight into it: no per-batch copy."""
+        dtype = next(iter(params.values())).dtype if params else None
+        cast = self.spec.feature_dtype is not None and self.spec.feature_dtype != dtype
+        feats = self._compute(params, buffers, batch, measurement, offset, None if cast else out)
+        if cast:
+            feats = {k: v.to(self.spec.feature_dtype) for k, v in feats.items()}
+        if out is None:
             return feats
-        return {k: v.to(self.spec.feature_dtype) for k, v in feats.items()}
+        for k, v in feats.items():
+            if out[k].data_ptr() != v.data_ptr():
+                out[k].copy_(v)
+        return out
 
     def _compute(
         self,
@@ -334,6 +346,7 @@ class GradientFeatures(AbstractFeaturizer):
         batch: Any,
         measurement: bool,
         offset: int,
+        out: Features | None = None,
     ) -> Features:
         self.task.check_batch(bound_model(self.task.model, {**buffers, **params}), batch, offset)
         if not self._probed:
@@ -353,14 +366,45 @@ class GradientFeatures(AbstractFeaturizer):
             return {"proj": self._project(contrib, grads, n)}
         feats: Features = {}
         factored = self.layers
-        for name in self.dense_names:
-            if name in contrib:
-                grads[name] = self._formed(name, contrib[name], n)
         if self.dense_names:
-            feats["dense"] = flatten_grads(grads, self.dense_names)
+            feats["dense"] = self._dense_into(
+                out["dense"] if out is not None else None, grads, contrib, values
+            )
         for lay, (w, b) in factored.items():
             feats[f"{lay}.a"], feats[f"{lay}.e"] = self._factors(lay, w, b, contrib, n, offset)
         return feats
+
+    def _dense_into(
+        self,
+        dest: torch.Tensor | None,
+        grads: dict[str, torch.Tensor],
+        contrib: dict[str, list[Grad]],
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """The flattened gradients of :attr:`dense_names`, (n, width), each parameter's
+        formed straight into its columns of ``dest`` (allocated when ``None``): no
+        per-parameter tensors concatenated, no sum of a tied weight's parts in a temporary
+        (its slow twin: :func:`~datatrace.grads.per_example.flatten_grads` of
+        :meth:`_formed`, tested to agree)."""
+        n = len(values)
+        names = self.dense_names
+        if dest is None:
+            p = dict(self.task.model.named_parameters())[names[0]]
+            width = sum(math.prod(self.shapes[k]) for k in names)
+            dest = torch.empty(n, width, dtype=p.dtype, device=p.device)
+        start = 0
+        for name in names:
+            shape = self.shapes[name]
+            stop = start + math.prod(shape)
+            view = dest[:, start:stop].view(n, *shape)
+            start = stop
+            if name in grads:
+                view.copy_(grads[name].reshape(n, *shape))
+            elif contrib.get(name):
+                form_into(view, contrib[name])
+            else:
+                view.zero_()  # its layers were not called
+        return dest
 
     def _formed(self, name: str, parts: list[Grad], n: int) -> torch.Tensor:
         """A hooked parameter's per-example gradient (n, *shape): its contributions summed

@@ -36,7 +36,7 @@ def featurize(
     stop = len(source) if stop is None else stop
     model = features.task.model
     device = model_device(model)
-    parts: list[Features] = []
+    whole: Features | None = None  # allocated from the first batch's widths
     # the loop is not kept in a variable: dropping it (also on an error) restores the flags
     for s, e, batch in over_batches(
         source,
@@ -50,8 +50,18 @@ def featurize(
     ):
         rest = batch_ranges(batch_size, e, len(source))
         with _all_nonfinite(features, state, source, measurement, rest):
-            parts.append(features.compute(state[0], state[1], batch, measurement, offset=s))
-    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+            rows = (
+                None if whole is None else {k: v[s - start : e - start] for k, v in whole.items()}
+            )
+            feats = features.compute(state[0], state[1], batch, measurement, offset=s, out=rows)
+        if whole is None:
+            if e - s == stop - start:
+                return feats
+            whole = {k: v.new_empty((stop - start, *v.shape[1:])) for k, v in feats.items()}
+            for k, v in feats.items():
+                whole[k][: e - s] = v
+    assert whole is not None
+    return whole
 
 
 def featurize_into_store(
@@ -98,8 +108,10 @@ def featurize_into_store(
         for (c, k, _), (s, e, batch) in zip(todo, loop, strict=True):
             params, buffers = states[c]
             rest = batch_ranges(store.chunk_size, e, len(source))
+            # into the store's own rows where it has them (no copy per batch)
+            rows = store.slot(c, k) if isinstance(store, MemoryFeatureStore) else None
             with _all_nonfinite(per_ckpt[c], states[c], source, False, rest):
-                feats = per_ckpt[c].compute(params, buffers, batch, False, offset=s)
+                feats = per_ckpt[c].compute(params, buffers, batch, False, offset=s, out=rows)
             store.write(c, k, feats)
             if time.monotonic() - last_commit > commit_every:
                 store.commit()

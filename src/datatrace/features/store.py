@@ -404,8 +404,10 @@ class MemoryFeatureStore:
         self.manifest: dict[str, Any] = {"layout": layout, "n": n, "n_checkpoints": n_checkpoints}
         self.n = n
         self.chunk_size = chunk_size
+        # empty, not zeros: every chunk is written before it is read (a zeroing pass over
+        # gigabytes of features costs about as much as writing them)
         self._arrays = {
-            (c, name): torch.zeros(n, width, dtype=dtype, device=device)
+            (c, name): torch.empty(n, width, dtype=dtype, device=device)
             for c in range(n_checkpoints)
             for name, width in layout.items()
         }
@@ -417,10 +419,18 @@ class MemoryFeatureStore:
     def done(self, c: int) -> set[int]:
         return set(self._done[c])
 
+    def slot(self, c: int, chunk: int) -> dict[str, torch.Tensor]:
+        """Writable views of chunk ``chunk``'s rows at checkpoint ``c``: features computed
+        into them need no copy (:meth:`write` them to mark the chunk done)."""
+        start, stop = self.chunks()[chunk]
+        return {name: self._arrays[(c, name)][start:stop] for name in self.manifest["layout"]}
+
     def write(self, c: int, chunk: int, feats: dict[str, torch.Tensor]) -> None:
         start, stop = self.chunks()[chunk]
         for name, t in feats.items():
-            self._arrays[(c, name)][start:stop] = t.detach()
+            dest = self._arrays[(c, name)][start:stop]
+            if t.data_ptr() != dest.data_ptr() or t.shape != dest.shape:  # else: in place
+                dest.copy_(t.detach())
         self._done[c].add(chunk)
 
     def commit(self) -> None:
@@ -429,6 +439,11 @@ class MemoryFeatureStore:
     def merge_ranks(self) -> None:
         """Under torchrun: every rank computed its own chunks into zeros; one all-reduce
         (sum) gives every rank all of them, bit-identical to one process."""
+        chunks = self.chunks()
+        for (c, _), t in self._arrays.items():  # the arrays start empty: zero the others
+            for k, (start, stop) in enumerate(chunks):
+                if k not in self._done[c]:
+                    t[start:stop].zero_()
         for t in self._arrays.values():
             if t.dtype == torch.bfloat16:  # reduced as float32: exact (one rank's value + 0s)
                 wide = t.float()

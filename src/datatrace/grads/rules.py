@@ -144,6 +144,35 @@ def form(grad: Grad, shape: Sequence[int]) -> torch.Tensor:
     return g.reshape(b, *shape)
 
 
+def form_into(dest: torch.Tensor, parts: Sequence[Grad]) -> None:
+    """``dest`` (B, *shape) := the sum of the contributions ``parts`` (at least one), each
+    formed straight into ``dest``: factored terms by a batched matmul written into it (its
+    rows may be strided, e.g. columns of a wider feature array), Embedding terms by a
+    per-example row scatter onto it. Same values as summing :func:`form` of each part."""
+    b = dest.shape[0]
+    # written terms first (no zeroing pass), scattered ones added onto them
+    ordered = sorted(parts, key=lambda g: isinstance(g, Term) and g.indexed)
+    for i, grad in enumerate(ordered):
+        if isinstance(grad, torch.Tensor):
+            src = grad.reshape(dest.shape)
+            dest.copy_(src) if i == 0 else dest.add_(src)
+        elif grad.indexed:
+            rows = dest.view(b, grad.rows, -1)
+            if i == 0:
+                rows.zero_()
+            for k in range(b):
+                rows[k].index_add_(0, grad.left[k], grad.right[k])
+        else:
+            left, right = grad.left.transpose(1, 2), grad.right
+            if grad.transposed:  # stored (cols, rows): Σ right leftᵀ
+                left, right = right.transpose(1, 2), grad.left
+            mat = dest.view(b, left.shape[1], right.shape[2])
+            if i == 0:
+                torch.bmm(left, right, out=mat)
+            else:
+                mat.baddbmm_(left, right)
+
+
 def capture(
     task: AbstractTask,
     params: Params,

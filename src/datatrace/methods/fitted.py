@@ -192,7 +192,8 @@ class FittedGradientAttributor:
         """Yield ``(start, S[:, start:stop])`` over training blocks (all, or those starting
         at ``starts``, multiples of ``block_size``); never the whole matrix."""
         qfeats = [self._precondition(c, q) for c, q in enumerate(self.query_features(queries))]
-        qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats]
+        normalize = self.method.normalize
+        qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats] if normalize else []
         blocks = range(0, self.n_train, self.block_size) if starts is None else starts
         bar = show_progress(self.progress) and len(blocks) > 1
         for start in tqdm(blocks, desc="scoring", unit="block", disable=not bar, leave=False):
@@ -202,7 +203,7 @@ class FittedGradientAttributor:
                 g = self._train_block(c, start, stop)
                 with self.features.scoring():
                     s = self.features.pairwise(q, g)
-                if self.method.normalize:
+                if normalize:
                     gnorm = self.features.sqnorm(g).sqrt()
                     s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]
                 s = s * (w * self.scale)
