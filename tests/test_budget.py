@@ -13,11 +13,12 @@ from datatrace.features.placement import MIN_SIZING_BUDGET, plan_sizes
 from datatrace.features.spec import FeatureSpec
 
 
-def _fit(mlp_data, **kw):
+def _fit(mlp_data, method=None, **kw):
     model, x, y = mlp_data
     task = dt.ClassificationTask(model)
     ck = [dt.Checkpoint.from_module(model, weight=0.5)]
-    return dt.TracIn().fit(task, ck, (x, y), progress=False, **kw), (x[:4], y[:4])
+    method = method or dt.TracIn()
+    return method.fit(task, ck, (x, y), progress=False, **kw), (x[:4], y[:4])
 
 
 def test_a_tiny_budget_streams_with_small_batches_and_blocks_and_the_same_scores(mlp_data, caplog):
@@ -36,12 +37,36 @@ def test_a_tiny_budget_streams_with_small_batches_and_blocks_and_the_same_scores
 
 
 def test_over_the_budget_with_a_disk_store_allowed_streams_through_it(mlp_data, caplog):
-    ref_fit, queries = _fit(mlp_data)
+    """A preconditioned method (whose fit reads the features more than once) streams them
+    through a temporary disk store."""
+    method = dt.Influence(dt.GaussNewton(damping=0.1))
+    ref_fit, queries = _fit(mlp_data, method)
     with caplog.at_level(logging.WARNING, logger="datatrace"):
-        fitted, _ = _fit(mlp_data, max_memory_bytes=1000)
+        fitted, _ = _fit(mlp_data, method, max_memory_bytes=1000)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "temporary disk store" in warned[0]
     assert fitted.store is not None and fitted.store.path is not None
+    torch.testing.assert_close(
+        fitted.attribute(queries), ref_fit.attribute(queries), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_a_first_order_method_over_the_budget_recomputes_instead_of_spilling(mlp_data, caplog):
+    """TracIn reads the training features once per scoring call: over the budget they are
+    recomputed block by block (no disk store written and read back), same scores."""
+    ref_fit, queries = _fit(mlp_data)
+    assert ref_fit.store is not None  # in memory
+    with caplog.at_level(logging.WARNING, logger="datatrace"):
+        fitted, _ = _fit(mlp_data, max_memory_bytes=1000)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "recomputed block by block at every scoring call" in warned[0]
+    assert fitted.store is None
+    torch.testing.assert_close(
+        fitted.attribute(queries), ref_fit.attribute(queries), rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(
+        fitted.self_influence(), ref_fit.self_influence(), rtol=1e-12, atol=1e-14
+    )
     torch.testing.assert_close(
         fitted.attribute(queries), ref_fit.attribute(queries), rtol=1e-12, atol=1e-14
     )

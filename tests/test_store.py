@@ -189,11 +189,21 @@ def test_changing_any_example_invalidates_the_store(mlp_data, tmp_path):
 
 def test_temporary_features_live_in_memory_or_a_temporary_directory(mlp_data, tmp_path):
     model, x, y = mlp_data
-    on_disk = _fit(model, x, y, tmp_path / "s")
-    in_memory = _fit(model, x, y, None)
+    # a preconditioned method spills to disk over the budget (a first-order one recomputes)
+    spec = dt.Influence(dt.GaussNewton(damping=0.1))
+    on_disk = _fit(model, x, y, tmp_path / "s", spec=spec)
+    in_memory = _fit(model, x, y, None, spec=spec)
     assert in_memory.store.path is None
-    spilled = _fit(model, x, y, None, max_memory_bytes=0)
+    spilled = _fit(model, x, y, None, max_memory_bytes=0, spec=spec)
     assert spilled.store.path is not None and spilled.store.path.exists()
+    recomputed = _fit(model, x, y, None, max_memory_bytes=0)
+    assert recomputed.store is None
+    torch.testing.assert_close(
+        recomputed.attribute((x[:4], y[:4])),
+        _fit(model, x, y, tmp_path / "t").attribute((x[:4], y[:4])),
+        rtol=0,
+        atol=0,
+    )
     ref = on_disk.attribute((x[:4], y[:4]))
     for fitted in (in_memory, spilled):
         torch.testing.assert_close(fitted.attribute((x[:4], y[:4])), ref, rtol=0, atol=0)
@@ -219,7 +229,7 @@ def test_a_failed_fit_leaves_no_temporary_store_behind(mlp_data, tmp_path, monke
             max_memory_bytes=0, progress=False,
         )  # fmt: skip
     assert list(scratch.iterdir()) == []
-    fitted = dt.TracIn().fit(
+    fitted = dt.Influence(dt.GaussNewton(damping=0.1)).fit(
         dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y),
         max_memory_bytes=0, progress=False,
     )  # fmt: skip

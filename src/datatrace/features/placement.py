@@ -10,8 +10,9 @@ make them small.
 
 * ``store=None`` and the features fit in ``max_memory_bytes``: a :class:`MemoryFeatureStore`
   on the model's device (no disk I/O).
-* above ``max_store_bytes``: not cached; scoring recomputes each training block (same
-  features, bit for bit per batch, more compute, no disk).
+* above ``max_store_bytes``, or over the budget for a first-order method (``single_pass``:
+  scoring reads them once per call): not cached; scoring recomputes each training block
+  (same features, bit for bit per batch, more compute, no disk).
 * otherwise: a :class:`FeatureStore` at ``store`` (or a temporary directory removed with the
   fitted object), reused when its fingerprint matches, resumed after a crash.
 """
@@ -99,8 +100,15 @@ def place_training_features(
     max_store_bytes: int | None,
     max_memory_bytes: int,
     verify: Verify | str = Verify.SAMPLE,
+    single_pass: bool = False,
 ) -> Placement:
     """Featurize ``source`` at every checkpoint into memory or a store, or decide not to.
+
+    ``single_pass``: scoring reads the training features once per call (first-order
+    methods, no preconditioner fitted from them): with ``store=None`` and features over
+    ``max_memory_bytes`` they are then recomputed block by block when scored (one
+    featurization per scoring call) rather than written to and read back from a temporary
+    disk store (a write and a read of every feature on top of the same featurization).
 
     ``featurizers[c]`` must already know its layout (probed on one example);
     ``fingerprint()`` is called only when a disk store is opened."""
@@ -120,6 +128,14 @@ def place_training_features(
         f"{SUGGESTED_PROJECTION})) would make them {SUGGESTED_PROJECTION * dtype.itemsize} "
         "bytes per example, projected from the layers' gradient factors"
     )
+    if store is None and single_pass:
+        log.warning(
+            "%s: training features would take %.2f GB (%.2f MB per example) > the memory "
+            "budget (max_memory_bytes=%d): not cached, recomputed block by block at every "
+            "scoring call (store=DIR caches them on disk for repeated scoring); %s",
+            name, nbytes / 1e9, per_example / 1e6, max_memory_bytes, fix,
+        )  # fmt: skip
+        return Placement(None, None)
     if max_store_bytes is not None and nbytes > max_store_bytes:
         log.warning(
             "%s: training features would take %.2f GB (%.2f MB per example) > "

@@ -139,7 +139,10 @@ class GradientAttributor:
                 scoring time (same scores, more compute, no disk).
             max_memory_bytes: the memory budget (default 4 GiB): with ``store=None``, keep
                 features in memory (on the model's device: GPU memory for a CUDA model) up
-                to this size, else stream them (WARNING); it also sizes batches and blocks.
+                to this size, else stream them (WARNING): first-order methods (no
+                preconditioner) recompute them block by block at each scoring call,
+                influence methods write them to a temporary disk store (their fit reads
+                them several times); it also sizes batches and blocks.
             verify: when reusing a store, re-hash a sample of its chunks
                 (``Verify.SAMPLE`` or ``"sample"``, at most 32 MiB per checkpoint: all of a
                 small store) or every chunk (``Verify.FULL``, ``"full"``); damage raises
@@ -189,6 +192,7 @@ class GradientAttributor:
             per_ckpt, states, source, fingerprint, dtype, name=self.name, store=store,
             overwrite=overwrite, batch_size=batch_size, progress=progress,
             max_store_bytes=max_store_bytes, max_memory_bytes=max_memory_bytes, verify=verify,
+            single_pass=self.preconditioner is None,
         )  # fmt: skip
         try:  # a failed preconditioner fit leaves no temporary store behind
             column_weights = (
