@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+import pytest
 import torch
 
 import datatrace as dt
+import datatrace.methods.fitted as fitted_module
 from datatrace.features.featurizer import GradientFeatures
 from datatrace.features.placement import MIN_SIZING_BUDGET, plan_sizes
 from datatrace.features.spec import FeatureSpec
@@ -108,3 +111,43 @@ def test_a_large_feature_gets_small_batches_and_blocks():
     batch, block = plan_sizes(feats, torch.float64, 0, None, None, "t")
     assert block == MIN_SIZING_BUDGET // 4 // row == 8
     assert batch == MIN_SIZING_BUDGET // 4 // (feats.work_entries() * 8) == 2
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        (dt.TracIn(), {}),
+        (dt.TracIn(), {"max_memory_bytes": 0}),  # recomputed per chunk
+        (dt.GradCos(), {}),
+        (dt.Influence(dt.GaussNewton(damping=0.1)), {}),
+    ],
+)
+def test_queries_are_scored_in_chunks_within_the_block_budget(
+    mlp_data, tmp_path, monkeypatch, method, kw
+):
+    """With blocks of 5 examples and 3 checkpoints, queries go in chunks of 5 // 3 = 1 (of
+    5 with one checkpoint):
+    attribute, top_k and attribute_to_file equal scoring every query at once (to float64
+    rounding: BLAS sums a 1-row product in another order than a 7-row one)."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ck = [dt.Checkpoint.from_module(model, weight=0.5)]
+    ck = [*ck, *(dt.Checkpoint.from_state_dict(
+        {k: v + 0.01 * (i + 1) for k, v in model.state_dict().items()}, weight=0.3)
+        for i in range(2))]  # fmt: skip
+    monkeypatch.setattr(fitted_module, "MIN_SIZING_BUDGET", 0)  # else blocks ≥ 64 MiB
+    fitted = method.fit(task, ck, (x, y), progress=False, block_size=5, **kw)
+    queries = (x[:7], y[:7])
+    step = 5 // len(fitted.weights)  # influence: the last checkpoint only, chunks of 5
+    assert step in (1, 5) and fitted.query_chunks(7) == [
+        (a, min(a + step, 7)) for a in range(0, 7, step)
+    ]
+    whole = torch.cat([s for _, s in fitted.score_blocks(queries)], dim=1)
+    assert whole.shape == (7, 23)
+    torch.testing.assert_close(fitted.attribute(queries), whole, rtol=1e-12, atol=1e-14)
+    v, i = fitted.top_k(queries, k=4)
+    ref = whole.topk(4, dim=1)
+    torch.testing.assert_close(v, ref.values, rtol=1e-12, atol=1e-14)
+    assert torch.equal(i, ref.indices)
+    path = fitted.attribute_to_file(queries, tmp_path / "s.npy")
+    torch.testing.assert_close(torch.from_numpy(np.load(path)), whole, rtol=1e-12, atol=1e-14)

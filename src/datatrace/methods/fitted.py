@@ -29,6 +29,7 @@ from ..curvature.context import FitContext
 from ..curvature.problem import CurvatureProblem
 from ..features.featurizer import AbstractFeaturizer, Features
 from ..features.loop import State, featurize
+from ..features.placement import MIN_SIZING_BUDGET
 from ..features.store import FeatureStore, MemoryFeatureStore
 from .check import CheckResult, check
 from .topk import merge_top_k, running_top_k
@@ -145,8 +146,20 @@ class FittedGradientAttributor:
     def n_train(self) -> int:
         return len(self.train)
 
-    def query_features(self, queries: Any) -> list[Features]:
-        """Measurement-gradient features of the queries at each checkpoint used."""
+    def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
+        """The query ranges scored together: the queries' features at every checkpoint
+        used take at most what one scoring block of training features may (``block_size``
+        examples, or a quarter of :data:`~datatrace.features.placement.MIN_SIZING_BUDGET`
+        if that is more: budgets below it do not shrink work), so ``block_size //
+        n_checkpoints`` queries; the training features are read once per chunk."""
+        row = max(1, sum(self.features.layout().values()) * self.compute_dtype.itemsize)
+        block = max(self.block_size, MIN_SIZING_BUDGET // 4 // row)
+        step = max(1, block // len(self.states))
+        return [(a, min(a + step, n_query)) for a in range(0, n_query, step)]
+
+    def query_features(self, queries: Any, rows: tuple[int, int] | None = None) -> list[Features]:
+        """Measurement-gradient features of the queries (those in ``rows``, a range, when
+        given) at each checkpoint used."""
         source = ExampleSource(queries, "queries")
         if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
             self.task.check_queries(source)
@@ -163,6 +176,7 @@ class FittedGradientAttributor:
                 source,
                 True,
                 self.batch_size,
+                *(rows or (0, len(source))),
                 progress=self.progress,
                 desc="featurizing queries",
             )
@@ -187,11 +201,19 @@ class FittedGradientAttributor:
         return {k: v.to(device, self.compute_dtype) for k, v in feats.items()}
 
     def score_blocks(
-        self, queries: Any, starts: Sequence[int] | None = None
+        self,
+        queries: Any,
+        starts: Sequence[int] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, S[:, start:stop])`` over training blocks (all, or those starting
-        at ``starts``, multiples of ``block_size``); never the whole matrix."""
-        qfeats = [self._precondition(c, q) for c, q in enumerate(self.query_features(queries))]
+        """Yield ``(start, S[rows, start:stop])`` over training blocks (all, or those
+        starting at ``starts``, multiples of ``block_size``) for the queries in ``rows``
+        (a range; ``None``: all, their features held at once); never the whole matrix.
+        :meth:`attribute`, :meth:`top_k` and :meth:`attribute_to_file` score the queries
+        in :meth:`query_chunks`."""
+        qfeats = [
+            self._precondition(c, q) for c, q in enumerate(self.query_features(queries, rows))
+        ]
         normalize = self.method.normalize
         qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats] if normalize else []
         blocks = range(0, self.n_train, self.block_size) if starts is None else starts
@@ -220,7 +242,29 @@ class FittedGradientAttributor:
         ``S[j, i] > 0``: training example i is a proponent of query j (training on it
         lowered the query's loss).
         """
-        return torch.cat([s for _, s in self.score_blocks(queries)], dim=1)
+        chunks = self._chunks(queries)
+        if len(chunks) == 1:
+            return torch.cat([s for _, s in self.score_blocks(queries)], dim=1)
+        out = None
+        for a, b in chunks:
+            for start, s in self.score_blocks(queries, rows=(a, b)):
+                if out is None:
+                    out = s.new_empty(chunks[-1][1], self.n_train)
+                out[a:b, start : start + s.shape[1]] = s
+        assert out is not None
+        return out
+
+    def _chunks(self, queries: Any) -> list[tuple[int, int]]:
+        """:meth:`query_chunks` of ``queries``, logged when there are several."""
+        chunks = self.query_chunks(len(ExampleSource(queries, "queries")))
+        if len(chunks) > 1:
+            log.info(
+                "%s: %d queries scored in %d chunks of %d (their features within the memory "
+                "budget's scoring share): the training features are read once per chunk%s",
+                self.method.name, chunks[-1][1], len(chunks), chunks[0][1] - chunks[0][0],
+                " (recomputed: not cached)" if self.store is None else "",
+            )  # fmt: skip
+        return chunks
 
     def _my_block_starts(self) -> list[int]:
         """Starts of the training blocks this rank scores (all of them in one process)."""
@@ -243,8 +287,9 @@ class FittedGradientAttributor:
             del mm
         distributed.barrier()
         mm = np.load(out, mmap_mode="r+")
-        for start, block in self.score_blocks(queries, self._my_block_starts()):
-            mm[:, start : start + block.shape[1]] = block.detach().cpu().numpy()
+        for a, b in self._chunks(queries):
+            for start, block in self.score_blocks(queries, self._my_block_starts(), (a, b)):
+                mm[a:b, start : start + block.shape[1]] = block.detach().cpu().numpy()
         mm.flush()
         del mm
         distributed.barrier()
@@ -265,16 +310,21 @@ class FittedGradientAttributor:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
         size = distributed.world()[1]
+        chunks = self._chunks(queries)
+
+        def top(starts: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+            parts = [
+                running_top_k(self.score_blocks(queries, starts, r), k, largest=not opponents)
+                for r in chunks
+            ]  # per query: chunks of queries are independent
+            return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
         if size == 1:
-            return running_top_k(self.score_blocks(queries), k, largest=not opponents)
+            return top(None)
         # under torchrun: each rank scores its share of the training blocks, then the
         # per-rank top-k lists are merged (same result as one process, on every rank)
         starts = self._my_block_starts()
-        local = (
-            running_top_k(self.score_blocks(queries, starts), k, largest=not opponents)
-            if starts
-            else None
-        )
+        local = top(starts) if starts else None
         gathered: list[Any] = [None] * size
         torch.distributed.all_gather_object(gathered, local)
         parts = [(v.cpu(), i.cpu()) for g in gathered if g is not None for v, i in [g]]
