@@ -126,7 +126,7 @@ def test_queries_are_scored_in_chunks_within_the_block_budget(
     mlp_data, tmp_path, monkeypatch, method, kw
 ):
     """With blocks of 5 examples and 3 checkpoints, queries go in chunks of 5 // 3 = 1 (of
-    5 with one checkpoint):
+    5 with one checkpoint, or scored checkpoint by checkpoint when recomputed):
     attribute, top_k and attribute_to_file equal scoring every query at once (to float64
     rounding: BLAS sums a 1-row product in another order than a 7-row one)."""
     model, x, y = mlp_data
@@ -138,10 +138,12 @@ def test_queries_are_scored_in_chunks_within_the_block_budget(
     monkeypatch.setattr(fitted_module, "MIN_SIZING_BUDGET", 0)  # else blocks ≥ 64 MiB
     fitted = method.fit(task, ck, (x, y), progress=False, block_size=5, **kw)
     queries = (x[:7], y[:7])
-    step = 5 // len(fitted.weights)  # influence: the last checkpoint only, chunks of 5
-    assert step in (1, 5) and fitted.query_chunks(7) == [
-        (a, min(a + step, 7)) for a in range(0, 7, step)
-    ]
+    # chunks of 5 when one checkpoint's query features are held: influence (the last
+    # checkpoint only), or recomputed training features (scored checkpoint by checkpoint)
+    by_checkpoint = fitted.store is None
+    assert fitted._by_checkpoint(5) == by_checkpoint
+    step = 5 if by_checkpoint or len(fitted.weights) == 1 else 1
+    assert fitted.query_chunks(7) == [(a, min(a + step, 7)) for a in range(0, 7, step)]
     whole = torch.cat([s for _, s in fitted.score_blocks(queries)], dim=1)
     assert whole.shape == (7, 23)
     torch.testing.assert_close(fitted.attribute(queries), whole, rtol=1e-12, atol=1e-14)

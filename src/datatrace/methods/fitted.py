@@ -147,19 +147,42 @@ class FittedGradientAttributor:
         return len(self.train)
 
     def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
-        """The query ranges scored together: the queries' features at every checkpoint
-        used take at most what one scoring block of training features may (``block_size``
-        examples, or a quarter of :data:`~datatrace.features.placement.MIN_SIZING_BUDGET`
-        if that is more: budgets below it do not shrink work), so ``block_size //
-        n_checkpoints`` queries; the training features are read once per chunk."""
-        row = max(1, sum(self.features.layout().values()) * self.compute_dtype.itemsize)
-        block = max(self.block_size, MIN_SIZING_BUDGET // 4 // row)
+        """The query ranges scored together: the queries' features held at once take at
+        most what one scoring block of training features may (``block_size`` examples,
+        or a quarter of :data:`~datatrace.features.placement.MIN_SIZING_BUDGET` if that
+        is more: budgets below it do not shrink work): ``block_size // n_checkpoints``
+        queries, or ``block_size`` when scored checkpoint by checkpoint
+        (:meth:`_by_checkpoint`). The training features are read once per chunk."""
+        block = self._block_rows()
         step = max(1, block // len(self.states))
+        if self._by_checkpoint(min(block, n_query)):
+            step = block
         return [(a, min(a + step, n_query)) for a in range(0, n_query, step)]
 
-    def query_features(self, queries: Any, rows: tuple[int, int] | None = None) -> list[Features]:
+    def _block_rows(self) -> int:
+        row = max(1, sum(self.features.layout().values()) * self.compute_dtype.itemsize)
+        return max(self.block_size, MIN_SIZING_BUDGET // 4 // row)
+
+    def _by_checkpoint(self, n_rows: int) -> bool:
+        """Score ``n_rows`` queries one checkpoint at a time (holding one checkpoint's
+        query features and the (n_rows, n_train) scores being summed) rather than block
+        by block over all checkpoints: when training features are recomputed (each
+        chunk of queries then costs a featurization at every checkpoint, so fewer,
+        larger chunks are cheaper) and the scores take at most a block's share."""
+        if self.store is not None or len(self.states) == 1:
+            return False
+        row = max(1, sum(self.features.layout().values()) * self.compute_dtype.itemsize)
+        item = self.compute_dtype.itemsize
+        return n_rows * self.n_train * item <= self._block_rows() * row
+
+    def query_features(
+        self,
+        queries: Any,
+        rows: tuple[int, int] | None = None,
+        checkpoints: Sequence[int] | None = None,
+    ) -> list[Features]:
         """Measurement-gradient features of the queries (those in ``rows``, a range, when
-        given) at each checkpoint used."""
+        given) at each checkpoint used (or those in ``checkpoints``)."""
         source = ExampleSource(queries, "queries")
         if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
             self.task.check_queries(source)
@@ -169,7 +192,8 @@ class FittedGradientAttributor:
         if whole is not None:
             self.task.check_data(whole, source.name)
         out = []
-        for f, st in zip(self.checkpoint_features, self.states, strict=True):
+        for c in range(len(self.states)) if checkpoints is None else checkpoints:
+            f, st = self.checkpoint_features[c], self.states[c]
             feats = featurize(
                 f,
                 st,
@@ -211,30 +235,48 @@ class FittedGradientAttributor:
         (a range; ``None``: all, their features held at once); never the whole matrix.
         :meth:`attribute`, :meth:`top_k` and :meth:`attribute_to_file` score the queries
         in :meth:`query_chunks`."""
-        qfeats = [
-            self._precondition(c, q) for c, q in enumerate(self.query_features(queries, rows))
-        ]
-        normalize = self.method.normalize
-        qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats] if normalize else []
+        n_rows = len(ExampleSource(queries, "queries")) if rows is None else rows[1] - rows[0]
+        every = list(range(len(self.states)))
+        groups = [[c] for c in every] if self._by_checkpoint(n_rows) else [every]
         blocks = range(0, self.n_train, self.block_size) if starts is None else starts
-        bar = show_progress(self.progress) and len(blocks) > 1
-        for start in tqdm(blocks, desc="scoring", unit="block", disable=not bar, leave=False):
-            stop = min(start + self.block_size, self.n_train)
-            total = None
-            for c, (q, w) in enumerate(zip(qfeats, self.weights, strict=True)):
-                g = self._train_block(c, start, stop)
-                with self.features.scoring():
-                    s = self.features.pairwise(q, g)
-                if normalize:
-                    gnorm = self.features.sqnorm(g).sqrt()
-                    s = s / _safe(qnorms[c])[:, None] / _safe(gnorm)[None, :]
-                s = s * (w * self.scale)
-                if self.column_weights is not None:
-                    s = s * self.column_weights[c][start:stop].to(s)
-                total = s if total is None else total + s
-            assert total is not None
+        bar = show_progress(self.progress) and len(blocks) * len(groups) > 1
+        totals: dict[int, torch.Tensor] = {}  # summed over groups of checkpoints
+        normalize = self.method.normalize
+        for group in groups:
+            qfeats = self.query_features(queries, rows, group)
+            qfeats = [self._precondition(c, q) for c, q in zip(group, qfeats, strict=True)]
+            qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats] if normalize else []
+            for start in tqdm(blocks, desc="scoring", unit="block", disable=not bar, leave=False):
+                total = self._score_block(group, qfeats, qnorms, start)
+                if len(groups) == 1:
+                    _check_scores(total, start, self.preconditioners, "scores")
+                    yield start, total
+                else:
+                    totals[start] = total + totals[start] if start in totals else total
+        for start, total in totals.items():
             _check_scores(total, start, self.preconditioners, "scores")
             yield start, total
+
+    def _score_block(
+        self, group: list[int], qfeats: list[Features], qnorms: list[torch.Tensor], start: int
+    ) -> torch.Tensor:
+        """``Σ_{c ∈ group}`` of one training block's weighted scores at checkpoint c
+        (``qnorms``: the queries' feature norms, for normalised methods)."""
+        stop = min(start + self.block_size, self.n_train)
+        total = None
+        for i, (c, q) in enumerate(zip(group, qfeats, strict=True)):
+            g = self._train_block(c, start, stop)
+            with self.features.scoring():
+                s = self.features.pairwise(q, g)
+            if self.method.normalize:
+                gnorm = self.features.sqnorm(g).sqrt()
+                s = s / _safe(qnorms[i])[:, None] / _safe(gnorm)[None, :]
+            s = s * (self.weights[c] * self.scale)
+            if self.column_weights is not None:
+                s = s * self.column_weights[c][start:stop].to(s)
+            total = s if total is None else total + s
+        assert total is not None
+        return total
 
     def attribute(self, queries: Any) -> torch.Tensor:
         """Scores of every training example for every query, shape (n_query, n_train).
