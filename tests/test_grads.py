@@ -263,6 +263,29 @@ def test_layer_calls_records_every_call_and_a_probe_gives_the_output_gradient():
     torch.testing.assert_close(calls["lin"][0][1], lin(x))  # the output before the probe
 
 
+def test_layer_calls_per_example_broadcasts_batch_one_calls_and_collects_refusals():
+    """With ``batch``: a (1, ...) call is expanded to the batch (the model then uses the
+    expanded output, so its gradient is per example), a call of another batch size is
+    refused (not recorded), and a probe is added to the expanded output."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    refused: list = []
+    with layer_calls({"lin": lin}, batch=4, refusals=refused) as calls:
+        full = lin(x)
+        wide = lin(x[:1])
+        lin(x[:2])
+    assert len(calls["lin"]) == 2 and wide.shape == (4, 2)
+    assert torch.equal(calls["lin"][1][0], x[:1].expand(4, 3)) and torch.equal(wide[3], full[0])
+    assert [r.layer for r in refused] == ["lin"] and "batch of 4" in str(refused[0])
+    probe = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    with layer_calls({"lin": lin}, probes={"lin": probe}, batch=4, refusals=refused) as calls:
+        out = (lin(x[:1]) * torch.arange(4.0, dtype=torch.float64)[:, None]).sum()
+    (grad,) = torch.autograd.grad(out, probe)  # per example: row b is b
+    assert torch.equal(grad, torch.arange(4.0, dtype=torch.float64)[:, None].expand(4, 2))
+    assert not lin._forward_hooks
+
+
 def test_flat_offsets_place_parameters_end_to_end():
     assert flat_offsets(["a", "b", "c"], [3, 0, 4]) == {"a": (0, 3), "b": (3, 3), "c": (3, 7)}
 

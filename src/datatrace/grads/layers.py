@@ -2,7 +2,9 @@
 
 * :func:`hookable`: which layers' per-example gradients can come from hooks;
 * :func:`layer_calls`: THE forward-hook capture (every call's input and output, optionally
-  a probe added to the output), used by K-FAC and the structured Hessian;
+  a probe added to the output; per example, with (1, T) calls broadcast to the batch and
+  the calls that are not per example collected), used by the hook rules
+  (:func:`datatrace.grads.rules.capture`), K-FAC and the structured Hessian;
 * :func:`conv_patches`: THE Conv2d unfolding (the patch each output position sees), used
   by :func:`conv_grads`, the Kronecker projection and K-FAC;
 * :func:`flat_offsets`: where each parameter sits in a flat vector of selected parameters.
@@ -39,21 +41,61 @@ Calls = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 @contextlib.contextmanager
 def layer_calls(
-    modules: Mapping[str, nn.Module], probes: Mapping[str, torch.Tensor] | None = None
+    modules: Mapping[str, nn.Module],
+    probes: Mapping[str, torch.Tensor] | None = None,
+    batch: int | None = None,
+    refusals: list[NotFactorable] | None = None,
 ) -> Iterator[Calls]:
     """``{name: [(first input, output) of each call]}`` of the named modules, filled while
     the context is open (scoped forward hooks, removed on exit, also on errors).
 
     With ``probes``, a module's hook returns ``output + probes[name]``: differentiating
     with respect to a zero probe gives the gradient at the layer's output (the output
-    recorded is the one before the probe)."""
+    recorded is the one before the probe).
+
+    With ``batch`` (the number of examples), every call must have one tensor input and
+    output whose first dimension is the example: a call with first dimension 1 both ways
+    (Hugging Face position embeddings on ``(1, T)`` ids) is broadcast to the batch (its
+    output replaced by the expanded one, which the model then uses as before, so that its
+    output gradient is per example; its input expanded alike); any other call is not
+    recorded but appended to ``refusals`` as a :class:`NotFactorable`."""
     calls: Calls = {name: [] for name in modules}
     probes = probes or {}
+    refused = refusals if refusals is not None else []
+
+    def per_example(name: str, x: Any, out: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        assert batch is not None
+        if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+            refused.append(NotFactorable(name, f"layer {name!r} is not called on one tensor"))
+            return None
+        if out.dim() and out.shape[0] == batch and x.dim() and x.shape[0] == batch:
+            return x, out
+        if batch > 1 and out.dim() and out.shape[0] == 1 and x.dim() and x.shape[0] == 1:
+            return x.expand(batch, *x.shape[1:]), out.expand(batch, *out.shape[1:])
+        refused.append(
+            NotFactorable(
+                name,
+                f"layer {name!r} gets an input of shape {tuple(x.shape)} for a batch of "
+                f"{batch}: its first dimension is not the example",
+            )
+        )
+        return None
 
     def hook_for(name: str) -> Callable[..., torch.Tensor | None]:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> Any:
-            calls[name].append((inputs[0], out))
-            return out + probes[name] if name in probes else None
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> Any:
+            x = inputs[0] if inputs else None
+            if batch is None:
+                calls[name].append((x, out))  # type: ignore[arg-type]
+                used = out
+            else:
+                got = per_example(name, x, out)
+                if got is None:
+                    return None
+                calls[name].append(got)
+                used = got[1]
+            if name in probes:
+                return used + probes[name]
+            return used if used is not out else None
 
         return hook
 

@@ -27,7 +27,7 @@ layers and parameters the rules cover for a model and a parameter selection.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.data import batch_len
 from ..core.task import AbstractTask
-from .layers import NotFactorable, conv_patches
+from .layers import NotFactorable, conv_patches, layer_calls
 from .per_example import Params, bound_model, value_fn
 
 LINEAR, CONV1D, CONV2D, EMBEDDING, LAYERNORM = "linear", "conv1d", "conv2d", "embedding", "norm"
@@ -192,40 +192,10 @@ def capture(
         NotFactorable: a call's output does not have the batch as its first dimension.
     """
     n = batch_len(batch)
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in modules}
     bad: list[NotFactorable] = []
-
-    def hook_for(name: str) -> Callable[..., Any]:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> Any:
-            x = inputs[0] if inputs else None
-            if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
-                bad.append(NotFactorable(name, f"layer {name!r} is not called on one tensor"))
-                return None
-            if out.dim() and out.shape[0] == n and x.dim() and x.shape[0] == n:
-                calls[name].append((x, out))
-                return None
-            if n > 1 and out.dim() and out.shape[0] == 1 and x.dim() and x.shape[0] == 1:
-                wide = out.expand(n, *out.shape[1:])
-                calls[name].append((x.expand(n, *x.shape[1:]), wide))
-                return wide
-            bad.append(
-                NotFactorable(
-                    name,
-                    f"layer {name!r} gets an input of shape {tuple(x.shape)} for a batch of "
-                    f"{n}: its first dimension is not the example",
-                )
-            )
-            return None
-
-        return hook
-
-    handles = [mod.register_forward_hook(hook_for(name)) for name, mod in modules.items()]
-    try:
+    with layer_calls(modules, batch=n, refusals=bad) as calls:
         state = {**buffers, **{k: v.detach().requires_grad_(True) for k, v in params.items()}}
         values = value_fn(task, measurement)(bound_model(task.model, state), batch)
-    finally:
-        for h in handles:
-            h.remove()
     if bad:
         raise bad[0]
     flat = [(name, i) for name, cs in calls.items() for i in range(len(cs))]
