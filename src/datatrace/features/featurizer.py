@@ -12,6 +12,10 @@ are dicts of tensors with a leading example dimension:
 
 ``⟨φ(z), φ(z')⟩`` is :meth:`GradientFeatures.pairwise`; its float64 twin is the dot product
 of flattened per-example gradients from :func:`datatrace.grads.per_example_grads_loop`.
+
+The planning half (which parameter goes where, the layout, the work per example, the probe
+on the first batch) is :class:`~datatrace.features.planning.FeaturePlanning`; the slot's
+interface is :class:`~datatrace.features.base.AbstractFeaturizer`.
 """
 
 from __future__ import annotations
@@ -19,17 +23,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..core.data import batch_len
 from ..core.errors import ConfigError, DataError, DatatraceError
 from ..core.loop import check_finite
 from ..core.task import AbstractTask
-from ..grads.layers import NotFactorable
 from ..grads.per_example import (
     bound_model,
     per_example_grads,
@@ -37,89 +38,21 @@ from ..grads.per_example import (
     select_parameters,
 )
 from ..grads.rules import (
-    CONV1D,
-    CONV2D,
-    EMBEDDING,
-    LINEAR,
     Grad,
-    HookPlan,
     Term,
     capture,
     form,
     form_into,
-    hook_plan,
     hooked_grads,
 )
-from .projector import KroneckerProjector, ProjectionSpec, RandomProjector
+from .base import AbstractFeaturizer, Features
+from .planning import FeaturePlanning
 from .spec import FeatureSpec
 
 log = logging.getLogger("datatrace")
-Features = dict[str, torch.Tensor]
 
 
-class AbstractFeaturizer(ABC):
-    """The featurizer slot φ of ``S = Σ_c w_c ⟨φ_c(q), P_c φ_c(z)⟩``, bound to a task.
-
-    Features are dicts of tensors with a leading example dimension (:data:`Features`); a
-    featurizer says their layout, computes them for a batch, and owns the inner products
-    between them (so a factored or projected layout never has to be expanded). Final
-    implementations: :class:`GradientFeatures`.
-    """
-
-    task: AbstractTask
-    #: the parameters differentiated, in model order
-    names: list[str]
-
-    @abstractmethod
-    def layout(self) -> dict[str, int]:
-        """Feature array names and their widths."""
-
-    @abstractmethod
-    def compute(
-        self,
-        params: dict[str, torch.Tensor],
-        buffers: dict[str, torch.Tensor],
-        batch: Any,
-        measurement: bool,
-        offset: int = 0,
-        out: Features | None = None,
-    ) -> Features:
-        """Features of one batch (of the loss, or the measurement for queries); with
-        ``out`` (arrays of the layout's widths, one row per example), written into it and
-        returned."""
-
-    @abstractmethod
-    def pairwise(self, q: Features, g: Features) -> torch.Tensor:
-        """Inner products ``⟨φ(q_j), φ(g_i)⟩``, shape (n_q, n_g)."""
-
-    @abstractmethod
-    def pairwise_diagonal(self, q: Features, g: Features) -> torch.Tensor:
-        """``⟨φ(q_i), φ(g_i)⟩`` row by row, shape (n,)."""
-
-    @abstractmethod
-    def sqnorm(self, g: Features) -> torch.Tensor:
-        """Squared norms ``‖φ(g_i)‖²``, shape (n_g,)."""
-
-    @property
-    @abstractmethod
-    def num_params(self) -> int:
-        """The number of parameters differentiated (the width of an unprojected feature)."""
-
-    @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """Everything that changes the features (for store fingerprints and logs)."""
-
-    def scoring(self) -> contextlib.AbstractContextManager[None]:
-        """The numerical setting scoring matmuls run under (default: unchanged)."""
-        return contextlib.nullcontext()
-
-    def work_entries(self) -> int:
-        """Numbers held per example while a batch is featurized, beyond its features
-        (default: as many as the features; activations not counted)."""
-        return sum(self.layout().values())
-
-
-class GradientFeatures(AbstractFeaturizer):
+class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
     """The featurizer of :class:`FeatureSpec` bound to a task's model.
 
     Per-example gradients of the layers with a hook rule (:mod:`datatrace.grads.rules`:
@@ -157,161 +90,6 @@ class GradientFeatures(AbstractFeaturizer):
         self._warned_loop = False
         self._warned_regen = False
         self._activations = 0  # per example, measured on the first batch
-
-    # -- which parameter goes where ---------------------------------------------------------
-
-    def _plan(self) -> None:
-        model = self.task.model
-        self.plan = (
-            hook_plan(model, self.names, self._skip) if self.spec.layer_hooks else HookPlan({}, {})
-        )
-
-    @property
-    def hooked(self) -> dict[str, str]:
-        """Layers whose parameters' per-example gradients come from hook rules: {layer: rule}."""
-        return self.plan.layers
-
-    @property
-    def vmap_names(self) -> list[str]:
-        """Parameters whose per-example gradients come from vmap (not from hooks)."""
-        return [n for n in self.names if n not in self.plan.params]
-
-    def _sole(self, lay: str) -> tuple[bool, bool] | None:
-        """(weight, bias) selected of a layer that alone uses its selected parameters, or
-        None (shared, or nothing selected)."""
-        w = b = False
-        for sites in self.plan.params.values():
-            if any(s[0] == lay for s in sites):
-                if len(sites) != 1:
-                    return None
-                w, b = w or sites[0][1] == "weight", b or sites[0][1] == "bias"
-        return (w, b) if w or b else None
-
-    def _param_of(self, lay: str, role: str) -> str:
-        return next(n for n, s in self.plan.params.items() if (lay, role) in s)
-
-    def _candidates(self) -> dict[str, tuple[bool, bool]]:
-        """Linear/Conv1D layers that may be kept factored: {layer: (weight, bias)}."""
-        out = {}
-        for lay, kind in self.plan.layers.items():
-            sole = self._sole(lay) if kind in (LINEAR, CONV1D) else None
-            if sole is not None:
-                out[lay] = sole
-        return out
-
-    @property
-    def layers(self) -> dict[str, tuple[bool, bool]]:
-        """The layers kept factored: {layer: (weight selected, bias selected)} (before the
-        first batch: every candidate, as if each example were one token)."""
-        if self.spec.factored is False or self.projector is not None:
-            return {}
-        cand = self._candidates()
-        if not self._probed:
-            return cand
-        return {lay: wb for lay, wb in cand.items() if lay in self.tokens}
-
-    def _dims(self, lay: str) -> tuple[int, int]:
-        """(in', out) of a factored layer: input width (+1 for a selected bias), output width."""
-        w, b = self._candidates()[lay]
-        mod = self.task.model.get_submodule(lay)
-        weight = mod.weight
-        assert isinstance(weight, torch.Tensor)
-        out_dim, in_dim = weight.shape if self.plan.layers[lay] == LINEAR else weight.shape[::-1]
-        return (int(in_dim) if w else 0) + int(b), int(out_dim)
-
-    @property
-    def dense_names(self) -> list[str]:
-        """Parameters stored as dense flattened gradients (model order)."""
-        factored = {self._param_of(lay, r) for lay, (w, b) in self.layers.items()
-                    for r, on in (("weight", w), ("bias", b)) if on}  # fmt: skip
-        return [n for n in self.names if n not in factored]
-
-    def _set_projections(self) -> None:
-        """Split the selected parameters between the Kronecker projection (weights of hooked
-        Linear/Conv1D/Embedding layers, Conv2d when ``kronecker=True``, with their layer's
-        bias folded in when the layer alone uses both) and the dense one (the rest)."""
-        spec, model = self.spec, self.task.model
-        self.units: list[tuple[str | None, str | None, int, int]] = []
-        self.kr_layers: list[str] = []
-        owned: set[str] = set()
-        if spec.projection_dim is not None and spec.kronecker is not False:
-            kinds = {LINEAR, CONV1D, EMBEDDING} | ({CONV2D} if spec.kronecker else set())
-            for lay, kind in self.plan.layers.items():
-                if kind not in kinds:
-                    continue
-                weight_param = model.get_submodule(lay).weight
-                assert isinstance(weight_param, torch.Tensor)
-                rows, cols = _orient(kind, weight_param.shape)
-                sole = self._sole(lay)
-                if sole is not None and kind != EMBEDDING:  # the layer's own unit
-                    w = self._param_of(lay, "weight") if sole[0] else None
-                    b = self._param_of(lay, "bias") if sole[1] else None
-                    self.units.append((w, b, rows, cols if w else 0))
-                    self.kr_layers.append(lay)
-                    owned |= {w, b} - {None}  # type: ignore[arg-type]
-                    continue
-                w = next((n for n, s in self.plan.params.items() if (lay, "weight") in s), None)
-                if w is None or w in owned:
-                    continue
-                sites = self.plan.params[w]
-                if all(self.plan.layers[s[0]] in kinds for s in sites):  # a shared weight
-                    self.units.append((w, None, rows, cols))
-                    self.kr_layers.append(lay)
-                    owned.add(w)
-        self.dense_proj_names = [n for n in self.names if n not in owned]
-        self.projector: RandomProjector | None = None
-        self.kronecker_projector: KroneckerProjector | None = None
-        if spec.projection_dim is None:
-            return
-        proj = ProjectionSpec(spec.projection_dim, spec.projection_seed)
-        self.projector = RandomProjector(
-            proj, [math.prod(self.shapes[n]) for n in self.dense_proj_names]
-        )
-        if self.units:
-            self.kronecker_projector = KroneckerProjector(
-                proj, [(rows, cols, b is not None) for _, b, rows, cols in self.units],
-                spec.kronecker_block,
-            )  # fmt: skip
-
-    def work_entries(self) -> int:
-        """Numbers held per example while featurizing: the formed per-example gradients
-        (vmap's, the loop's, or the hook rules' where they are formed) and their flattened
-        copy, the features, and twice the hooked layers' inputs and output gradients seen on
-        the first batch (the activations autograd keeps, and their gradients)."""
-        factored = set() if self.projector is not None else set(self.names) - set(self.dense_names)
-        formed = sum(math.prod(self.shapes[n]) for n in self.names if n not in factored)
-        if self.projector is not None:
-            formed = sum(math.prod(self.shapes[n]) for n in self.dense_proj_names)
-        return 2 * formed + sum(self.layout().values()) + 2 * self._activations
-
-    # -- layout ---------------------------------------------------------------------------
-
-    @property
-    def num_params(self) -> int:
-        return sum(self.sizes)
-
-    def layout(self) -> dict[str, int]:
-        """Feature array names and their widths."""
-        if self.projector is not None:
-            return {"proj": self.projector.spec.dim}
-        out: dict[str, int] = {}
-        dense = self.dense_names
-        if dense:
-            out["dense"] = sum(math.prod(self.shapes[n]) for n in dense)
-        for lay in self.layers:
-            n_in, n_out = self._dims(lay)
-            tokens = self.tokens.get(lay, 1)
-            out[f"{lay}.a"] = tokens * n_in
-            out[f"{lay}.e"] = tokens * n_out
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **self.spec.describe(),
-            "selected": self.names,
-            "factored_layers": sorted(self.layers),
-            "layout": self.layout(),
-        }
 
     # -- computing ------------------------------------------------------------------------
 
@@ -513,68 +291,6 @@ class GradientFeatures(AbstractFeaturizer):
                 self._warn_loop(f"vmap could not trace this model ({type(exc).__name__}: {exc})")
         return per_example_grads_loop(self.task, params, buffers, batch, names, measurement)
 
-    def _warn_loop(self, why: str) -> None:
-        """Say, once, that the per-example loop runs, what it costs and how to avoid it."""
-        self._warned_loop = True
-        names = self.vmap_names
-        count = sum(math.prod(self.shapes[n]) for n in names)
-        log.warning(
-            "%s; the per-example gradients of %d parameter tensor(s) (%d entries, e.g. %s) "
-            "come from a per-example loop: one forward+backward per example, about batch "
-            "size times the cost of one batched pass. Fix: select parameters of layers with "
-            "hook rules (Linear, Conv1D, Conv2d, Embedding, LayerNorm) with params=..., or "
-            "make the model traceable by torch.func.vmap; vmap=False skips the attempt",
-            why,
-            len(names),
-            count,
-            names[:4],
-        )
-
-    def _probe(
-        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any
-    ) -> None:
-        """Keep only the layers the hook rules are exact for on this model (the others fall
-        back to vmap), and size the factored layers (tokens per example)."""
-        self._probed = True
-        while self.plan.layers:
-            modules = {lay: self.task.model.get_submodule(lay) for lay in self.plan.layers}
-            try:
-                calls, _ = capture(self.task, params, buffers, batch, modules)
-            except NotFactorable as exc:
-                if self.spec.factored and exc.layer in self._candidates():
-                    raise ConfigError(f"factored=True does not apply: {exc}") from exc
-                log.info("%s; its per-example gradients come from vmap", exc)
-                self._skip.append(exc.layer)
-                self._plan()
-                self._set_projections()
-                continue
-            self._size_factored(calls)
-            n = max(1, batch_len(batch))
-            self._activations = sum(x.numel() + e.numel() for cs in calls.values()
-                                    for x, e in cs) // n  # fmt: skip
-            return
-
-    def _size_factored(self, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """Keep a candidate layer factored when pairwise products from its N tokens
-        (``N²(out + in')``) cost less than from its formed gradient (``out·in'``), or always
-        with ``factored=True``; the others are formed per example."""
-        if self.spec.factored is False or self.projector is not None:
-            return
-        for lay, (w, _) in self._candidates().items():
-            n_in, n_out = self._dims(lay)
-            tokens = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x, _ in calls[lay])
-            tokens = max(1, tokens) if w else 1
-            if self.spec.factored or tokens == 1 or tokens**2 * (n_in + n_out) < n_in * n_out:
-                self.tokens[lay] = tokens
-            else:
-                log.info(
-                    "layer %r: %d tokens per example; its per-example gradient is formed "
-                    "(cheaper than products of %d-token factors)",
-                    lay,
-                    tokens,
-                    tokens,
-                )
-
     def scoring(self) -> contextlib.AbstractContextManager[None]:
         return self._scoring()
 
@@ -665,15 +381,6 @@ def _factored_products(
         prod = (qe2 @ ge2[rows].T) * (qa2 @ ga2[rows].T)
         parts.append(prod.view(nq, tokens, -1, tokens).sum((1, 3)))
     return torch.cat(parts, 1)
-
-
-def _orient(kind: str, shape: torch.Size) -> tuple[int, int]:
-    """(rows, cols) of a weight's gradient ``Σ left rightᵀ``: (out, in) for Linear and
-    Conv2d (in = patch size), (out, in) for Conv1D (stored (in, out)), (vocab, dim) for an
-    Embedding."""
-    if kind == CONV1D:
-        return int(shape[1]), int(shape[0])
-    return int(shape[0]), math.prod(int(d) for d in shape[1:])
 
 
 def _tensors(part: Grad) -> list[torch.Tensor]:
