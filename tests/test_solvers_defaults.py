@@ -148,6 +148,31 @@ def test_lissa_default_depth_converges_on_a_well_damped_problem(setup, caplog):
     assert float((S - ref).norm() / ref.norm()) < 0.01
 
 
+def test_lissa_default_solves_exactly_when_the_recursion_would_cost_more(setup, caplog):
+    """A 66-parameter float64 MLP: the recursion's products (depth × batch × queries) exceed
+    forming H (p × n), so the default solves exactly: equal to the exact damped solve to
+    round-off, logged; depth=... or max_exact_params=0 run the recursion (an estimate)."""
+    model, x, y, xq, yq = setup
+    lam = 0.5
+    ref = reference(model, x, y, xq, yq, lam)
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit(model, x, y, dt.LiSSA(damping=lam))
+        S = fitted.attribute((xq, yq))
+    pc = fitted.preconditioners[0]
+    p, n = sum(v.numel() for v in model.parameters()), len(x)
+    assert pc.depth * min(64, n) * len(xq) >= p * n and pc.exact is not None
+    assert "solved exactly (the series' limit)" in caplog.text
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+    for spec in (dt.LiSSA(damping=lam, max_exact_params=0), dt.LiSSA(damping=lam, depth=pc.depth)):
+        rec = _fit(model, x, y, spec)
+        R = rec.attribute((xq, yq))
+        assert rec.preconditioners[0].exact is None
+        err = float((R - ref).norm() / ref.norm())
+        assert 1e-9 < err < 0.01  # the recursion: close, not equal
+    with pytest.raises(dt.ConfigError, match="max_exact_params"):
+        dt.LiSSA(max_exact_params=-1)
+
+
 def test_lissa_depth_rule_is_clipped():
 
     assert neumann_depth(10.0, 1.0) == math.ceil(math.log(100) / -math.log1p(-0.1))  # 44
