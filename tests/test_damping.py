@@ -233,3 +233,82 @@ def test_kfac_default_damping_is_never_below_round_off(monkeypatch):
     assert torch.isfinite(fitted.attribute((x[:3], y[:3]))).all()
     with pytest.raises(dt.ConfigError, match="singular"):
         dt.Influence(dt.EKFAC(damping=floor / 100)).fit(task, ckpt, (x, y))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: dt.ExactHessian(damping=d),
+        lambda d: dt.GaussNewton(damping=d),
+        lambda d: dt.ConjugateGradient(damping=d, tol=1e-12),
+        lambda d: dt.Arnoldi(rank=20, damping=d),
+        lambda d: dt.LiSSA(damping=d),
+        lambda d: dt.EKFAC(damping=d),
+    ],
+    ids=["exact", "gauss_newton", "cg", "arnoldi", "lissa", "ekfac"],
+)
+def test_auto_grid_reuses_the_curvature_and_equals_fresh_fits(make, monkeypatch) -> None:
+    """damping="auto" tries its grid without re-forming the curvature (the Hessian is formed
+    once; CG is warm-started): each grid point's scores equal a fresh fit at that damping
+    (float64), and the agreements equal the brute-force ones."""
+    from datatrace.curvature.problem import CurvatureProblem
+
+    model, x, y = _trained_mlp()
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    formed = {"hessian": 0, "gauss_newton": 0}
+    for name in formed:
+        original = getattr(CurvatureProblem, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):  # type: ignore[no-untyped-def]
+            formed[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(CurvatureProblem, name, counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dt.InfluenceWarning)
+        fitted = dt.Influence(make("auto")).fit(task, ckpts, (x, y), progress=False)
+    assert sum(formed.values()) <= 1  # exact, Gauss-Newton, LiSSA's exact solve: once
+    res = fitted.auto_damping  # type: ignore[attr-defined]
+    assert len(res.grid) == 3 and res.damping in res.grid
+    q = (x[res.queries], y[res.queries])
+    gold = autodamp.gold_standard(
+        task, ckpts[0], (x, y), res.left_out, res.queries, autodamp.DEFAULTS
+    )
+    for lam, rho in zip(res.grid, res.spearman, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dt.InfluenceWarning)
+            fresh = dt.Influence(make(lam)).fit(task, ckpts, (x, y), progress=False)
+            s = fresh.attribute(q)[:, res.left_out]
+        assert dt.metrics.agreement(s, gold)["spearman"][0] == pytest.approx(rho, abs=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dt.InfluenceWarning)
+        fixed = dt.Influence(make(res.damping)).fit(task, ckpts, (x, y), progress=False)
+        got, want = fitted.attribute(q), fixed.attribute(q)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+    for pc in fitted.preconditioners:  # what was kept for the grid is released
+        assert getattr(pc, "undamped", None) is None and getattr(pc, "last", None) is None
+
+
+def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
+    from datatrace.curvature.iterative import CGPreconditioner, _MatrixFree
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    matrix = a @ a.T / 30
+
+    class _Dense:
+        def mean_product(self, v: torch.Tensor, gauss_newton: bool) -> torch.Tensor:
+            return v @ matrix
+
+    v = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    cold = CGPreconditioner(_MatrixFree(_Dense(), False, 0.5), None, 1e-12)  # type: ignore[arg-type]
+    cold.keep_last = True
+    cold.solve(v)
+    cold_iters = cold.iterations
+    warm = cold.with_damping(0.6)
+    x = warm.solve(v)
+    want = torch.linalg.solve(matrix + 0.6 * torch.eye(30, dtype=torch.float64), v.T).T
+    torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-11)
+    fresh = CGPreconditioner(_MatrixFree(_Dense(), False, 0.6), None, 1e-12)  # type: ignore[arg-type]
+    fresh.solve(v)
+    assert warm.iterations <= fresh.iterations <= cold_iters + 2

@@ -44,6 +44,26 @@ def test_gradient_matching_decreases_its_objective() -> None:
     assert fitted.history[0][1] < 0.3 * fitted.history[0][0]  # the first point, from real init
 
 
+def test_a_point_whose_adam_steps_raise_the_objective_is_undone() -> None:
+    """Synsets that already equal their groups (m = |G_k|) match every gradient to
+    round-off; Adam's scale-free steps would move them away (issue 12: from 1e-12 to 0.02-4
+    on the suite's tasks). The distiller keeps the better of before/after at every point:
+    the synsets stay the real members exactly and no point's objective rises."""
+    task, ckpts, train, _ = trained()
+    groups = torch.arange(24) // 6  # 4 groups of 6
+    fitted = dt.DistilledDatamodel(groups=groups, synset_per_group=6, steps_per_point=20).fit(
+        task, ckpts, train
+    )
+    assert all(after <= before for before, after in fitted.history)
+    members = torch.stack([train[0][groups == k] for k in range(4)])  # (4, 6, 5)
+    got = fitted.syn_x.sort(dim=1).values
+    assert torch.equal(got, members.sort(dim=1).values)
+
+
+def test_default_synset_size_is_the_measured_one() -> None:
+    assert dt.DistilledDatamodel().synset_per_group == 16
+
+
 def test_synset_equal_to_the_group_gives_the_first_order_removal_effect() -> None:
     """m = |G_k| real members, no distillation, one small step: removing s_k moves θ by
     +η g_k (g_k = (1/n) Σ_{i∈G_k} ∇ℓ_i), so A[j, k] ≈ (η/n) Σ_{i∈G_k} q_j · g_i."""

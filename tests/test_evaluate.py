@@ -68,6 +68,24 @@ def test_unknown_keys_and_bad_values_are_errors_with_suggestions() -> None:
     assert cfg["methods"]["damping"] == [1.0] and cfg["truth.further_training"]["seeds"] == 10
 
 
+def test_config_leaves_solver_settings_to_the_library_unless_given() -> None:
+    """No [methods] cg_iters / lissa_depth: the CLI builds CG and LiSSA with the library's
+    own rules (max_iter / depth None), not the old fixed 100 / 500; a given value is
+    passed on; 0 means the default; negative is an error."""
+    from datatrace.app.registry import make_method
+
+    m = resolve_config({"methods": {"use": ["cg", "lissa"]}})["methods"]
+    assert (m["cg_iters"], m["lissa_depth"]) == (0, 0)
+    cg, lissa = make_method("cg", m).preconditioner, make_method("lissa", m).preconditioner
+    assert cg == dt.ConjugateGradient() and cg.max_iter is None
+    assert lissa == dt.LiSSA() and lissa.depth is None
+    given = resolve_config({"methods": {"use": ["cg", "lissa"], "cg_iters": 7, "lissa_depth": 9}})
+    assert make_method("cg", given["methods"]).preconditioner.max_iter == 7
+    assert make_method("lissa", given["methods"]).preconditioner.depth == 9
+    with pytest.raises(dt.ConfigError, match="cg_iters = -1 is out of range"):
+        resolve_config({"methods": {"cg_iters": -1}})
+
+
 def test_small_run_writes_results_and_resumes_from_cache(tmp_path: Path, capsys) -> None:
     cfg_path = tmp_path / "small.toml"
     cfg_path.write_text(SMALL.format(out=str(tmp_path / "out")))

@@ -208,9 +208,10 @@ def test_datainf_matches_its_formula(setup):
     n = len(x)
     layers = [(0, 42), (42, 66)]  # fc1 (weight+bias), fc2
     expected = torch.zeros(len(xq), n, dtype=torch.float64)
+    lam = dt.curvature.base.GN_FACTOR * (G**2).mean()  # one λ: the Gauss-Newton rule's
+    assert fitted.damping == [pytest.approx(float(lam), rel=1e-12)]
     for a, b in layers:
         gl, ql = G[:, a:b], Q[:, a:b]
-        lam = 0.1 * (gl**2).mean()
         for j in range(len(xq)):
             v = ql[j]
             inv_v = sum(v - (gl[i] @ v) / (lam + gl[i] @ gl[i]) * gl[i] for i in range(n))

@@ -148,6 +148,31 @@ def test_lissa_default_depth_converges_on_a_well_damped_problem(setup, caplog):
     assert float((S - ref).norm() / ref.norm()) < 0.01
 
 
+def test_lissa_default_solves_exactly_when_the_recursion_would_cost_more(setup, caplog):
+    """A 66-parameter float64 MLP: the recursion's products (depth × batch × queries) exceed
+    forming H (p × n), so the default solves exactly: equal to the exact damped solve to
+    round-off, logged; depth=... or max_exact_params=0 run the recursion (an estimate)."""
+    model, x, y, xq, yq = setup
+    lam = 0.5
+    ref = reference(model, x, y, xq, yq, lam)
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit(model, x, y, dt.LiSSA(damping=lam))
+        S = fitted.attribute((xq, yq))
+    pc = fitted.preconditioners[0]
+    p, n = sum(v.numel() for v in model.parameters()), len(x)
+    assert pc.depth * min(64, n) * len(xq) >= p * n and pc.exact is not None
+    assert "solved exactly (the series' limit)" in caplog.text
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+    for spec in (dt.LiSSA(damping=lam, max_exact_params=0), dt.LiSSA(damping=lam, depth=pc.depth)):
+        rec = _fit(model, x, y, spec)
+        R = rec.attribute((xq, yq))
+        assert rec.preconditioners[0].exact is None
+        err = float((R - ref).norm() / ref.norm())
+        assert 1e-9 < err < 0.01  # the recursion: close, not equal
+    with pytest.raises(dt.ConfigError, match="max_exact_params"):
+        dt.LiSSA(max_exact_params=-1)
+
+
 def test_lissa_depth_rule_is_clipped():
 
     assert neumann_depth(10.0, 1.0) == math.ceil(math.log(100) / -math.log1p(-0.1))  # 44
@@ -236,3 +261,59 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, env=single_process_env()
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_influence_without_a_preconditioner_is_ekfac_on_a_transformers_supported_layers(caplog):
+    """Tiny BERT and GPT-2 (built from configs): 22-30k parameters, embeddings/LayerNorms
+    not K-FAC layers. With params=None ``Influence()`` takes EK-FAC on the Linear/Conv1D
+    layers (most of the parameters), not CG on everything; the scores are dt.EKFAC()'s.
+    Only a requested parameter EK-FAC cannot take sends it to CG."""
+    from test_kfac_models import _bert, _bert_data, _fit_bert, _fit_lm, _gpt2, _lm_data
+
+    from datatrace.core.data import ExampleSource
+    from datatrace.curvature.auto import AutoPreconditioner
+
+    model, batch = _bert(), _bert_data(8, seed=2)
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit_bert(model, batch, None)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    p = sum(sizes.values())
+    kept = [n for n in sizes if "embeddings" not in n and "LayerNorm" not in n]
+    share = sum(sizes[n] for n in kept) / p
+    assert p == 22_595 and round(share, 2) == 0.80
+    assert (
+        f"preconditioner EKFAC ({p:,} parameters > max_exact_params=10,000; EK-FAC's layers "
+        f"hold {share:.0%} of them (left out of the scores: bert.embeddings.word_embeddings"
+    ) in caplog.text
+    assert fitted.features.names == kept
+    queries = {k: v[:3] for k, v in batch.items()}
+    want = _fit_bert(model, batch, dt.EKFAC())
+    torch.testing.assert_close(fitted.attribute(queries), want.attribute(queries))
+
+    caplog.clear()
+    gpt = _gpt2()
+    with caplog.at_level("INFO", logger="datatrace"):
+        _fit_lm(gpt, _lm_data(), None)
+    assert "preconditioner EKFAC (29," in caplog.text and "transformer.wte.weight" in caplog.text
+
+    # the user asks for an embedding: EK-FAC cannot take it, so CG on what was asked for
+    task = dt.ClassificationTask(model)
+    asked = ("bert.embeddings.word_embeddings.weight", "classifier.weight")
+    kind, names, why = AutoPreconditioner(max_exact_params=100).decide(
+        task, list(asked), asked, ExampleSource(batch, "training data")
+    )
+    assert kind == "cg" and names == list(asked)
+    assert "EK-FAC cannot take every layer asked for" in why and "word_embeddings" in why
+
+
+def test_auto_choice_is_cg_when_the_supported_layers_hold_too_little(dict_data):
+    from datatrace.core.data import ExampleSource
+    from datatrace.curvature.auto import EKFAC_MIN_SHARE, AutoPreconditioner
+
+    model, batch = dict_data  # embedding 44 parameters, head 10: 19% < 50%
+    kind, names, why = AutoPreconditioner(max_exact_params=10).decide(
+        dt.ClassificationTask(model), ["emb.weight", "head.weight", "head.bias"], None,
+        ExampleSource(batch, "training data"),
+    )  # fmt: skip
+    assert EKFAC_MIN_SHARE == 0.5
+    assert kind == "cg" and len(names) == 3 and "hold 19% < 50%" in why

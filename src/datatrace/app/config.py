@@ -25,6 +25,8 @@ from .problems import DATASETS
 from .registry import entry, suggest
 
 TRUTHS = ("further_training", "loo", "lds")
+#: ``[methods]`` keys where 0 means "the solver's default rule" (no override)
+SOLVER_DEFAULT_ZERO = ("cg_iters", "lissa_depth")
 
 
 # section -> key -> default (the type of the default is the expected type; None = any)
@@ -64,8 +66,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "methods": {
         "use": ["graddot", "gradcos", "tracin", "datainf", "cg", "ekfac"],
         "damping": [-1.0],
-        "cg_iters": 100,
-        "lissa_depth": 500,
+        # 0: the solver's own rule (CG: 2⌈p/m⌉ + 10 iterations at most, stopping at its
+        # tolerance; LiSSA: depth from scale / damping), which the suite measured
+        "cg_iters": 0,
+        "lissa_depth": 0,
         "arnoldi_rank": 50,
         "trak_dim": 512,
         # fitted.check(): examples left out of one epoch of further training (0: off)
@@ -132,7 +136,8 @@ def _check_range(where: str, key: str, value: Any) -> None:
         or (key in ("momentum", "alpha") and value < 0)
         or (key == "lr" and not value > 0)
         or (key == "fraction" and not 0 < value < 1)
-        or (isinstance(value, int) and key != "seed" and value < 1)
+        or (isinstance(value, int) and key not in ("seed", *SOLVER_DEFAULT_ZERO) and value < 1)
+        or (key in SOLVER_DEFAULT_ZERO and value < 0)
     )
     if bad:
         raise ConfigError(f"{where} = {value!r} is out of range")

@@ -33,8 +33,9 @@ class MethodOptions:
     """Everything a registry entry may read to build its method."""
 
     damping: float | None = None
-    cg_iters: int = 100
-    lissa_depth: int = 500
+    #: ``None`` (or 0 in a config): the solver's own rule, as in the library
+    cg_iters: int | None = None
+    lissa_depth: int | None = None
     arnoldi_rank: int = 50
     trak_dim: int = 512
     projection_dim: int | None = None
@@ -45,7 +46,11 @@ class MethodOptions:
     def from_config(cls, methods: dict[str, Any], damping: float | None = None) -> MethodOptions:
         """Options from a resolved config's ``[methods]`` section."""
         keys = ("cg_iters", "lissa_depth", "arnoldi_rank", "trak_dim")
-        return cls(damping=damping, **{k: methods[k] for k in keys if k in methods})
+        given = {k: methods[k] for k in keys if k in methods}
+        for k in ("cg_iters", "lissa_depth"):  # 0: the solver's default rule
+            if given.get(k) == 0:
+                given[k] = None
+        return cls(damping=damping, **given)
 
     def first_order(self) -> dict[str, Any]:
         return {

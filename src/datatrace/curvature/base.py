@@ -59,6 +59,12 @@ class AbstractFittedPreconditioner(ABC):
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(H + λI)⁻¹ v`` for each row v of ``vectors`` (m, p); returns (m, p)."""
 
+    def with_damping(self, damping: float) -> AbstractFittedPreconditioner | None:
+        """The same curvature at another damping, reusing what the fit computed (the
+        matrix, eigenpairs, factors), or ``None`` when only a refit can tell (the default).
+        ``damping="auto"`` tries its grid this way."""
+        return None
+
 
 class AbstractPreconditioner(ABC):
     """The preconditioner slot ``P`` of ``S = Σ_c w_c ⟨φ_c(q), P_c φ_c(z)⟩``.

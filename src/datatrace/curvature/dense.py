@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..core.errors import ConfigError
 from .base import (
+    AUTO,
     AbstractFittedPreconditioner,
     AbstractPreconditioner,
     check_damping,
@@ -32,7 +33,25 @@ from .context import FitContext
 
 
 @dataclass
-class CholeskyPreconditioner(AbstractFittedPreconditioner):
+class _Redampable:
+    """The undamped matrix, kept (only) when fitted with ``damping="auto"``: another
+    damping is then one factorization, not a new matrix (issue 12: re-forming the Hessian
+    for each grid point cost up to 6× the fit)."""
+
+    #: (M, whether it is a Hessian), or None; not saved with the fit
+    undamped: tuple[torch.Tensor, bool] | None = field(default=None, init=False, repr=False)
+
+    def with_damping(self, damping: float) -> AbstractFittedPreconditioner | None:
+        if self.undamped is None:
+            return None
+        matrix, hessian = self.undamped
+        out = _dense_inverse(matrix.clone(), damping, hessian)
+        out.undamped = self.undamped
+        return out
+
+
+@dataclass
+class CholeskyPreconditioner(_Redampable, AbstractFittedPreconditioner):
     """``(M + λI)⁻¹`` from the Cholesky factor of a positive definite ``M + λI``."""
 
     factor: torch.Tensor
@@ -43,7 +62,7 @@ class CholeskyPreconditioner(AbstractFittedPreconditioner):
 
 
 @dataclass
-class LDLPreconditioner(AbstractFittedPreconditioner):
+class LDLPreconditioner(_Redampable, AbstractFittedPreconditioner):
     """``(M + λI)⁻¹`` from the symmetric-indefinite (Bunch–Kaufman) ``LDLᵀ`` factors of an
     indefinite but invertible ``M + λI``; ``negative`` counts its negative eigenvalues
     (Sylvester's law of inertia, read off D)."""
@@ -180,7 +199,7 @@ class ExactHessian(AbstractPreconditioner):
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Hessian")
         damping = resolve_damping(self.damping, ctx)
-        return _dense_inverse(ctx.problem.hessian(symmetrize=False), damping, hessian=True)
+        return _fit_dense(ctx.problem.hessian(symmetrize=False), damping, True, self.damping)
 
 
 @dataclass(frozen=True)
@@ -197,4 +216,21 @@ class GaussNewton(AbstractPreconditioner):
     def fit(self, ctx: FitContext) -> CholeskyPreconditioner | LDLPreconditioner:
         _check_size(ctx.problem.p, self.max_params, "Gauss-Newton matrix")
         damping = resolve_damping(self.damping, ctx, gauss_newton=True)
-        return _dense_inverse(ctx.problem.gauss_newton(), damping, hessian=False)
+        return _fit_dense(ctx.problem.gauss_newton(), damping, False, self.damping)
+
+
+def _fit_dense(
+    matrix: torch.Tensor, damping: float, hessian: bool, given: float | str | None
+) -> CholeskyPreconditioner | LDLPreconditioner:
+    """Factorize ``matrix + λI``; with ``damping="auto"`` keep the undamped matrix (a copy:
+    the factorization consumes it) for the calibration's other grid points."""
+    if given != AUTO:
+        return _dense_inverse(matrix, damping, hessian)
+    if hessian:  # the factorizations read one triangle; the copy is used whole
+        lower = matrix.tril()
+        matrix = lower + lower.tril(-1).T
+        del lower
+    kept = matrix.clone()
+    out = _dense_inverse(matrix, damping, hessian)
+    out.undamped = (kept, hessian)
+    return out

@@ -252,6 +252,7 @@ class _Distiller:
             state, weight = points[p]
             target = self.group_targets(state)
             before = float(self.objective(syn.detach(), state, target))
+            start_x = syn.detach().clone()
             # Adam ignores the scale of the loss: weight each point through its step size
             for group in opt.param_groups:
                 group["lr"] = ddm.lr * self.scale * weight / total_w * len(points)
@@ -261,6 +262,10 @@ class _Distiller:
                 loss.backward()
                 opt.step()
             after = float(self.objective(syn.detach(), state, target))
+            if not after <= before:  # Adam's scale-free steps can leave a good match: undo
+                with torch.no_grad():
+                    syn.copy_(start_x)
+                after = before
             self.history.append((before, after))
             if path is not None:
                 self._save(path, settings, syn, opt, p + 1)

@@ -44,7 +44,8 @@ from ..core.fingerprint import (
 )
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
-from ..curvature.base import AUTO, AbstractPreconditioner
+from ..curvature.base import AUTO, AbstractFittedPreconditioner, AbstractPreconditioner
+from ..curvature.kfac import KroneckerPreconditioner
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import State, featurize
 from ..features.placement import MEMORY_BUDGET, place_training_features, plan_sizes
@@ -240,11 +241,26 @@ class GradientAttributor:
             )
 
         def refit(damping: float) -> None:
+            """The same curvature at another damping (the matrix, eigenpairs, Kronecker
+            factors or CG's last solutions reused); a full refit where none is kept."""
+            again = [_with_damping(f, damping) for f in fitted.preconditioners]
+            if all(f is not None for f in again):
+                fitted.preconditioners[:] = again  # type: ignore[assignment]
+                return
             fitted.preconditioners.clear()
+            fitted.lambda0.clear()
             fitted._fit_preconditioners(dataclasses.replace(pc, damping=damping))  # type: ignore[type-var]
 
-        result = calibrate_damping(fitted, task, last, train, refit, fitted.damping[0])
+        def restore(kept: list[AbstractFittedPreconditioner]) -> None:
+            fitted.preconditioners[:] = kept
+
+        result = calibrate_damping(
+            fitted, task, last, train, refit, fitted.damping[0],
+            keep=lambda: list(fitted.preconditioners), restore=restore,
+        )  # fmt: skip
         fitted.auto_damping = result  # type: ignore[attr-defined]
+        for f in fitted.preconditioners:  # what was kept for the grid is not needed now
+            _release(f)
 
     def _bind(
         self,
@@ -265,6 +281,26 @@ class GradientAttributor:
         for f, st in zip(per_ckpt, states, strict=True):
             featurize(f, st, source, False, 1, 0, 1, progress=False)
         return per_ckpt, states
+
+
+def _with_damping(
+    fitted: AbstractFittedPreconditioner, damping: float
+) -> AbstractFittedPreconditioner | None:
+    """``fitted.with_damping``; K-FAC/EK-FAC apply their damping at solve time only, so
+    their factors serve every damping as they are."""
+    if isinstance(fitted, KroneckerPreconditioner):
+        return dataclasses.replace(fitted, damping=damping)
+    return fitted.with_damping(damping)
+
+
+def _release(fitted: AbstractFittedPreconditioner) -> None:
+    """Drop what a ``damping="auto"`` fit kept for its grid (an undamped matrix, CG's last
+    solutions; LiSSA's exact factorization's matrix)."""
+    for obj in (fitted, getattr(fitted, "exact", None)):
+        if hasattr(obj, "undamped"):
+            obj.undamped = None  # type: ignore[union-attr]
+        if hasattr(obj, "keep_last"):
+            obj.keep_last, obj.last = False, None  # type: ignore[union-attr]
 
 
 def _is_auto(pc: AbstractPreconditioner) -> bool:

@@ -124,8 +124,10 @@ def Influence(
     """Influence functions with the given curvature preconditioner (e.g.
     ``dt.ExactHessian(damping=...)``, ``dt.ConjugateGradient(...)``, ``dt.EKFAC(...)``;
     ``None``: chosen by problem size at fit time, exact up to
-    :data:`~datatrace.curvature.auto.EXACT_MAX_PARAMS` parameters, EK-FAC above, CG where
-    EK-FAC cannot take a layer, and the fit log says which and why), in leave-one-out units:
+    :data:`~datatrace.curvature.auto.EXACT_MAX_PARAMS` parameters, EK-FAC above on the
+    layers it supports when they hold most of the parameters (a transformer's embeddings and
+    LayerNorms are left out), CG where EK-FAC cannot take the parameters asked for, and the
+    fit log says which and why), in leave-one-out units:
     several checkpoints are an ensemble, averaged with their weights normalised to sum 1
     (a single checkpoint's weight does not scale the scores)."""
     if preconditioner is None:
