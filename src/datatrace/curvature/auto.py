@@ -25,7 +25,7 @@ from .context import FitContext
 from .dense import ExactHessian
 from .iterative import ConjugateGradient
 from .kfac import EKFAC
-from .kfac import _layers as kfac_layers
+from .kfac_layers import problem_layers as kfac_layers
 
 log = logging.getLogger("datatrace")
 

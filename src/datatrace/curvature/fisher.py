@@ -91,6 +91,12 @@ def resolve_fisher(fisher: Fisher | None, outputs_per_example: int) -> Fisher:
     return fisher
 
 
+def loss_gradient(task: AbstractTask, out: torch.Tensor, batch: Any) -> torch.Tensor:
+    """The gradient of the summed training output loss in the outputs ``out`` (batch, ...)."""
+    o = out.detach().requires_grad_(True)
+    return torch.autograd.grad(task.output_loss(o, batch).sum(), o)[0]
+
+
 def output_columns(
     task: AbstractTask,
     out: torch.Tensor,
@@ -98,14 +104,16 @@ def output_columns(
     fisher: Fisher,
     samples: int,
     generator: torch.Generator | None,
+    grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Columns ``r_c`` (C, *out.shape) with ``E[Σ_c r_c r_cᵀ]`` the curvature of each
-    example's output loss in its outputs ``out`` (batch, ...)."""
+    example's output loss in its outputs ``out`` (batch, ...). ``grad``: the loss's output
+    gradient (:func:`loss_gradient`) when already computed."""
     out = out.detach()
     if fisher is Fisher.EXACT:
         return _hessian_roots(task, out, batch)
-    o = out.clone().requires_grad_(True)
-    grad = torch.autograd.grad(task.output_loss(o, batch).sum(), o)[0]
+    if grad is None:
+        grad = loss_gradient(task, out, batch)
     if fisher is Fisher.EMPIRICAL:
         return grad[None]
     return _sampled(out, grad, samples, generator)
@@ -128,26 +136,37 @@ def _hessian_roots(task: AbstractTask, out: torch.Tensor, batch: Any) -> torch.T
 def _sampled(
     out: torch.Tensor, grad: torch.Tensor, samples: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Sampled-label columns ``√c (p − onehot(ŷ)) / √samples`` at every counted position."""
+    """Sampled-label columns ``√c (p − onehot(ŷ)) / √samples`` at every counted position
+    (labels drawn by inverse transform sampling: one uniform per label, a binary search in
+    the cumulative probabilities; no one-hot matrix is formed)."""
     vocab = out.shape[-1]
     if out.dim() < 2 or vocab < 2:
         raise _not_categorical(f"outputs of shape {tuple(out.shape)}")
     g = grad.reshape(-1, vocab)
-    p = torch.softmax(out.reshape(-1, vocab), dim=-1)
     counted = (g != 0).any(dim=1)
-    g, p = g[counted], p[counted]
+    rows = counted.nonzero().flatten()
+    g = g[rows]
+    p = torch.softmax(out.reshape(-1, vocab)[rows], dim=-1)
+    k = torch.arange(len(rows), device=p.device)
     label = g.argmin(dim=1)  # the only negative entry of c (p − onehot(y))
-    residual = p - torch.nn.functional.one_hot(label, vocab).to(p.dtype)
+    residual = p.clone()
+    residual[k, label] -= 1
     scale = g.norm(dim=1) / residual.norm(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
     tol = 10 * math.sqrt(torch.finfo(p.dtype).eps)
-    err = (g - scale[:, None] * residual).abs().amax(dim=1)
+    err = residual.mul_(-scale[:, None]).add_(g).abs_().amax(dim=1)
     if bool((err > tol * g.abs().amax(dim=1)).any()):
         raise _not_categorical("an output loss whose gradient is not c·(softmax − onehot)")
-    drawn = torch.multinomial(p, samples, replacement=True, generator=generator)  # (k, S)
-    u = p[:, None, :] - torch.nn.functional.one_hot(drawn, vocab).to(p.dtype)
-    u = u * (scale / samples).sqrt()[:, None, None]
+    del residual, g
+    cdf = p.cumsum(dim=1)
+    u = torch.rand(len(rows), samples, generator=generator, dtype=p.dtype, device=p.device)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max_(vocab - 1)  # (k, S)
+    del cdf
+    factor = (scale / samples).sqrt()
     cols = out.new_zeros(samples, counted.numel(), vocab)
-    cols[:, counted] = u.transpose(0, 1)
+    for s in range(samples):
+        u_s = p * factor[:, None]
+        u_s[k, drawn[:, s]] -= factor
+        cols[s, rows] = u_s
     return cols.reshape(samples, *out.shape)
 
 
