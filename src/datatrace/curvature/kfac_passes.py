@@ -24,7 +24,15 @@ import torch
 from ..core.errors import ConfigError
 from ..grads.layers import layer_calls
 from .base import symmetric_eigh
-from .fisher import Fisher, loss_gradient, output_columns, resolve_fisher
+from .fisher import (
+    Draw,
+    Fisher,
+    draw_labels,
+    loss_gradient,
+    output_columns,
+    resolve_fisher,
+    sampled_columns,
+)
 from .kfac_layers import KLayer
 from .problem import CurvatureProblem
 
@@ -58,15 +66,18 @@ def _pseudo_grads(
     layers: list[KLayer],
     desc: str,
     settings: PassSettings,
+    draws: list[Draw],
     with_loss: bool = False,
 ) -> Iterator[Iterator[tuple[KLayer, _Step]]]:
     """Per batch, an iterator over the layers' :class:`_Step` (each dropped by the caller
     before the next is formed). ``with_loss``: also pull back the training loss's own
-    output gradient (one more column of the same batched backward pass)."""
+    output gradient (one more column of the same batched backward pass). ``draws``: the
+    sampled labels of each batch (drawn and appended by the first pass, reused by the next:
+    the same columns at the same parameters, without the loss gradient)."""
     theta = problem.theta.detach().requires_grad_(True)
     generator = torch.Generator(device=theta.device).manual_seed(settings.seed)
     used: Fisher | None = None
-    for batch in problem.batches(desc=desc):
+    for index, batch in enumerate(problem.batches(desc=desc)):
         tokens = problem.task.token_mask(batch)
         with layer_calls({lay.name: lay.module for lay in layers}) as calls:
             out = problem.outputs(theta, batch)
@@ -79,9 +90,18 @@ def _pseudo_grads(
         if used is None:
             used = resolve_fisher(settings.fisher, out[0].numel())
             log.info("%s: output-side factor from the %s Fisher", desc, used.value)
-        needs_grad = with_loss or used is not Fisher.EXACT
+        drawn = used is Fisher.SAMPLED and index < len(draws)
+        needs_grad = with_loss or (used is not Fisher.EXACT and not drawn)
         grad = loss_gradient(problem.task, out, batch) if needs_grad else None
-        columns = output_columns(problem.task, out, batch, used, settings.samples, generator, grad)
+        if used is Fisher.SAMPLED:
+            if not drawn:
+                assert grad is not None
+                draws.append(draw_labels(out.detach(), grad, settings.samples, generator))
+            columns = sampled_columns(out, draws[index])
+        else:
+            columns = output_columns(
+                problem.task, out, batch, used, settings.samples, generator, grad
+            )
         if with_loss:
             assert grad is not None
             columns = torch.cat([grad[None], columns])
@@ -138,15 +158,20 @@ def example_sqnorms(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def fit_factors(
-    problem: CurvatureProblem, layers: list[KLayer], settings: PassSettings, with_loss: bool
+    problem: CurvatureProblem,
+    layers: list[KLayer],
+    settings: PassSettings,
+    with_loss: bool,
+    draws: list[Draw],
 ) -> float | None:
     """Fit every layer's ``A``, ``S`` and their eigenbases (K-FAC eigenvalues in ``lam``).
-    Returns Σ_i ‖g_i‖² of the training-loss gradients when ``with_loss``, else None."""
+    Returns Σ_i ‖g_i‖² of the training-loss gradients when ``with_loss``, else None.
+    ``draws``: filled with the sampled labels (for :func:`refit_eigenvalues`)."""
     for lay in layers:
         lay.A = lay.S = None
         lay.positions = 0.0
     square_sum = 0.0
-    for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, with_loss):
+    for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, draws, with_loss):
         for lay, step in batch:
             a2 = step.a.reshape(-1, step.a.shape[-1])
             if lay.A is None:
@@ -176,12 +201,13 @@ _REFIT_ENTRIES = 1 << 22
 
 
 def refit_eigenvalues(
-    problem: CurvatureProblem, layers: list[KLayer], settings: PassSettings
+    problem: CurvatureProblem, layers: list[KLayer], settings: PassSettings, draws: list[Draw]
 ) -> None:
     """EK-FAC: replace each layer's ``lam`` by the mean squared rotated per-example
-    pseudo-gradient, accumulated in place."""
+    pseudo-gradient, accumulated in place (sampled labels from ``draws``, the factor
+    pass's, when it ran)."""
     sums: dict[str, torch.Tensor] = {}
-    for batch in _pseudo_grads(problem, layers, "EK-FAC eigenvalues", settings):
+    for batch in _pseudo_grads(problem, layers, "EK-FAC eigenvalues", settings, draws):
         for lay, step in batch:
             assert lay.ua is not None and lay.us is not None
             a_rot = step.a @ lay.ua  # (b, P, in')
