@@ -157,11 +157,14 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         out = []
         for c in range(len(self.states)):
             pc = self._kron(c)
-            parts: dict[str, list[torch.Tensor]] = {lay.name: [] for lay in pc.layers}
+            blocks: dict[str, torch.Tensor] = {}  # filled in place: no second copy
             for s, batch in self._batches(source, 0, len(source)):
                 for lay, g in self._layer_grads(c, batch, True, s):
-                    parts[lay.name].append(pc.solve_block(lay, g).flatten(1))
-            out.append({name: torch.cat(p) for name, p in parts.items()})
+                    x = pc.solve_block(lay, g).flatten(1)
+                    if lay.name not in blocks:
+                        blocks[lay.name] = x.new_empty(len(source), x.shape[1])
+                    blocks[lay.name][s : s + len(x)] = x
+            out.append(blocks)
         return out
 
     def score_blocks(
