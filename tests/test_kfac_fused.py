@@ -52,34 +52,60 @@ def test_fused_scores_equal_the_stored_feature_path_on_a_cnn(cnn_data, tmp_path)
 
 
 def test_fused_ekfac_equals_the_dense_eigen_corrected_kronecker_solve(mlp_data):
-    """S = (1/n) Q (G_E + λI)⁻¹ Gᵀ with G_E the explicit EK-FAC matrix and the per-example
-    gradients from torch.func: the fused path's scores, to round-off."""
+    """The slow twin, built independently with torch.func: per-example output Hessian roots
+    R_i, pseudo-gradients G_ic = Σ_o R_i[o, c] ∂f_o/∂θ, EK-FAC eigenvalues
+    Λ = (1/n) Σ_ic (U_Sᵀ G_ic U_A)² in the fit's Kronecker eigenbasis, the dense matrix
+    (U_S ⊗ U_A) diag(Λ) (U_S ⊗ U_A)ᵀ per layer, and S = (1/n) Q (G_E + λI)⁻¹ Gᵀ."""
     model, x, y = mlp_data
     task = dt.ClassificationTask(model)
-    fitted = dt.Influence(dt.EKFAC(damping=0.02)).fit(
+    lam = 0.02
+    fitted = dt.Influence(dt.EKFAC(damping=lam, fisher="exact")).fit(
         task, [dt.Checkpoint.from_module(model)], (x, y)
     )
-    pc = fitted.preconditioners[0]
-    G_E = pc.matrix()
-    lam = pc.damping
-    names = [n for n, _ in model.named_parameters()]
+    layers = {lay.name: lay for lay in fitted.preconditioners[0].layers}
     params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+
+    def logits(p, xi):
+        return torch.func.functional_call(model, p, (xi[None],))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))(params, x)  # (n, 3, ...)
+    prob = torch.softmax(torch.func.vmap(logits, in_dims=(None, 0))(params, x), -1)
+    h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    evals, evecs = torch.linalg.eigh(h_out)
+    roots = evecs * evals.clamp_min(0).sqrt()[:, None, :]  # (n, outputs, columns)
+    n = len(x)
+    blocks = []
+    for name, lay in layers.items():
+        w = torch.einsum("noc,noij->ncij", roots, jac[f"{name}.weight"])
+        b = torch.einsum("noc,noi->nci", roots, jac[f"{name}.bias"])
+        G = torch.cat([w, b[..., None]], -1)  # (n, columns, out, in + 1)
+        rot = lay.us.T @ G @ lay.ua
+        eig = (rot**2).sum((0, 1)) / n
+        torch.testing.assert_close(lay.lam, eig, rtol=1e-10, atol=1e-14)
+        K = torch.kron(lay.us, lay.ua)  # vec(U_S X U_Aᵀ) = K vec(X), row-major
+        dense = K @ torch.diag(eig.flatten()) @ K.T  # in [W | b] row-major order
+        d_out, d_in = lay.module.weight.shape
+        idx = torch.arange(d_out * (d_in + 1)).view(d_out, d_in + 1)
+        order = torch.cat([idx[:, :d_in].flatten(), idx[:, d_in]])  # W row-major, then b
+        blocks.append(dense[order][:, order])
+    G_E = torch.block_diag(*blocks)
 
     def per_example(xs, ys, measurement):
+        fn = task.measurement if measurement else task.loss
+
         def f(p, xi, yi):
-            fn = task.measurement if measurement else task.loss
             return fn(
                 lambda inp: torch.func.functional_call(model, p, (inp,)), (xi[None], yi[None])
             )[0]
 
         g = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))(params, xs, ys)
-        return torch.cat([g[n].reshape(len(xs), -1) for n in names], 1)
+        return torch.cat([g[k].reshape(len(xs), -1) for k in names], 1)
 
     xq, yq = x[:5] * 1.3, y[:5]
     Q, G = per_example(xq, yq, True), per_example(x, y, False)
-    want = (
-        Q @ torch.linalg.solve(G_E + lam * torch.eye(G_E.shape[0], dtype=G_E.dtype), G.T) / len(x)
-    )
+    eye = torch.eye(G_E.shape[0], dtype=G_E.dtype)
+    want = Q @ torch.linalg.solve(G_E + lam * eye, G.T) / n
     torch.testing.assert_close(fitted.attribute((xq, yq)), want, rtol=1e-8, atol=1e-12)
 
 
