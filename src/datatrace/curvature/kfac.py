@@ -281,6 +281,13 @@ class KFAC(_KroneckerFactored):
     """Kronecker-factored Gauss–Newton (block-diagonal over Linear/Conv2d/Conv1D layers);
     factors are cached in the feature store.
 
+    ``dt.Influence(dt.KFAC())`` (or ``EKFAC``) fitted without a ``store`` keeps no training
+    features: the fit is two passes over the training data (factors, with λ₀ measured on the
+    way; EK-FAC's eigenvalues) and each scoring call one more, forming a batch's per-example
+    gradients one layer at a time against the preconditioned queries
+    (:mod:`datatrace.methods.kronecker`). With ``store=...`` the features are stored as for
+    every other method (the same scores, to round-off).
+
     Args:
         damping: λ (``None``: the default rule, :func:`~datatrace.curvature.base.resolve_damping`,
             never below a layer's round-off level).
