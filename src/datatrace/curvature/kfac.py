@@ -101,16 +101,25 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
             blocks.append(vectors[:, s:e].reshape(-1, d_out, 1))
         return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
 
-    def solve_factors(self, lay: KLayer, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``(G_l + λI)⁻¹ Σ_p e_p ãᵀ_p`` per example from the factors e (m, P, out) and
-        a (m, P, in'): rotated before they are multiplied (``P (out² + in'²)`` instead of
-        ``out·in' (out + in')`` per example) when that is cheaper."""
-        assert lay.ua is not None and lay.us is not None and lay.lam is not None
+    def rotate_factors(self, lay: KLayer, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``U_Sᵀ (Σ_p e_p ãᵀ_p) U_A`` per example from the factors e (m, P, out) and a
+        (m, P, in'): the factors rotated before they are multiplied (``P (out² + in'²)``
+        instead of ``out·in' (out + in')`` per example) when that is cheaper."""
+        assert lay.ua is not None and lay.us is not None
         positions, n_in, n_out = a.shape[1], a.shape[2], e.shape[2]
         if positions * (n_out**2 + n_in**2) >= n_out * n_in * (n_out + n_in):
-            return self.solve_block(lay, torch.bmm(e.transpose(1, 2), a))
-        rot = torch.bmm((e @ lay.us).transpose(1, 2), a @ lay.ua)
-        return lay.us @ (rot / (lay.lam + self.damping)) @ lay.ua.T
+            return lay.us.T @ torch.bmm(e.transpose(1, 2), a) @ lay.ua
+        return torch.bmm((e @ lay.us).transpose(1, 2), a @ lay.ua)
+
+    def solve_factors(
+        self, lay: KLayer, e: torch.Tensor, a: torch.Tensor, rotated: bool = False
+    ) -> torch.Tensor:
+        """``(G_l + λI)⁻¹ Σ_p e_p ãᵀ_p`` per example (m, out, in') from its factors, or, with
+        ``rotated``, the same in the layer's eigenbasis (``U_Sᵀ (...) U_A``: the rotation
+        back is left to the caller, who may rotate the other side of a product instead)."""
+        assert lay.ua is not None and lay.us is not None and lay.lam is not None
+        x = self.rotate_factors(lay, e, a) / (lay.lam + self.damping)
+        return x if rotated else lay.us @ x @ lay.ua.T
 
     def solve_block(self, lay: KLayer, v: torch.Tensor) -> torch.Tensor:
         """``(G_l + λI)⁻¹`` applied to layer blocks ``v`` (m, out, in')."""

@@ -139,14 +139,6 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
             check_finite(values, [e, a], offset, what)
             yield lay, e, a
 
-    def _layer_grads(
-        self, c: int, batch: Any, measurement: bool, offset: int
-    ) -> Iterator[tuple[KLayer, torch.Tensor]]:
-        """Each K-FAC layer's per-example gradient blocks (b, out, in') of one batch, formed
-        one layer at a time."""
-        for lay, e, a in self._layer_factors(c, batch, measurement, offset):
-            yield lay, torch.bmm(e.transpose(1, 2), a)
-
     def _batches(self, source: ExampleSource, start: int, stop: int) -> Iterator[tuple[int, Any]]:
         model = self.task.model
         loop = over_batches(
@@ -154,8 +146,12 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         )
         return ((s, batch) for s, _, batch in loop)
 
-    def preconditioned_queries(self, queries: Any) -> list[dict[str, torch.Tensor]]:
-        """``(G_c + λI)⁻¹ q_j`` per checkpoint and layer, {layer: (n_q, out·in')}."""
+    def preconditioned_queries(self, queries: Any) -> list[dict[str, tuple[torch.Tensor, bool]]]:
+        """``(G_c + λI)⁻¹ q_j`` per checkpoint and layer, {layer: (block (n_q, out·in'),
+        rotated)}: ``rotated`` blocks are left in the layer's eigenbasis (``U_Sᵀ · U_A``),
+        and training gradients are rotated instead, where that is cheaper (many queries,
+        wide layers, few training examples: ``n_q·out·in'(out + in')`` for the queries
+        against ``n·P(out² + in'²)`` for the training factors)."""
         source = ExampleSource(queries, "queries")
         if isinstance(self.task, LanguageModelingTask):
             self.task.check_queries(source)
@@ -164,16 +160,20 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         whole = source.whole()
         if whole is not None:
             self.task.check_data(whole, source.name)
+        n_q = len(source)
         out = []
         for c in range(len(self.states)):
             pc = self._kron(c)
-            blocks: dict[str, torch.Tensor] = {}  # filled in place: no second copy
-            for s, batch in self._batches(source, 0, len(source)):
+            blocks: dict[str, tuple[torch.Tensor, bool]] = {}  # filled in place: one copy
+            for s, batch in self._batches(source, 0, n_q):
                 for lay, e, a in self._layer_factors(c, batch, True, s):
-                    x = pc.solve_factors(lay, e, a).flatten(1)
                     if lay.name not in blocks:
-                        blocks[lay.name] = x.new_empty(len(source), x.shape[1])
-                    blocks[lay.name][s : s + len(x)] = x
+                        n_out, n_in = e.shape[2], a.shape[2]
+                        back = n_q * n_out * n_in * (n_out + n_in)
+                        rotated = self.n_train * a.shape[1] * (n_out**2 + n_in**2) < back
+                        blocks[lay.name] = (e.new_empty(n_q, n_out * n_in), rotated)
+                    block, rotated = blocks[lay.name]
+                    block[s : s + len(e)] = pc.solve_factors(lay, e, a, rotated).flatten(1)
             out.append(blocks)
         return out
 
@@ -195,13 +195,17 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
             yield start, total
 
     def _block_scores(
-        self, c: int, qt: dict[str, torch.Tensor], start: int, stop: int
+        self, c: int, qt: dict[str, tuple[torch.Tensor, bool]], start: int, stop: int
     ) -> torch.Tensor:
+        pc = self._kron(c)
         parts = []
         for s, batch in self._batches(self.train, start, stop):
             total = None
-            for lay, g in self._layer_grads(c, batch, False, s):
-                term = qt[lay.name] @ g.flatten(1).T
+            for lay, e, a in self._layer_factors(c, batch, False, s):
+                block, rotated = qt[lay.name]
+                # in the eigenbasis when the queries were left there, else as it is
+                g = pc.rotate_factors(lay, e, a) if rotated else torch.bmm(e.transpose(1, 2), a)
+                term = block @ g.flatten(1).T
                 total = term if total is None else total.add_(term)
             assert total is not None
             parts.append(total)
@@ -219,11 +223,11 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
             for c, w in enumerate(self.weights):
                 pc = self._kron(c)
                 for s, batch in self._batches(self.train, start, stop):
-                    for lay, g in self._layer_grads(c, batch, False, s):
-                        assert lay.us is not None and lay.ua is not None and lay.lam is not None
-                        rot = lay.us.T @ g @ lay.ua
+                    for lay, e, a in self._layer_factors(c, batch, False, s):
+                        assert lay.lam is not None
+                        rot = pc.rotate_factors(lay, e, a)
                         value = (rot.square() / (lay.lam + pc.damping)).sum((1, 2))
-                        total[s - start : s - start + len(g)] += value * (w * self.scale)
+                        total[s - start : s - start + len(e)] += value * (w * self.scale)
             _check_scores(total[None], start, self.preconditioners, "self-influence")
             out.append(total)
         if distributed.world()[1] == 1:
