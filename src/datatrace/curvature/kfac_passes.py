@@ -106,7 +106,7 @@ def _pseudo_grads(
             assert grad is not None
             columns = torch.cat([grad[None], columns])
         pulled = _pull_back_columns(out, [calls[lay.name][0][1] for lay in layers], columns)
-        del out, columns
+        del out, columns, grad  # nothing of this batch outlives its layers' steps
 
         def steps(calls=calls, pulled=pulled, tokens=tokens) -> Iterator[tuple[KLayer, _Step]]:
             for i, lay in enumerate(layers):
