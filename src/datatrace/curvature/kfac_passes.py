@@ -190,8 +190,10 @@ def fit_factors(
         if lay.positions == 0:
             raise ConfigError(f"K-FAC layer {lay.name!r} saw no token (every position masked)")
         lay.A, lay.S = lay.A / lay.positions, lay.S / problem.n
-        la, lay.ua = symmetric_eigh(lay.A, f"the input factor A of layer {lay.name!r}")
-        ls, lay.us = symmetric_eigh(lay.S, f"the output-gradient factor S of layer {lay.name!r}")
+        la, ua = symmetric_eigh(lay.A, f"the input factor A of layer {lay.name!r}")
+        ls, us = symmetric_eigh(lay.S, f"the output-gradient factor S of layer {lay.name!r}")
+        # row-major, as when loaded from a cache or a saved fit: the same GEMMs, bit for bit
+        lay.ua, lay.us = ua.contiguous(), us.contiguous()
         lay.lam = ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
     return square_sum if with_loss else None
 
