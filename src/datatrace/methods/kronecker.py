@@ -46,8 +46,9 @@ log = logging.getLogger("datatrace")
 
 #: a fused pass's batch is sized so that its activations, output-space columns and one
 #: layer's formed gradient block take about this fraction of the memory budget (measured
-#: peaks, 1 thread: a 929k-parameter GPT-2, batch 20, 0.23 GB; batch 48, 0.47 GB)
-BATCH_FRACTION = 32
+#: peak RSS, 1 thread, the 929k-parameter GPT-2 of bench/bench_lm.py, 1,000 examples:
+#: batch 20, 0.24-0.28 GB; 24, 0.38-0.41 GB; kronfluence at batch 32, 0.29-0.33 GB)
+BATCH_FRACTION = 40
 #: the largest default fused batch
 MAX_FUSED_BATCH = 256
 
