@@ -13,7 +13,7 @@ head, fine-tuned briefly (AdamW, one epoch, 3 checkpoints) on 1,000 tweets of
 Every method runs in a fresh worker process (time and peak RSS of that process alone);
 methods are rows of :data:`METHODS`, ``name -> (library, what, runner)``, where a runner
 takes the loaded workload and returns the score matrix (n_query, n_train). To add a row
-(e.g. EK-FAC vs kronfluence once the K-FAC branch is merged), add a runner and an entry;
+(the EK-FAC rows: datatrace vs kronfluence, below), add a runner and an entry;
 agreement rows are listed in :data:`AGREEMENT` (pairs that compute the same quantity,
 and projected vs exact).
 
@@ -202,6 +202,100 @@ def forward_backward_runner(wl: dict[str, Any]) -> tuple[None, dict[str, float]]
     return None, {"total": time.perf_counter() - t0}
 
 
+# ----------------------------------------------------------------------------- EK-FAC rows
+#
+# datatrace EK-FAC vs kronfluence 1.0.1's EK-FAC on the same modules (the 38 Linear layers),
+# the same data as dict batches (so both leave padding out of the token covariances:
+# datatrace from ``attention_mask``, kronfluence from ``get_attention_mask``), the same
+# checkpoint (the final one), the same Fisher (empirical: the training labels, deterministic
+# in both) and the same damping (datatrace's default on these layers, passed on); plus
+# datatrace's own defaults (``dt.Influence(dt.EKFAC())``, params=None: every supported layer,
+# the exact Gauss-Newton for 2 classes) as its own row.
+
+
+def as_dict(data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    ids, mask, y = data
+    return {"input_ids": ids, "attention_mask": mask, "labels": y}
+
+
+def ekfac_runner(defaults: bool) -> Callable:
+    def run(wl: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        model = build_model().eval()
+        task = dt.ClassificationTask(model)
+        ck = [dt.Checkpoint.from_state_dict(wl["ckpts"][-1])]
+        if defaults:
+            method = dt.Influence(dt.EKFAC())
+        else:
+            method = dt.Influence(dt.EKFAC(fisher="empirical"), params=linear_modules(model))
+        S, t, fitted = harness.fit_attribute(
+            method, task, ck, as_dict(wl["train"]), as_dict(wl["test"])
+        )
+        t.update(damping=fitted.damping[0], batch_size=fitted.batch_size)
+        del fitted
+        return S, t
+
+    return run
+
+
+def kronfluence_runner(wl: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    model = build_model().eval()
+    model.load_state_dict(wl["ckpts"][-1])
+    names = linear_modules(model)
+    measure = dt.ClassificationTask(model)
+
+    class Cls(Task):
+        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Any:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            return nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> Any:
+            return measure.measurement(lambda **kw: model(**kw), batch).sum()
+
+        def get_influence_tracked_modules(self) -> list[str]:
+            return names
+
+        def get_attention_mask(self, batch: Any) -> torch.Tensor:
+            return batch["attention_mask"]
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, d: dict[str, torch.Tensor]) -> None:
+            self.d = d
+
+        def __len__(self) -> int:
+            return len(self.d["labels"])
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {k: v[i] for k, v in self.d.items()}
+
+    train, test = as_dict(wl["train"]), as_dict(wl["test"])
+    damping = wl["spec"].get("damping")
+    with tempfile.TemporaryDirectory(prefix="bench-tf-kronfluence-") as out:
+        t0 = time.perf_counter()
+        task = Cls()
+        analyzer = Analyzer(analysis_name="tf", model=prepare_model(model, task), task=task,
+                            cpu=True, disable_tqdm=True, output_dir=out)  # fmt: skip
+        args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, amp_dtype=None,
+                               covariance_max_examples=None, lambda_max_examples=None)  # fmt: skip
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=Rows(train), factor_args=args,
+                                 per_device_batch_size=32, overwrite_output_dir=True)  # fmt: skip
+        analyzer.compute_pairwise_scores(
+            scores_name="pairwise", factors_name="ekfac", query_dataset=Rows(test),
+            train_dataset=Rows(train), per_device_query_batch_size=len(test["labels"]),
+            per_device_train_batch_size=32, overwrite_output_dir=True,
+            score_args=ScoreArguments(damping_factor=damping, amp_dtype=None),
+        )  # fmt: skip
+        S = analyzer.load_pairwise_scores("pairwise")["all_modules"].detach().float()
+        total = time.perf_counter() - t0
+    return S / len(train["labels"]), {"total": total, "damping": damping or float("nan")}
+
+
 #: name -> (library, method, runner); the EK-FAC rows (datatrace vs kronfluence) go here
 METHODS: dict[str, tuple[str, str, Callable]] = {
     "fwd-bwd": ("torch", "forward+backward", forward_backward_runner),
@@ -211,13 +305,19 @@ METHODS: dict[str, tuple[str, str, Callable]] = {
     "tracin-exact-linear": ("datatrace", "tracin linear", datatrace_runner("tracin", None, True)),
     "tracin-proj-linear": ("datatrace", "tracin k=1024 linear", datatrace_runner("tracin", 1024, True)),
     "captum-tracin-linear": ("captum", "tracin linear", captum_runner),
+    "ekfac-linear": ("datatrace", "ekfac linear (empirical)", ekfac_runner(False)),
+    "kronfluence-ekfac-linear": ("kronfluence", "ekfac linear (empirical)", kronfluence_runner),
+    "ekfac-defaults": ("datatrace", "ekfac defaults", ekfac_runner(True)),
 }  # fmt: skip
 #: (row, reference row): same quantity (target ≥ 0.99) or projected vs exact (≥ 0.9)
 AGREEMENT = {
     "captum-tracin-linear": "tracin-exact-linear",
     "tracin-proj-linear": "tracin-exact-linear",
     "tracin-proj-all": "tracin-exact-all",
+    "kronfluence-ekfac-linear": "ekfac-linear",
 }
+#: rows that take another row's damping: {row: the row whose fitted damping it uses}
+DAMPING_FROM = {"kronfluence-ekfac-linear": "ekfac-linear"}
 #: rows left out of --quick: exact features of all 22.7M parameters are 91 MB per example
 #: (query features alone 4.5 GB for 50 queries, more than this shared machine allows)
 FULL_ONLY = {"tracin-exact-all"}
@@ -228,6 +328,7 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
     TINY["flag"] = spec.get("tiny", False)
     warnings.filterwarnings("ignore")
     wl = torch.load(spec["workload"], weights_only=True)
+    wl["spec"] = spec
     _, _, runner = METHODS[spec["method"]]
     S, t = runner(wl)
     return {"S": S, "t": t, "peak_gb": harness.peak_rss_gb()}
@@ -250,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if unknown := set(names) - set(METHODS):
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-    env = harness.environment(("captum", "transformers"), n_train=n_train, n_query=n_query,
+    env = harness.environment(("captum", "transformers", "kronfluence"), n_train=n_train, n_query=n_query,
                               tokens=TOKENS, quick=args.quick, tiny=args.tiny)  # fmt: skip
     tmp = tempfile.mkdtemp(prefix="bench-tf-")
     path = args.workload or os.path.join(tmp, "workload.pt")
@@ -262,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         spec = {"method": name, "workload": path, "threads": args.threads, "tiny": args.tiny}
+        if name in DAMPING_FROM:  # the same damping as the datatrace row it is compared with
+            spec["damping"] = results.get(DAMPING_FROM[name], {}).get("t", {}).get("damping")
         try:
             res, others = harness.measured(__file__, spec, args.max_wait)
         except Exception as exc:  # a method that cannot run is a row, not a crash

@@ -454,7 +454,7 @@ def test_ldl_inertia_counts_negative_eigenvalues():
 def test_kfac_batched_column_pullbacks_equal_one_backward_per_column():
     from torch import nn
 
-    from datatrace.curvature.kfac import _pull_back_columns
+    from datatrace.curvature.kfac_passes import _pull_back_columns
 
     torch.manual_seed(0)
     lin1, lin2 = nn.Linear(5, 7).double(), nn.Linear(7, 3).double()

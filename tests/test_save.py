@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import MLP
 
 import datatrace as dt
+from datatrace.methods.kronecker import FittedKroneckerInfluence
 
 
 def trained(n: int = 40, seed: int = 0):
@@ -71,14 +72,19 @@ def test_save_then_load_scores_exactly_as_the_fit(tmp_path: Path, name: str, whe
         options["max_store_bytes"] = 0
         options["store"] = tmp_path / "unused"
     fitted = METHODS[name]().fit(task, ckpts, train, **options)
-    assert (fitted.store is None) == (where == "recompute")
+    fused = name in ("kfac", "ekfac") and where == "memory"  # K-FAC scored without features
+    assert (fitted.store is None) == (where == "recompute" or fused)
     fitted.save(tmp_path / "saved")
     meta = json.loads((tmp_path / "saved" / "attributor.json").read_text())
     kind = {"memory": "inline", "store": "store", "recompute": "recompute"}[where]
+    if fused:
+        kind = "recompute"
+        assert meta["fused"] and isinstance(fitted, FittedKroneckerInfluence)
     assert meta["features"]["kind"] == kind
     # a fresh model object of the same class: only its architecture and code matter
     loaded = dt.load(tmp_path / "saved", dt.ClassificationTask(MLP().double()), train)
     assert isinstance(loaded, dt.FittedGradientAttributor)
+    assert type(loaded) is type(fitted)
     assert loaded.damping == fitted.damping and loaded.weights == fitted.weights
     assert torch.equal(loaded.attribute(q), fitted.attribute(q))
     assert torch.equal(loaded.self_influence(), fitted.self_influence())

@@ -33,7 +33,8 @@ from .base import (
 from .context import FitContext
 from .dense import ExactHessian
 from .iterative import ConjugateGradient
-from .kfac import EKFAC, kfac_layers
+from .kfac import EKFAC
+from .kfac_layers import kfac_layers
 
 if TYPE_CHECKING:
     from ..core.data import ExampleSource

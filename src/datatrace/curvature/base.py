@@ -78,6 +78,11 @@ class AbstractPreconditioner(ABC):
     #: whether it works on randomly projected features (TRAK's Gram inverse does; curvature
     #: of the loss needs exact dense gradients)
     accepts_projection: ClassVar[bool] = False
+    #: whether influence scores can be computed from the fitted preconditioner in one fused
+    #: pass over the training data (per-example gradients formed a batch and a layer at a
+    #: time, dotted with the preconditioned queries) instead of from stored features
+    #: (:mod:`datatrace.methods.kronecker`: K-FAC and EK-FAC)
+    fused_scoring: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:

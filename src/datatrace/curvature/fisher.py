@@ -16,7 +16,8 @@ pullback of an output-space column ``r_c``; it describes the Gauss–Newton matr
   one backward pass per batch and sample. Needs an output loss that is (a positive multiple
   c of) softmax cross-entropy over the last axis of the outputs at every counted position —
   classification logits (batch, classes), a language model's (batch, T, vocab) — which is
-  checked on every batch from the loss's own gradient (``∇_o ℓ = c (p − onehot(y))``,
+  checked on every batch from the loss's own gradient (the EK-FAC eigenvalue pass reuses the
+  factor pass's labels, :class:`Draw`) (``∇_o ℓ = c (p − onehot(y))``,
   rows that do not count have gradient 0).
 * ``EMPIRICAL``: the gradient at the training labels (one column; the empirical Fisher,
   which is not the Gauss–Newton matrix away from a perfect fit; any output loss).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,6 +93,12 @@ def resolve_fisher(fisher: Fisher | None, outputs_per_example: int) -> Fisher:
     return fisher
 
 
+def loss_gradient(task: AbstractTask, out: torch.Tensor, batch: Any) -> torch.Tensor:
+    """The gradient of the summed training output loss in the outputs ``out`` (batch, ...)."""
+    o = out.detach().requires_grad_(True)
+    return torch.autograd.grad(task.output_loss(o, batch).sum(), o)[0]
+
+
 def output_columns(
     task: AbstractTask,
     out: torch.Tensor,
@@ -98,17 +106,19 @@ def output_columns(
     fisher: Fisher,
     samples: int,
     generator: torch.Generator | None,
+    grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Columns ``r_c`` (C, *out.shape) with ``E[Σ_c r_c r_cᵀ]`` the curvature of each
-    example's output loss in its outputs ``out`` (batch, ...)."""
+    example's output loss in its outputs ``out`` (batch, ...). ``grad``: the loss's output
+    gradient (:func:`loss_gradient`) when already computed."""
     out = out.detach()
     if fisher is Fisher.EXACT:
         return _hessian_roots(task, out, batch)
-    o = out.clone().requires_grad_(True)
-    grad = torch.autograd.grad(task.output_loss(o, batch).sum(), o)[0]
+    if grad is None:
+        grad = loss_gradient(task, out, batch)
     if fisher is Fisher.EMPIRICAL:
         return grad[None]
-    return _sampled(out, grad, samples, generator)
+    return sampled_columns(out, draw_labels(out, grad, samples, generator))
 
 
 def _hessian_roots(task: AbstractTask, out: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -125,30 +135,67 @@ def _hessian_roots(task: AbstractTask, out: torch.Tensor, batch: Any) -> torch.T
     return roots.permute(2, 0, 1).reshape(d, *out.shape)
 
 
-def _sampled(
+@dataclass(frozen=True)
+class Draw:
+    """Sampled labels of one batch: the counted rows (flat positions) of the outputs, the
+    loss's scale ``c`` at each, and ``labels`` (rows, samples). A second pass over the same
+    batch at the same parameters reuses it (same columns, no loss gradient needed)."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor
+    labels: torch.Tensor
+
+
+def draw_labels(
     out: torch.Tensor, grad: torch.Tensor, samples: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Sampled-label columns ``√c (p − onehot(ŷ)) / √samples`` at every counted position."""
+) -> Draw:
+    """Check that the loss's output gradient is ``c (softmax − onehot(y))`` at every counted
+    position (rows with a non-zero gradient) and draw ``samples`` labels per counted row from
+    the softmax (inverse transform sampling: one uniform per label, a binary search in the
+    cumulative probabilities; no one-hot matrix is formed)."""
     vocab = out.shape[-1]
     if out.dim() < 2 or vocab < 2:
         raise _not_categorical(f"outputs of shape {tuple(out.shape)}")
     g = grad.reshape(-1, vocab)
-    p = torch.softmax(out.reshape(-1, vocab), dim=-1)
-    counted = (g != 0).any(dim=1)
-    g, p = g[counted], p[counted]
-    label = g.argmin(dim=1)  # the only negative entry of c (p − onehot(y))
-    residual = p - torch.nn.functional.one_hot(label, vocab).to(p.dtype)
-    scale = g.norm(dim=1) / residual.norm(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
+    # (row reductions without indices are vectorised; argmin, any and aminmax are not)
+    rows = ((g.amax(dim=1) > 0) | (g.amin(dim=1) < 0)).nonzero().flatten()
+    g = g[rows]
+    p = torch.softmax(out.reshape(-1, vocab)[rows], dim=-1)
+    k = torch.arange(len(rows), device=p.device)
+    g_min, label = torch.min(g, dim=1)  # the only negative entry of c (p − onehot(y))
+    g_big = torch.maximum(-g_min, g.amax(dim=1))
+    cdf = p.cumsum(dim=1)
+    residual = p  # p − onehot(y), in place (p is not needed any more)
+    residual[k, label] -= 1
+    tiny = torch.finfo(p.dtype).tiny
+    r_norm = torch.linalg.vector_norm(residual, dim=1).clamp_min(tiny)
+    scale = torch.linalg.vector_norm(g, dim=1) / r_norm
     tol = 10 * math.sqrt(torch.finfo(p.dtype).eps)
-    err = (g - scale[:, None] * residual).abs().amax(dim=1)
-    if bool((err > tol * g.abs().amax(dim=1)).any()):
+    diff = residual.mul_(-scale[:, None]).add_(g)  # g − c (p − onehot(y))
+    err = torch.maximum(diff.amax(dim=1), -diff.amin(dim=1))
+    if bool((err > tol * g_big).any()):
         raise _not_categorical("an output loss whose gradient is not c·(softmax − onehot)")
-    drawn = torch.multinomial(p, samples, replacement=True, generator=generator)  # (k, S)
-    u = p[:, None, :] - torch.nn.functional.one_hot(drawn, vocab).to(p.dtype)
-    u = u * (scale / samples).sqrt()[:, None, None]
-    cols = out.new_zeros(samples, counted.numel(), vocab)
-    cols[:, counted] = u.transpose(0, 1)
-    return cols.reshape(samples, *out.shape)
+    del residual, diff
+    u = torch.rand(len(rows), samples, generator=generator, dtype=p.dtype, device=p.device)
+    labels = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max_(vocab - 1)
+    return Draw(rows, scale, labels)
+
+
+def sampled_columns(out: torch.Tensor, draw: Draw) -> torch.Tensor:
+    """Sampled-label columns ``√c (p − onehot(ŷ)) / √samples`` (samples, *out.shape), zero
+    at the rows that do not count."""
+    vocab = out.shape[-1]
+    samples = draw.labels.shape[1]
+    flat = out.detach().reshape(-1, vocab)
+    factor = flat.new_zeros(flat.shape[0])
+    factor[draw.rows] = (draw.scale / samples).sqrt()
+    p = torch.softmax(flat, dim=-1).mul_(factor[:, None])
+    cols = []
+    for s in range(samples):
+        col = p.clone() if s < samples - 1 else p
+        col.index_put_((draw.rows, draw.labels[:, s]), -factor[draw.rows], accumulate=True)
+        cols.append(col)
+    return (torch.stack(cols) if samples > 1 else cols[0][None]).reshape(samples, *out.shape)
 
 
 def _not_categorical(what: str) -> ConfigError:

@@ -34,344 +34,34 @@ References:
 
 from __future__ import annotations
 
-import enum
 import logging
-import sys
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from ..core import persist
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError, StoreMismatchError
-from ..core.loop import over_batches
-from ..core.runtime import model_device
 from ..core.task import AbstractTask
-from ..grads.layers import conv_patches, hookable, layer_calls
-from ..grads.per_example import bound_model
 from .base import (
     AbstractFittedPreconditioner,
     AbstractPreconditioner,
     check_damping,
     check_positive,
+    mean_squared_entry,
     resolve_damping,
-    symmetric_eigh,
 )
 from .context import FitContext
-from .fisher import Fisher, as_fisher, output_columns, resolve_fisher
+from .fisher import Draw, Fisher, as_fisher
+from .kfac_layers import KLayer, kfac_layers, problem_layers, select_kfac_parameters
+from .kfac_passes import PassSettings, fit_factors, refit_eigenvalues
 from .problem import CurvatureProblem
 
+__all__ = ["EKFAC", "KFAC", "KroneckerPreconditioner", "kfac_layers"]
+
 log = logging.getLogger("datatrace")
-
-
-class _Kind(enum.Enum):
-    LINEAR = "Linear"
-    CONV2D = "Conv2d"
-    CONV1D = "Conv1D"  # transformers.pytorch_utils.Conv1D: y = x @ W + b, W (in, out)
-
-
-def _kind(module: nn.Module) -> _Kind | None:
-    if type(module) is nn.Linear:
-        return _Kind.LINEAR
-    if type(module) is nn.Conv2d and hookable(module):
-        return _Kind.CONV2D
-    hf = sys.modules.get("transformers.pytorch_utils")  # only loaded if the model uses it
-    if hf is not None and type(module) is getattr(hf, "Conv1D", None):
-        return _Kind.CONV1D
-    return None
-
-
-@dataclass
-class _Layer:
-    name: str
-    module: nn.Module
-    kind: _Kind
-    weight: str | None = None  # flat-vector parameter names (None if not selected)
-    bias: str | None = None
-    A: torch.Tensor | None = None
-    S: torch.Tensor | None = None
-    ua: torch.Tensor | None = None
-    us: torch.Tensor | None = None
-    lam: torch.Tensor | None = None  # (out, in') eigenvalues in the U_S ⊗ U_A basis
-    positions: float = field(default=0.0)  # counted positions seen (the mean of A)
-    unmasked: bool = False  # warned that its input does not carry the token axis
-
-    def patches(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Input activations per position, (batch, positions, in'), with the bias column,
-        zero at padded positions."""
-        if self.kind is _Kind.CONV2D:
-            assert isinstance(self.module, nn.Conv2d)
-            a = conv_patches(self.module, x).transpose(1, 2)
-        else:
-            a = x.reshape(x.shape[0], -1, x.shape[-1])
-        parts = ([a] if self.weight else []) + ([torch.ones_like(a[..., :1])] if self.bias else [])
-        a = torch.cat(parts, dim=-1)
-        return a if mask is None else a * mask[..., None]
-
-    def out_grads(self, g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Output gradients per position, (batch, positions, out), zero at padding."""
-        e = g.flatten(2).transpose(1, 2) if self.kind is _Kind.CONV2D else g
-        e = e.reshape(e.shape[0], -1, e.shape[-1])
-        return e if mask is None else e * mask[..., None]
-
-    def position_mask(self, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
-        """The token mask (batch, T) spread over this layer's positions (batch, positions),
-        or None (no mask, a Conv2d, or an input without the token axis: logged)."""
-        if tokens is None or self.kind is _Kind.CONV2D or x.dim() < 3:
-            return None
-        if tuple(x.shape[:2]) != tuple(tokens.shape):
-            if self.unmasked:
-                return None
-            self.unmasked = True
-            log.warning(
-                "K-FAC: layer %r gets an input of shape %s that does not start with the token "
-                "mask's (batch, tokens) %s: its padded positions (if any) are counted",
-                self.name, tuple(x.shape), tuple(tokens.shape),
-            )  # fmt: skip
-            return None
-        view = tokens.reshape(*tokens.shape, *([1] * (x.dim() - 3)))
-        return view.expand(*x.shape[:-1]).reshape(x.shape[0], -1).to(x.dtype)
-
-    def weight_block(self, flat: torch.Tensor, out: int) -> torch.Tensor:
-        """A weight's flat entries (m, out·in) as (m, out, in)."""
-        if self.kind is _Kind.CONV1D:
-            return flat.reshape(flat.shape[0], -1, out).transpose(1, 2)
-        return flat.reshape(flat.shape[0], out, -1)
-
-    def weight_flat(self, block: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`weight_block`."""
-        if self.kind is _Kind.CONV1D:
-            block = block.transpose(1, 2)
-        return block.reshape(block.shape[0], -1)
-
-
-# -- which layers: decided before any gradient pass -----------------------------------------
-
-
-def kfac_layers(model: nn.Module, names: list[str]) -> tuple[dict[str, _Layer], dict[str, str]]:
-    """Split the selected parameters ``names`` into K-FAC layers ({module: layer}) and the
-    parameters left out ({name: why}), from the module tree alone."""
-    owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for leaf, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((mname, leaf, mod))
-    params = dict(model.named_parameters())
-    layers: dict[str, _Layer] = {}
-    left_out: dict[str, str] = {}
-    for name in names:
-        uses = owners[id(params[name])]
-        if len(uses) > 1:
-            who = ", ".join(f"{m}.{leaf} ({type(mod).__name__})" for m, leaf, mod in uses)
-            left_out[name] = f"tied: shared by {who}; its gradient sums every use"
-            continue
-        mname, leaf, mod = uses[0]
-        kind = _kind(mod)
-        if kind is None or leaf not in ("weight", "bias"):
-            left_out[name] = f"{type(mod).__name__} is not a K-FAC layer"
-            continue
-        lay = layers.setdefault(mname, _Layer(mname, mod, kind))
-        setattr(lay, leaf, name)
-    return layers, left_out
-
-
-def _called_once(
-    task: AbstractTask, layers: dict[str, _Layer], train: ExampleSource
-) -> dict[str, str]:
-    """{parameter: why} for the layers not called exactly once when computing the loss of
-    one training example (forward only, eval mode)."""
-    model = task.model
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    loop = over_batches(train, 1, 0, 1, device=model_device(model), eval_module=model)
-    with torch.no_grad(), layer_calls({n: lay.module for n, lay in layers.items()}) as calls:
-        for _, _, batch in loop:
-            task.loss(bound_model(model, state), batch)
-    left_out = {}
-    for name, lay in layers.items():
-        count = len(calls[name])
-        if count != 1:
-            why = "not called by the loss" if count == 0 else f"called {count} times per forward"
-            for pname in (lay.weight, lay.bias):
-                if pname:
-                    left_out[pname] = why
-    return left_out
-
-
-def _select(
-    kind: str,
-    task: AbstractTask,
-    names: list[str],
-    requested: tuple[str, ...] | None,
-    train: ExampleSource,
-) -> list[str]:
-    layers, left_out = kfac_layers(task.model, names)
-    if layers:
-        left_out.update(_called_once(task, layers, train))
-    explicit = sorted(set(left_out) & set(requested or ()))
-    if explicit:
-        raise ConfigError(
-            f"{kind} cannot precondition the requested parameters "
-            f"{'; '.join(f'{n!r} ({left_out[n]})' for n in explicit)}: K-FAC layers are nn.Linear, "
-            "nn.Conv2d (groups=1) and transformers' Conv1D, each called once per forward. "
-            "Leave them out of params=[...] (or pass params=None: every supported layer)"
-        )
-    kept = [n for n in names if n not in left_out]
-    if not kept:
-        raise ConfigError(
-            f"{kind}: none of the selected parameters is in a K-FAC layer ({left_out}); "
-            "K-FAC layers are nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D"
-        )
-    if left_out:
-        log.info(
-            "%s: Kronecker factors for %d layers; left out of the scores (not featurized, "
-            "not preconditioned): %s",
-            kind,
-            len({n.rpartition(".")[0] for n in kept}),
-            "; ".join(f"{n} ({why})" for n, why in left_out.items()),
-        )
-    return kept
-
-
-def _layers(problem: CurvatureProblem) -> list[_Layer]:
-    layers, left_out = kfac_layers(problem.task.model, problem.names)
-    if left_out:
-        name, why = next(iter(left_out.items()))
-        raise ConfigError(
-            f"K-FAC/EK-FAC support nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D "
-            f"layers; parameter {name!r}: {why}. Exclude it with params=[...]"
-        )
-    return list(layers.values())
-
-
-# -- the passes over the training data -------------------------------------------------------
-
-
-@dataclass
-class _Pass:
-    """One batch of a pass: each layer's activations (b, P, in'), its pseudo-gradients
-    [(b, P, out) per column] and its number of counted positions."""
-
-    acts: dict[str, torch.Tensor]
-    grads: dict[str, list[torch.Tensor]]
-    counts: dict[str, float]
-
-
-def _pseudo_grads(
-    problem: CurvatureProblem,
-    layers: list[_Layer],
-    desc: str,
-    fisher: Fisher | None,
-    samples: int,
-    seed: int,
-) -> Iterator[_Pass]:
-    theta = problem.theta.detach().requires_grad_(True)
-    generator = torch.Generator(device=theta.device).manual_seed(seed)
-    used: Fisher | None = None
-    for batch in problem.batches(desc=desc):
-        tokens = problem.task.token_mask(batch)
-        with layer_calls({lay.name: lay.module for lay in layers}) as calls:
-            out = problem.outputs(theta, batch)
-        for name, called in calls.items():
-            if len(called) != 1:
-                raise ConfigError(
-                    f"K-FAC/EK-FAC: layer {name!r} is called {len(called)} times per forward "
-                    "pass; its factors need exactly one call (exclude it with params=[...])"
-                )
-        if used is None:
-            used = resolve_fisher(fisher, out[0].numel())
-            log.info("%s: output-side factor from the %s Fisher", desc, used.value)
-        columns = output_columns(problem.task, out, batch, used, samples, generator)
-        pulled = _pull_back_columns(out, [calls[lay.name][0][1] for lay in layers], columns)
-        step = _Pass({}, {}, {})
-        for lay, g in zip(layers, pulled, strict=True):
-            x = calls[lay.name][0][0].detach()
-            mask = lay.position_mask(x, tokens)
-            step.acts[lay.name] = a = lay.patches(x, mask)
-            step.grads[lay.name] = [lay.out_grads(gc.detach(), mask) for gc in g]
-            full = float(a.shape[0] * a.shape[1])
-            step.counts[lay.name] = float(mask.sum()) if mask is not None else full
-        yield step
-
-
-def _pull_back_columns(
-    out: torch.Tensor, outs: list[torch.Tensor], columns: torch.Tensor
-) -> list[list[torch.Tensor]]:
-    """For each layer output in ``outs``, the pullbacks of every output-space column
-    (C, *out.shape) from ``out``: one batched backward pass for all columns (vmap over the
-    grad outputs), or, where that cannot run, one backward pass per column (the same
-    values)."""
-    if columns.shape[0] == 1:
-        gs = torch.autograd.grad(out, outs, columns[0], retain_graph=True, allow_unused=True)
-        return [[_or_zeros(g, o)] for g, o in zip(gs, outs, strict=True)]
-    try:
-        with warnings.catch_warnings():  # an op without a batching rule is looped: still exact
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            gs = torch.autograd.grad(out, outs, columns, retain_graph=True, is_grads_batched=True)
-        return [list(g.unbind(0)) for g in gs]
-    except RuntimeError:
-        per_col = [torch.autograd.grad(out, outs, col, retain_graph=True) for col in columns]
-        return [[cols[i] for cols in per_col] for i in range(len(outs))]
-
-
-def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if g is None else g
-
-
-def _fit_factors(problem: CurvatureProblem, layers: list[_Layer], settings: _Settings) -> None:
-    for lay in layers:
-        lay.A = lay.S = None
-        lay.positions = 0.0
-    for step in _pseudo_grads(problem, layers, "K-FAC factors", *settings.fisher_args()):
-        for lay in layers:
-            a = step.acts[lay.name]
-            a_cov = torch.einsum("bpi,bpj->ij", a, a)
-            es = torch.cat(step.grads[lay.name], dim=1)  # all columns c as extra positions
-            s_cov = torch.einsum("bpi,bpj->ij", es, es)
-            lay.A = a_cov if lay.A is None else lay.A + a_cov
-            lay.S = s_cov if lay.S is None else lay.S + s_cov
-            lay.positions += step.counts[lay.name]
-    for lay in layers:
-        assert lay.A is not None and lay.S is not None
-        if lay.positions == 0:
-            raise ConfigError(f"K-FAC layer {lay.name!r} saw no token (every position masked)")
-        lay.A, lay.S = lay.A / lay.positions, lay.S / problem.n
-        la, lay.ua = symmetric_eigh(lay.A, f"the input factor A of layer {lay.name!r}")
-        ls, lay.us = symmetric_eigh(lay.S, f"the output-gradient factor S of layer {lay.name!r}")
-        lay.lam = ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
-
-
-#: entries of the rotated per-example gradients (examples × out × in') formed at once
-_REFIT_ENTRIES = 1 << 24
-
-
-def _refit_eigenvalues(
-    problem: CurvatureProblem, layers: list[_Layer], settings: _Settings
-) -> None:
-    sums: dict[str, torch.Tensor] = {}
-    for step in _pseudo_grads(problem, layers, "EK-FAC eigenvalues", *settings.fisher_args()):
-        for lay in layers:
-            assert lay.ua is not None and lay.us is not None
-            a_rot = step.acts[lay.name] @ lay.ua  # (b, P, in')
-            if a_rot.shape[1] == 1:
-                # one position (Linear): Σ_c Σ_b (e_cb ⊗ a_b)² = (Σ_c e_c²)ᵀ a², one GEMM
-                e2 = sum((e[:, 0] @ lay.us) ** 2 for e in step.grads[lay.name])
-                sq = e2.T @ a_rot[:, 0] ** 2  # type: ignore[union-attr]
-            else:  # G_ic = Σ_p e ãᵀ per example, rotated, in chunks of examples
-                chunk = max(1, _REFIT_ENTRIES // (lay.us.shape[0] * a_rot.shape[2]))
-                sq = torch.zeros(lay.us.shape[0], a_rot.shape[2], dtype=a_rot.dtype)
-                sq = sq.to(a_rot.device)
-                for e in step.grads[lay.name]:
-                    e_rot = e @ lay.us
-                    for s in range(0, a_rot.shape[0], chunk):
-                        g = torch.einsum("bpo,bpi->boi", e_rot[s : s + chunk], a_rot[s : s + chunk])
-                        sq += (g**2).sum(0)
-            sums[lay.name] = sq if lay.name not in sums else sums[lay.name] + sq
-    for lay in layers:
-        lay.lam = sums[lay.name] / problem.n
 
 
 @dataclass
@@ -379,7 +69,7 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
     """``(G + λI)⁻¹`` block by block in each layer's Kronecker eigenbasis."""
 
     problem: CurvatureProblem
-    layers: list[_Layer]
+    layers: list[KLayer]
     damping: float
 
     @property
@@ -389,18 +79,7 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(vectors)
         for lay in self.layers:
-            assert lay.ua is not None and lay.us is not None and lay.lam is not None
-            d_out = lay.us.shape[0]
-            blocks = []
-            if lay.weight:
-                s, e = self.offsets[lay.weight]
-                blocks.append(lay.weight_block(vectors[:, s:e], d_out))
-            if lay.bias:
-                s, e = self.offsets[lay.bias]
-                blocks.append(vectors[:, s:e].reshape(-1, d_out, 1))
-            v = torch.cat(blocks, dim=2)  # (m, out, in')
-            rot = lay.us.T @ v @ lay.ua
-            x = lay.us @ (rot / (lay.lam + self.damping)) @ lay.ua.T
+            x = self.solve_block(lay, self.block(lay, vectors))
             if lay.weight:
                 s, e = self.offsets[lay.weight]
                 out[:, s:e] = lay.weight_flat(x[:, :, : x.shape[2] - (1 if lay.bias else 0)])
@@ -408,6 +87,45 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
                 s, e = self.offsets[lay.bias]
                 out[:, s:e] = x[:, :, -1]
         return out
+
+    def block(self, lay: KLayer, vectors: torch.Tensor) -> torch.Tensor:
+        """A layer's [W | b] block (m, out, in') of flat vectors (m, p)."""
+        assert lay.us is not None
+        d_out = lay.us.shape[0]
+        blocks = []
+        if lay.weight:
+            s, e = self.offsets[lay.weight]
+            blocks.append(lay.weight_block(vectors[:, s:e], d_out))
+        if lay.bias:
+            s, e = self.offsets[lay.bias]
+            blocks.append(vectors[:, s:e].reshape(-1, d_out, 1))
+        return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
+
+    def rotate_factors(self, lay: KLayer, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``U_Sᵀ (Σ_p e_p ãᵀ_p) U_A`` per example from the factors e (m, P, out) and a
+        (m, P, in'): the factors rotated before they are multiplied (``P (out² + in'²)``
+        instead of ``out·in' (out + in')`` per example) when that is cheaper."""
+        assert lay.ua is not None and lay.us is not None
+        positions, n_in, n_out = a.shape[1], a.shape[2], e.shape[2]
+        if positions * (n_out**2 + n_in**2) >= n_out * n_in * (n_out + n_in):
+            return lay.us.T @ torch.bmm(e.transpose(1, 2), a) @ lay.ua
+        return torch.bmm((e @ lay.us).transpose(1, 2), a @ lay.ua)
+
+    def solve_factors(
+        self, lay: KLayer, e: torch.Tensor, a: torch.Tensor, rotated: bool = False
+    ) -> torch.Tensor:
+        """``(G_l + λI)⁻¹ Σ_p e_p ãᵀ_p`` per example (m, out, in') from its factors, or, with
+        ``rotated``, the same in the layer's eigenbasis (``U_Sᵀ (...) U_A``: the rotation
+        back is left to the caller, who may rotate the other side of a product instead)."""
+        assert lay.ua is not None and lay.us is not None and lay.lam is not None
+        x = self.rotate_factors(lay, e, a) / (lay.lam + self.damping)
+        return x if rotated else lay.us @ x @ lay.ua.T
+
+    def solve_block(self, lay: KLayer, v: torch.Tensor) -> torch.Tensor:
+        """``(G_l + λI)⁻¹`` applied to layer blocks ``v`` (m, out, in')."""
+        assert lay.ua is not None and lay.us is not None and lay.lam is not None
+        rot = lay.us.T @ v @ lay.ua
+        return lay.us @ (rot / (lay.lam + self.damping)) @ lay.ua.T
 
     def matrix(self) -> torch.Tensor:
         """The approximate G (p × p, block-diagonal): for tests on small models."""
@@ -419,17 +137,18 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
         raise ConfigError("matrix() needs damping > 0")
 
 
-# the factors' cache inside the feature store; version 2 had no Fisher settings, 1 no metadata
+# the factors' cache inside the feature store; version 3 drew sampled labels with
+# torch.multinomial (other labels for the same seed), 2 had no Fisher settings, 1 no metadata
 _FACTORS = persist.StoreFormat(
     tag="datatrace-kronecker-factors",
-    version=3,
+    version=4,
     files=("curvature-*.safetensors",),
     fix="delete the file to recompute the factors, or pass overwrite=True",
 )
 _FACTOR_KEYS = ("A", "S", "ua", "us", "lam")
 
 
-def _save(path: Path, layers: list[_Layer], settings: dict[str, Any]) -> None:
+def _save(path: Path, layers: list[KLayer], settings: dict[str, Any]) -> None:
     tensors = {f"{lay.name}/{key}": getattr(lay, key) for lay in layers for key in _FACTOR_KEYS}
     meta = {
         "format": _FACTORS.tag,
@@ -440,7 +159,7 @@ def _save(path: Path, layers: list[_Layer], settings: dict[str, Any]) -> None:
     persist.save_tensors(path, tensors, meta)
 
 
-def _load(path: Path, layers: list[_Layer], device: torch.device, settings: dict[str, Any]) -> bool:
+def _load(path: Path, layers: list[KLayer], device: torch.device, settings: dict[str, Any]) -> bool:
     """Fill ``layers`` from the cache; False (recompute) when there is none, or one of an
     older version, for other layers or other Fisher settings. A damaged file raises: its
     bytes changed after the checksum was written."""
@@ -458,39 +177,42 @@ def _load(path: Path, layers: list[_Layer], device: torch.device, settings: dict
     return True
 
 
-def _layer_names(layers: list[_Layer]) -> list[str]:
+def _layer_names(layers: list[KLayer]) -> list[str]:
     return [lay.name for lay in layers]
 
 
-@dataclass(frozen=True)
-class _Settings:
-    fisher: Fisher | None
-    samples: int
-    seed: int
+def _describe(settings: PassSettings) -> dict[str, Any]:
+    return {
+        "fisher": settings.fisher.value if settings.fisher else "auto",
+        "samples": settings.samples,
+        "seed": settings.seed,
+    }
 
-    def fisher_args(self) -> tuple[Fisher | None, int, int]:
-        return self.fisher, self.samples, self.seed
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "fisher": self.fisher.value if self.fisher else "auto",
-            "samples": self.samples,
-            "seed": self.seed,
-        }
+# the passes, by the names _fit_kronecker calls (tests replace them to prove a cache hit)
+_fit_factors = fit_factors
+_refit_eigenvalues = refit_eigenvalues
 
 
 def _fit_kronecker(
-    ctx: FitContext, damping: float | None, refit: bool, settings: _Settings
+    ctx: FitContext, damping: float | None, refit: bool, settings: PassSettings
 ) -> KroneckerPreconditioner:
+    """Fit (or load from the store's cache) every layer's factors and choose the damping.
+    When ``ctx`` has no λ₀ yet (training features not stored), the factor pass measures
+    it and hands it to ``ctx``."""
     problem = ctx.problem
-    layers = _layers(problem)
+    layers = problem_layers(problem)
     kind = "ekfac" if refit else "kfac"
     path = ctx.cache.with_name(f"{ctx.cache.name}-{kind}.safetensors") if ctx.cache else None
-    described = settings.describe()
+    described = _describe(settings)
     if path is None or not _load(path, layers, problem.theta.device, described):
-        _fit_factors(problem, layers, settings)
+        with_loss = not ctx.lambda0_known
+        draws: list[Draw] = []  # the sampled labels, drawn once for both passes
+        square_sum = _fit_factors(problem, layers, settings, with_loss, draws)
+        if square_sum is not None:
+            ctx.provide_lambda0(mean_squared_entry(square_sum, problem.n, problem.p))
         if refit:
-            _refit_eigenvalues(problem, layers, settings)
+            _refit_eigenvalues(problem, layers, settings, draws)
         if path is not None:
             _save(path, layers, described)
     used = resolve_damping(damping, ctx, gauss_newton=True)
@@ -512,14 +234,14 @@ def _fit_kronecker(
 NUMERICAL_MARGIN = 10.0
 
 
-def _numerical_floor(lay: _Layer, damping: float = 0.0) -> float:
+def _numerical_floor(lay: KLayer, damping: float = 0.0) -> float:
     """The size below which an eigenvalue of the layer's ``G + λI`` is round-off."""
     assert lay.lam is not None
     shifted = lay.lam + damping
     return torch.finfo(shifted.dtype).eps * float(shifted.abs().max()) * max(shifted.shape)
 
 
-def _check_not_singular(layers: list[_Layer], damping: float, kind: str) -> None:
+def _check_not_singular(layers: list[KLayer], damping: float, kind: str) -> None:
     """Refuse a damping that leaves ``G + λI`` (numerically) singular: dividing by its
     round-off-sized eigenvalues returned huge or NaN scores, silently."""
     for lay in layers:
@@ -553,6 +275,8 @@ class _KroneckerFactored(AbstractPreconditioner):
     seed: int = 0
     #: refit the eigenvalues in the Kronecker eigenbasis (EK-FAC)
     refit: ClassVar[bool] = False
+    #: influence scores come from a fused pass over the training data (no stored features)
+    fused_scoring: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         fisher = _check_settings(self.damping, self.fisher, self.samples, self.seed)
@@ -565,10 +289,10 @@ class _KroneckerFactored(AbstractPreconditioner):
         requested: tuple[str, ...] | None,
         train: ExampleSource,
     ) -> list[str]:
-        return _select(type(self).__name__, task, names, requested, train)
+        return select_kfac_parameters(type(self).__name__, task, names, requested, train)
 
     def fit(self, ctx: FitContext) -> KroneckerPreconditioner:
-        settings = _Settings(as_fisher(self.fisher), self.samples, self.seed)
+        settings = PassSettings(as_fisher(self.fisher), self.samples, self.seed)
         return _fit_kronecker(ctx, self.damping, self.refit, settings)
 
 
@@ -576,6 +300,13 @@ class _KroneckerFactored(AbstractPreconditioner):
 class KFAC(_KroneckerFactored):
     """Kronecker-factored Gauss–Newton (block-diagonal over Linear/Conv2d/Conv1D layers);
     factors are cached in the feature store.
+
+    ``dt.Influence(dt.KFAC())`` (or ``EKFAC``) fitted without a ``store`` keeps no training
+    features: the fit is two passes over the training data (factors, with λ₀ measured on the
+    way; EK-FAC's eigenvalues) and each scoring call one more, forming a batch's per-example
+    gradients one layer at a time against the preconditioned queries
+    (:mod:`datatrace.methods.kronecker`). With ``store=...`` the features are stored as for
+    every other method (the same scores, to round-off).
 
     Args:
         damping: λ (``None``: the default rule, :func:`~datatrace.curvature.base.resolve_damping`,

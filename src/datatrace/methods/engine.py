@@ -54,6 +54,7 @@ from ..features.store import Verify
 from ..grads.per_example import select_parameters
 from .autodamp import calibrate_damping
 from .fitted import FittedGradientAttributor
+from .kronecker import FittedKroneckerInfluence, fused_batch_size
 from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 
 log = logging.getLogger("datatrace")
@@ -172,9 +173,14 @@ class GradientAttributor:
         per_ckpt, states = self._bind(scored, ckpts, source, spec)
         device = model_device(task.model)
         dtype = self.features.feature_dtype or next(iter(states[0][0].values())).dtype
+        given_batch = batch_size
         batch_size, block_size = plan_sizes(
             per_ckpt[0], dtype, max_memory_bytes, batch_size, block_size, self.name
         )
+        if self._fused(store) and given_batch is None:
+            owners = dict.fromkeys(n.rpartition(".")[0] for n in per_ckpt[0].names)
+            modules = {m: scored.model.get_submodule(m) for m in owners}
+            batch_size = fused_batch_size(scored, modules, source, max_memory_bytes)
 
         def fingerprint() -> dict[str, Any]:  # only for a disk store: hashing costs a pass
             return {
@@ -189,6 +195,11 @@ class GradientAttributor:
             }
 
         extra = check_extra(fingerprint_extra)
+        if self._fused(store):
+            return self._fit_fused(
+                scored, task, ckpts, weights, source, per_ckpt, states, batch_size,
+                block_size, progress, train,
+            )  # fmt: skip
         placed = place_training_features(
             per_ckpt, states, source, fingerprint, dtype, name=self.name, store=store,
             overwrite=overwrite, batch_size=batch_size, progress=progress,
@@ -211,6 +222,40 @@ class GradientAttributor:
             raise
         if placed.temporary is not None:
             weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
+        if self.preconditioner is not None and _is_auto(self.preconditioner):
+            self._calibrate(fitted, task, ckpts[-1], train)
+        return fitted
+
+    def _fused(self, store: str | Path | None) -> bool:
+        """Influence with K-FAC/EK-FAC and no store asked for: scored in one fused pass
+        (:mod:`.kronecker`), training features never stored."""
+        pc = self.preconditioner
+        return (
+            store is None and pc is not None and pc.fused_scoring and not self.normalize
+            and self.example_weights is None and self.output is None
+            and self.features.projection_dim is None and self.features.feature_dtype is None
+        )  # fmt: skip
+
+    def _fit_fused(
+        self,
+        scored: AbstractTask,
+        task: AbstractTask,
+        ckpts: list[Checkpoint],
+        weights: list[float],
+        source: ExampleSource,
+        per_ckpt: list[AbstractFeaturizer],
+        states: list[State],
+        batch_size: int,
+        block_size: int,
+        progress: bool | None,
+        train: Any,
+    ) -> FittedGradientAttributor:
+        log.info("%s: fused K-FAC scoring in batches of %d (training features not stored)",
+                 self.name, batch_size)  # fmt: skip
+        fitted = FittedKroneckerInfluence(
+            self, scored, per_ckpt, states, weights, source, None, batch_size, block_size,
+            progress,
+        )  # fmt: skip
         if self.preconditioner is not None and _is_auto(self.preconditioner):
             self._calibrate(fitted, task, ckpts[-1], train)
         return fitted

@@ -57,6 +57,7 @@ from ..features.spec import FeatureSpec
 from ..features.store import FeatureStore, MemoryFeatureStore
 from .engine import GradientAttributor
 from .fitted import FittedGradientAttributor
+from .kronecker import FittedKroneckerInfluence
 from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ def save_fitted(fitted: FittedGradientAttributor, path: str | Path) -> Path:
             for c, pc in enumerate(fitted.preconditioners)
         ],
         "features": _features(fitted, tensors),
+        # scored by the fused K-FAC pass (methods/kronecker.py), not from features
+        "fused": isinstance(fitted, FittedKroneckerInfluence),
     }
     persist.save_tensors(folder / TENSORS, _unshared(tensors), meta)
     persist.write_json(folder / METADATA, meta)
@@ -374,7 +377,8 @@ def load(
         else None
     )
     feature_store = _open_features(meta["features"], tensors, store, len(ckpts), device)
-    fitted = FittedGradientAttributor(
+    cls = FittedKroneckerInfluence if meta.get("fused") else FittedGradientAttributor
+    fitted = cls(
         method, scored, per_ckpt, states, list(meta["weights"]), source, feature_store,
         meta["batch_size"], meta["block_size"], progress, column_weights,
         fit_preconditioners=False,

@@ -1,0 +1,231 @@
+"""The two passes over the training data that fit K-FAC/EK-FAC (see :mod:`.kfac`).
+
+* :func:`fit_factors`: the Kronecker factors ``A`` and ``S`` of every layer, accumulated in
+  place batch by batch (never a per-example quantity kept beyond its batch), then their
+  eigendecompositions; on request the same pass measures λ₀ (the mean squared entry of the
+  per-example training-loss gradients of the selected parameters) from one more pulled-back
+  column, so that no separate gradient pass is needed for the damping.
+* :func:`refit_eigenvalues`: EK-FAC's eigenvalues ``(1/n) Σ_i Σ_c (U_Sᵀ G_ic U_A)²``, from the
+  rotated factors (inputs rotated by ``U_A`` and output gradients by ``U_S`` per position,
+  then their per-example sum over positions: never rotating a formed ``out × in`` gradient).
+
+Both passes draw the same sampled labels (the generator is re-seeded per pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..core.errors import ConfigError
+from ..grads.layers import layer_calls
+from .base import symmetric_eigh
+from .fisher import (
+    Draw,
+    Fisher,
+    draw_labels,
+    loss_gradient,
+    output_columns,
+    resolve_fisher,
+    sampled_columns,
+)
+from .kfac_layers import KLayer
+from .problem import CurvatureProblem
+
+log = logging.getLogger("datatrace")
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """How the output-side columns are drawn: ``fisher`` (None: automatic), ``samples``
+    sampled labels per example, ``seed``."""
+
+    fisher: Fisher | None
+    samples: int
+    seed: int
+
+
+@dataclass
+class _Step:
+    """One layer in one batch: its input patches (b, P, in'), output pseudo-gradients per
+    column [(b, P, out)], the training-loss output gradients (b, P, out) when measured,
+    and its number of counted positions."""
+
+    a: torch.Tensor
+    e: list[torch.Tensor]
+    loss_e: torch.Tensor | None
+    count: float
+
+
+def _pseudo_grads(
+    problem: CurvatureProblem,
+    layers: list[KLayer],
+    desc: str,
+    settings: PassSettings,
+    draws: list[Draw],
+    with_loss: bool = False,
+) -> Iterator[Iterator[tuple[KLayer, _Step]]]:
+    """Per batch, an iterator over the layers' :class:`_Step` (each dropped by the caller
+    before the next is formed). ``with_loss``: also pull back the training loss's own
+    output gradient (one more column of the same batched backward pass). ``draws``: the
+    sampled labels of each batch (drawn and appended by the first pass, reused by the next:
+    the same columns at the same parameters, without the loss gradient)."""
+    theta = problem.theta.detach().requires_grad_(True)
+    generator = torch.Generator(device=theta.device).manual_seed(settings.seed)
+    used: Fisher | None = None
+    for index, batch in enumerate(problem.batches(desc=desc)):
+        tokens = problem.task.token_mask(batch)
+        with layer_calls({lay.name: lay.module for lay in layers}) as calls:
+            out = problem.outputs(theta, batch)
+        for name, called in calls.items():
+            if len(called) != 1:
+                raise ConfigError(
+                    f"K-FAC/EK-FAC: layer {name!r} is called {len(called)} times per forward "
+                    "pass; its factors need exactly one call (exclude it with params=[...])"
+                )
+        if used is None:
+            used = resolve_fisher(settings.fisher, out[0].numel())
+            log.info("%s: output-side factor from the %s Fisher", desc, used.value)
+        drawn = used is Fisher.SAMPLED and index < len(draws)
+        needs_grad = with_loss or (used is not Fisher.EXACT and not drawn)
+        grad = loss_gradient(problem.task, out, batch) if needs_grad else None
+        if used is Fisher.SAMPLED:
+            if not drawn:
+                assert grad is not None
+                draws.append(draw_labels(out.detach(), grad, settings.samples, generator))
+            columns = sampled_columns(out, draws[index])
+        else:
+            columns = output_columns(
+                problem.task, out, batch, used, settings.samples, generator, grad
+            )
+        if with_loss:
+            assert grad is not None
+            columns = torch.cat([grad[None], columns])
+        pulled = _pull_back_columns(out, [calls[lay.name][0][1] for lay in layers], columns)
+        del out, columns, grad  # nothing of this batch outlives its layers' steps
+
+        def steps(calls=calls, pulled=pulled, tokens=tokens) -> Iterator[tuple[KLayer, _Step]]:
+            for i, lay in enumerate(layers):
+                x = calls[lay.name][0][0].detach()
+                mask = lay.position_mask(x, tokens)
+                a = lay.patches(x, mask)
+                es = [lay.out_grads(g.detach(), mask) for g in pulled[i]]
+                pulled[i] = []  # free this layer's gradients as soon as they are used
+                count = float(mask.sum()) if mask is not None else float(a.shape[0] * a.shape[1])
+                loss_e = es.pop(0) if with_loss else None
+                yield lay, _Step(a, es, loss_e, count)
+
+        yield steps()
+
+
+def _pull_back_columns(
+    out: torch.Tensor, outs: list[torch.Tensor], columns: torch.Tensor
+) -> list[list[torch.Tensor]]:
+    """For each layer output in ``outs``, the pullbacks of every output-space column
+    (C, *out.shape) from ``out``: one batched backward pass for all columns (vmap over the
+    grad outputs), or, where that cannot run, one backward pass per column (the same
+    values)."""
+    if columns.shape[0] == 1:
+        gs = torch.autograd.grad(out, outs, columns[0], retain_graph=False, allow_unused=True)
+        return [[_or_zeros(g, o)] for g, o in zip(gs, outs, strict=True)]
+    try:
+        with warnings.catch_warnings():  # an op without a batching rule is looped: still exact
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            gs = torch.autograd.grad(out, outs, columns, retain_graph=True, is_grads_batched=True)
+        return [list(g.unbind(0)) for g in gs]
+    except RuntimeError:
+        per_col = [torch.autograd.grad(out, outs, col, retain_graph=True) for col in columns]
+        return [[cols[i] for cols in per_col] for i in range(len(outs))]
+
+
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def example_sqnorms(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``‖Σ_p e_p ãᵀ_p‖²`` per example (b,) from the factors: the token Gram products
+    ``Σ_{p,q} (e_p·e_q)(ã_p·ã_q)`` when cheaper than forming the gradient, else formed."""
+    positions, n_in, n_out = a.shape[1], a.shape[2], e.shape[2]
+    if positions == 1:
+        return (e[:, 0] ** 2).sum(1) * (a[:, 0] ** 2).sum(1)
+    if positions * (n_in + n_out) < n_in * n_out:
+        return (torch.bmm(e, e.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+    return (torch.bmm(e.transpose(1, 2), a) ** 2).sum((1, 2))
+
+
+def fit_factors(
+    problem: CurvatureProblem,
+    layers: list[KLayer],
+    settings: PassSettings,
+    with_loss: bool,
+    draws: list[Draw],
+) -> float | None:
+    """Fit every layer's ``A``, ``S`` and their eigenbases (K-FAC eigenvalues in ``lam``).
+    Returns Σ_i ‖g_i‖² of the training-loss gradients when ``with_loss``, else None.
+    ``draws``: filled with the sampled labels (for :func:`refit_eigenvalues`)."""
+    for lay in layers:
+        lay.A = lay.S = None
+        lay.positions = 0.0
+    square_sum = 0.0
+    for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, draws, with_loss):
+        for lay, step in batch:
+            a2 = step.a.reshape(-1, step.a.shape[-1])
+            if lay.A is None:
+                lay.A = a2.new_zeros(a2.shape[1], a2.shape[1])
+            lay.A.addmm_(a2.T, a2)
+            for e in step.e:
+                e2 = e.reshape(-1, e.shape[-1])
+                if lay.S is None:
+                    lay.S = e2.new_zeros(e2.shape[1], e2.shape[1])
+                lay.S.addmm_(e2.T, e2)
+            lay.positions += step.count
+            if step.loss_e is not None:
+                square_sum += float(example_sqnorms(step.a, step.loss_e).sum())
+    for lay in layers:
+        assert lay.A is not None and lay.S is not None
+        if lay.positions == 0:
+            raise ConfigError(f"K-FAC layer {lay.name!r} saw no token (every position masked)")
+        lay.A, lay.S = lay.A / lay.positions, lay.S / problem.n
+        la, ua = symmetric_eigh(lay.A, f"the input factor A of layer {lay.name!r}")
+        ls, us = symmetric_eigh(lay.S, f"the output-gradient factor S of layer {lay.name!r}")
+        # row-major, as when loaded from a cache or a saved fit: the same GEMMs, bit for bit
+        lay.ua, lay.us = ua.contiguous(), us.contiguous()
+        lay.lam = ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
+    return square_sum if with_loss else None
+
+
+#: entries of the rotated per-example gradients (examples × out × in') formed at once
+_REFIT_ENTRIES = 1 << 22
+
+
+def refit_eigenvalues(
+    problem: CurvatureProblem, layers: list[KLayer], settings: PassSettings, draws: list[Draw]
+) -> None:
+    """EK-FAC: replace each layer's ``lam`` by the mean squared rotated per-example
+    pseudo-gradient, accumulated in place (sampled labels from ``draws``, the factor
+    pass's, when it ran)."""
+    sums: dict[str, torch.Tensor] = {}
+    for batch in _pseudo_grads(problem, layers, "EK-FAC eigenvalues", settings, draws):
+        for lay, step in batch:
+            assert lay.ua is not None and lay.us is not None
+            a_rot = step.a @ lay.ua  # (b, P, in')
+            sq = sums.get(lay.name)
+            if sq is None:
+                sq = sums[lay.name] = a_rot.new_zeros(lay.us.shape[0], a_rot.shape[2])
+            if a_rot.shape[1] == 1:
+                # one position (Linear): Σ_c Σ_b (e_cb ⊗ a_b)² = (Σ_c e_c²)ᵀ a², one GEMM
+                e2 = sum((e[:, 0] @ lay.us) ** 2 for e in step.e)
+                sq.addmm_(e2.T, a_rot[:, 0] ** 2)  # type: ignore[union-attr]
+                continue
+            chunk = max(1, _REFIT_ENTRIES // (lay.us.shape[0] * a_rot.shape[2]))
+            for e in step.e:  # G_ic = Σ_p e ãᵀ per example, rotated, in chunks of examples
+                e_rot = e @ lay.us
+                for s in range(0, a_rot.shape[0], chunk):
+                    g = torch.bmm(e_rot[s : s + chunk].transpose(1, 2), a_rot[s : s + chunk])
+                    sq += g.square_().sum(0)
+    for lay in layers:
+        lay.lam = sums[lay.name] / problem.n

@@ -1,0 +1,249 @@
+"""Influence with K-FAC/EK-FAC scored in one fused pass: no training features are stored.
+
+``S[j, i] = (1/n) Σ_c w_c Σ_l ⟨(G_cl + λI)⁻¹ q_jl, g_il⟩`` needs, per layer l, the
+preconditioned query gradients (a ``(n_q, out, in')`` block, formed once) and each training
+example's gradient block ``g_il = Σ_p e_p ãᵀ_p`` — which the hook rules' one backward pass
+gives as factors. Scoring therefore runs over the training data a batch at a time, forms a
+batch's gradient blocks one layer at a time, dots them with the preconditioned queries and
+drops them: memory is the factors, the preconditioned queries and one batch, never the
+``n × p`` training features (which the generic path stores or recomputes). λ₀ (the damping
+scale) is measured in the K-FAC factor pass (:func:`datatrace.curvature.kfac_passes.fit_factors`),
+so the whole fit is three passes over the training data: factors, EK-FAC eigenvalues (not
+for K-FAC) and, per scoring call, the scores.
+
+Chosen by :class:`~datatrace.methods.engine.GradientAttributor` for a preconditioner with
+``fused_scoring`` when no feature store is asked for (``store=None``); the same scores as
+the stored-feature path (``store=...``), to round-off (tested in float64).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import distributed
+from ..core.data import ExampleSource
+from ..core.errors import ConfigError
+from ..core.language import LanguageModelingTask
+from ..core.loop import check_finite, over_batches
+from ..core.runtime import model_device
+from ..core.task import AbstractTask
+from ..curvature.base import AbstractPreconditioner, mean_squared_entry
+from ..curvature.context import FitContext
+from ..curvature.kfac import KroneckerPreconditioner
+from ..curvature.kfac_layers import KLayer
+from ..curvature.problem import CurvatureProblem
+from ..grads.layers import layer_calls
+from ..grads.per_example import bound_model
+from ..grads.rules import capture
+from .fitted import FittedGradientAttributor, _check_scores
+
+log = logging.getLogger("datatrace")
+
+#: a fused pass's batch is sized so that its activations, output-space columns and one
+#: layer's formed gradient block take about this fraction of the memory budget (measured
+#: peak RSS, 1 thread, the 929k-parameter GPT-2 of bench/bench_lm.py, 1,000 examples:
+#: batch 20, 0.24-0.28 GB; 24, 0.38-0.41 GB; kronfluence at batch 32, 0.29-0.33 GB)
+BATCH_FRACTION = 40
+#: the largest default fused batch
+MAX_FUSED_BATCH = 256
+
+
+def fused_batch_size(
+    task: AbstractTask, modules: dict[str, nn.Module], source: ExampleSource, budget: int
+) -> int:
+    """Examples per batch of the fused passes: from a forward-only probe on one example,
+    the bytes a batch holds per example (the K-FAC layers' inputs and outputs, 2 copies
+    each: the activations autograd keeps and their pullbacks; the model's outputs, 8
+    copies: output-space columns, softmax, the loss's gradient; the widest layer's formed
+    gradient block) against ``budget / BATCH_FRACTION``."""
+    model = task.model
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    loop = over_batches(source, 1, 0, 1, device=model_device(model), eval_module=model)
+    outputs = 0
+    with torch.no_grad(), layer_calls(modules) as calls:
+        for _, _, batch in loop:
+            outputs = task.outputs(bound_model(model, state), batch).numel()
+    acts = sum(x.numel() + y.numel() for cs in calls.values() for x, y in cs)
+    widest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in modules.values()),
+                 default=0)  # fmt: skip
+    item = next(iter(state.values())).element_size()
+    per_example = max(1, item * (2 * acts + 8 * outputs + widest))
+    return max(1, min(MAX_FUSED_BATCH, budget // BATCH_FRACTION // per_example))
+
+
+class FittedKroneckerInfluence(FittedGradientAttributor):
+    """Influence scores from a K-FAC/EK-FAC fit without stored training features (module
+    docstring). Everything else (top-k, files, saving, checks) is the generic attributor's;
+    where it needs training features they are recomputed block by block."""
+
+    def fit_context(self, c: int, lambda0: float | None = None) -> FitContext:
+        """As the generic context, with λ₀ left to the K-FAC factor pass (or, if read before,
+        computed from recomputed training features)."""
+        params, buffers = self.states[c]
+        problem = CurvatureProblem(
+            self.task, self.features.names, params, buffers, self.train, self.batch_size,
+            self.progress,
+        )  # fmt: skip
+
+        def from_features() -> float:
+            square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
+            return mean_squared_entry(square_sum, problem.n, problem.p)
+
+        return FitContext(
+            problem, from_features if lambda0 is None else lambda0, None, lambda: self._blocks(c)
+        )
+
+    def _fit_preconditioners(self, spec: AbstractPreconditioner) -> None:
+        for c in range(len(self.states)):
+            ctx = self.fit_context(c)
+            fitted = spec.fit(ctx)
+            self.lambda0.append(ctx.lambda0)
+            log.info(
+                "%s: checkpoint %d: lambda0 %.3g, damping %.3g (fused scoring: training "
+                "features not stored)", self.method.name, c, ctx.lambda0, fitted.damping,
+            )  # fmt: skip
+            self.preconditioners.append(fitted)
+        self.scale = 1.0 / self.n_train
+
+    # -- per-example gradient blocks, a batch at a time ------------------------------------
+
+    def _kron(self, c: int) -> KroneckerPreconditioner:
+        pc = self.preconditioners[c]
+        if not isinstance(pc, KroneckerPreconditioner):
+            raise ConfigError(f"fused scoring needs a K-FAC/EK-FAC fit, got {type(pc).__name__}")
+        return pc
+
+    def _layer_factors(
+        self, c: int, batch: Any, measurement: bool, offset: int
+    ) -> Iterator[tuple[KLayer, torch.Tensor, torch.Tensor]]:
+        """Each K-FAC layer's per-example gradient factors of one batch, from one batched
+        backward pass: output gradients (b, P, out) and input patches (b, P, in'), whose
+        per-example sum over positions ``Σ_p e_p ãᵀ_p`` is the layer's gradient block."""
+        pc = self._kron(c)
+        params, buffers = self.states[c]
+        self.task.check_batch(bound_model(self.task.model, {**buffers, **params}), batch, offset)
+        modules = {lay.name: lay.module for lay in pc.layers}
+        calls, values = capture(self.task, params, buffers, batch, modules, measurement)
+        what = "measurement" if measurement else "loss"
+        check_finite(values, [], offset, what)
+        for lay in pc.layers:
+            (x, e), *more = calls.pop(lay.name)
+            if more:
+                raise ConfigError(f"K-FAC layer {lay.name!r} was called {1 + len(more)} times")
+            e, a = lay.out_grads(e, None), lay.patches(x, None)
+            del x
+            check_finite(values, [e, a], offset, what)
+            yield lay, e, a
+
+    def _batches(self, source: ExampleSource, start: int, stop: int) -> Iterator[tuple[int, Any]]:
+        model = self.task.model
+        loop = over_batches(
+            source, self.batch_size, start, stop, device=model_device(model), eval_module=model
+        )
+        return ((s, batch) for s, _, batch in loop)
+
+    def preconditioned_queries(
+        self, queries: Any, rows: tuple[int, int] | None = None
+    ) -> list[dict[str, tuple[torch.Tensor, bool]]]:
+        """``(G_c + λI)⁻¹ q_j`` per checkpoint and layer (of the queries in ``rows``, a
+        range, when given), {layer: (block (n_q, out·in'),
+        rotated)}: ``rotated`` blocks are left in the layer's eigenbasis (``U_Sᵀ · U_A``),
+        and training gradients are rotated instead, where that is cheaper (many queries,
+        wide layers, few training examples: ``n_q·out·in'(out + in')`` for the queries
+        against ``n·P(out² + in'²)`` for the training factors)."""
+        source = ExampleSource(queries, "queries")
+        if isinstance(self.task, LanguageModelingTask):
+            self.task.check_queries(source)
+        else:
+            source.check_like(self.train)
+        whole = source.whole()
+        if whole is not None:
+            self.task.check_data(whole, source.name)
+        first, last = rows or (0, len(source))
+        n_q = last - first
+        out = []
+        for c in range(len(self.states)):
+            pc = self._kron(c)
+            blocks: dict[str, tuple[torch.Tensor, bool]] = {}  # filled in place: one copy
+            for s, batch in self._batches(source, first, last):
+                for lay, e, a in self._layer_factors(c, batch, True, s):
+                    if lay.name not in blocks:
+                        n_out, n_in = e.shape[2], a.shape[2]
+                        back = n_q * n_out * n_in * (n_out + n_in)
+                        rotated = self.n_train * a.shape[1] * (n_out**2 + n_in**2) < back
+                        blocks[lay.name] = (e.new_empty(n_q, n_out * n_in), rotated)
+                    block, rotated = blocks[lay.name]
+                    block[s - first : s - first + len(e)] = pc.solve_factors(
+                        lay, e, a, rotated
+                    ).flatten(1)
+            out.append(blocks)
+        return out
+
+    def score_blocks(
+        self,
+        queries: Any,
+        starts: Sequence[int] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, S[rows, start:stop])`` over training blocks, each from one fused
+        pass over its examples."""
+        qt = self.preconditioned_queries(queries, rows)
+        blocks = range(0, self.n_train, self.block_size) if starts is None else starts
+        for start in blocks:
+            stop = min(start + self.block_size, self.n_train)
+            total = None
+            for c, w in enumerate(self.weights):
+                s = self._block_scores(c, qt[c], start, stop) * (w * self.scale)
+                total = s if total is None else total + s
+            assert total is not None
+            _check_scores(total, start, self.preconditioners, "scores")
+            yield start, total
+
+    def _block_scores(
+        self, c: int, qt: dict[str, tuple[torch.Tensor, bool]], start: int, stop: int
+    ) -> torch.Tensor:
+        pc = self._kron(c)
+        parts = []
+        for s, batch in self._batches(self.train, start, stop):
+            total = None
+            for lay, e, a in self._layer_factors(c, batch, False, s):
+                block, rotated = qt[lay.name]
+                # in the eigenbasis when the queries were left there, else as it is
+                g = pc.rotate_factors(lay, e, a) if rotated else torch.bmm(e.transpose(1, 2), a)
+                term = block @ g.flatten(1).T
+                total = term if total is None else total.add_(term)
+            assert total is not None
+            parts.append(total)
+        return torch.cat(parts, 1)
+
+    def self_influence(self) -> torch.Tensor:
+        """``(1/n) Σ_c w_c g_cᵀ (G_c + λI)⁻¹ g_c`` per training example, from the rotated
+        gradient blocks of one fused pass (no training features stored)."""
+        starts = self._my_block_starts()
+        out = []
+        for start in starts:
+            stop = min(start + self.block_size, self.n_train)
+            total = torch.zeros(stop - start, dtype=self.compute_dtype,
+                                device=model_device(self.task.model))  # fmt: skip
+            for c, w in enumerate(self.weights):
+                pc = self._kron(c)
+                for s, batch in self._batches(self.train, start, stop):
+                    for lay, e, a in self._layer_factors(c, batch, False, s):
+                        assert lay.lam is not None
+                        rot = pc.rotate_factors(lay, e, a)
+                        value = (rot.square() / (lay.lam + pc.damping)).sum((1, 2))
+                        total[s - start : s - start + len(e)] += value * (w * self.scale)
+            _check_scores(total[None], start, self.preconditioners, "self-influence")
+            out.append(total)
+        if distributed.world()[1] == 1:
+            return torch.cat(out)
+        full = torch.zeros(self.n_train, dtype=self.compute_dtype,
+                           device=model_device(self.task.model))  # fmt: skip
+        for start, values in zip(starts, out, strict=True):
+            full[start : start + values.shape[0]] = values
+        return distributed.all_sum(full)

@@ -1,0 +1,149 @@
+"""Fused K-FAC/EK-FAC influence (datatrace.methods.kronecker, no stored training features)
+against its slow twins, in float64: the stored-feature path (features formed by the generic
+featurizer, preconditioned by ``solve``), and the dense eigen-corrected Kronecker matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturbed
+
+import datatrace as dt
+from datatrace.curvature.kfac_passes import example_sqnorms
+from datatrace.methods.kronecker import FittedKroneckerInfluence
+
+
+def _both(task, ckpts, train, spec, tmp_path, **kw):
+    fused = dt.Influence(spec, **kw).fit(task, ckpts, train)
+    stored = dt.Influence(spec, **kw).fit(task, ckpts, train, store=tmp_path / "s")
+    assert isinstance(fused, FittedKroneckerInfluence)
+    assert not isinstance(stored, FittedKroneckerInfluence)
+    return fused, stored
+
+
+@pytest.mark.parametrize("spec", [dt.EKFAC(), dt.KFAC(damping=0.05), dt.EKFAC(fisher="sampled")])
+def test_fused_scores_equal_the_stored_feature_path_on_an_mlp(mlp_data, tmp_path, spec):
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ckpts = [
+        dt.Checkpoint.from_state_dict(perturbed(model, 0.05, 3), weight=2.0),
+        dt.Checkpoint.from_module(model, weight=1.0),
+    ]
+    fused, stored = _both(task, ckpts, (x, y), spec, tmp_path)
+    # λ₀ measured in the factor pass (fused) = λ₀ from the stored features
+    assert fused.lambda0 == pytest.approx(stored.lambda0, rel=1e-12)
+    assert fused.damping == pytest.approx(stored.damping, rel=1e-12)
+    q = (x[:4] + 0.1, y[:4])
+    torch.testing.assert_close(fused.attribute(q), stored.attribute(q), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        fused.self_influence(), stored.self_influence(), rtol=1e-10, atol=1e-14
+    )
+    # blocks smaller than the data and batches that do not divide it
+    small = dt.Influence(spec).fit(task, ckpts, (x, y), batch_size=5, block_size=7)
+    torch.testing.assert_close(small.attribute(q), stored.attribute(q), rtol=1e-10, atol=1e-14)
+
+
+def test_fused_scores_equal_the_stored_feature_path_on_a_cnn(cnn_data, tmp_path):
+    model, x, y = cnn_data
+    task = dt.ClassificationTask(model)
+    fused, stored = _both(task, [dt.Checkpoint.from_module(model)], (x, y), dt.EKFAC(), tmp_path)
+    q = (x[:3], y[:3])
+    torch.testing.assert_close(fused.attribute(q), stored.attribute(q), rtol=1e-10, atol=1e-14)
+
+
+def test_fused_ekfac_equals_the_dense_eigen_corrected_kronecker_solve(mlp_data):
+    """The slow twin, built independently with torch.func: per-example output Hessian roots
+    R_i, pseudo-gradients G_ic = Σ_o R_i[o, c] ∂f_o/∂θ, EK-FAC eigenvalues
+    Λ = (1/n) Σ_ic (U_Sᵀ G_ic U_A)² in the fit's Kronecker eigenbasis, the dense matrix
+    (U_S ⊗ U_A) diag(Λ) (U_S ⊗ U_A)ᵀ per layer, and S = (1/n) Q (G_E + λI)⁻¹ Gᵀ."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    lam = 0.02
+    fitted = dt.Influence(dt.EKFAC(damping=lam, fisher="exact")).fit(
+        task, [dt.Checkpoint.from_module(model)], (x, y)
+    )
+    layers = {lay.name: lay for lay in fitted.preconditioners[0].layers}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+
+    def logits(p, xi):
+        return torch.func.functional_call(model, p, (xi[None],))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))(params, x)  # (n, 3, ...)
+    prob = torch.softmax(torch.func.vmap(logits, in_dims=(None, 0))(params, x), -1)
+    h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    evals, evecs = torch.linalg.eigh(h_out)
+    roots = evecs * evals.clamp_min(0).sqrt()[:, None, :]  # (n, outputs, columns)
+    n = len(x)
+    blocks = []
+    for name, lay in layers.items():
+        w = torch.einsum("noc,noij->ncij", roots, jac[f"{name}.weight"])
+        b = torch.einsum("noc,noi->nci", roots, jac[f"{name}.bias"])
+        G = torch.cat([w, b[..., None]], -1)  # (n, columns, out, in + 1)
+        rot = lay.us.T @ G @ lay.ua
+        eig = (rot**2).sum((0, 1)) / n
+        torch.testing.assert_close(lay.lam, eig, rtol=1e-10, atol=1e-14)
+        K = torch.kron(lay.us, lay.ua)  # vec(U_S X U_Aᵀ) = K vec(X), row-major
+        dense = K @ torch.diag(eig.flatten()) @ K.T  # in [W | b] row-major order
+        d_out, d_in = lay.module.weight.shape
+        idx = torch.arange(d_out * (d_in + 1)).view(d_out, d_in + 1)
+        order = torch.cat([idx[:, :d_in].flatten(), idx[:, d_in]])  # W row-major, then b
+        blocks.append(dense[order][:, order])
+    G_E = torch.block_diag(*blocks)
+
+    def per_example(xs, ys, measurement):
+        fn = task.measurement if measurement else task.loss
+
+        def f(p, xi, yi):
+            return fn(
+                lambda inp: torch.func.functional_call(model, p, (inp,)), (xi[None], yi[None])
+            )[0]
+
+        g = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))(params, xs, ys)
+        return torch.cat([g[k].reshape(len(xs), -1) for k in names], 1)
+
+    xq, yq = x[:5] * 1.3, y[:5]
+    Q, G = per_example(xq, yq, True), per_example(x, y, False)
+    eye = torch.eye(G_E.shape[0], dtype=G_E.dtype)
+    want = Q @ torch.linalg.solve(G_E + lam * eye, G.T) / n
+    torch.testing.assert_close(fitted.attribute((xq, yq)), want, rtol=1e-8, atol=1e-12)
+
+
+def test_fused_scores_equal_the_stored_path_on_a_tiny_gpt2_with_padding(tmp_path):
+    from test_language import padded_batch, tiny_gpt2
+
+    model = tiny_gpt2()
+    task = dt.LanguageModelingTask(model)
+    train = padded_batch(8, 9, seed=1)
+    queries = padded_batch(3, 9, seed=2)
+    for spec in (dt.EKFAC(samples=2), dt.KFAC()):
+        layers = ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"]
+        ckpts = [dt.Checkpoint.from_module(model)]
+        fused, stored = _both(task, ckpts, train, spec, tmp_path, params=layers)
+        assert fused.lambda0 == pytest.approx(stored.lambda0, rel=1e-10)
+        torch.testing.assert_close(
+            fused.attribute(queries), stored.attribute(queries), rtol=1e-9, atol=1e-13
+        )
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 4, 5), (3, 2, 40, 50), (3, 30, 4, 5)])
+def test_example_sqnorms_from_factors_equal_the_formed_gradients(shape):
+    b, positions, n_in, n_out = shape
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(b, positions, n_in, generator=g, dtype=torch.float64)
+    e = torch.randn(b, positions, n_out, generator=g, dtype=torch.float64)
+    formed = torch.einsum("bpo,bpi->boi", e, a)
+    torch.testing.assert_close(example_sqnorms(a, e), (formed**2).sum((1, 2)), rtol=1e-12, atol=0)
+
+
+def test_fused_scores_in_query_chunks_equal_scoring_all_queries_at_once(mlp_data):
+    """``attribute`` scores the queries in the chunks of the memory plan
+    (``score_blocks(rows=...)``); the fused path fills each chunk's rows exactly."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    fused = dt.Influence(dt.EKFAC()).fit(task, [dt.Checkpoint.from_module(model)], (x, y))
+    q = (x[:7] + 0.1, y[:7])
+    whole = torch.cat([s for _, s in fused.score_blocks(q)], dim=1)
+    for a, b in [(0, 3), (3, 7), (5, 6)]:
+        part = torch.cat([s for _, s in fused.score_blocks(q, rows=(a, b))], dim=1)
+        torch.testing.assert_close(part, whole[a:b], rtol=1e-12, atol=1e-15)
