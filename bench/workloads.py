@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def mlp(hidden: int = 128) -> nn.Module:
@@ -82,6 +83,11 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def batches(data: tuple, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for s in range(0, len(data[1]), size):
         yield data[0][s : s + size], data[1][s : s + size]
+
+
+def loader(data: tuple, batch_size: int) -> DataLoader:
+    """The data in order, as the peers take it."""
+    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import os
 import torch
 from harness import Clock
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from workloads import loader
 
 
 def save_checkpoints(ckpts: list[tuple[dict, float]], directory: str, tag: str) -> list[str]:
@@ -34,17 +34,13 @@ def load_checkpoint(model: nn.Module, path: str) -> float:
     return float(d["lr"])  # captum multiplies the checkpoint's scores by this
 
 
-def _loader(data: tuple, batch_size: int) -> DataLoader:
-    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
-
-
 def tracincp(
     model: nn.Module, train: tuple, test: tuple, paths: list[str], batch_size: int
 ) -> torch.Tensor:
     """sum_c w_c <grad loss(test_j), grad loss(train_i)>, (n_test, n_train)."""
     from captum.influence import TracInCP
 
-    tracin = TracInCP(model, _loader(train, batch_size), checkpoints=paths,
+    tracin = TracInCP(model, loader(train, batch_size), checkpoints=paths,
                       checkpoints_load_func=load_checkpoint, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
                       sample_wise_grads_per_batch=True)  # fmt: skip
     return tracin.influence(test).detach()
@@ -61,7 +57,7 @@ def fast_rand_proj(model: nn.Sequential, train: tuple, test: tuple, paths: list[
 
     clock = Clock()
     tracin = TracInCPFastRandProj(
-        model, model[-1], _loader(train, batch_size), checkpoints=paths,
+        model, model[-1], loader(train, batch_size), checkpoints=paths,
         checkpoints_load_func=load_checkpoint, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
         batch_size=batch_size, projection_dim=dim, seed=0)  # fmt: skip
     clock.lap("featurize_seconds")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from harness import Clock
 from references import margin
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from workloads import loader
 
 from peers import InfluenceSettings, TrakSettings
 
@@ -53,10 +53,6 @@ def _loss(model: nn.Module, example_dim: int, f: Callable = F.cross_entropy) -> 
     return loss
 
 
-def _loader(data: tuple, batch_size: int) -> DataLoader:
-    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
-
-
 def tracin(model: nn.Module, ckpts: list[tuple[dict, float]], train: tuple, test: tuple,
            batch_size: int, projector_kwargs: dict | None = None) -> torch.Tensor:  # fmt: skip
     """sum_c w_c <g_test, g_train>, (n_test, n_train); exact unless ``projector_kwargs``."""
@@ -71,7 +67,7 @@ def tracin(model: nn.Module, ckpts: list[tuple[dict, float]], train: tuple, test
     if projector_kwargs is None:
         attributor.projector_kwargs = None  # the only way to switch projection off (see above)
     return attributor.attribute(
-        _loader(train, batch_size), _loader(test, len(test[1]))
+        loader(train, batch_size), loader(test, len(test[1]))
     ).T.contiguous()
 
 
@@ -112,10 +108,10 @@ def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
         task = AttributionTask(loss_func=_loss(model, wl.train[0].dim() - 1), model=model,
                                checkpoints=[model.state_dict()])  # fmt: skip
         attributor = make({"task": task, "device": "cpu"})
-        attributor.cache(_loader(wl.train, wl.n_train))
+        attributor.cache(loader(wl.train, wl.n_train))
         clock.lap("fit")
         # one IHVP solve per pair of batches: one test batch
-        S = attributor.attribute(_loader(wl.train, st.batch_size), _loader(wl.test, wl.n_test))
+        S = attributor.attribute(loader(wl.train, st.batch_size), loader(wl.test, wl.n_test))
         clock.lap("attribute")
     except Exception as exc:
         if method != "EK-FAC" or not convs:
@@ -143,7 +139,7 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
         logits = torch.func.functional_call(model, params, (data[0][None],))
         return torch.exp(-F.cross_entropy(logits, data[1][None]))
 
-    train, test = _loader(wl.train, st.batch_size), _loader(wl.test, st.batch_size)
+    train, test = loader(wl.train, st.batch_size), loader(wl.test, st.batch_size)
     clock, total = Clock(), 0.0
     for c, (sd, _) in enumerate(wl.ckpts):
         task = AttributionTask(
