@@ -21,6 +21,7 @@ from torch import nn
 import datatrace as dt
 
 ALPHA = 1e-3
+UNLEARN = ("original", "fast_unlearned", "retrained")
 
 
 def workload(name: str, n_train: int, n_query: int, hidden: int, clusters: int, noise: int,
@@ -116,10 +117,9 @@ def run(wl: dict, seeds: int) -> dict:
     out["unlearning"] = []
     for grp in range(min(3, n_groups)):
         m = wl["groups"] == grp
-        models = {"original": model, "fast_unlearned": fitted.unlearn(grp),
-                  "retrained": train_fn(torch.nonzero(~m).flatten(), 0)}  # fmt: skip
-        out["unlearning"].append({"group": grp, **{k: [accuracy(net, x[m], y[m]), accuracy(net, x[~m], y[~m])]
-                                                   for k, net in models.items()}})  # fmt: skip
+        nets = (model, fitted.unlearn(grp), train_fn(torch.nonzero(~m).flatten(), 0))
+        acc = [[accuracy(net, x[m], y[m]), accuracy(net, x[~m], y[~m])] for net in nets]
+        out["unlearning"].append({"group": grp, **dict(zip(UNLEARN, acc, strict=True))})
     if wl["noisy"]:  # ranks of the noisy groups by removal effect on the mean query loss
         out["noisy_groups"] = wl["noisy"]
         out["noisy_group_ranks"] = {label: sorted(torch.argsort(s.mean(0)).tolist().index(g) + 1
@@ -128,19 +128,17 @@ def run(wl: dict, seeds: int) -> dict:
 
 
 def report(r: dict) -> None:
-    print(f"\n=== {r['workload']}: {r['n_train']} train, {r['n_groups']} groups; "
-          f"train acc {r['train_acc']:.3f}, query acc {r['query_acc']:.3f}\n"
-          f"one training run {r['train_s']:.2f} s; DDM offline {r['ddm_offline_s']:.2f} s "
-          f"({r['offline_fraction_of_training']:.2f}x training); online {r['ddm_online_s']:.3f} s "
-          f"for all groups; retraining per group {r['retrain_per_group_s']:.2f} s -> online "
-          f"{r['online_speedup']:.0f}x faster per group\n{'method':30s} {'pearson':>16s} {'spearman':>16s}")  # fmt: skip
+    print(f"\n=== {r['workload']}: {r['n_train']} train, {r['n_groups']} groups; train acc "
+          f"{r['train_acc']:.3f}, query acc {r['query_acc']:.3f}\none training run {r['train_s']:.2f} s; "
+          f"DDM offline {r['ddm_offline_s']:.2f} s ({r['offline_fraction_of_training']:.2f}x training); "
+          f"online {r['ddm_online_s']:.3f} s for all groups; retraining per group "
+          f"{r['retrain_per_group_s']:.2f} s -> online {r['online_speedup']:.0f}x faster per group")  # fmt: skip
     for label, a in r["agreement"].items():
         (p, pe), (s, se) = a["pearson"], a["spearman"]
-        print(f"{label:30s} {p:+.3f} ± {pe:.3f}   {s:+.3f} ± {se:.3f}")
-    print("unlearning (accuracy on removed group / on the rest):")
-    for u in r["unlearning"]:
-        print(f"  group {u['group']}: " + "  ".join(
-            f"{k.replace('_', '-')} {u[k][0]:.3f}/{u[k][1]:.3f}" for k in ("original", "fast_unlearned", "retrained")))  # fmt: skip
+        print(f"{label:30s} pearson {p:+.3f} ± {pe:.3f}   spearman {s:+.3f} ± {se:.3f}")
+    for u in r["unlearning"]:  # accuracy on the removed group / on the rest
+        accs = "  ".join(f"{k} {u[k][0]:.3f}/{u[k][1]:.3f}" for k in UNLEARN)
+        print(f"  unlearn group {u['group']}: {accs}")
     if "noisy_group_ranks" in r:
         print(
             f"noisy groups {r['noisy_groups']}: their ranks (1 = most harmful) of {r['n_groups']}:"

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """TRAK: datatrace vs traker 0.3.2 (``TRAKer``) and dattri 0.3.0 (``TRAKAttributor``), CPU.
 
-    python bench/bench_trak.py [--quick] [--workloads small,cnn] [--proj-dim K] [--damping LAM]
+    python bench/bench_trak.py [--quick] [--workloads small,cnn]
 
-Every peer is converted (:mod:`peers`) to datatrace's TRAK at one ridge lam (default lam0);
-agreement: mean per-query Pearson with the unprojected float64 reference
-(:mod:`references`), run r with projection seed r in every library; every run a fresh
-worker. Details: bench/README.md.
+Every peer is converted (:mod:`peers`) to datatrace's TRAK at one ridge lam = lam0 and
+k = 512 (quick 128); agreement: mean per-query Pearson with the unprojected float64
+reference (:mod:`references`), run r with projection seed r in every library; every run a
+fresh worker. Details: bench/README.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import harness
 import torch
+from harness import lsq_scale, strict_pearson
 from peers import TrakSettings, dattri_peer, traker_peer
 from references import datatrace_unprojected, kernels
 from workloads import (
@@ -37,12 +38,6 @@ from workloads import (
 import datatrace as dt
 
 API = {"datatrace": "dt.TRAK", "traker": "TRAKer", "dattri": "TRAKAttributor"}
-
-
-def strict_pearson(S: torch.Tensor, R: torch.Tensor) -> float:
-    """Mean per-query Pearson; NaN if any score is not finite."""
-    r, bad = harness.per_query_pearson(S, R)
-    return float("nan") if bad else r
 
 
 def trak_workload(name: str, quick: bool) -> Workload:
@@ -60,9 +55,10 @@ def datatrace_trak(wl: Workload, st: TrakSettings) -> tuple[torch.Tensor, dict[s
     task = dt.ClassificationTask(copy.deepcopy(wl.model))
     ckpts = [dt.Checkpoint.from_state_dict(sd) for sd, _ in wl.ckpts]  # TRAK weighs 1/C
     method = dt.TRAK(projection_dim=st.proj_dim, damping=st.damping, projection_seed=st.seed)
-    return harness.fit_attribute(method, task, ckpts, wl.train, wl.test, batch_size=st.batch_size)[
-        :2
-    ]
+    S, t, _ = harness.fit_attribute(
+        method, task, ckpts, wl.train, wl.test, batch_size=st.batch_size
+    )
+    return S, t
 
 
 RUNNERS = {"datatrace": datatrace_trak, "traker": traker_peer.trak, "dattri": dattri_peer.trak}
@@ -80,50 +76,39 @@ def trak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"S": S, "t": {**t, "mem_gb": mem.gb}}
 
 
-@dataclasses.dataclass
-class Prepared:
-    """A workload saved for the workers, its settings, its reference and untimed checks."""
-
-    wl: Workload
-    path: str
-    settings: TrakSettings
-    reference: torch.Tensor
-    info: dict[str, Any]
-
-
-def prepare(wl: Workload, tmpdir: str, args: Any, proj_dim: int) -> Prepared:
-    path = os.path.join(tmpdir, f"{wl.name}.pt")
+def prepare(
+    wl: Workload, path: str, proj_dim: int, batch_size: int
+) -> tuple[TrakSettings, torch.Tensor, dict]:
+    """The workload saved for the workers, its settings, its reference and untimed checks:
+    the kernel form vs datatrace's own unprojected TRAK on the last layer (cheap there)."""
     save_workload(wl, path)
     kern = kernels(wl)
-    lam = args.damping if args.damping is not None else kern.lam0
+    lam = kern.lam0
     info: dict[str, Any] = {
         "describe": wl.describe(), "n_params": wl.n_params, "damping": lam, "lam0": kern.lam0,
         "traker_lambda_reg": wl.n_train * proj_dim * lam / wl.n_params,
         "dattri_regularization": wl.n_train * lam / wl.n_params,
-        "reference": "float64 TRAK without projection, kernel form, same damping",
-        "reference_s": kern.seconds,
+        "reference": "float64 TRAK without projection, kernel form, same damping", "reference_s": kern.seconds,
     }  # fmt: skip
     ref = kern.scores(lam)
-    del kern
-    # the kernel form vs datatrace's own unprojected TRAK on the last layer (cheap there)
     t0 = time.perf_counter()
     part = wl.subset(min(wl.n_train, 1_000), min(wl.n_test, 100))
     r_dt = datatrace_unprojected(part, lam, params=("fc2",))
     r_kern = kernels(part, params=("fc2",)).scores(lam)
     chk = info["reference_check"] = {
         "params": ["fc2"], "n_train": part.n_train, "n_test": part.n_test,
-        "pearson": strict_pearson(r_kern, r_dt), "scale": harness.lsq_scale(r_kern, r_dt),
+        "pearson": strict_pearson(r_kern, r_dt), "scale": lsq_scale(r_kern, r_dt),
         "max_rel_err": harness.max_rel_err(r_kern, r_dt), "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    print(f"workload {wl.describe()}\n  lam = {lam:.4g} (lam0 {info['lam0']:.4g}); traker "
-          f"lambda_reg {info['traker_lambda_reg']:.4g}, dattri regularization "
-          f"{info['dattri_regularization']:.4g}; reference {info['reference_s']:.1f}s\n"
-          f"  reference vs datatrace TRAK(projection_dim=None) float64 on fc2 ({chk['n_train']} x "
-          f"{chk['n_test']}): Pearson {chk['pearson']:.6f}, scale {chk['scale']:.6f}", flush=True)  # fmt: skip
-    return Prepared(wl, path, TrakSettings(proj_dim, lam, args.batch_size), ref, info)
+    print(f"workload {wl.describe()}\n  lam = lam0 = {lam:.4g}; reference {info['reference_s']:.1f}s; "
+          f"vs datatrace TRAK(projection_dim=None) float64 on fc2 ({chk['n_train']} x {chk['n_test']}): "
+          f"Pearson {chk['pearson']:.6f}, scale {chk['scale']:.6f}", flush=True)  # fmt: skip
+    return TrakSettings(proj_dim, lam, batch_size), ref, info
 
 
-def trak_row(c: harness.Cell, prep: Prepared, dt_cell: harness.Cell | None) -> dict[str, Any]:
+def trak_row(
+    c: harness.Cell, st: TrakSettings, info: dict, dt_cell: harness.Cell | None
+) -> dict[str, Any]:
     """Agreement: the mean over runs (seeds) of the per-query Pearson with the reference;
     with datatrace's scores and between the first two seeds (seed 0): details."""
     agree = c.runs.get("agreement", [])
@@ -139,7 +124,7 @@ def trak_row(c: harness.Cell, prep: Prepared, dt_cell: harness.Cell | None) -> d
         workload=c.workload, method="trak", library=c.library, seconds=c.median(),
         peak_mem_gb=statistics.median(c.runs["mem_gb"]) if c.runs else None,
         agreement=statistics.fmean(agree) if agree else None,
-        agreement_with=f"{prep.info['reference']} (lam={prep.settings.damping:.4g})",
+        agreement_with=f"{info['reference']} (lam={st.damping:.4g})",
         note="; ".join(note + c.busy()), api=API[c.library], agreement_per_seed=agree,
         scale_per_seed=c.runs.get("scale", []), agreement_with_datatrace_seed0=vs_dt,
         seed0_vs_seed1=strict_pearson(*c.scores) if len(c.scores) > 1 else None,
@@ -149,63 +134,52 @@ def trak_row(c: harness.Cell, prep: Prepared, dt_cell: harness.Cell | None) -> d
 def main(argv: list[str] | None = None) -> int:
     ap = harness.arg_parser(__doc__, ",".join(RUNNERS), repeats=None, max_wait=30.0)
     ap.add_argument("--workloads", default="small,cnn", help="comma-separated: small,cnn")
-    ap.add_argument("--proj-dim", type=int, default=None, help="k (default 512; quick 128)")
-    ap.add_argument("--damping", type=float, default=None, help="lam (default lam0)")
     args = harness.parse_args(ap, argv)
     if args.worker:
         return harness.worker_main(args.worker, trak_worker)
     torch.set_num_threads(args.threads)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    proj_dim = args.proj_dim or (128 if args.quick else 512)
-    libs = [x for x in args.libraries.split(",") if x]
-    if unknown := set(libs) - set(RUNNERS):
-        ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(RUNNERS)}")
-    if args.damping is not None and args.damping <= 0:
-        ap.error("--damping must be > 0 (the unprojected reference needs a ridge)")
     warnings.filterwarnings("ignore", category=UserWarning)
-    env = harness.environment(("traker", "dattri"), dtype="float32 (reference float64)",
-                              proj_dim=proj_dim, batch_size=args.batch_size, repeats=repeats,
-                              quick=args.quick)  # fmt: skip
+    repeats = args.repeats or (1 if args.quick else 3)
+    proj_dim = 128 if args.quick else 512
+    libs = harness.libraries(ap, args.libraries, RUNNERS)
+    env = harness.environment(("traker", "dattri"), dtype="float32 (reference float64)", proj_dim=proj_dim,
+                              batch_size=args.batch_size, repeats=repeats, quick=args.quick)  # fmt: skip
     t_start = time.perf_counter()
-    preps: dict[str, Prepared] = {}
+    rows, workloads = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-trak-") as tmp:
-        for name in args.workloads.split(","):
-            wl = trak_workload(name, args.quick)
-            if proj_dim >= wl.n_train:
-                ap.error(f"--proj-dim {proj_dim} must be < n_train = {wl.n_train}")
-            preps[wl.name] = prepare(wl, tmp, args, proj_dim)
-        print(f"prepared in {time.perf_counter() - t_start:.0f}s (untimed)", flush=True)
-        worker = harness.in_workers(__file__, args.max_wait, lambda c, rep: {  # run r: seed r
-            "workload": preps[c.workload].path, "library": c.library, "threads": args.threads,
-            "settings": dataclasses.replace(preps[c.workload].settings, seed=rep).__dict__})  # fmt: skip
-
-        def run(c: harness.Cell, rep: int) -> tuple:
-            S, t, notes = worker(c, rep)
-            ref = preps[c.workload].reference
-            return (
-                S,
-                {**t, "agreement": strict_pearson(S, ref), "scale": harness.lsq_scale(S, ref)},
-                notes,
+        for name in args.workloads.split(","):  # one workload at a time, runs interleaved
+            path = os.path.join(tmp, f"{name}.pt")
+            st, ref, info = prepare(
+                trak_workload(name, args.quick), path, proj_dim, args.batch_size
             )
+            worker = harness.in_workers(__file__, args.max_wait, lambda c, rep: {  # run r: seed r
+                "workload": path, "library": c.library, "threads": args.threads,
+                "settings": dataclasses.replace(st, seed=rep).__dict__})  # fmt: skip
 
-        for name in preps:  # one workload at a time, repeats interleaved across libraries
+            def run(c: harness.Cell, rep: int) -> tuple:
+                S, t, notes = worker(c, rep)
+                return (
+                    S,
+                    {**t, "agreement": strict_pearson(S, ref), "scale": lsq_scale(S, ref)},
+                    notes,
+                )
+
             cells = [harness.Cell(name, "trak", lib) for lib in libs]
             harness.time_cells(cells, repeats, run)
             dt_cell = next((c for c in cells if c.library == "datatrace"), None)
-            rows = [trak_row(c, preps[name], dt_cell) for c in cells]
+            rows += [trak_row(c, st, info, dt_cell) for c in cells]
             done = [c for c in cells if c.scores]
-            preps[name].info.update(rows=rows, pairwise_seed0={
-                f"{a.library}~{b.library}": strict_pearson(a.scores[0], b.scores[0])
-                for i, a in enumerate(done) for b in done[i + 1 :]})  # fmt: skip
-    rows = [r for p in preps.values() for r in p.info.pop("rows")]
+            info["pairwise_seed0"] = {f"{a.library}~{b.library}": strict_pearson(a.scores[0], b.scores[0])
+                                      for i, a in enumerate(done) for b in done[i + 1 :]}  # fmt: skip
+            print(f"{name}: pairwise (seed 0) {info['pairwise_seed0']}")
+            workloads[name] = info
     harness.print_rows(rows)
-    for p in preps.values():
-        pairs = ", ".join(f"{k} {v:.4f}" for k, v in p.info["pairwise_seed0"].items())
-        print(f"{p.wl.name}: pairwise (seed 0) {pairs}")
     total_s = time.perf_counter() - t_start
     print(f"total {total_s:.0f}s")
-    harness.write_json(args.json, {"environment": env, "rows": rows, "total_seconds": total_s,
-                                   "workloads": {n: p.info for n, p in preps.items()}})  # fmt: skip
+    harness.write_json(
+        args.json,
+        {"environment": env, "rows": rows, "total_seconds": total_s, "workloads": workloads},
+    )
     return 0
 
 

@@ -3,10 +3,10 @@
 Fresh-process runs (:func:`run_worker`, :func:`worker_main`: in one long-lived process a
 run's speed depends on the heap earlier runs left), the contention watch (:class:`CpuWatch`,
 :func:`quiet`: the cores *other* processes used, from /proc/stat minus ours), memory
-(:class:`RssPeak`, :func:`peak_rss_gb`), :func:`clean_median` over undisturbed runs, phase
-times (:class:`Clock`), the one loop of interleaved repeats (:class:`Cell`,
-:func:`time_cells`, in this process or in workers), agreement measures, the ``"rows"``
-format ``suite.py`` reads (:func:`row`, :func:`print_rows`), writers and shared options.
+(:class:`RssPeak`, :func:`peak_rss_gb`), phase times (:class:`Clock`), the one loop of
+interleaved repeats (:class:`Cell`, :func:`time_cells`, medians over undisturbed runs),
+agreement measures, the ``"rows"`` format ``suite.py`` reads (:func:`row`,
+:func:`print_rows`), the JSON writer and the shared options.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before any peer imports tqdm: inner progress bars
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import hashlib
 import importlib.metadata
@@ -29,7 +31,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,6 @@ from typing import Any
 import torch
 
 BUSY_LIMIT = 0.25  # CPU cores used by other processes above which a run counts as contended
-_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _busy_s() -> float:
@@ -47,7 +48,7 @@ def _busy_s() -> float:
             v = [int(x) for x in f.readline().split()[1:9]]
     except OSError:
         return float("nan")
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _HZ  # user nice system irq softirq steal
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_s() -> float:
@@ -71,12 +72,8 @@ class CpuWatch:
 def malloc_trim() -> None:
     """Give freed heap back to the OS (glibc): dattri's CG and LiSSA leave ~20 GB of freed,
     fragmented heap behind, which would otherwise carry over into later runs."""
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def quiet(max_wait: float) -> float:
@@ -95,12 +92,6 @@ def quiet(max_wait: float) -> float:
         time.sleep(2.0)
         waited += 2.0
     return load
-
-
-def clean_median(values: Sequence[float], others: Sequence[float]) -> float:
-    """Median over the runs no other process disturbed (over all runs if none was clean)."""
-    clean = [v for v, o in zip(values, others, strict=True) if o <= BUSY_LIMIT]
-    return statistics.median(clean or values)
 
 
 class Clock:
@@ -124,14 +115,8 @@ class Clock:
 
 
 def _status_kb(name: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) for line in f if line.startswith(name + ":")), 0)
 
 
 def peak_rss_gb() -> float:
@@ -146,7 +131,6 @@ class RssPeak:
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval, self._stop = interval, threading.Event()
-        self.base = self.peak = _status_kb("VmRSS") * 1024
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
@@ -185,13 +169,12 @@ def run_worker(script: str, spec: dict[str, Any], timeout: float | None = None) 
             raise WorkerError(torch.load(out, weights_only=False)["error"])
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            how = f"exit {proc.returncode}"
             if proc.returncode == -9:  # SIGKILL, as the kernel's OOM killer sends
                 ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
                 how = f"killed by SIGKILL (out of memory? the machine has {ram:.0f} GB)"
             elif proc.returncode < 0:
                 how = f"killed by signal {-proc.returncode}"
-            else:
-                how = f"exit {proc.returncode}"
             raise WorkerError(f"worker {how}" + (f": {' | '.join(tail)}" if tail else ""))
         return torch.load(out, weights_only=False)
     finally:
@@ -247,8 +230,12 @@ class Cell:
     error: str | None = None
 
     def median(self, key: str = "total") -> float | None:
-        """Median of ``key`` over the undisturbed runs; None if no run finished."""
-        return clean_median(self.runs[key], self.runs["others_cores"]) if self.runs else None
+        """Median of ``key`` over the undisturbed runs (over all if none); None if no run."""
+        if not self.runs:
+            return None
+        clean = [v for v, o in zip(self.runs[key], self.runs["others_cores"], strict=True)
+                 if o <= BUSY_LIMIT]  # fmt: skip
+        return statistics.median(clean or self.runs[key])
 
     def busy(self) -> list[str]:
         runs = self.runs.get("others_cores", [])
@@ -326,7 +313,7 @@ def fit_attribute(
 ) -> tuple[torch.Tensor, dict[str, float], Any]:
     """Time datatrace's ``method.fit`` + ``attribute``: (S, {fit, attribute, total}, fitted).
     The caller drops ``fitted`` (which removes a temporary feature store) outside the timing."""
-    clock = Clock()
+    clock = Clock(fit_kw.pop("sync", lambda: None))
     fitted = method.fit(task, ckpts, train, progress=False, **fit_kw)
     clock.lap("fit")
     S = fitted.attribute(test)
@@ -334,8 +321,8 @@ def fit_attribute(
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    x = a.detach().double().flatten().cpu()
-    y = b.detach().double().flatten().cpu()
+    """Pearson correlation of the flattened matrices."""
+    x, y = a.detach().double().flatten().cpu(), b.detach().double().flatten().cpu()
     x, y = x - x.mean(), y - y.mean()
     return float((x @ y) / (x.norm() * y.norm()))
 
@@ -354,10 +341,15 @@ def per_query_pearson(S: torch.Tensor, R: torch.Tensor) -> tuple[float, int]:
     a, b = a[ok], b[ok]
     if a.shape[0] == 0:
         return float("nan"), int((~ok).sum())
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
     return float(r.mean()), int((~ok).sum())
+
+
+def strict_pearson(S: torch.Tensor, R: torch.Tensor) -> float:
+    """Mean per-query Pearson; NaN if any score is not finite."""
+    r, bad = per_query_pearson(S, R)
+    return float("nan") if bad else r
 
 
 def lsq_scale(S: torch.Tensor, R: torch.Tensor) -> float:
@@ -379,9 +371,8 @@ def src_state() -> str:
         h.update(f.read_bytes())
 
     def git(*a: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        cmd = ["git", "-C", str(root), *a]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
         commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", ".")
@@ -390,7 +381,7 @@ def src_state() -> str:
     return f"{commit or '?'}{'+dirty' if dirty else ''} src-sha256:{h.hexdigest()[:12]}"
 
 
-def environment(peers: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
+def environment(peers: tuple[str, ...] | list[str] = (), **extra: Any) -> dict[str, Any]:
     """Versions (a missing peer is reported, not fatal), machine, thread count, ``extra``."""
     import datatrace
 
@@ -401,8 +392,8 @@ def environment(peers: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
             env[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError as e:
             env[name] = f"unavailable: {e}"
-    env.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
-    env.update(cpu_count=os.cpu_count(), **extra)
+    env.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+               cpu_count=os.cpu_count(), **extra)  # fmt: skip
     print("environment:", json.dumps(env), flush=True)
     return env
 
@@ -416,8 +407,7 @@ def row(**kw: Any) -> dict[str, Any]:
     :data:`ROW_KEYS` (missing ones None, ``note`` ""), extras kept after them."""
     out: dict[str, Any] = {k: kw.pop(k, None) for k in ROW_KEYS}
     out["note"] = out["note"] or ""
-    out.update(kw)
-    return out
+    return {**out, **kw}
 
 
 def write_json(path: str | None, obj: dict[str, Any]) -> None:
@@ -430,8 +420,7 @@ def write_json(path: str | None, obj: dict[str, Any]) -> None:
 def fmt(x: Any, spec: str) -> str:
     """``format(x, spec)``, or '-' right-aligned to the spec's width for None and NaN."""
     if x is None or (isinstance(x, float) and x != x):
-        width = "".join(c for c in spec.split(".")[0] if c.isdigit())
-        return "-".rjust(int(width or 0))
+        return "-".rjust(int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0))
     return format(x, spec)
 
 
@@ -481,3 +470,11 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
     return args
+
+
+def libraries(ap: argparse.ArgumentParser, given: str, known: Any) -> list[str]:
+    """``--libraries`` as a list, each one of ``known`` (else a usage error)."""
+    libs = [x.strip() for x in given.split(",") if x.strip()]
+    if unknown := set(libs) - set(known):
+        ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(known)}")
+    return libs

@@ -18,6 +18,8 @@ from internals import logistic_regression_problem, mlp_problem
 
 import datatrace as dt
 
+SWEPT = {"Exact Hessian": dt.ExactHessian, "Gauss-Newton": dt.GaussNewton, "EK-FAC": dt.EKFAC}
+
 
 def methods(lam: float, p: int) -> dict[str, dt.GradientAttributor]:
     return {
@@ -35,15 +37,12 @@ def methods(lam: float, p: int) -> dict[str, dt.GradientAttributor]:
     }
 
 
-SWEPT = {"Exact Hessian": dt.ExactHessian, "Gauss-Newton": dt.GaussNewton, "EK-FAC": dt.EKFAC}
-
-
-def evaluate(problem: Any, args: argparse.Namespace) -> None:
+def evaluate(problem: Any, n_left_out: int, out: Path) -> None:
     """Every method against the (cached) leave-one-out truth, then the damping sweep."""
     task, ckpts = dt.ClassificationTask(problem.model), [dt.Checkpoint.from_module(problem.model)]
     n, p = len(problem.train[0]), sum(t.numel() for t in problem.model.parameters())
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.n_left_out]
-    cache = args.out / f"loo-{problem.name}-{args.n_left_out}.pt"
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:n_left_out]
+    cache = out / f"loo-{problem.name}-{n_left_out}.pt"
     if cache.exists():
         truth = torch.load(cache, weights_only=True)
     else:
@@ -66,24 +65,22 @@ def evaluate(problem: Any, args: argparse.Namespace) -> None:
     print("  damping sweep (multiples of λ₀; Pearson):")
     lam0 = dt.mean_squared_gradient(task, ckpts[0], problem.train)
     for label, solver in SWEPT.items():
-        pts = dt.damping_sweep(lambda d, s=solver: dt.Influence(s(damping=d)), task, ckpts,
-                               problem.train, problem.queries,
-                               multipliers=(0.01, 0.1, 1.0, 10.0, 100.0), progress=False)  # fmt: skip
+        pts = dt.damping_sweep(lambda d, s=solver: dt.Influence(s(damping=d)), task, ckpts, problem.train,
+                               problem.queries, multipliers=(0.01, 0.1, 1.0, 10.0, 100.0), progress=False)  # fmt: skip
         r = [dt.metrics.agreement(pt.scores[:, idx], truth)["pearson"][0] for pt in pts]
-        row = "  ".join(f"{pt.multiplier:g}x: {x:.3f}" for pt, x in zip(pts, r, strict=True))
-        print(f"    {label:<14} λ₀={lam0:.3g}  {row}")
+        sweep = "  ".join(f"{pt.multiplier:g}x: {x:.3f}" for pt, x in zip(pts, r, strict=True))
+        print(f"    {label:<14} λ₀={lam0:.3g}  {sweep}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-left-out", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     for problem in (logistic_regression_problem(), mlp_problem()):
-        evaluate(problem, args)
+        evaluate(problem, args.n_left_out, args.out)
 
 
 if __name__ == "__main__":

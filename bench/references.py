@@ -50,8 +50,9 @@ def influence_references(wl: Any, damping: float, batch: int = 100) -> dict[str,
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            fitted = dt.Influence(solver(damping=damping)).fit(task, ck, train, batch_size=batch,
-                                                               progress=False)  # fmt: skip
+            fitted = dt.Influence(solver(damping=damping)).fit(
+                task, ck, train, batch_size=batch, progress=False
+            )
             out[key] = fitted.attribute(test).float()
         out[f"{key}_warnings"] = sorted({str(x.message).split(":")[0] for x in w})
         out["seconds"][label] = time.perf_counter() - t0

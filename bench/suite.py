@@ -105,10 +105,9 @@ def print_summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> N
     print_rows(rows)
     print(f"\ntargets (datatrace ≥ {TARGET:g}× faster than the fastest peer implementing it):")
     for c in checks:
-        verdict = "no peer implements it"
-        if c["fastest_peer"] is not None:
-            verdict = (f"{c['speedup']:.2f}× vs {c['fastest_peer']} ({c['peer_s']:.2f} s vs "
-                       f"{c['datatrace_s']:.2f} s): {'met' if c['met'] else 'MISSED'}")  # fmt: skip
+        verdict = "no peer implements it" if c["fastest_peer"] is None else (
+            f"{c['speedup']:.2f}× vs {c['fastest_peer']} ({c['peer_s']:.2f} s vs {c['datatrace_s']:.2f} s): "
+            f"{'met' if c['met'] else 'MISSED'}")  # fmt: skip
         damping = f" λ={c['damping']:g}" if c["damping"] is not None else ""
         print(f"  {c['workload']:18s} {c['method'] + damping:18s} {verdict}")
 

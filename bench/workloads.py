@@ -1,20 +1,22 @@
 """The models and data the benchmarks attribute over: seeded, offline, deterministic.
 
 Digits workloads trained by plain SGD (no momentum, no weight decay: what TracIn models), a
-checkpoint per learning-rate stage; the scale run's synthetic data and MLP; ResNet-9 for the
-GPU anchor. A :class:`Workload` travels to fresh worker processes with :func:`save_workload`.
+checkpoint per learning-rate stage; the scale run's synthetic data and MLP; ResNet-9 on
+synthetic images for the GPU run. A :class:`Workload` travels to fresh worker processes
+with :func:`save_workload`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def mlp(hidden: int = 128) -> nn.Module:
@@ -42,7 +44,28 @@ def pool_cnn(c1: int = 8, c2: int = 16) -> nn.Module:
                          nn.Linear(c2 * 4, 10))  # fmt: skip
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"MLP": mlp, "CNN": cnn, "PoolCNN": pool_cnn}
+def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(), *([nn.MaxPool2d(2)] if pool else []))  # fmt: skip
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(c, c), conv_bn(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(self.a(x))
+
+
+def resnet9(w: int = 32) -> nn.Sequential:
+    """ResNet-9 (Page's DAWNBench layout) with base width w: 1.65M parameters at w = 32."""
+    return nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w, pool=True), Residual(2 * w),
+                         conv_bn(2 * w, 4 * w, pool=True), conv_bn(4 * w, 8 * w, pool=True),
+                         Residual(8 * w), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, 10))  # fmt: skip
+
+
+MODELS = {"MLP": mlp, "CNN": cnn, "PoolCNN": pool_cnn, "ResNet9": resnet9}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
@@ -62,6 +85,11 @@ def batches(data: tuple, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
         yield data[0][s : s + size], data[1][s : s + size]
 
 
+def loader(data: tuple, batch_size: int) -> DataLoader:
+    """The data in order, as the peers take it."""
+    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
+
+
 @dataclass
 class Workload:
     name: str
@@ -78,17 +106,45 @@ class Workload:
 
     def describe(self) -> str:
         stats = ", ".join(f"{k} {v:.4g}" for k, v in self.stats.items())
-        return (
-            f"{self.name}: {self.arch} {self.n_params:,} params, "
-            f"{self.n_train:,} train x {self.n_test:,} test, {len(self.ckpts)} ckpts "
-            f"lr={[lr for _, lr in self.ckpts]}, float32; {stats}"
-        )
+        return (f"{self.name}: {self.arch} {self.n_params:,} params, {self.n_train:,} train x "
+                f"{self.n_test:,} test, {len(self.ckpts)} ckpts lr={[lr for _, lr in self.ckpts]}, "
+                f"float32; {stats}")  # fmt: skip
 
     def subset(self, n_train: int, n_test: int) -> Workload:
         """The first examples (same checkpoints): warm-up runs and smaller workloads."""
         train = (self.train[0][:n_train], self.train[1][:n_train])
-        test = (self.test[0][:n_test], self.test[1][:n_test])
-        return Workload(self.name, self.model, self.ckpts, train, test, self.arch, self.stats)
+        return replace(self, train=train, test=(self.test[0][:n_test], self.test[1][:n_test]))
+
+
+def train_sgd(model: nn.Module, train: tuple, lrs: list[float], epochs_per_ckpt: int, batch: int,
+              seed: int, momentum: float = 0.0) -> Checkpoints:  # fmt: skip
+    """SGD; a checkpoint after each stage of ``epochs_per_ckpt`` epochs at ``lrs[c]``."""
+    X, y = train
+    g = torch.Generator().manual_seed(seed)
+    ckpts = []
+    for lr in lrs:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        for _ in range(epochs_per_ckpt):
+            for idx in torch.randperm(len(y), generator=g).to(y.device).split(batch):
+                opt.zero_grad()
+                F.cross_entropy(model(X[idx]), y[idx]).backward()
+                opt.step()
+        ckpts.append((snapshot(model), lr))
+    return ckpts
+
+
+def trained(name: str, arch: dict, train: tuple, test: tuple, lrs: list[float], epochs_per_ckpt: int,
+            batch: int, seed: int, momentum: float = 0.0) -> Workload:  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(arch).to(train[0].device)
+    ckpts = train_sgd(model, train, lrs, epochs_per_ckpt, batch, seed, momentum)
+    model.eval()
+    with torch.no_grad():
+        out = model(train[0])
+        stats = {"train loss": float(F.cross_entropy(out, train[1])),
+                 "train acc": float((out.argmax(1) == train[1]).float().mean()),
+                 "test acc": float((model(test[0]).argmax(1) == test[1]).float().mean())}  # fmt: skip
+    return Workload(name, model, ckpts, train, test, arch, stats)
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,87 +155,59 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return X, torch.tensor(d.target, dtype=torch.int64)
 
 
-def train_sgd(
-    model: nn.Module, train: tuple, lrs: list[float], epochs_per_ckpt: int, batch: int, seed: int
-) -> Checkpoints:
-    """Plain SGD; a checkpoint after each stage of ``epochs_per_ckpt`` epochs at ``lrs[c]``."""
-    X, y = train
-    g = torch.Generator().manual_seed(seed)
-    ckpts = []
-    for lr in lrs:
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        for _ in range(epochs_per_ckpt):
-            perm = torch.randperm(len(y), generator=g)
-            for s in range(0, len(y), batch):
-                idx = perm[s : s + batch]
-                opt.zero_grad()
-                F.cross_entropy(model(X[idx]), y[idx]).backward()
-                opt.step()
-        ckpts.append((snapshot(model), lr))
-    return ckpts
-
-
-def _trained(name: str, arch: dict, train: tuple, test: tuple, lrs: list[float],
-             epochs_per_ckpt: int, batch: int, seed: int) -> Workload:  # fmt: skip
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    ckpts = train_sgd(model, train, lrs, epochs_per_ckpt, batch, seed)
-    model.eval()
-    with torch.no_grad():
-        out = model(train[0])
-        stats = {
-            "train loss": float(F.cross_entropy(out, train[1])),
-            "train acc": float((out.argmax(1) == train[1]).float().mean()),
-            "test acc": float((model(test[0]).argmax(1) == test[1]).float().mean()),
-        }
-    return Workload(name, model, ckpts, train, test, arch, stats)
-
-
 def digits_workload(name: str, arch: dict, n_train: int, n_test: int, lrs: list[float],
                     epochs_per_ckpt: int, seed: int = 0) -> Workload:  # fmt: skip
     """Real digits, a seeded split (train first, test after), SGD in batches of 32;
     images (1, 8, 8) for the convolutional models."""
     X, y = digits()
-    if arch["model"] != "MLP":
-        X = X.reshape(-1, 1, 8, 8)
+    X = X if arch["model"] == "MLP" else X.reshape(-1, 1, 8, 8)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     train, test = (X[tr].contiguous(), y[tr].contiguous()), (X[te].contiguous(), y[te].contiguous())
-    return _trained(name, arch, train, test, lrs, epochs_per_ckpt, 32, seed)
+    return trained(name, arch, train, test, lrs, epochs_per_ckpt, 32, seed)
 
 
 def small_mlp_workload() -> Workload:
     """``small``: the MLP 64-128-10 on 1,000 x 200 digits, 4 checkpoints (lr 0.2/0.1/0.05/0.02,
     2 epochs each): the TracIn and TRAK benchmarks' small workload."""
-    arch = {"model": "MLP", "hidden": 128}
-    return digits_workload("small", arch, 1000, 200, [0.2, 0.1, 0.05, 0.02], 2)
-
-
-def _augment(images: torch.Tensor, n: int, noise: float, g: torch.Generator) -> tuple:
-    """``n`` examples: random base images (m, 1, 8, 8) shifted by a random (dx, dy) in
-    {-1,0,1}^2 (zero fill) plus Gaussian noise. Returns (examples, base index)."""
-    src = torch.randint(0, images.shape[0], (n,), generator=g)
-    shifts = torch.randint(-1, 2, (n, 2), generator=g)
-    padded = F.pad(images[src], (1, 1, 1, 1))  # (n, 1, 10, 10)
-    out = torch.empty(n, 1, 8, 8)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            m = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-            out[m] = padded[m][:, :, 1 - dy : 9 - dy, 1 - dx : 9 - dx]
-    return out + noise * torch.randn(out.shape, generator=g), src
+    return digits_workload("small", {"model": "MLP", "hidden": 128}, 1000, 200,
+                           [0.2, 0.1, 0.05, 0.02], 2)  # fmt: skip
 
 
 def augmented_digits_workload(n_train: int = 20_000, n_test: int = 1_000, seed: int = 0):
-    """The CNN on ``n_train`` augmented copies of the 797 digits not held out; 4 checkpoints
-    at lr 0.1/0.05/0.02/0.01, 20,000 examples' worth of SGD steps per checkpoint."""
+    """The CNN on ``n_train`` copies of the 797 digits not held out, each shifted by a random
+    (dx, dy) in {-1,0,1}^2 (zero fill) plus N(0, 0.05) noise; 4 checkpoints at lr
+    0.1/0.05/0.02/0.01, 20,000 examples' worth of SGD steps per checkpoint."""
     X, y = digits()
     X = X.reshape(-1, 1, 8, 8)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
     te, base = perm[:n_test], perm[n_test:]
-    Xtr, src = _augment(X[base], n_train, noise=0.05, g=torch.Generator().manual_seed(seed + 2))
+    g = torch.Generator().manual_seed(seed + 2)
+    src = torch.randint(0, len(base), (n_train,), generator=g)
+    shifts = torch.randint(-1, 2, (n_train, 2), generator=g)
+    padded = F.pad(X[base][src], (1, 1, 1, 1))  # (n, 1, 10, 10)
+    Xtr = torch.empty(n_train, 1, 8, 8)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            m = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            Xtr[m] = padded[m][:, :, 1 - dy : 9 - dy, 1 - dx : 9 - dx]
+    Xtr = Xtr + 0.05 * torch.randn(Xtr.shape, generator=g)
     train, test = (Xtr.contiguous(), y[base][src].contiguous()), (X[te].contiguous(), y[te])
-    lrs, epochs = [0.1, 0.05, 0.02, 0.01], max(1, 20_000 // n_train)
-    return _trained("large", {"model": "CNN"}, train, test, lrs, epochs, 64, seed)
+    return trained("large", {"model": "CNN"}, train, test, [0.1, 0.05, 0.02, 0.01],
+                   max(1, 20_000 // n_train), 64, seed)  # fmt: skip
+
+
+def resnet9_workload(n_train: int, n_test: int, width: int, device: Any) -> Workload:
+    """ResNet-9 after one epoch of SGD (momentum 0.9, lr 0.05, batch 500) on synthetic
+    3x32x32 inputs with random labels: one checkpoint, the GPU anchor's model."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(n_train + n_test, 3, 32, 32, generator=g),
+        torch.randint(0, 10, (n_train + n_test,), generator=g),
+    )
+    x, y = x.to(device), y.to(device)
+    return trained("resnet9", {"model": "ResNet9", "w": width}, (x[:n_train], y[:n_train]),
+                   (x[n_train:], y[n_train:]), [0.05], 1, 500, 0, momentum=0.9)  # fmt: skip
 
 
 def save_workload(wl: Workload, path: str) -> None:
@@ -191,8 +219,7 @@ def load_workload(path: str) -> Workload:
     d = torch.load(path, weights_only=True)
     model = build_model(d["arch"])
     model.load_state_dict(d["ckpts"][-1][0])
-    model.eval()
-    return Workload(d["name"], model, d["ckpts"], tuple(d["train"]), tuple(d["test"]),
+    return Workload(d["name"], model.eval(), d["ckpts"], tuple(d["train"]), tuple(d["test"]),
                     d["arch"], d["stats"])  # fmt: skip
 
 
@@ -217,25 +244,3 @@ def scale_checkpoints() -> Checkpoints:
     """The initial weights and the same scaled by 1.01 (the cost, not the scores, is measured)."""
     sd = snapshot(scale_model())
     return [(sd, SCALE_WEIGHTS[0]), ({k: 1.01 * v for k, v in sd.items()}, SCALE_WEIGHTS[1])]
-
-
-def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(), *([nn.MaxPool2d(2)] if pool else []))  # fmt: skip
-
-
-class Residual(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.a, self.b = conv_bn(c, c), conv_bn(c, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(self.a(x))
-
-
-def resnet9(w: int = 32, classes: int = 10) -> nn.Sequential:
-    """ResNet-9 (Page's DAWNBench layout) with base width w: 1.65M parameters at w = 32."""
-    return nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w, pool=True), Residual(2 * w),
-                         conv_bn(2 * w, 4 * w, pool=True), conv_bn(4 * w, 8 * w, pool=True),
-                         Residual(8 * w), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                         nn.Linear(8 * w, classes))  # fmt: skip

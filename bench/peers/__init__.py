@@ -9,7 +9,7 @@ are here (each adapter converts them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -22,15 +22,12 @@ class InfluenceSettings:
     lissa_scale: float = 1.0
     arnoldi_rank: int = 50
     arnoldi_iter: int = 120
-    top_eig: float = float("nan")  # largest |eigenvalue| of H + lam (from the reference)
 
     def warm_up(self, n_train: int) -> InfluenceSettings:
         """Cheap settings for a warm-up run on ``n_train`` examples."""
-        return InfluenceSettings(
-            self.damping, min(self.batch_size, n_train), min(self.cg_iters, 3),
-            min(self.lissa_depth, 20), min(self.lissa_batch, n_train), self.lissa_scale,
-            min(self.arnoldi_rank, 10), min(self.arnoldi_iter, 30), self.top_eig,
-        )  # fmt: skip
+        return replace(self, batch_size=min(self.batch_size, n_train), cg_iters=min(self.cg_iters, 3),
+                       lissa_depth=min(self.lissa_depth, 20), lissa_batch=min(self.lissa_batch, n_train),
+                       arnoldi_rank=min(self.arnoldi_rank, 10), arnoldi_iter=min(self.arnoldi_iter, 30))  # fmt: skip
 
 
 @dataclass

@@ -17,17 +17,14 @@ import os
 import torch
 from harness import Clock
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-Checkpoints = list[tuple[dict[str, torch.Tensor], float]]
+from workloads import loader
 
 
-def save_checkpoints(ckpts: Checkpoints, directory: str, tag: str) -> list[str]:
+def save_checkpoints(ckpts: list[tuple[dict, float]], directory: str, tag: str) -> list[str]:
     """The checkpoints as files (captum loads them by path); the weight travels along."""
-    paths = []
-    for c, (sd, weight) in enumerate(ckpts):
-        paths.append(os.path.join(directory, f"{tag}-ckpt{c}.pt"))
-        torch.save({"state_dict": sd, "lr": weight}, paths[-1])
+    paths = [os.path.join(directory, f"{tag}-ckpt{c}.pt") for c in range(len(ckpts))]
+    for path, (sd, weight) in zip(paths, ckpts, strict=True):
+        torch.save({"state_dict": sd, "lr": weight}, path)
     return paths
 
 
@@ -37,17 +34,15 @@ def load_checkpoint(model: nn.Module, path: str) -> float:
     return float(d["lr"])  # captum multiplies the checkpoint's scores by this
 
 
-def tracincp(model: nn.Module, train: tuple, test: tuple, checkpoints: list, load=load_checkpoint,
-             batch_size: int = 500) -> torch.Tensor:  # fmt: skip
+def tracincp(
+    model: nn.Module, train: tuple, test: tuple, paths: list[str], batch_size: int
+) -> torch.Tensor:
     """sum_c w_c <grad loss(test_j), grad loss(train_i)>, (n_test, n_train)."""
-    tracin = captum_influence().TracInCP(
-        model,
-        DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=False),
-        checkpoints=checkpoints,
-        checkpoints_load_func=load,
-        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-        sample_wise_grads_per_batch=True,
-    )
+    from captum.influence import TracInCP
+
+    tracin = TracInCP(model, loader(train, batch_size), checkpoints=paths,
+                      checkpoints_load_func=load_checkpoint, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                      sample_wise_grads_per_batch=True)  # fmt: skip
     return tracin.influence(test).detach()
 
 
@@ -58,22 +53,16 @@ def fast_rand_proj(model: nn.Sequential, train: tuple, test: tuple, paths: list[
         import annoy  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(f"annoy not installable/importable: {exc}") from exc
-    loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=False)
+    from captum.influence import TracInCPFastRandProj
+
     clock = Clock()
-    tracin = captum_influence().TracInCPFastRandProj(
-        model, model[-1], loader, checkpoints=paths, checkpoints_load_func=load_checkpoint,
-        loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
-        projection_dim=dim, seed=0,
-    )  # fmt: skip
+    tracin = TracInCPFastRandProj(
+        model, model[-1], loader(train, batch_size), checkpoints=paths,
+        checkpoints_load_func=load_checkpoint, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        batch_size=batch_size, projection_dim=dim, seed=0)  # fmt: skip
     clock.lap("featurize_seconds")
     S = tracin.influence(test, k=None)
     t = clock.lap("score_seconds")
     pq = tracin.projection_quantities
     dims = pq[0].shape[1] * pq[1].shape[1] if pq is not None else None
     return S.detach(), {**t, "seconds": t["total"], "dims_per_checkpoint": dims}
-
-
-def captum_influence():
-    import captum.influence
-
-    return captum.influence

@@ -33,63 +33,42 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from harness import Clock
+from references import margin
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from workloads import loader
 
 from peers import InfluenceSettings, TrakSettings
 
 
-def cross_entropy(model: nn.Module, example_dim: int) -> Callable:
-    """Mean cross-entropy of a batch, or of one example of ``example_dim`` dimensions (the
-    LiSSA collate function casts labels to float, hence ``.long()``)."""
+def _loss(model: nn.Module, example_dim: int, f: Callable = F.cross_entropy) -> Callable:
+    """``f`` (mean cross-entropy, or the margin) of a batch, or of one example of
+    ``example_dim`` dimensions (the LiSSA collate function casts labels to float)."""
 
     def loss(params: dict[str, torch.Tensor], data: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = data
         if x.dim() == example_dim:
             x, y = x.unsqueeze(0), y.reshape(1)
-        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y.long())
+        return f(torch.func.functional_call(model, params, (x,)), y.long())
 
     return loss
 
 
-def _loader(data: tuple, batch_size: int) -> DataLoader:
-    return DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=False)
-
-
-def tracin(model: nn.Module, states: list[dict], weights: list[float], train: tuple, test: tuple,
+def tracin(model: nn.Module, ckpts: list[tuple[dict, float]], train: tuple, test: tuple,
            batch_size: int, projector_kwargs: dict | None = None) -> torch.Tensor:  # fmt: skip
     """sum_c w_c <g_test, g_train>, (n_test, n_train); exact unless ``projector_kwargs``."""
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask
 
-    loss = cross_entropy(model, train[0].dim() - 1)
-    task = AttributionTask(loss_func=loss, model=model, checkpoints=states)
-    attributor = TracInAttributor(task=task, weight_list=torch.tensor(weights),
+    task = AttributionTask(loss_func=_loss(model, train[0].dim() - 1), model=model,
+                           checkpoints=[sd for sd, _ in ckpts])  # fmt: skip
+    attributor = TracInAttributor(task=task, weight_list=torch.tensor([w for _, w in ckpts]),
                                   normalized_grad=False, projector_kwargs=projector_kwargs,
-                                  device="cpu")  # fmt: skip
+                                  device=str(train[0].device))  # fmt: skip
     if projector_kwargs is None:
         attributor.projector_kwargs = None  # the only way to switch projection off (see above)
-    S = attributor.attribute(_loader(train, batch_size), _loader(test, len(test[1])))
-    return S.T.contiguous()
-
-
-def _influence_attributor(method: str, task: Any, st: InfluenceSettings, model: nn.Module):
-    from dattri.algorithm import influence_function as IF
-
-    lam, kw = st.damping, {"task": task, "device": "cpu"}
-    # EK-FAC: every Linear and Conv2d layer, i.e. every parameter, as for the other cells
-    # (dattri's default module_name=None would silently keep the nn.Linear layers only)
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return {
-        "exact": lambda: IF.IFAttributorExplicit(**kw, regularization=lam),
-        "CG": lambda: IF.IFAttributorCG(**kw, max_iter=st.cg_iters, regularization=lam),
-        "LiSSA": lambda: IF.IFAttributorLiSSA(**kw, batch_size=st.lissa_batch, num_repeat=1,
-            recursion_depth=st.lissa_depth, damping=lam / st.lissa_scale, scaling=st.lissa_scale),
-        "Arnoldi": lambda: IF.IFAttributorArnoldi(**kw, proj_dim=st.arnoldi_rank,
-            max_iter=st.arnoldi_iter + 1, regularization=lam, seed=0),
-        "DataInf": lambda: IF.IFAttributorDataInf(**kw, regularization=lam),
-        "EK-FAC": lambda: IF.IFAttributorEKFAC(**kw, damping=lam, module_name=layers),
-    }[method]()  # fmt: skip
+    return attributor.attribute(
+        loader(train, batch_size), loader(test, len(test[1]))
+    ).T.contiguous()
 
 
 def _arnoldi_notes(attributor: Any) -> list[str]:
@@ -104,21 +83,35 @@ def _arnoldi_notes(attributor: Any) -> list[str]:
 
 def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
     """(S, {fit, attribute, total}, notes) of one ``IFAttributor*``; fit = construction + cache."""
+    from dattri.algorithm import influence_function as IF
     from dattri.task import AttributionTask
 
     model = copy.deepcopy(wl.model).eval()
-    loss = cross_entropy(model, wl.train[0].dim() - 1)
-    full, train = _loader(wl.train, wl.n_train), _loader(wl.train, st.batch_size)
-    test = _loader(wl.test, wl.n_test)  # one IHVP solve per pair of batches: one test batch
-    torch.manual_seed(0)  # LiSSA samples with the global generator
+    # EK-FAC: every Linear and Conv2d layer, i.e. every parameter, as for the other cells
+    # (dattri's default module_name=None would silently keep the nn.Linear layers only)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    lam = st.damping
+    make = {
+        "exact": lambda kw: IF.IFAttributorExplicit(**kw, regularization=lam),
+        "CG": lambda kw: IF.IFAttributorCG(**kw, max_iter=st.cg_iters, regularization=lam),
+        "LiSSA": lambda kw: IF.IFAttributorLiSSA(**kw, batch_size=st.lissa_batch, num_repeat=1,
+            recursion_depth=st.lissa_depth, damping=lam / st.lissa_scale, scaling=st.lissa_scale),
+        "Arnoldi": lambda kw: IF.IFAttributorArnoldi(**kw, proj_dim=st.arnoldi_rank,
+            max_iter=st.arnoldi_iter + 1, regularization=lam, seed=0),
+        "DataInf": lambda kw: IF.IFAttributorDataInf(**kw, regularization=lam),
+        "EK-FAC": lambda kw: IF.IFAttributorEKFAC(**kw, damping=lam, module_name=layers),
+    }[method]  # fmt: skip
+    torch.manual_seed(0)  # LiSSA samples with the global generator
     clock = Clock()
     try:
-        task = AttributionTask(loss_func=loss, model=model, checkpoints=[model.state_dict()])
-        attributor = _influence_attributor(method, task, st, model)
-        attributor.cache(full)
+        task = AttributionTask(loss_func=_loss(model, wl.train[0].dim() - 1), model=model,
+                               checkpoints=[model.state_dict()])  # fmt: skip
+        attributor = make({"task": task, "device": "cpu"})
+        attributor.cache(loader(wl.train, wl.n_train))
         clock.lap("fit")
-        S = attributor.attribute(train, test)  # (n_train, n_test)
+        # one IHVP solve per pair of batches: one test batch
+        S = attributor.attribute(loader(wl.train, st.batch_size), loader(wl.test, wl.n_test))
         clock.lap("attribute")
     except Exception as exc:
         if method != "EK-FAC" or not convs:
@@ -127,8 +120,7 @@ def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
             f"dattri IFAttributorEKFAC cannot fit Conv2d layers {convs} (its covariance "
             f"estimate handles only 2-D (batch, features) layer inputs; its default "
             f"module_name=None would silently keep only the nn.Linear layers): "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+            f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
     S = S.detach().T.contiguous() / wl.n_train
     bad = int((~torch.isfinite(S)).sum())
     notes = [f"{bad}/{S.numel()} scores NaN/inf"] if bad else []
@@ -138,31 +130,26 @@ def influence(wl: Any, st: InfluenceSettings, method: str) -> tuple:
 def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
-    from references import margin
 
     model = copy.deepcopy(wl.model).eval()
     n, p = wl.n_train, sum(q.numel() for q in model.parameters())
-
-    def margin_of(params: dict, data: tuple) -> torch.Tensor:  # one example
-        logits = torch.func.functional_call(model, params, (data[0][None],))
-        return margin(logits, data[1][None])[0]
+    margin_of = _loss(model, wl.train[0].dim() - 1, lambda z, y: margin(z, y).sum())  # one example
 
     def correct_probability(params: dict, data: tuple) -> torch.Tensor:
         logits = torch.func.functional_call(model, params, (data[0][None],))
         return torch.exp(-F.cross_entropy(logits, data[1][None]))
 
-    train, test = _loader(wl.train, st.batch_size), _loader(wl.test, st.batch_size)
-    clock = Clock()
-    total = None
+    train, test = loader(wl.train, st.batch_size), loader(wl.test, st.batch_size)
+    clock, total = Clock(), 0.0
     for c, (sd, _) in enumerate(wl.ckpts):
-        task = AttributionTask(loss_func=margin_of, target_func=margin_of, model=model,
-                               checkpoints=[sd])  # fmt: skip
+        task = AttributionTask(
+            loss_func=margin_of, target_func=margin_of, model=model, checkpoints=[sd]
+        )
         projector = {"proj_dim": st.proj_dim, "proj_max_batch_size": 32,
                      "proj_seed": st.seed + 100_000 * c, "device": "cpu"}  # fmt: skip
         attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability,
                                     projector_kwargs=projector, device="cpu",
                                     regularization=n * st.damping / p)  # fmt: skip
         attributor.cache(train)
-        s = attributor.attribute(test)  # (n_train, n_test)
-        total = s if total is None else total + s
+        total = total + attributor.attribute(test)  # (n_train, n_test)
     return (total / len(wl.ckpts)).T.contiguous().detach(), clock.lap()

@@ -7,7 +7,7 @@
   ``lambda_reg = n k lam / p``.
 * ``BasicScoreComputer`` divides (X^T X + lambda_reg I)^-1 by the mean of its absolute
   entries (a float16 safeguard) which differs between checkpoints and so reweights them;
-  :class:`_Unscaled` computes the same products in float32 without that division.
+  ``_Unscaled`` computes the same products in float32 without that division.
 * ``finalize_scores`` averages the scores and, separately, Q over checkpoints; datatrace
   multiplies each checkpoint's scores by its own Q_c, so it is called per checkpoint
   (``model_ids=[c]``) and the results are averaged: S exactly. Result (n_train, n_test).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import tempfile
 import time
 from typing import Any
@@ -32,19 +31,6 @@ from workloads import batches
 from peers import TrakSettings
 
 
-def _unscaled_score_computer() -> type:
-    from trak.score_computers import BasicScoreComputer
-
-    class _Unscaled(BasicScoreComputer):
-        """traker's BasicScoreComputer without ``xtx_inv /= xtx_inv.abs().mean()``."""
-
-        def get_x_xtx_inv(self, grads: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
-            eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
-            return grads @ torch.linalg.inv((xtx + self.lambda_reg * eye).float()).to(self.dtype)
-
-    return _Unscaled
-
-
 def _traker(model: Any, n: int, save_dir: str, proj_dim: int, **kw: Any) -> Any:
     from trak import TRAKer
 
@@ -54,13 +40,20 @@ def _traker(model: Any, n: int, save_dir: str, proj_dim: int, **kw: Any) -> Any:
 
 
 def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    from trak.score_computers import BasicScoreComputer
+
+    class _Unscaled(BasicScoreComputer):
+        """traker's BasicScoreComputer without ``xtx_inv /= xtx_inv.abs().mean()``."""
+
+        def get_x_xtx_inv(self, grads: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+            eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+            return grads @ torch.linalg.inv((xtx + self.lambda_reg * eye).float()).to(self.dtype)
+
     model = copy.deepcopy(wl.model)
     n, p = wl.n_train, sum(q.numel() for q in model.parameters() if q.requires_grad)
-    save_dir = tempfile.mkdtemp(prefix="bench-trak-traker-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench-trak-traker-") as save_dir:
         clock = Clock()
-        traker = _traker(model, n, save_dir, st.proj_dim, projector_seed=st.seed,
-                         score_computer=_unscaled_score_computer(),
+        traker = _traker(model, n, save_dir, st.proj_dim, projector_seed=st.seed, score_computer=_Unscaled,
                          lambda_reg=n * st.proj_dim * st.damping / p)  # fmt: skip
         for c, (sd, _) in enumerate(wl.ckpts):
             traker.load_checkpoint(sd, model_id=c)
@@ -68,18 +61,17 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
                 traker.featurize(batch=(xb, yb), num_samples=len(yb))
         traker.finalize_features()
         for c, (sd, _) in enumerate(wl.ckpts):
-            traker.start_scoring_checkpoint(exp_name="bench", checkpoint=sd, model_id=c,
-                                            num_targets=wl.n_test)  # fmt: skip
+            traker.start_scoring_checkpoint(
+                exp_name="bench", checkpoint=sd, model_id=c, num_targets=wl.n_test
+            )
             for xb, yb in batches(wl.test, st.batch_size):
                 traker.score(batch=(xb, yb), num_samples=len(yb))
         clock.lap("featurize+score")
-        total = None
-        for c in range(len(wl.ckpts)):  # scores_c x Q_c, one checkpoint at a time
-            s = torch.from_numpy(np.array(traker.finalize_scores("bench", model_ids=[c])))
-            total = s if total is None else total + s
+        total = sum(
+            torch.from_numpy(np.array(traker.finalize_scores("bench", model_ids=[c])))
+            for c in range(len(wl.ckpts))
+        )  # scores_c x Q_c, one checkpoint at a time
         clock.lap("finalize_scores")
-    finally:
-        shutil.rmtree(save_dir, ignore_errors=True)
     return (total / len(wl.ckpts)).T.contiguous(), clock.times
 
 
@@ -94,9 +86,8 @@ def featurize(model: Any, train: tuple, queries: tuple, cks: list, dim: int, bat
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         tr = _traker(model, n + nq, d, dim)  # the queries go after the training set
-        timed += time.perf_counter() - t0
         for c, (sd, w) in enumerate(cks):
-            t0 = time.perf_counter()
+            t0 = t0 if c == 0 else time.perf_counter()
             tr.load_checkpoint(sd, model_id=c)
             for xb, yb in batches(train, batch):
                 tr.featurize((xb, yb), num_samples=len(yb))
@@ -108,5 +99,8 @@ def featurize(model: Any, train: tuple, queries: tuple, cks: list, dim: int, bat
             otl = torch.from_numpy(np.array(store["out_to_loss"], dtype=np.float64)).reshape(-1)
             g = phi * otl[:, None] * (float(tr.normalize_factor) / dim**0.5)
             S += w * (g[n:] @ g[:n].T)
-    info = {"seconds": timed, "featurize_seconds": timed, "grad_dim": tr.num_params_for_grad}
-    return S.float(), info
+    return S.float(), {
+        "seconds": timed,
+        "featurize_seconds": timed,
+        "grad_dim": tr.num_params_for_grad,
+    }
