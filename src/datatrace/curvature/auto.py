@@ -42,13 +42,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("datatrace")
 
-#: Largest parameter count for which ``Influence()`` forms the exact Hessian. Measured with
-#: ``bench/solver_defaults.py --sizes 32,104,160`` (digits ReLU MLPs, 1,000 training
-#: examples, 500 queries, λ = 0.1, one thread, on a shared 2-core machine: noisy) as
-#: fit + scores: 2,410 parameters exact 9 s / EK-FAC 1.6 s / CG 12 s; 7,810: 34 / 1.0 / 22 s;
-#: 12,010: 189 / 6 / 101 s (another, quieter run at 7,810: exact 6.5 s, CG 8.2 s). Exact
-#: grows as p³; block CG, as exact to its tolerance, overtakes it between about 8k and
-#: 12k parameters: 10k.
+#: Largest parameter count for which ``Influence()`` forms the exact Hessian. Measured with the
+#: former ``bench/solver_defaults.py --sizes 32,104,160`` (commit a55edca; digits ReLU MLPs, 1,000
+#: training examples, 500 queries, λ = 0.1, one thread, on a shared 2-core machine: noisy) as fit +
+#: scores: 2,410 parameters exact 9 s / EK-FAC 1.6 s / CG 12 s; 7,810: 34 / 1.0 / 22 s; 12,010: 189
+#: / 6 / 101 s (another, quieter run at 7,810: exact 6.5 s, CG 8.2 s). Exact grows as p³; block CG,
+#: as exact to its tolerance, overtakes it between about 8k and 12k parameters: 10k.
 EXACT_MAX_PARAMS = 10_000
 #: EK-FAC is chosen (with ``params=None``) when its layers hold at least this share of the
 #: selected parameters: "most of the model". A transformer's Linear/Conv1D layers hold

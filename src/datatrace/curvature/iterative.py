@@ -91,7 +91,7 @@ class ConjugateGradient(AbstractPreconditioner):
         tol: stop when every residual norm is below ``tol × ‖v‖``. With the default 1e-6,
             500 queries on a 7,810-parameter digits MLP (λ = 0.1) took 9 iterations and
             gave per-query Spearman 1.0000 with the exact solve's scores
-            (bench/solver_defaults.py).
+            (the former bench/solver_defaults.py, commit a55edca).
         gauss_newton: use Gauss–Newton-vector products (PSD) instead of the Hessian.
 
     References:
