@@ -12,10 +12,13 @@ import torch
 from test_influence import _fit, exact_hessian, reference
 
 import datatrace as dt
+from datatrace.curvature.dense import CholeskyPreconditioner
 from datatrace.curvature.iterative import (
+    CG_TOL,
     CGPreconditioner,
     EigenPreconditioner,
     _MatrixFree,
+    exact_is_cheaper,
     neumann_depth,
 )
 
@@ -65,12 +68,16 @@ def test_block_cg_needs_fewer_iterations_than_one_right_hand_side_at_a_time():
     assert block.iterations <= 10 < single.iterations, (block.iterations, single.iterations)
 
 
-def test_cg_defaults_on_the_model_match_the_exact_damped_hessian(setup):
+def test_cg_default_iteration_on_the_model_matches_the_exact_damped_hessian(setup):
+    """The default budget and tolerance (1e-6) of the iteration (max_exact_params=0: the
+    small model would otherwise be solved exactly)."""
     model, x, y, xq, yq = setup
-    pre = dt.ConjugateGradient(damping=0.5)
-    assert (pre.max_iter, pre.tol) == (None, 1e-6)
+    pre = dt.ConjugateGradient(damping=0.5, max_exact_params=0)
+    assert (pre.max_iter, pre.tol, CG_TOL) == (None, None, 1e-6)
     fitted = _fit(model, x, y, pre, batch_size=7)
     S = fitted.attribute((xq, yq))
+    assert fitted.preconditioners[0].exact is None
+    assert fitted.preconditioners[0].iterations > 0
     ref = reference(model, x, y, xq, yq, 0.5)
     torch.testing.assert_close(S, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert fitted.preconditioners[0].residual <= 1e-6
@@ -171,6 +178,88 @@ def test_lissa_default_solves_exactly_when_the_recursion_would_cost_more(setup, 
         assert 1e-9 < err < 0.01  # the recursion: close, not equal
     with pytest.raises(dt.ConfigError, match="max_exact_params"):
         dt.LiSSA(max_exact_params=-1)
+
+
+class _Sized:
+    """A stand-in problem for the cost rule: p parameters, n examples, vector group g."""
+
+    def __init__(self, p: int, n: int, g: int) -> None:
+        self.p, self.n, self.g = p, n, g
+
+    def _vector_group(self, minimum: int) -> int:
+        return max(minimum, self.g)
+
+
+def test_exact_is_cheaper_counts_products_in_vector_groups():
+    """Iteration: passes × vectors (rounded up to whole groups) × examples per pass; the
+    matrix: p (rounded up) × n; only for p <= max_exact_params."""
+    prob = _Sized(p=100, n=50, g=10)  # forming H: 10 groups × 10 × 50 = 5,000 products
+    assert exact_is_cheaper(prob, 10, 1, 50, 10_000)  # 10 passes × 1 group × 10 × 50
+    assert not exact_is_cheaper(prob, 9, 1, 50, 10_000)  # one vector costs a whole group
+    assert exact_is_cheaper(prob, 5, 11, 50, 10_000)  # 11 vectors: 2 groups
+    assert not exact_is_cheaper(prob, 5, 10, 50, 10_000)
+    assert not exact_is_cheaper(prob, 10, 1, 49, 10_000)  # minibatches of 49
+    assert not exact_is_cheaper(prob, 10**6, 1, 50, 99)  # p above the limit
+    assert not exact_is_cheaper(prob, 10**6, 1, 50, 0)  # 0: never
+
+
+def test_cg_default_solves_exactly_when_cheaper(setup, caplog):
+    """The default budget (2⌈p/m⌉ + 10 iterations of m products) exceeds forming H: the
+    default equals the exact damped solve to round-off, logged; explicit max_iter, tol or
+    max_exact_params=0 keep the iteration (close, not equal)."""
+    model, x, y, xq, yq = setup
+    lam = 0.5
+    ref = reference(model, x, y, xq, yq, lam)
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit(model, x, y, dt.ConjugateGradient(damping=lam))
+        S = fitted.attribute((xq, yq))
+    pc = fitted.preconditioners[0]
+    assert isinstance(pc.exact, CholeskyPreconditioner) and pc.iterations == 0
+    assert "solved exactly (what CG converges to)" in caplog.text
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+    for spec in (
+        dt.ConjugateGradient(damping=lam, max_exact_params=0),
+        dt.ConjugateGradient(damping=lam, max_iter=500),
+        dt.ConjugateGradient(damping=lam, tol=1e-6),
+    ):
+        it = _fit(model, x, y, spec)
+        R = it.attribute((xq, yq))
+        assert it.preconditioners[0].exact is None and it.preconditioners[0].iterations > 0
+        err = float((R - ref).norm() / ref.norm())
+        assert 1e-12 < err < 1e-4, (spec, err)
+    with pytest.raises(dt.ConfigError, match="max_exact_params"):
+        dt.ConjugateGradient(max_exact_params=-1)
+
+
+def test_arnoldi_default_solves_exactly_when_cheaper(setup, caplog):
+    """A 66-parameter model: min(p, 2 × 50 + 20) = 66 single-vector products cost more than
+    forming H, so the default factorizes ``H + λI`` (Arnoldi at full rank): equal to the
+    exact damped solve and to explicit full-rank Arnoldi; explicit rank or n_iter, or
+    max_exact_params=0, keep Arnoldi's eigenpairs."""
+    model, x, y, xq, yq = setup
+    lam = 0.5
+    p = sum(t.numel() for t in model.parameters())
+    ref = reference(model, x, y, xq, yq, lam)
+    with caplog.at_level("INFO", logger="datatrace"):
+        fitted = _fit(model, x, y, dt.Arnoldi(damping=lam))
+        S = fitted.attribute((xq, yq))
+    assert isinstance(fitted.preconditioners[0], CholeskyPreconditioner)
+    assert "solved exactly (Arnoldi at full rank)" in caplog.text
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+    full = _fit(model, x, y, dt.Arnoldi(rank=p, damping=lam))
+    assert isinstance(full.preconditioners[0], EigenPreconditioner)
+    A = full.attribute((xq, yq))
+    torch.testing.assert_close(S, A, rtol=1e-8, atol=1e-10 * float(ref.abs().max()))
+    for spec in (
+        dt.Arnoldi(damping=lam, max_exact_params=0),
+        dt.Arnoldi(damping=lam, n_iter=30),
+        dt.Arnoldi(damping=lam, rank=50),
+    ):
+        it = _fit(model, x, y, spec)
+        assert isinstance(it.preconditioners[0], EigenPreconditioner), spec
+        assert it.preconditioners[0].evals.numel() == 50  # rank min(50, p); n_iter >= rank
+    with pytest.raises(dt.ConfigError, match="max_exact_params"):
+        dt.Arnoldi(max_exact_params=-1)
 
 
 def test_lissa_depth_rule_is_clipped():

@@ -76,6 +76,44 @@ class _MatrixFree:
         return self.problem.mean_product(vectors, self.gauss_newton) + self.damping * vectors
 
 
+#: The default ``max_exact_params`` of the iterative solvers (:class:`ConjugateGradient`,
+#: :class:`LiSSA`, :class:`Arnoldi`): the exact solve's memory limit of ``dt.Influence()``
+#: (:data:`datatrace.curvature.auto.EXACT_MAX_PARAMS`, a 400 MB float32 matrix).
+EXACT_MAX_PARAMS = 10_000
+
+
+def exact_is_cheaper(
+    problem: CurvatureProblem, passes: int, vectors: int, examples: int, max_exact_params: int
+) -> bool:
+    """THE "exact when cheaper" rule of the iterative solvers' defaults (issue 12): whether
+    an iteration of ``passes`` curvature products, each with ``vectors`` vectors on
+    ``examples`` examples, would take at least as many per-example products as forming
+    the ``p × p`` matrix (``p`` vectors on all ``n`` examples), for ``p <=
+    max_exact_params``; the solver then factorizes the matrix instead.
+
+    Vectors are counted in whole groups of the size one vmapped product takes at once
+    (the group that forming the matrix uses, :meth:`CurvatureProblem._vector_group`): a
+    pass with one vector costs about what a pass with a group costs. Measured
+    (bench/defaults.py, 5 tasks): Arnoldi's 120 single-vector passes took 1.4-6.4× the
+    time of forming and factorizing H on models of 62-2,410 parameters; block CG's
+    default budget took 1.2-2.9× it on three of them."""
+    p, n = problem.p, problem.n
+    if p > max_exact_params:
+        return False
+    group = problem._vector_group(8)
+    iterate = passes * -(-vectors // group) * group * examples
+    return iterate >= -(-p // group) * group * n
+
+
+def _factorize(
+    problem: CurvatureProblem, gauss_newton: bool, damping: float, given: float | str | None
+) -> CholeskyPreconditioner | LDLPreconditioner:
+    """The exact solve an iterative solver's default switches to: ``H + λI`` (or ``G``)
+    formed and factorized (Cholesky, or ``LDLᵀ`` with a warning if indefinite)."""
+    matrix = problem.gauss_newton() if gauss_newton else problem.hessian(symmetrize=False)
+    return _fit_dense(matrix, damping, not gauss_newton, given)
+
+
 @dataclass(frozen=True)
 class ConjugateGradient(AbstractPreconditioner):
     """Block conjugate gradients on ``(H + λI) X = V``: all right-hand sides (queries) share
@@ -88,11 +126,20 @@ class ConjugateGradient(AbstractPreconditioner):
         max_iter: iterations at most (``None``: ``2⌈p/m⌉ + 10`` for m right-hand sides,
             about twice the products of forming ``H``; block CG is exact after ``⌈p/m⌉``
             in exact arithmetic).
-        tol: stop when every residual norm is below ``tol × ‖v‖``. With the default 1e-6,
+        tol: stop when every residual norm is below ``tol × ‖v‖`` (``None``: 1e-6). With 1e-6,
             500 queries on a 7,810-parameter digits MLP (λ = 0.1) took 9 iterations and
             gave per-query Spearman 1.0000 with the exact solve's scores
             (the former bench/solver_defaults.py, commit a55edca).
         gauss_newton: use Gauss–Newton-vector products (PSD) instead of the Hessian.
+        max_exact_params: with the default ``max_iter`` and ``tol`` (both ``None``), a solve
+            whose iteration budget would take at least as many curvature products as
+            forming the matrix (:func:`exact_is_cheaper`) is done exactly instead, by
+            factorizing ``H + λI`` (what CG converges to), when ``p <= max_exact_params``;
+            logged. The default budget, ``2⌈p/m⌉ + 10`` iterations of m products, always
+            exceeds the p products of forming ``H``, so the default solves exactly below
+            the limit: on bench/defaults.py CG took 1.2-2.9× the exact solve's time on
+            three of five tasks (0.2× on the fifth, where it converged in a few
+            iterations). The factorization is kept for later solves. ``0``: always CG.
 
     References:
         O'Leary 1980 (block CG); Ji and Li 2017 (breakdown-free block CG: the search block
@@ -101,15 +148,17 @@ class ConjugateGradient(AbstractPreconditioner):
 
     damping: float | None = None
     max_iter: int | None = None
-    tol: float = 1e-6
+    tol: float | None = None
     gauss_newton: bool = False
+    max_exact_params: int = EXACT_MAX_PARAMS
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
         if self.max_iter is not None:
             check_positive("max_iter", self.max_iter)
-        if not self.tol > 0:
+        if self.tol is not None and not self.tol > 0:
             raise ConfigError(f"tol must be > 0, got {self.tol!r}")
+        check_positive("max_exact_params", self.max_exact_params, minimum=0)
 
     def fit(self, ctx: FitContext) -> CGPreconditioner:
         op = _MatrixFree(
@@ -117,9 +166,15 @@ class ConjugateGradient(AbstractPreconditioner):
             self.gauss_newton,
             resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton),
         )
-        out = CGPreconditioner(op, self.max_iter, self.tol)
+        out = CGPreconditioner(op, self.max_iter, CG_TOL if self.tol is None else self.tol)
         out.keep_last = self.damping == AUTO
+        if self.max_iter is None and self.tol is None:
+            out.max_exact_params, out.given = self.max_exact_params, self.damping
         return out
+
+
+#: ConjugateGradient's default ``tol``.
+CG_TOL = 1e-6
 
 
 def _orthonormal_rows(block: torch.Tensor) -> torch.Tensor:
@@ -152,6 +207,12 @@ class CGPreconditioner(AbstractFittedPreconditioner):
     #: at another damping (``damping="auto"``'s grid; off otherwise: it holds m × p twice)
     keep_last: bool = field(default=False, init=False, repr=False)
     last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    #: solve exactly when cheaper (:func:`exact_is_cheaper`) for ``p`` up to this (0: never;
+    #: set by :class:`ConjugateGradient` for its default settings), with the damping as
+    #: given (``"auto"`` keeps the undamped matrix), and the factorization once made
+    max_exact_params: int = field(default=0, init=False)
+    given: float | str | None = field(default=None, init=False, repr=False)
+    exact: CholeskyPreconditioner | LDLPreconditioner | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.damping = self.op.damping
@@ -163,14 +224,37 @@ class CGPreconditioner(AbstractFittedPreconditioner):
             _MatrixFree(self.op.problem, self.op.gauss_newton, damping), self.max_iter, self.tol
         )
         out.keep_last, out.last = self.keep_last, self.last
+        out.max_exact_params, out.given = self.max_exact_params, self.given
+        if self.exact is not None:
+            out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
         return out
+
+    def _iterations(self, m: int, p: int) -> int:
+        """The iteration budget: ``max_iter``, or ``2⌈p/m⌉ + 10``."""
+        return self.max_iter or 2 * -(-p // max(m, 1)) + 10
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """Breakdown-free block CG (Ji and Li 2017, Algorithm 3) on the right-hand sides
         scaled to unit norm (the tolerance is relative to each); warm-started from the last
         solutions when they were kept for these right-hand sides."""
         m, p = vectors.shape
-        max_iter = self.max_iter or 2 * -(-p // max(m, 1)) + 10
+        max_iter = self._iterations(m, p)
+        problem = self.op.problem
+        if (
+            self.exact is None
+            and self.max_exact_params
+            and exact_is_cheaper(problem, max_iter, m, problem.n, self.max_exact_params)
+        ):
+            log.info(
+                "conjugate gradients: %d right-hand sides × up to %d iterations would take "
+                "more curvature products than forming the %s matrix of %d parameters: "
+                "solved exactly (what CG converges to) by factorizing it; give max_iter=..., "
+                "tol=... or max_exact_params=0 for the iteration",
+                m, max_iter, "Gauss-Newton" if self.op.gauss_newton else "Hessian", p,
+            )  # fmt: skip
+            self.exact = _factorize(problem, self.op.gauss_newton, self.damping, self.given)
+        if self.exact is not None:
+            return self.exact.solve(vectors)
         norms = vectors.norm(dim=1)
         scale = torch.where(norms == 0, torch.ones_like(norms), norms)
         r = vectors / scale[:, None]
@@ -234,11 +318,6 @@ class CGPreconditioner(AbstractFittedPreconditioner):
         return out
 
 
-#: LiSSA's default ``max_exact_params``: the exact solve's memory limit of ``dt.Influence()``
-#: (:data:`datatrace.curvature.auto.EXACT_MAX_PARAMS`, a 400 MB float32 matrix).
-LISSA_EXACT_MAX_PARAMS = 10_000
-
-
 @dataclass(frozen=True)
 class LiSSA(AbstractPreconditioner):
     """LiSSA: ``h ← v + h − (H_B + λI) h / scale`` for ``depth`` steps on minibatches B;
@@ -272,7 +351,7 @@ class LiSSA(AbstractPreconditioner):
     batch_size: int | None = 64
     seed: int = 0
     gauss_newton: bool = False
-    max_exact_params: int = LISSA_EXACT_MAX_PARAMS
+    max_exact_params: int = EXACT_MAX_PARAMS
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
@@ -372,10 +451,10 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         """The automatic depth, a small enough model, and more products by recursion than
         by forming the matrix (see :class:`LiSSA`'s ``max_exact_params``)."""
         problem, spec = self.op.problem, self.spec
-        if spec.depth is not None or problem.p > spec.max_exact_params:
+        if spec.depth is not None:
             return False
         batch = problem.n if spec.batch_size is None else min(spec.batch_size, problem.n)
-        return spec.repeat * self.depth * batch * m >= problem.p * problem.n
+        return exact_is_cheaper(problem, spec.repeat * self.depth, m, batch, spec.max_exact_params)
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         if self.exact is None and self._exact_is_cheaper(vectors.shape[0]):
@@ -388,14 +467,7 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
                 vectors.shape[0], self.depth, "Gauss-Newton" if self.op.gauss_newton else "Hessian",
                 problem.p,
             )  # fmt: skip
-            matrix = (
-                problem.gauss_newton()
-                if self.op.gauss_newton
-                else problem.hessian(symmetrize=False)
-            )
-            self.exact = _fit_dense(
-                matrix, self.damping, not self.op.gauss_newton, self.spec.damping
-            )
+            self.exact = _factorize(problem, self.op.gauss_newton, self.damping, self.spec.damping)
         if self.exact is not None:
             return self.exact.solve(vectors)
         total = torch.zeros_like(vectors)
@@ -416,6 +488,10 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         return total / self.spec.repeat
 
 
+#: Arnoldi's default rank (at most p).
+ARNOLDI_RANK = 50
+
+
 @dataclass(frozen=True)
 class Arnoldi(AbstractPreconditioner):
     """Top-``rank`` eigenpairs of H (by magnitude) from ``n_iter`` Arnoldi steps with full
@@ -424,41 +500,67 @@ class Arnoldi(AbstractPreconditioner):
     damping have no effect and cost LDS 0.80 → 0.34 at rank 50 on digits, issue 12).
 
     Args:
-        rank: eigenpairs kept (<= number of parameters).
+        rank: eigenpairs kept (<= number of parameters; ``None``: ``min(50, p)``).
         damping: λ (``None``: default).
         n_iter: Krylov dimension (``None``: ``min(p, 2 × rank + 20)``).
         seed: start vector seed.
         gauss_newton: use Gauss–Newton-vector products.
+        max_exact_params: with the default ``rank`` and ``n_iter`` (both ``None``), when the
+            ``n_iter`` single-vector products would cost at least as much as forming the
+            matrix (:func:`exact_is_cheaper`; a single-vector pass costs about a vmapped
+            group's) and ``p <= max_exact_params``, the fit forms and factorizes
+            ``H + λI`` instead: Arnoldi at full rank (with the complement term) is that
+            exact solve; logged. On bench/defaults.py the 120 Arnoldi products took
+            1.4-6.4× the exact solve's time on all five tasks (62-2,410 parameters).
+            ``0``: always Arnoldi.
     """
 
-    rank: int = 50
+    rank: int | None = None
     damping: float | None = None
     n_iter: int | None = None
     seed: int = 0
     gauss_newton: bool = False
+    max_exact_params: int = EXACT_MAX_PARAMS
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
-        check_positive("rank", self.rank)
+        if self.rank is not None:
+            check_positive("rank", self.rank)
         if self.n_iter is not None:
             check_positive("n_iter", self.n_iter)
+        check_positive("max_exact_params", self.max_exact_params, minimum=0)
 
-    def fit(self, ctx: FitContext) -> EigenPreconditioner:
+    def fit(
+        self, ctx: FitContext
+    ) -> EigenPreconditioner | CholeskyPreconditioner | LDLPreconditioner:
         problem = ctx.problem
         p = problem.p
-        if self.rank > p:
+        if self.rank is not None and self.rank > p:
             raise ConfigError(
                 f"Arnoldi rank {self.rank} is larger than the number of parameters ({p}); "
                 f"use rank <= {p}"
             )
+        rank = self.rank if self.rank is not None else min(ARNOLDI_RANK, p)
         damping = resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton)
+        n_iter = min(p, self.n_iter if self.n_iter is not None else 2 * rank + 20)
+        n_iter = max(n_iter, rank)
+        if (
+            self.rank is None
+            and self.n_iter is None
+            and exact_is_cheaper(problem, n_iter, 1, problem.n, self.max_exact_params)
+        ):
+            log.info(
+                "Arnoldi: %d products (rank %d) would cost more than forming the %s matrix "
+                "of %d parameters: solved exactly (Arnoldi at full rank) by factorizing it; "
+                "give rank=..., n_iter=... or max_exact_params=0 for the iteration",
+                n_iter, rank, "Gauss-Newton" if self.gauss_newton else "Hessian", p,
+            )  # fmt: skip
+            return _factorize(problem, self.gauss_newton, damping, self.damping)
         op = _MatrixFree(problem, self.gauss_newton, 0.0)
-        n_iter = min(p, self.n_iter if self.n_iter is not None else 2 * self.rank + 20)
-        n_iter = max(n_iter, self.rank)
         evals, vecs = krylov_eigenpairs(
             lambda v: op.apply(v[None])[0], problem.theta, n_iter, self.seed
         )
-        keep = evals.abs().argsort(descending=True)[: self.rank]
+        keep = evals.abs().argsort(descending=True)[:rank]
         evals, vecs = evals[keep], vecs[:, keep]
         if float(evals.min()) + damping <= 0:
             warn_not_positive_definite(float(evals.min()), damping, "the Hessian")
