@@ -74,14 +74,18 @@ def test_config_leaves_solver_settings_to_the_library_unless_given() -> None:
     passed on; 0 means the default; negative is an error."""
     from datatrace.app.registry import make_method
 
-    m = resolve_config({"methods": {"use": ["cg", "lissa"]}})["methods"]
-    assert (m["cg_iters"], m["lissa_depth"]) == (0, 0)
+    m = resolve_config({"methods": {"use": ["cg", "lissa", "arnoldi"]}})["methods"]
+    assert (m["cg_iters"], m["lissa_depth"], m["arnoldi_rank"]) == (0, 0, 0)
     cg, lissa = make_method("cg", m).preconditioner, make_method("lissa", m).preconditioner
     assert cg == dt.ConjugateGradient() and cg.max_iter is None
     assert lissa == dt.LiSSA() and lissa.depth is None
+    arnoldi = make_method("arnoldi", m).preconditioner
+    assert arnoldi == dt.Arnoldi() and arnoldi.rank is None
     given = resolve_config({"methods": {"use": ["cg", "lissa"], "cg_iters": 7, "lissa_depth": 9}})
     assert make_method("cg", given["methods"]).preconditioner.max_iter == 7
     assert make_method("lissa", given["methods"]).preconditioner.depth == 9
+    ranked = resolve_config({"methods": {"use": ["arnoldi"], "arnoldi_rank": 20}})["methods"]
+    assert make_method("arnoldi", ranked).preconditioner.rank == 20
     with pytest.raises(dt.ConfigError, match="cg_iters = -1 is out of range"):
         resolve_config({"methods": {"cg_iters": -1}})
 

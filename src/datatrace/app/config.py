@@ -26,7 +26,7 @@ from .registry import entry, suggest
 
 TRUTHS = ("further_training", "loo", "lds")
 #: ``[methods]`` keys where 0 means "the solver's default rule" (no override)
-SOLVER_DEFAULT_ZERO = ("cg_iters", "lissa_depth")
+SOLVER_DEFAULT_ZERO = ("cg_iters", "lissa_depth", "arnoldi_rank")
 
 
 # section -> key -> default (the type of the default is the expected type; None = any)
@@ -67,10 +67,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "use": ["graddot", "gradcos", "tracin", "datainf", "cg", "ekfac"],
         "damping": [-1.0],
         # 0: the solver's own rule (CG: 2⌈p/m⌉ + 10 iterations at most, stopping at its
-        # tolerance; LiSSA: depth from scale / damping), which the suite measured
+        # tolerance; LiSSA: depth from scale / damping; Arnoldi: rank min(50, p); each solves
+        # exactly when that is cheaper), which the suite measured
         "cg_iters": 0,
         "lissa_depth": 0,
-        "arnoldi_rank": 50,
+        "arnoldi_rank": 0,
         "trak_dim": 512,
         # fitted.check(): examples left out of one epoch of further training (0: off)
         "check": 32,

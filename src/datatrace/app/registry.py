@@ -36,7 +36,7 @@ class MethodOptions:
     #: ``None`` (or 0 in a config): the solver's own rule, as in the library
     cg_iters: int | None = None
     lissa_depth: int | None = None
-    arnoldi_rank: int = 50
+    arnoldi_rank: int | None = None
     trak_dim: int = 512
     projection_dim: int | None = None
     feature_dtype: torch.dtype | None = None
@@ -47,7 +47,7 @@ class MethodOptions:
         """Options from a resolved config's ``[methods]`` section."""
         keys = ("cg_iters", "lissa_depth", "arnoldi_rank", "trak_dim")
         given = {k: methods[k] for k in keys if k in methods}
-        for k in ("cg_iters", "lissa_depth"):  # 0: the solver's default rule
+        for k in ("cg_iters", "lissa_depth", "arnoldi_rank"):  # 0: the solver's default rule
             if given.get(k) == 0:
                 given[k] = None
         return cls(damping=damping, **given)
