@@ -37,6 +37,7 @@ from ..curvature.context import FitContext
 from ..curvature.kfac import KroneckerPreconditioner
 from ..curvature.kfac_layers import KLayer
 from ..curvature.problem import CurvatureProblem
+from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
 from ..grads.per_example import bound_model
 from ..grads.rules import capture
@@ -80,6 +81,42 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
     """Influence scores from a K-FAC/EK-FAC fit without stored training features (module
     docstring). Everything else (top-k, files, saving, checks) is the generic attributor's;
     where it needs training features they are recomputed block by block."""
+
+    #: the memory budget of the fit (``max_memory_bytes``): sizes the query chunks
+    memory_budget: int = MEMORY_BUDGET
+
+    def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
+        """The query ranges scored together, each costing one fused pass over the training
+        data (forward, backward, gradient blocks): as few as the memory budget allows.
+        No training feature block is held, so a chunk's preconditioned queries (every
+        checkpoint's ``n_q × p`` blocks) may take what the budget leaves after the fitted
+        factors, the parameters and two batches' share (:data:`BATCH_FRACTION`): the
+        generic plan (:meth:`FittedGradientAttributor.query_chunks`) holds them to one
+        training block's size, which for a wide model meant several passes. Chunks are of
+        equal size (within one query)."""
+        row = self.query_row_bytes()
+        step = max(1, (self.memory_budget - self.held_bytes()) // row)
+        n_chunks = max(1, -(-n_query // step))
+        size = max(1, -(-n_query // n_chunks))
+        return [(a, min(a + size, n_query)) for a in range(0, n_query, size)]
+
+    def query_row_bytes(self) -> int:
+        """Bytes of one query's preconditioned blocks, every checkpoint."""
+        item = self.compute_dtype.itemsize
+        return max(1, sum(self.features.layout().values()) * item * len(self.states))
+
+    def held_bytes(self) -> int:
+        """Bytes a scoring pass holds besides the queries: the parameters and fitted
+        factors of every checkpoint, and two batches' share of the budget."""
+        item = self.compute_dtype.itemsize
+        held = 2 * self.memory_budget // BATCH_FRACTION
+        for c, (params, _) in enumerate(self.states):
+            held += sum(t.numel() for t in params.values()) * item
+            if c < len(self.preconditioners):
+                for lay in self._kron(c).layers:
+                    factors = (lay.A, lay.S, lay.ua, lay.us, lay.lam)
+                    held += sum(t.numel() * t.element_size() for t in factors if t is not None)
+        return held
 
     def fit_context(self, c: int, lambda0: float | None = None) -> FitContext:
         """As the generic context, with λ₀ left to the K-FAC factor pass (or, if read before,
