@@ -36,6 +36,7 @@ from ..curvature.base import AbstractPreconditioner, mean_squared_entry
 from ..curvature.context import FitContext
 from ..curvature.kfac import KroneckerPreconditioner
 from ..curvature.kfac_layers import KLayer
+from ..curvature.kfac_passes import live_positions
 from ..curvature.problem import CurvatureProblem
 from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
@@ -106,10 +107,12 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         return max(1, sum(self.features.layout().values()) * item * len(self.states))
 
     def held_bytes(self) -> int:
-        """Bytes a scoring pass holds besides the queries: the parameters and fitted
-        factors of every checkpoint, and two batches' share of the budget."""
+        """Bytes a scoring pass holds besides the queries: one training block's gradient
+        blocks, the parameters and fitted factors of every checkpoint, and two batches'
+        share of the budget."""
         item = self.compute_dtype.itemsize
-        held = 2 * self.memory_budget // BATCH_FRACTION
+        row = sum(self.features.layout().values()) * item
+        held = 2 * self.memory_budget // BATCH_FRACTION + min(self.block_size, self.n_train) * row
         for c, (params, _) in enumerate(self.states):
             held += sum(t.numel() for t in params.values()) * item
             if c < len(self.preconditioners):
@@ -175,7 +178,8 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
             e, a = lay.out_grads(e, None), lay.patches(x, None)
             del x
             check_finite(values, [e, a], offset, what)
-            yield lay, e, a
+            # positions whose output gradient is zero for the whole batch (padding) dropped
+            yield lay, *live_positions(e, a)
 
     def _batches(self, source: ExampleSource, start: int, stop: int) -> Iterator[tuple[int, Any]]:
         model = self.task.model
@@ -245,18 +249,24 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         self, c: int, qt: dict[str, tuple[torch.Tensor, bool]], start: int, stop: int
     ) -> torch.Tensor:
         pc = self._kron(c)
-        parts = []
+        # each layer's gradient blocks of the whole training block, dotted with the queries
+        # once per block (one read of the query blocks per block_size examples, not per batch)
+        grads: dict[str, list[torch.Tensor]] = {}
         for s, batch in self._batches(self.train, start, stop):
-            total = None
             for lay, e, a in self._layer_factors(c, batch, False, s):
-                block, rotated = qt[lay.name]
+                rotated = qt[lay.name][1]
                 # in the eigenbasis when the queries were left there, else as it is
                 g = pc.rotate_factors(lay, e, a) if rotated else torch.bmm(e.transpose(1, 2), a)
-                term = block @ g.flatten(1).T
-                total = term if total is None else total.add_(term)
-            assert total is not None
-            parts.append(total)
-        return torch.cat(parts, 1)
+                grads.setdefault(lay.name, []).append(g.flatten(1))
+        total = None
+        for name, gs in grads.items():
+            g = gs[0] if len(gs) == 1 else torch.cat(gs)
+            gs.clear()
+            term = qt[name][0] @ g.T
+            del g
+            total = term if total is None else total.add_(term)
+        assert total is not None
+        return total
 
     def self_influence(self) -> torch.Tensor:
         """``(1/n) Σ_c w_c g_cᵀ (G_c + λI)⁻¹ g_c`` per training example, from the rotated
