@@ -190,25 +190,3 @@ def test_fused_scores_of_blocks_of_several_batches_equal_one_batch_per_block(mlp
     assert isinstance(many, FittedKroneckerInfluence)
     assert one.batch_size == 4 and many.batch_size == 3 and many.block_size == 10
     torch.testing.assert_close(many.attribute(q), one.attribute(q), rtol=1e-10, atol=1e-13)
-
-
-def test_live_positions_and_rows_keep_every_gradient_block_and_factor():
-    """Dropping the positions (rows) that are zero for a whole batch leaves the per-example
-    ``Σ_p e_p ãᵀ_p`` and the factors ``Σ ã ãᵀ`` unchanged (float64), and drops only them."""
-    from datatrace.curvature.kfac_passes import _live_rows, live_positions
-
-    torch.manual_seed(0)
-    e, a = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(3, 6, 5, dtype=torch.float64)
-    e[:, [1, 4]] = 0
-    e[0, 2] = 0  # zero for one example only: kept
-    e2, a2 = live_positions(e, a)
-    assert e2.shape == (3, 4, 4) and a2.shape == (3, 4, 5)
-    full, kept = torch.bmm(e.transpose(1, 2), a), torch.bmm(e2.transpose(1, 2), a2)
-    torch.testing.assert_close(kept, full, rtol=1e-14, atol=1e-14)
-    e3, a3 = live_positions(e2, a2)
-    assert e3 is e2 and a3 is a2
-    rows = a.reshape(-1, 5).clone()
-    rows[[0, 7, 8]] = 0
-    live = _live_rows(rows)
-    assert live.shape == (15, 5)
-    torch.testing.assert_close(live.T @ live, rows.T @ rows, rtol=1e-14, atol=1e-14)

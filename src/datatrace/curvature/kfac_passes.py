@@ -146,23 +146,6 @@ def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def live_positions(by: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``by`` and ``other`` (b, P, ·) without the positions where ``by`` is zero for every
-    example of the batch (padding: masked inputs, or output gradients that are exactly
-    zero), which add nothing to any ``Σ_p e_p ãᵀ_p``: the per-position GEMMs skip them."""
-    live = by.ne(0).any(2).any(0)
-    if bool(live.all()):
-        return by, other
-    index = live.nonzero().squeeze(1)
-    return by.index_select(1, index), other.index_select(1, index)
-
-
-def _live_rows(x: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x`` (N, d) that are not all zero (a zero row adds nothing to xᵀx)."""
-    live = x.ne(0).any(1)
-    return x if bool(live.all()) else x[live]
-
-
 def example_sqnorms(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``‖Σ_p e_p ãᵀ_p‖²`` per example (b,) from the factors: the token Gram products
     ``Σ_{p,q} (e_p·e_q)(ã_p·ã_q)`` when cheaper than forming the gradient, else formed."""
@@ -190,12 +173,12 @@ def fit_factors(
     square_sum = 0.0
     for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, draws, with_loss):
         for lay, step in batch:
-            a2 = _live_rows(step.a.reshape(-1, step.a.shape[-1]))
+            a2 = step.a.reshape(-1, step.a.shape[-1])
             if lay.A is None:
                 lay.A = a2.new_zeros(a2.shape[1], a2.shape[1])
             lay.A.addmm_(a2.T, a2)
             for e in step.e:
-                e2 = _live_rows(e.reshape(-1, e.shape[-1]))
+                e2 = e.reshape(-1, e.shape[-1])
                 if lay.S is None:
                     lay.S = e2.new_zeros(e2.shape[1], e2.shape[1])
                 lay.S.addmm_(e2.T, e2)
@@ -229,23 +212,17 @@ def refit_eigenvalues(
     for batch in _pseudo_grads(problem, layers, "EK-FAC eigenvalues", settings, draws):
         for lay, step in batch:
             assert lay.ua is not None and lay.us is not None
-            a, es = step.a, step.e
-            if a.shape[1] > 1:  # padded positions (zero inputs) skipped
-                live = a.ne(0).any(2).any(0)
-                if not bool(live.all()):
-                    index = live.nonzero().squeeze(1)
-                    a, es = a.index_select(1, index), [e.index_select(1, index) for e in es]
-            a_rot = a @ lay.ua  # (b, P, in')
+            a_rot = step.a @ lay.ua  # (b, P, in')
             sq = sums.get(lay.name)
             if sq is None:
                 sq = sums[lay.name] = a_rot.new_zeros(lay.us.shape[0], a_rot.shape[2])
             if a_rot.shape[1] == 1:
                 # one position (Linear): Σ_c Σ_b (e_cb ⊗ a_b)² = (Σ_c e_c²)ᵀ a², one GEMM
-                e2 = sum((e[:, 0] @ lay.us) ** 2 for e in es)
+                e2 = sum((e[:, 0] @ lay.us) ** 2 for e in step.e)
                 sq.addmm_(e2.T, a_rot[:, 0] ** 2)  # type: ignore[union-attr]
                 continue
             chunk = max(1, _REFIT_ENTRIES // (lay.us.shape[0] * a_rot.shape[2]))
-            for e in es:  # G_ic = Σ_p e ãᵀ per example, rotated, in chunks of examples
+            for e in step.e:  # G_ic = Σ_p e ãᵀ per example, rotated, in chunks of examples
                 e_rot = e @ lay.us
                 for s in range(0, a_rot.shape[0], chunk):
                     g = torch.bmm(e_rot[s : s + chunk].transpose(1, 2), a_rot[s : s + chunk])

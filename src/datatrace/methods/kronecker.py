@@ -36,7 +36,6 @@ from ..curvature.base import AbstractPreconditioner, mean_squared_entry
 from ..curvature.context import FitContext
 from ..curvature.kfac import KroneckerPreconditioner
 from ..curvature.kfac_layers import KLayer
-from ..curvature.kfac_passes import live_positions
 from ..curvature.problem import CurvatureProblem
 from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
@@ -107,9 +106,9 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         return max(1, sum(self.features.layout().values()) * item * len(self.states))
 
     def held_bytes(self) -> int:
-        """Bytes a scoring pass holds besides the queries: one training block's gradient
-        blocks, the parameters and fitted factors of every checkpoint, and two batches'
-        share of the budget."""
+        """Bytes a scoring pass holds besides the queries: the gathered gradient blocks (at
+        most a training block's), the parameters and fitted factors of every checkpoint,
+        and two batches' share of the budget."""
         item = self.compute_dtype.itemsize
         row = sum(self.features.layout().values()) * item
         held = 2 * self.memory_budget // BATCH_FRACTION + min(self.block_size, self.n_train) * row
@@ -178,8 +177,7 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
             e, a = lay.out_grads(e, None), lay.patches(x, None)
             del x
             check_finite(values, [e, a], offset, what)
-            # positions whose output gradient is zero for the whole batch (padding) dropped
-            yield lay, *live_positions(e, a)
+            yield lay, e, a
 
     def _batches(self, source: ExampleSource, start: int, stop: int) -> Iterator[tuple[int, Any]]:
         model = self.task.model
@@ -249,15 +247,32 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         self, c: int, qt: dict[str, tuple[torch.Tensor, bool]], start: int, stop: int
     ) -> torch.Tensor:
         pc = self._kron(c)
-        # each layer's gradient blocks of the whole training block, dotted with the queries
-        # once per block (one read of the query blocks per block_size examples, not per batch)
+        # each layer's gradient blocks of several batches (up to as many examples as there
+        # are queries, within the block) dotted with the queries at once: the query blocks
+        # are read once per that many examples, not once per batch (memory-bound when the
+        # batches are small), and the gathered blocks take at most the queries' memory
+        n_q = next(iter(qt.values()))[0].shape[0]
         grads: dict[str, list[torch.Tensor]] = {}
+        gathered = 0
+        parts = []
         for s, batch in self._batches(self.train, start, stop):
             for lay, e, a in self._layer_factors(c, batch, False, s):
                 rotated = qt[lay.name][1]
                 # in the eigenbasis when the queries were left there, else as it is
                 g = pc.rotate_factors(lay, e, a) if rotated else torch.bmm(e.transpose(1, 2), a)
                 grads.setdefault(lay.name, []).append(g.flatten(1))
+                del g
+            gathered += len(e)
+            if gathered >= n_q or s + len(e) >= stop:
+                parts.append(self._dot_gathered(qt, grads))
+                gathered = 0
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def _dot_gathered(
+        qt: dict[str, tuple[torch.Tensor, bool]], grads: dict[str, list[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Scores (n_q, gathered) of the gathered gradient blocks (emptied)."""
         total = None
         for name, gs in grads.items():
             g = gs[0] if len(gs) == 1 else torch.cat(gs)
