@@ -147,3 +147,46 @@ def test_fused_scores_in_query_chunks_equal_scoring_all_queries_at_once(mlp_data
     for a, b in [(0, 3), (3, 7), (5, 6)]:
         part = torch.cat([s for _, s in fused.score_blocks(q, rows=(a, b))], dim=1)
         torch.testing.assert_close(part, whole[a:b], rtol=1e-12, atol=1e-15)
+
+
+def test_fused_query_chunks_follow_the_memory_budget_and_score_the_same(mlp_data):
+    """The fused path's query chunks are sized by what the budget leaves after the factors,
+    parameters and batches (one chunk, one pass over the training data, when the queries
+    fit); a budget that fits 3 queries per chunk gives equal chunks covering every query,
+    and the same scores to round-off."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ckpt = [dt.Checkpoint.from_module(model)]
+    roomy = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y))
+    tight = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y), batch_size=roomy.batch_size)
+    assert isinstance(roomy, FittedKroneckerInfluence)
+    assert isinstance(tight, FittedKroneckerInfluence)
+    q = (x[:7] + 0.1, y[:7])
+    assert roomy.query_chunks(7) == [(0, 7)]
+    factors = sum(
+        t.numel() * 8 for lay in roomy._kron(0).layers for t in (lay.A, lay.S, lay.ua, lay.us)
+    )
+    assert roomy.held_bytes() > factors
+    row = roomy.query_row_bytes()
+    assert row == sum(p.numel() for p in model.parameters()) * 8  # every layer is K-FAC's
+    tight.memory_budget = 0
+    fixed = tight.held_bytes()  # parameters and factors; batches take budget // 20 on top
+    tight.memory_budget = (fixed + 3 * row + row // 2) * 20 // 19 + 1
+    assert tight.query_chunks(7) == [(0, 3), (3, 6), (6, 7)]
+    assert tight.query_chunks(8) == [(0, 3), (3, 6), (6, 8)]
+    assert tight.query_chunks(0) == []
+    torch.testing.assert_close(tight.attribute(q), roomy.attribute(q), rtol=1e-10, atol=1e-13)
+
+
+def test_fused_scores_of_blocks_of_several_batches_equal_one_batch_per_block(mlp_data):
+    """A training block's gradient blocks are gathered over its batches and dotted with the
+    queries once; the scores equal those of one batch per block (and of uneven blocks)."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ckpt = [dt.Checkpoint.from_module(model)]
+    q = (x[:5] + 0.1, y[:5])
+    one = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y), batch_size=4, block_size=4)
+    many = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y), batch_size=3, block_size=10)
+    assert isinstance(many, FittedKroneckerInfluence)
+    assert one.batch_size == 4 and many.batch_size == 3 and many.block_size == 10
+    torch.testing.assert_close(many.attribute(q), one.attribute(q), rtol=1e-10, atol=1e-13)

@@ -198,7 +198,7 @@ class GradientAttributor:
         if self._fused(store):
             return self._fit_fused(
                 scored, task, ckpts, weights, source, per_ckpt, states, batch_size,
-                block_size, progress, train,
+                block_size, progress, train, max_memory_bytes,
             )  # fmt: skip
         placed = place_training_features(
             per_ckpt, states, source, fingerprint, dtype, name=self.name, store=store,
@@ -249,6 +249,7 @@ class GradientAttributor:
         block_size: int,
         progress: bool | None,
         train: Any,
+        budget: int,
     ) -> FittedGradientAttributor:
         log.info("%s: fused K-FAC scoring in batches of %d (training features not stored)",
                  self.name, batch_size)  # fmt: skip
@@ -256,6 +257,7 @@ class GradientAttributor:
             self, scored, per_ckpt, states, weights, source, None, batch_size, block_size,
             progress,
         )  # fmt: skip
+        fitted.memory_budget = budget
         if self.preconditioner is not None and _is_auto(self.preconditioner):
             self._calibrate(fitted, task, ckpts[-1], train)
         return fitted

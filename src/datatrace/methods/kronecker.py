@@ -37,6 +37,7 @@ from ..curvature.context import FitContext
 from ..curvature.kfac import KroneckerPreconditioner
 from ..curvature.kfac_layers import KLayer
 from ..curvature.problem import CurvatureProblem
+from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
 from ..grads.per_example import bound_model
 from ..grads.rules import capture
@@ -80,6 +81,44 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
     """Influence scores from a K-FAC/EK-FAC fit without stored training features (module
     docstring). Everything else (top-k, files, saving, checks) is the generic attributor's;
     where it needs training features they are recomputed block by block."""
+
+    #: the memory budget of the fit (``max_memory_bytes``): sizes the query chunks
+    memory_budget: int = MEMORY_BUDGET
+
+    def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
+        """The query ranges scored together, each costing one fused pass over the training
+        data (forward, backward, gradient blocks): as few as the memory budget allows.
+        No training feature block is held, so a chunk's preconditioned queries (every
+        checkpoint's ``n_q × p`` blocks) may take what the budget leaves after the fitted
+        factors, the parameters and two batches' share (:data:`BATCH_FRACTION`): the
+        generic plan (:meth:`FittedGradientAttributor.query_chunks`) holds them to one
+        training block's size, which for a wide model meant several passes. Chunks are of
+        equal size (within one query)."""
+        row = self.query_row_bytes()
+        step = max(1, (self.memory_budget - self.held_bytes()) // row)
+        n_chunks = max(1, -(-n_query // step))
+        size = max(1, -(-n_query // n_chunks))
+        return [(a, min(a + size, n_query)) for a in range(0, n_query, size)]
+
+    def query_row_bytes(self) -> int:
+        """Bytes of one query's preconditioned blocks, every checkpoint."""
+        item = self.compute_dtype.itemsize
+        return max(1, sum(self.features.layout().values()) * item * len(self.states))
+
+    def held_bytes(self) -> int:
+        """Bytes a scoring pass holds besides the queries: the gathered gradient blocks (at
+        most a training block's), the parameters and fitted factors of every checkpoint,
+        and two batches' share of the budget."""
+        item = self.compute_dtype.itemsize
+        row = sum(self.features.layout().values()) * item
+        held = 2 * self.memory_budget // BATCH_FRACTION + min(self.block_size, self.n_train) * row
+        for c, (params, _) in enumerate(self.states):
+            held += sum(t.numel() for t in params.values()) * item
+            if c < len(self.preconditioners):
+                for lay in self._kron(c).layers:
+                    factors = (lay.A, lay.S, lay.ua, lay.us, lay.lam)
+                    held += sum(t.numel() * t.element_size() for t in factors if t is not None)
+        return held
 
     def fit_context(self, c: int, lambda0: float | None = None) -> FitContext:
         """As the generic context, with λ₀ left to the K-FAC factor pass (or, if read before,
@@ -208,18 +247,41 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         self, c: int, qt: dict[str, tuple[torch.Tensor, bool]], start: int, stop: int
     ) -> torch.Tensor:
         pc = self._kron(c)
+        # each layer's gradient blocks of several batches (up to as many examples as there
+        # are queries, within the block) dotted with the queries at once: the query blocks
+        # are read once per that many examples, not once per batch (memory-bound when the
+        # batches are small), and the gathered blocks take at most the queries' memory
+        n_q = next(iter(qt.values()))[0].shape[0]
+        grads: dict[str, list[torch.Tensor]] = {}
+        gathered = 0
         parts = []
         for s, batch in self._batches(self.train, start, stop):
-            total = None
             for lay, e, a in self._layer_factors(c, batch, False, s):
-                block, rotated = qt[lay.name]
+                rotated = qt[lay.name][1]
                 # in the eigenbasis when the queries were left there, else as it is
                 g = pc.rotate_factors(lay, e, a) if rotated else torch.bmm(e.transpose(1, 2), a)
-                term = block @ g.flatten(1).T
-                total = term if total is None else total.add_(term)
-            assert total is not None
-            parts.append(total)
+                grads.setdefault(lay.name, []).append(g.flatten(1))
+                del g
+            gathered += len(e)
+            if gathered >= n_q or s + len(e) >= stop:
+                parts.append(self._dot_gathered(qt, grads))
+                gathered = 0
         return torch.cat(parts, 1)
+
+    @staticmethod
+    def _dot_gathered(
+        qt: dict[str, tuple[torch.Tensor, bool]], grads: dict[str, list[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Scores (n_q, gathered) of the gathered gradient blocks (emptied)."""
+        total = None
+        for name, gs in grads.items():
+            g = gs[0] if len(gs) == 1 else torch.cat(gs)
+            gs.clear()
+            term = qt[name][0] @ g.T
+            del g
+            total = term if total is None else total.add_(term)
+        assert total is not None
+        return total
 
     def self_influence(self) -> torch.Tensor:
         """``(1/n) Σ_c w_c g_cᵀ (G_c + λI)⁻¹ g_c`` per training example, from the rotated
