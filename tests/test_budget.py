@@ -137,15 +137,17 @@ def test_queries_are_scored_in_chunks_within_the_block_budget(
         for i in range(2))]  # fmt: skip
     monkeypatch.setattr(fitted_module, "MIN_SIZING_BUDGET", 0)  # else blocks ≥ 64 MiB
     fitted = method.fit(task, ck, (x, y), progress=False, block_size=5, **kw)
-    queries = (x[:7], y[:7])
+    queries = (x[:12], y[:12])
     # chunks of 5 when one checkpoint's query features are held: influence (the last
     # checkpoint only), or recomputed training features (scored checkpoint by checkpoint)
     by_checkpoint = fitted.store is None
     assert fitted._by_checkpoint(5) == by_checkpoint
+    # 2 × 5 queries' scores (10 × 23) would exceed a block's share (5 rows of 24 features)
+    assert not fitted._by_checkpoint(10)
     step = 5 if by_checkpoint or len(fitted.weights) == 1 else 1
-    assert fitted.query_chunks(7) == [(a, min(a + step, 7)) for a in range(0, 7, step)]
+    assert fitted.query_chunks(12) == [(a, min(a + step, 12)) for a in range(0, 12, step)]
     whole = torch.cat([s for _, s in fitted.score_blocks(queries)], dim=1)
-    assert whole.shape == (7, 23)
+    assert whole.shape == (12, 23)
     torch.testing.assert_close(fitted.attribute(queries), whole, rtol=1e-12, atol=1e-14)
     v, i = fitted.top_k(queries, k=4)
     ref = whole.topk(4, dim=1)
@@ -153,3 +155,28 @@ def test_queries_are_scored_in_chunks_within_the_block_budget(
     assert torch.equal(i, ref.indices)
     path = fitted.attribute_to_file(queries, tmp_path / "s.npy")
     torch.testing.assert_close(torch.from_numpy(np.load(path)), whole, rtol=1e-12, atol=1e-14)
+
+
+def test_recomputed_training_features_are_scored_against_two_blocks_of_queries(
+    mlp_data, monkeypatch
+):
+    """Recomputed training features (featurized again for every query chunk): one
+    checkpoint's queries are held two blocks at a time when their scores fit (11 training
+    examples: 10 × 11 scores within 5 rows of 24 features), so 12 queries cost 2
+    featurizations of the training set per checkpoint, not 3; the scores equal scoring
+    every query at once."""
+    model, x, y = mlp_data
+    task = dt.ClassificationTask(model)
+    ck = [dt.Checkpoint.from_state_dict(
+        {k: v + 0.01 * i for k, v in model.state_dict().items()}, weight=0.3 + i)
+        for i in range(3)]  # fmt: skip
+    monkeypatch.setattr(fitted_module, "MIN_SIZING_BUDGET", 0)
+    fitted = dt.TracIn().fit(
+        task, ck, (x[:11], y[:11]), progress=False, block_size=5, max_memory_bytes=0
+    )
+    assert fitted.store is None and sum(fitted.features.layout().values()) == 24
+    assert fitted.query_chunks(12) == [(0, 10), (10, 12)]
+    queries = (x[11:23], y[11:23])
+    whole = torch.cat([s for _, s in fitted.score_blocks(queries)], dim=1)
+    assert whole.shape == (12, 11)
+    torch.testing.assert_close(fitted.attribute(queries), whole, rtol=1e-12, atol=1e-14)

@@ -17,7 +17,7 @@ import datatrace as dt
 from datatrace.features.featurizer import GradientFeatures
 from datatrace.features.spec import FeatureSpec
 from datatrace.grads.per_example import flatten_grads, per_example_grads_loop, select_parameters
-from datatrace.grads.rules import capture, form, hook_plan, hooked_grads
+from datatrace.grads.rules import Term, capture, form, form_into, hook_plan, hooked_grads
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -325,3 +325,32 @@ def test_dense_features_formed_in_place_equal_the_per_example_loop(kind):
     contrib = hooked_grads(feats.plan, model, calls)
     twin = {k: feats._formed(k, contrib[k], n) for k in names}
     torch.testing.assert_close(got["dense"], flatten_grads(twin, names), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_forming_over_nonzero_rows_only_equals_the_full_sum(transposed):
+    """Rows whose output gradient is exactly zero (padded tokens) are skipped per example
+    when forming: the written and the added-onto results equal the einsum over every row
+    (float64), an all-padding example gets zeros, and the strided destination's other
+    columns are untouched."""
+    g = torch.Generator().manual_seed(3)
+    b, n, rows, cols = 4, 9, 5, 6
+    e = torch.randn(b, n, rows, generator=g, dtype=torch.float64)
+    a = torch.randn(b, n, cols, generator=g, dtype=torch.float64)
+    e[0, 3:] = 0  # right padding
+    e[1, :2] = 0  # left padding
+    e[1, 6] = 0  # a zero row inside
+    e[2] = 0  # nothing but padding
+    term = Term(e, a, rows, transposed=transposed)
+    other = Term(torch.randn(b, n, rows, generator=g, dtype=torch.float64), a, rows, transposed)
+    shape = (cols, rows) if transposed else (rows, cols)
+    for parts in ([term], [other, term], [term, other]):
+        wide = torch.full((b, rows * cols + 3), float("nan"), dtype=torch.float64)
+        dest = wide[:, 1 : 1 + rows * cols].view(b, *shape)
+        form_into(dest, parts)
+        ref = sum(form(p, shape) for p in parts)
+        torch.testing.assert_close(dest, ref, rtol=1e-12, atol=1e-14)
+        assert wide[:, 0].isnan().all() and wide[:, -2:].isnan().all()
+    only = torch.full((b, *shape), float("nan"), dtype=torch.float64)
+    form_into(only, [term])
+    assert torch.equal(only[2], torch.zeros(shape, dtype=torch.float64))

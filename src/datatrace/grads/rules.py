@@ -163,14 +163,45 @@ def form_into(dest: torch.Tensor, parts: Sequence[Grad]) -> None:
             for k in range(b):
                 rows[k].index_add_(0, grad.left[k], grad.right[k])
         else:
-            left, right = grad.left.transpose(1, 2), grad.right
-            if grad.transposed:  # stored (cols, rows): Σ right leftᵀ
-                left, right = right.transpose(1, 2), grad.left
-            mat = dest.view(b, left.shape[1], right.shape[2])
-            if i == 0:
-                torch.bmm(left, right, out=mat)
+            _form_term_into(dest.view(b, -1), grad, first=i == 0)
+
+
+def _form_term_into(flat: torch.Tensor, grad: Term, first: bool) -> None:
+    """``flat`` (B, rows·cols, rows strided) := (or +=, unless ``first``) a factored term.
+
+    Rows ``n`` where the output gradient ``left_n`` is exactly zero (padded tokens: the
+    mask removes them from the loss) add exactly nothing to ``Σ_n left_n right_nᵀ``
+    (``right`` is finite: checked before forming), so when a batch has such rows each
+    example's sum runs over its own nonzero rows only -- for short sequences padded to a
+    common length this skips most of the dominant cost. Otherwise one batched matmul."""
+    b, n = grad.left.shape[0], grad.left.shape[1]
+    rows, cols = grad.rows, grad.right.shape[-1]
+    live = grad.left.ne(0).any(-1)  # (B, N)
+    counts = live.sum(1).tolist()
+    if min(counts) < n and sum(counts) <= 0.9 * b * n:
+        for k in range(b):
+            mat = flat[k].view(rows, cols) if not grad.transposed else flat[k].view(cols, rows)
+            if counts[k] == 0:
+                if first:
+                    mat.zero_()
+                continue
+            keep = live[k].nonzero().squeeze(1) if counts[k] < n else None
+            e = grad.left[k] if keep is None else grad.left[k].index_select(0, keep)
+            a = grad.right[k] if keep is None else grad.right[k].index_select(0, keep)
+            left, right = (a.t(), e) if grad.transposed else (e.t(), a)
+            if first:
+                torch.mm(left, right, out=mat)
             else:
-                mat.baddbmm_(left, right)
+                mat.addmm_(left, right)
+        return
+    left, right = grad.left.transpose(1, 2), grad.right
+    if grad.transposed:  # stored (cols, rows): Σ right leftᵀ
+        left, right = right.transpose(1, 2), grad.left
+    mat = flat.view(b, left.shape[1], right.shape[2])
+    if first:
+        torch.bmm(left, right, out=mat)
+    else:
+        mat.baddbmm_(left, right)
 
 
 def capture(

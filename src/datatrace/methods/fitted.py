@@ -151,12 +151,17 @@ class FittedGradientAttributor:
         most what one scoring block of training features may (``block_size`` examples,
         or a quarter of :data:`~datatrace.features.placement.MIN_SIZING_BUDGET` if that
         is more: budgets below it do not shrink work): ``block_size // n_checkpoints``
-        queries, or ``block_size`` when scored checkpoint by checkpoint
-        (:meth:`_by_checkpoint`). The training features are read once per chunk."""
+        queries. Scored checkpoint by checkpoint (:meth:`_by_checkpoint`: the training
+        features are recomputed for every chunk, so fewer chunks save whole
+        featurizations), one checkpoint's queries take two such shares, ``2 ×
+        block_size`` (the budget's spare quarter besides the query, block and batch
+        ones), or ``block_size`` when only those scores fit a block's share. The
+        training features are read once per chunk."""
         block = self._block_rows()
         step = max(1, block // len(self.states))
-        if self._by_checkpoint(min(block, n_query)):
-            step = block
+        for rows in (block, 2 * block):  # the larger when its scores fit too
+            if self._by_checkpoint(min(rows, n_query)):
+                step = rows
         return [(a, min(a + step, n_query)) for a in range(0, n_query, step)]
 
     def _block_rows(self) -> int:
