@@ -180,14 +180,9 @@ class FittedGradientAttributor:
         item = self.compute_dtype.itemsize
         return n_rows * self.n_train * item <= self._block_rows() * row
 
-    def query_features(
-        self,
-        queries: Any,
-        rows: tuple[int, int] | None = None,
-        checkpoints: Sequence[int] | None = None,
-    ) -> list[Features]:
-        """Measurement-gradient features of the queries (those in ``rows``, a range, when
-        given) at each checkpoint used (or those in ``checkpoints``)."""
+    def query_source(self, queries: Any) -> ExampleSource:
+        """``queries`` as a checked example source: like the training data (or, for language
+        modelling, sequences of any length with the task's own keys), values in range."""
         source = ExampleSource(queries, "queries")
         if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
             self.task.check_queries(source)
@@ -196,6 +191,17 @@ class FittedGradientAttributor:
         whole = source.whole()
         if whole is not None:
             self.task.check_data(whole, source.name)
+        return source
+
+    def query_features(
+        self,
+        queries: Any,
+        rows: tuple[int, int] | None = None,
+        checkpoints: Sequence[int] | None = None,
+    ) -> list[Features]:
+        """Measurement-gradient features of the queries (those in ``rows``, a range, when
+        given) at each checkpoint used (or those in ``checkpoints``)."""
+        source = self.query_source(queries)
         out = []
         for c in range(len(self.states)) if checkpoints is None else checkpoints:
             f, st = self.checkpoint_features[c], self.states[c]

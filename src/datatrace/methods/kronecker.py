@@ -28,7 +28,6 @@ from torch import nn
 from ..core import distributed
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError
-from ..core.language import LanguageModelingTask
 from ..core.loop import check_finite, over_batches
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
@@ -195,14 +194,7 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         and training gradients are rotated instead, where that is cheaper (many queries,
         wide layers, few training examples: ``n_q·out·in'(out + in')`` for the queries
         against ``n·P(out² + in'²)`` for the training factors)."""
-        source = ExampleSource(queries, "queries")
-        if isinstance(self.task, LanguageModelingTask):
-            self.task.check_queries(source)
-        else:
-            source.check_like(self.train)
-        whole = source.whole()
-        if whole is not None:
-            self.task.check_data(whole, source.name)
+        source = self.query_source(queries)
         first, last = rows or (0, len(source))
         n_q = last - first
         out = []
