@@ -35,7 +35,7 @@ References:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,6 +75,10 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
     @property
     def offsets(self) -> dict[str, tuple[int, int]]:
         return self.problem.offsets
+
+    def with_damping(self, damping: float) -> KroneckerPreconditioner:
+        """The damping is applied at solve time only: the factors serve every damping."""
+        return replace(self, damping=damping)
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(vectors)

@@ -45,7 +45,6 @@ from ..core.fingerprint import (
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
 from ..curvature.base import AUTO, AbstractFittedPreconditioner, AbstractPreconditioner
-from ..curvature.kfac import KroneckerPreconditioner
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import State, featurize
 from ..features.placement import MEMORY_BUDGET, place_training_features, plan_sizes
@@ -290,7 +289,7 @@ class GradientAttributor:
         def refit(damping: float) -> None:
             """The same curvature at another damping (the matrix, eigenpairs, Kronecker
             factors or CG's last solutions reused); a full refit where none is kept."""
-            again = [_with_damping(f, damping) for f in fitted.preconditioners]
+            again = [f.with_damping(damping) for f in fitted.preconditioners]
             if all(f is not None for f in again):
                 fitted.preconditioners[:] = again  # type: ignore[assignment]
                 return
@@ -328,16 +327,6 @@ class GradientAttributor:
         for f, st in zip(per_ckpt, states, strict=True):
             featurize(f, st, source, False, 1, 0, 1, progress=False)
         return per_ckpt, states
-
-
-def _with_damping(
-    fitted: AbstractFittedPreconditioner, damping: float
-) -> AbstractFittedPreconditioner | None:
-    """``fitted.with_damping``; K-FAC/EK-FAC apply their damping at solve time only, so
-    their factors serve every damping as they are."""
-    if isinstance(fitted, KroneckerPreconditioner):
-        return dataclasses.replace(fitted, damping=damping)
-    return fitted.with_damping(damping)
 
 
 def _release(fitted: AbstractFittedPreconditioner) -> None:
