@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 import datatrace as dt
-from datatrace.app import report
+from datatrace.app import detection, report
+from datatrace.app.detection import detection_summary
 from datatrace.app.rendering import ExampleView, image_uri, png_bytes, to_pixels
-from datatrace.app.report import SECTIONS, detection_summary, proponent_shares, write_report
+from datatrace.app.report import SECTIONS, proponent_shares, write_report
 from datatrace.metrics import detection_auc, found_at
 
 
@@ -200,7 +201,7 @@ def test_detection_numbers_are_those_of_the_metrics(tmp_path):
     suspected[[0, 2, 5, 15]] = True  # found after inspecting 1, 3, 6 and 16 examples
     rows = detection_summary(self_inf, suspected)
     assert rows["self-influence"][:3] == [0.25, 0.25, 0.50]  # at 1, 2 and 4 inspected
-    assert rows["self-influence"][:3] == found_at(self_inf, suspected, report.FRACTIONS)
+    assert rows["self-influence"][:3] == found_at(self_inf, suspected, detection.FRACTIONS)
     auc = detection_auc(self_inf, suspected)
     assert rows["self-influence"][3] == auc
     # trapezoid area of the step curve: hits after 1, 3, 6, 16 of 20 inspected

@@ -28,7 +28,7 @@ from ..core.task import ClassificationTask
 from ..methods.recipes import GradCos, TracIn
 from ..metrics import detection_auc, detection_curve, found_at
 from ..retrain import LRSchedule, sgd_train
-from . import report
+from . import detection, report
 from .rendering import svg_line_plot
 
 FRACTIONS = (0.05, 0.10, 0.20)
@@ -139,7 +139,7 @@ def run(cfg: DemoConfig) -> dict[str, object]:
     rankings = suspicion_rankings(self_influence, model, train)
     summary = print_detection(rankings, data["flipped"])
     curves = {k: detection_curve(v, data["flipped"]) for k, v in rankings.items()}
-    report.plot_detection_curves(
+    detection.plot_detection_curves(
         curves, out / "mislabel_detection.png", "Finding flipped labels in digits"
     )
     (out / "mislabel_detection.svg").write_text(detection_svg(curves), encoding="utf-8")

@@ -12,7 +12,7 @@ are found against how much is inspected; what to do next.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,12 @@ import numpy as np
 import torch
 
 from ..core.errors import ConfigError, DataError
-from ..metrics import detection_auc, detection_curve, found_at
+from .detection import detection_section
+from .page import ExampleCards, write_html
 from .rendering import (
     RENDER_KINDS,
     ExampleView,
-    data_uri,
-    image_uri,
     infer_render,
-    svg_line_plot,
-    text_of,
 )
 
 SECTIONS = {
@@ -39,8 +36,6 @@ SECTIONS = {
     "detection": "Suspected examples found against the fraction inspected",
     "next-steps": "What to do next",
 }
-#: the fractions of the training data at which the detection table reads the curve
-FRACTIONS = (0.05, 0.10, 0.20)
 MAX_QUERIES = 50  # queries shown (the scores of all of them are the caller's to keep)
 SELF_INFLUENCE_SHOWN = 30
 #: "large gradient": in the top tenth of the training data by self-influence
@@ -54,27 +49,6 @@ WHY_NORMALISED = (
     "the training examples most like each query. Read the raw view for what moved the "
     "model most, the normalised view for what the query resembles."
 )
-
-STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-section{margin:2em 0}
-figure.ex{display:inline-block;vertical-align:top;margin:1px;text-align:center;
-  border:3px solid transparent;min-width:80px}
-figure.ex img{width:72px;image-rendering:pixelated}
-figure.sus{border-color:#c0392b}
-figure.ex blockquote{margin:0;padding:4px;width:220px;text-align:left;white-space:pre-wrap;
-  background:#f6f6f6;font-size:12px}
-figcaption{font-size:10px;color:#444}
-.views{display:flex;gap:16px;flex-wrap:wrap}.view{flex:1;min-width:320px}
-.strip{display:flex;align-items:flex-start;gap:2px;flex-wrap:wrap;margin:4px 0}
-.role{width:70px;font-size:12px;color:#555;padding-top:8px}
-.query{border-top:1px solid #ddd;padding:8px 0}
-.scroll{overflow-x:auto}
-table{border-collapse:collapse;margin:.5em 0;font-size:12px}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-tr.sus td{background:#fbe3e0}
-pre{background:#f6f6f6;padding:8px;overflow-x:auto}
-"""
 
 
 def write_report(
@@ -156,7 +130,7 @@ def write_report(
     kind = render or infer_render(
         train_view.content(0), decode, bool(train_view.frame_columns), train_view.holds_token_ids
     )
-    shower = _Shower(kind, decode, sus)
+    shower = ExampleCards(kind, decode, sus)
     body = [
         _section("summary", _summary(method, n_train, n_query, kind, sus)),
         _section(
@@ -168,7 +142,7 @@ def write_report(
             _top_examples(S, norm, norm_label, method, train_view, query_view, shower, top),
         ),
         _section("self-influence", _self_influence(self_inf, train_view, shower)),
-        _section("detection", _detection(self_inf, sus)),
+        _section("detection", detection_section(self_inf, sus)),
         _section("next-steps", _next_steps(rerun, method, sus is not None)),
     ]
     out = Path(path)
@@ -311,55 +285,6 @@ def _why_normalised(
     return "".join(parts)
 
 
-class _Shower:
-    """Renders examples of one kind, caching each training image's PNG."""
-
-    def __init__(
-        self, kind: str, decode: Callable[..., str] | None, suspected: torch.Tensor | None
-    ) -> None:
-        self.kind, self.decode, self.suspected = kind, decode, suspected
-        self._uris: dict[tuple[int, int], str] = {}
-
-    def card(self, view: ExampleView, i: int, detail: str, is_train: bool) -> str:
-        """One example: its image or text, then "#i · label L" and ``detail`` below."""
-        sus = is_train and self.suspected is not None and bool(self.suspected[i])
-        label = view.label(i)
-        head = f"#{i}" + (f" · label {label}" if label is not None else "")
-        if sus:
-            detail += (" · " if detail else "") + "suspected"
-        cls = "ex sus" if sus else "ex"
-        if self.kind == "image":
-            key = (id(view), i)
-            if key not in self._uris:
-                self._uris[key] = image_uri(view.content(i))
-            alt = f"{view.name} example {i}"
-            inner = f'<img src="{self._uris[key]}" alt="{html.escape(alt)}">'
-        else:
-            text = html.escape(text_of(view.content(i), self.decode))
-            inner = f"<blockquote>{text}</blockquote>"
-        cap = html.escape(head) + (f"<br>{html.escape(detail)}" if detail else "")
-        return f'<figure class="{cls}">{inner}<figcaption>{cap}</figcaption></figure>'
-
-    def rows(self, view: ExampleView, entries: Sequence[tuple[str, int, float | None]]) -> str:
-        """Table rows: (role, index, score) per entry, then the example's columns."""
-        cols = view.table_columns(entries[0][1])
-        head = ["", "#", "score", "label", *(name for name, _ in cols)]
-        rows = []
-        for role, i, score in entries:
-            sus = view.name == "train" and self.suspected is not None and bool(self.suspected[i])
-            cells = [
-                role + (" (suspected)" if sus else ""),
-                str(i),
-                "" if score is None else f"{score:+.4g}",
-                view.label(i) or "",
-                *(v for _, v in view.table_columns(i)),
-            ]
-            tds = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-            rows.append(f"<tr class='sus'>{tds}</tr>" if sus else f"<tr>{tds}</tr>")
-        ths = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        return f"<div class='scroll'><table><tr>{ths}</tr>{''.join(rows)}</table></div>"
-
-
 def _top_examples(
     S: torch.Tensor,
     norm: torch.Tensor | None,
@@ -367,7 +292,7 @@ def _top_examples(
     method: str,
     train: ExampleView,
     queries: ExampleView,
-    shower: _Shower,
+    shower: ExampleCards,
     top: int,
 ) -> str:
     n_query = S.shape[0]
@@ -408,7 +333,7 @@ def _top_examples(
     return "".join(parts)
 
 
-def _self_influence(self_inf: torch.Tensor | None, train: ExampleView, shower: _Shower) -> str:
+def _self_influence(self_inf: torch.Tensor | None, train: ExampleView, shower: ExampleCards) -> str:
     if self_inf is None:
         return (
             "<p>Not computed: pass self_influence= (e.g. fitted.self_influence()) to rank the "
@@ -425,57 +350,6 @@ def _self_influence(self_inf: torch.Tensor | None, train: ExampleView, shower: _
         return intro + shower.rows(train, [("rank", i, float(self_inf[i])) for i in order])
     cards = "".join(shower.card(train, i, f"{float(self_inf[i]):.3g}", True) for i in order)
     return intro + f"<div class='strip'>{cards}</div>"
-
-
-def detection_summary(self_inf: torch.Tensor, suspected: torch.Tensor) -> dict[str, list[float]]:
-    """Found @ :data:`FRACTIONS` and AUC of the self-influence ranking, a random ranking
-    (expected) and the best possible one."""
-    share = float(suspected.double().mean())
-    return {
-        "self-influence": [*found_at(self_inf, suspected, FRACTIONS),
-                           detection_auc(self_inf, suspected)],
-        "random (expected)": [*FRACTIONS, 0.5],
-        "best possible": [*(min(1.0, f / share) for f in FRACTIONS), 1 - share / 2],
-    }  # fmt: skip
-
-
-def _detection(self_inf: torch.Tensor | None, sus: torch.Tensor | None) -> str:
-    if sus is None or self_inf is None:
-        return (
-            "<p>No examples were marked suspected. Pass suspected= (a bool mask or the "
-            "indices of training examples whose labels you doubt, e.g. ones you corrupted "
-            "on purpose) to see how many a self-influence ranking finds.</p>"
-        )
-    rows = detection_summary(self_inf, sus)
-    head = "".join(
-        f"<th>{h}</th>" for h in ["ranking", *(f"found @ {f:.0%}" for f in FRACTIONS), "AUC"]
-    )
-    body = "".join(
-        f"<tr><td>{html.escape(name)}</td>"
-        + "".join(f"<td>{v:.0%}</td>" for v in vals[:-1])
-        + f"<td>{vals[-1]:.3f}</td></tr>"
-        for name, vals in rows.items()
-    )
-    x, y = detection_curve(self_inf, sus)
-    share = float(sus.double().mean())
-    svg = svg_line_plot(
-        {
-            "self-influence": (x.tolist(), y.tolist()),
-            "random": ([0.0, 1.0], [0.0, 1.0]),
-            "best possible": ([0.0, share, 1.0], [0.0, 1.0, 1.0]),
-        },
-        title="Suspected examples found by self-influence",
-        xlabel="fraction of training data inspected",
-        ylabel="fraction of suspected examples found",
-        dashed=("random", "best possible"),
-    )
-    uri = data_uri("image/svg+xml", svg.encode())
-    return (
-        f"<p>{int(sus.sum())} of {sus.numel()} training examples are marked suspected. "
-        "Inspecting the training data in order of self-influence finds them at these "
-        f"rates:</p><table><tr>{head}</tr>{body}</table>"
-        f'<img src="{uri}" alt="found against inspected" width="480" height="360">'
-    )
 
 
 def _next_steps(rerun: str, method: str, has_suspected: bool) -> str:
@@ -523,40 +397,3 @@ def _summary(method: str, n_train: int, n_query: int, kind: str, sus: torch.Tens
 
 def _section(key: str, content: str) -> str:
     return f"<section id='{key}'><h2>{html.escape(SECTIONS[key])}</h2>{content}</section>"
-
-
-def write_html(path: Path, title: str, body: Sequence[str]) -> None:
-    """Write a self-contained HTML page (images inline, no scripts)."""
-    doc = (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-    path.write_text(doc, encoding="utf-8")
-
-
-def plot_detection_curves(
-    curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, title: str
-) -> None:
-    """Found-vs-inspected curves as a PNG file (matplotlib), one line per ranking."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ConfigError("plots need matplotlib: pip install 'datatrace[demo]'") from exc
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for label, (x, y) in curves.items():
-        ax.plot(x.numpy(), y.numpy(), label=label)
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="random")
-    ax.set_xlabel("fraction of training data inspected")
-    ax.set_ylabel("fraction of flipped labels found")
-    ax.set_title(title)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
