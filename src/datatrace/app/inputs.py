@@ -29,13 +29,12 @@ Relative paths in a config are relative to the config's folder.
 
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.util
 import inspect
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +47,7 @@ from ..core.checkpoint import Checkpoint
 from ..core.data import ExampleSource
 from ..core.errors import CheckpointError, ConfigError, DataError, DatatraceError
 from ..core.task import AbstractTask, ClassificationTask
-
-INPUT_KEYS = ("x", "inputs", "input", "features")
-LABEL_KEYS = ("y", "labels", "label", "targets", "target")
-LABELS_FILE = "labels.csv"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from .datafiles import LABELS_FILE, image_folder, one_line, tensor_file
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _FILE_PATH = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_]\w*)$")
@@ -113,7 +108,7 @@ def import_function(spec: str, what: str, base: Path | None = None) -> Callable[
             raise ConfigError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
         except Exception as exc:
             raise ConfigError(
-                f"{what} {spec!r}: importing {module_name!r} failed: {_one_line(exc)}"
+                f"{what} {spec!r}: importing {module_name!r} failed: {one_line(exc)}"
             ) from None
     fn = getattr(module, attr, None)
     if not inspect.isfunction(fn) or fn.__module__ != module.__name__:
@@ -124,11 +119,6 @@ def import_function(spec: str, what: str, base: Path | None = None) -> Callable[
     return fn
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _run_user_code(call: Callable[[], Any], what: str, spec: str) -> Any:
     """Run a user function; its exceptions become one line naming the flag."""
     try:
@@ -136,7 +126,7 @@ def _run_user_code(call: Callable[[], Any], what: str, spec: str) -> Any:
     except DatatraceError:
         raise
     except Exception as exc:
-        raise ConfigError(f"{what} {spec!r} failed: {_one_line(exc)}") from None
+        raise ConfigError(f"{what} {spec!r} failed: {one_line(exc)}") from None
 
 
 def load_model(spec: str, base: Path | None = None) -> nn.Module:
@@ -198,11 +188,11 @@ def load_data(
     if base is not None and not path.is_absolute():
         path = base / path
     if path.is_dir():
-        return _image_folder(path, what, classes)
+        return image_folder(path, what, classes)
     if path.suffix in (".npz", ".pt", ".pth", ".safetensors"):
         if not path.is_file():
             raise DataError(f"{what}: no such file {str(path)!r}")
-        return _tensor_file(path, what), None
+        return tensor_file(path, what), None
     if is_function_spec(spec):
         fn = import_function(spec, what, base)
         data = _run_user_code(fn, what, spec)
@@ -217,131 +207,6 @@ def load_data(
     raise DataError(
         f"{what} {spec!r}: no such file or folder (or 'module:function' returning the data)"
     )
-
-
-def _tensor_file(path: Path, what: str) -> Any:
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                raw: Any = {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except DatatraceError:
-        raise
-    except Exception as exc:  # unreadable, pickled objects, a damaged archive
-        raise DataError(f"{what}: cannot read {str(path)!r} ({_one_line(exc)})") from None
-    if isinstance(raw, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in raw):
-        return tuple(raw)
-    if not isinstance(raw, Mapping) or not raw:
-        raise DataError(
-            f"{what}: {str(path)!r} must hold tensors by name (e.g. x and y), got "
-            f"{type(raw).__name__}"
-        )
-    bad = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise DataError(f"{what}: {str(path)!r} entries {bad[:5]} are not tensors")
-    return _named_tensors(dict(raw), path, what)
-
-
-def _named_tensors(tensors: dict[str, torch.Tensor], path: Path, what: str) -> Any:
-    """``(inputs, labels)`` from x/y-style names; otherwise the dict itself (a dict batch)."""
-    inputs = [k for k in tensors if k in INPUT_KEYS]
-    labels = [k for k in tensors if k in LABEL_KEYS]
-    if not inputs:
-        if not labels:
-            raise DataError(
-                f"{what}: {str(path)!r} has keys {sorted(tensors)} but no labels; name the "
-                f"inputs one of {list(INPUT_KEYS)} and the labels one of {list(LABEL_KEYS)}, "
-                "or give a dict batch with 'labels'"
-            )
-        return tensors  # a dict batch: model(**inputs), labels under their key
-    if len(inputs) > 1 or len(labels) != 1 or len(tensors) != 2:
-        raise DataError(
-            f"{what}: {str(path)!r} has keys {sorted(tensors)}; give exactly one input key "
-            f"({'/'.join(INPUT_KEYS)}) and one label key ({'/'.join(LABEL_KEYS)})"
-        )
-    return tensors[inputs[0]], tensors[labels[0]]
-
-
-def _image_folder(
-    folder: Path, what: str, classes: list[str] | None
-) -> tuple[tuple[torch.Tensor, torch.Tensor], list[str] | None]:
-    labels_file = folder / LABELS_FILE
-    if not labels_file.is_file():
-        raise DataError(
-            f"{what}: the folder {str(folder)!r} has no {LABELS_FILE} (rows: filename,label)"
-        )
-    with open(labels_file, newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["filename", "label"]:
-        rows = rows[1:]
-    if not rows:
-        raise DataError(f"{what}: {str(labels_file)!r} lists no images")
-    names, raw_labels = [], []
-    for i, row in enumerate(rows):
-        if len(row) != 2:
-            raise DataError(
-                f"{what}: {str(labels_file)!r} line {i + 1} must be 'filename,label', got {row}"
-            )
-        names.append(row[0].strip())
-        raw_labels.append(row[1].strip())
-    images = [_read_image(folder / name, what) for name in names]
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        first = tuple(images[0].shape)
-        odd = next(n for n, im in zip(names, images, strict=True) if tuple(im.shape) != first)
-        raise DataError(f"{what}: images must share one shape; {names[0]} is {first}, {odd} is not")
-    labels, found = _label_ids(raw_labels, classes, what)
-    return (torch.stack(images), labels), found
-
-
-def _label_ids(
-    raw: list[str], classes: list[str] | None, what: str
-) -> tuple[torch.Tensor, list[str] | None]:
-    if classes is None and all(re.fullmatch(r"[+-]?\d+", v) for v in raw):
-        return torch.tensor([int(v) for v in raw], dtype=torch.long), None
-    names = classes if classes is not None else sorted(set(raw))
-    index = {n: i for i, n in enumerate(names)}
-    unknown = sorted({v for v in raw if v not in index})
-    if unknown:
-        raise DataError(
-            f"{what}: labels {unknown[:5]} are not classes of the training data ({names[:10]})"
-        )
-    return torch.tensor([index[v] for v in raw], dtype=torch.long), names
-
-
-def _read_image(path: Path, what: str) -> torch.Tensor:
-    if not path.is_file():
-        raise DataError(f"{what}: {LABELS_FILE} names {path.name!r}, which is not in the folder")
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise DataError(f"{what}: cannot read {str(path)!r} ({_one_line(exc)})") from None
-        t = torch.as_tensor(arr, dtype=torch.float32)
-        if t.dim() not in (2, 3):
-            raise DataError(f"{what}: {str(path)!r} must be (H, W) or (C, H, W)")
-        return t[None] if t.dim() == 2 else t
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise DataError(f"{what}: {str(path)!r} is neither a .npy array nor an image file")
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ConfigError(
-            f"{what}: reading {path.suffix} images needs Pillow (pip install pillow), or "
-            "save them as .npy arrays"
-        ) from None
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L") if im.mode in ("L", "1", "P") else im.convert("RGB"))
-    except Exception as exc:
-        raise DataError(f"{what}: cannot read {str(path)!r} ({_one_line(exc)})") from None
-    t = torch.from_numpy(arr.copy()).float() / 255.0
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
 def as_model_dtype(data: Any, model: nn.Module) -> Any:
@@ -374,7 +239,7 @@ def check_fits(task: AbstractTask, data: Any, what: str) -> None:
     except DatatraceError as exc:
         raise DataError(f"{what}: {exc}") from None
     except Exception as exc:
-        raise DataError(f"the model cannot take the examples of {what}: {_one_line(exc)}") from None
+        raise DataError(f"the model cannot take the examples of {what}: {one_line(exc)}") from None
 
 
 def own_inputs(
