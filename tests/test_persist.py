@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import datatrace as dt
-from datatrace.core import persist
+from datatrace.core import locks, persist
 from datatrace.features import store as store_module
 from datatrace.features.store import FeatureStore
 
@@ -345,7 +345,7 @@ def test_the_lock_makes_another_process_wait_then_fail_clearly(tmp_path, monkeyp
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(persist, "LOCK_TIMEOUT_S", 0.3)
+        monkeypatch.setattr(locks, "LOCK_TIMEOUT_S", 0.3)
         with (
             pytest.raises(dt.StoreError, match=r"in use by another process .*\.lock"),
             persist.locked(tmp_path),
