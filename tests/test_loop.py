@@ -24,8 +24,8 @@ from datatrace.core.loop import (
 from datatrace.curvature.problem import CurvatureProblem
 from datatrace.features.featurizer import GradientFeatures
 from datatrace.features.loop import featurize, featurize_into_store
+from datatrace.features.memory import MemoryFeatureStore
 from datatrace.features.spec import FeatureSpec
-from datatrace.features.store import MemoryFeatureStore
 from datatrace.grads.per_example import flatten_grads, per_example_grads_loop, select_parameters
 from datatrace.methods.trak import true_label_probability
 from datatrace.retrain import measure, measure_stacked

@@ -16,7 +16,8 @@ from ..core.loop import batch_ranges, naming_every_nonfinite, over_batches, over
 from ..core.runtime import model_device
 from ..grads.per_example import bound_model
 from .featurizer import AbstractFeaturizer, Features
-from .store import FeatureStore, MemoryFeatureStore
+from .memory import MemoryFeatureStore
+from .store import FeatureStore
 
 State = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 

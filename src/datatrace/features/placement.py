@@ -33,7 +33,8 @@ from ..core import distributed
 from ..core.data import ExampleSource
 from .featurizer import AbstractFeaturizer
 from .loop import State, featurize_into_store
-from .store import FeatureStore, MemoryFeatureStore, Verify
+from .memory import MemoryFeatureStore
+from .store import FeatureStore, Verify
 
 log = logging.getLogger("datatrace")
 

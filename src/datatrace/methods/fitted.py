@@ -29,8 +29,9 @@ from ..curvature.context import FitContext
 from ..curvature.problem import CurvatureProblem
 from ..features.featurizer import AbstractFeaturizer, Features
 from ..features.loop import State, featurize
+from ..features.memory import MemoryFeatureStore
 from ..features.placement import MIN_SIZING_BUDGET
-from ..features.store import FeatureStore, MemoryFeatureStore
+from ..features.store import FeatureStore
 from .check import CheckResult, check
 from .topk import merge_top_k, running_top_k
 

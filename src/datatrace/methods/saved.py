@@ -53,8 +53,9 @@ from ..curvature.base import AbstractFittedPreconditioner, AbstractPreconditione
 from ..curvature.context import FitContext
 from ..curvature.kfac import EKFAC, KFAC
 from ..curvature.problem import CurvatureProblem
+from ..features.memory import MemoryFeatureStore
 from ..features.spec import FeatureSpec
-from ..features.store import FeatureStore, MemoryFeatureStore
+from ..features.store import FeatureStore
 from .engine import GradientAttributor
 from .fitted import FittedGradientAttributor
 from .kronecker import FittedKroneckerInfluence
