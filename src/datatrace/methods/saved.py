@@ -31,9 +31,6 @@ A Distilled Datamodel's folder (``FittedDistilledDatamodel.save``) loads through
 from __future__ import annotations
 
 import csv
-import dataclasses
-import enum
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,17 +46,14 @@ from ..core.errors import ConfigError, DataError, StoreCorruptError, StoreMismat
 from ..core.fingerprint import model_fingerprint, task_fingerprint
 from ..core.runtime import model_device
 from ..core.task import AbstractTask, ClassificationTask
-from ..curvature.base import AbstractFittedPreconditioner, AbstractPreconditioner
-from ..curvature.context import FitContext
+from ..curvature.base import AbstractFittedPreconditioner
 from ..curvature.kfac import EKFAC, KFAC
-from ..curvature.problem import CurvatureProblem
 from ..features.memory import MemoryFeatureStore
-from ..features.spec import FeatureSpec
 from ..features.store import FeatureStore
+from .codec import FIX, Decoder, encode
 from .engine import GradientAttributor
 from .fitted import FittedGradientAttributor
 from .kronecker import FittedKroneckerInfluence
-from .slots import AbstractExampleWeights, AbstractOutput, CheckpointWeights
 
 if TYPE_CHECKING:
     from .ddm_fitted import FittedDistilledDatamodel
@@ -68,19 +62,9 @@ FORMAT = persist.StoreFormat(
     tag="datatrace-fitted-attributor",
     version=1,
     files=("attributor.safetensors", "attributor.json"),
-    fix="fit and save it again",
+    fix=FIX,
 )
 TENSORS, METADATA = "attributor.safetensors", "attributor.json"
-
-# the classes a saved file may name (their module must be datatrace's or already imported)
-_SLOTS: tuple[type, ...] = (
-    GradientAttributor,
-    FeatureSpec,
-    AbstractPreconditioner,
-    AbstractFittedPreconditioner,
-    AbstractExampleWeights,
-    AbstractOutput,
-)
 
 
 def save_fitted(fitted: FittedGradientAttributor, path: str | Path) -> Path:
@@ -97,7 +81,7 @@ def save_fitted(fitted: FittedGradientAttributor, path: str | Path) -> Path:
     meta = {
         "format": FORMAT.tag,
         "version": FORMAT.version,
-        "method": _encode(fitted.method, "method", tensors, model),
+        "method": encode(fitted.method, "method", tensors, model),
         "fingerprint": _fingerprint(fitted.task, fitted.train),
         "n_train": fitted.n_train,
         "weights": list(fitted.weights),
@@ -110,7 +94,7 @@ def save_fitted(fitted: FittedGradientAttributor, path: str | Path) -> Path:
         "preconditioners": [
             {"in_store": True}
             if _factors_in_store(fitted, c)
-            else _encode(pc, f"preconditioner/{c}", tensors, model)
+            else encode(pc, f"preconditioner/{c}", tensors, model)
             for c, pc in enumerate(fitted.preconditioners)
         ],
         "features": _features(fitted, tensors),
@@ -178,135 +162,6 @@ def _temporary(path: Path) -> bool:
     )
 
 
-# -- encoding settings and fitted objects --------------------------------------------------------
-
-
-def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], model: nn.Module) -> Any:
-    """JSON for ``obj``: plain values as is; tensors by their key in ``tensors``; slots and
-    fitted objects (dataclasses) as their class and fields; the model's modules by name;
-    the curvature problem and fit context by reference (rebuilt when loading)."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj
-        return {"tensor": key}
-    if isinstance(obj, (list, tuple)):
-        kind = "list" if isinstance(obj, list) else "tuple"
-        return {kind: [_encode(v, f"{key}/{i}", tensors, model) for i, v in enumerate(obj)]}
-    if isinstance(obj, torch.dtype):
-        return {"dtype": str(obj).removeprefix("torch.")}
-    if isinstance(obj, CheckpointWeights):
-        return {"checkpoint_weights": obj.value}
-    if isinstance(obj, enum.Enum):  # a setting such as K-FAC's layer kind or its Fisher
-        return {"enum": _class_name(type(obj)), "value": obj.value}
-    if isinstance(obj, CurvatureProblem):
-        return {"problem": True}
-    if isinstance(obj, FitContext):
-        return {"context": True}
-    if isinstance(obj, nn.Module):
-        names = [n for n, m in model.named_modules() if m is obj]
-        if not names:
-            raise ConfigError(f"cannot save {key}: it holds a module that is not the model's")
-        return {"module": names[0]}
-    cls = type(obj)
-    if dataclasses.is_dataclass(obj):
-        fields = {
-            f.name: _encode(getattr(obj, f.name), f"{key}/{f.name}", tensors, model)
-            for f in dataclasses.fields(obj)
-            if f.init
-        }
-        return {"class": _class_name(cls), "fields": fields}
-    if isinstance(obj, _SLOTS) and not vars(obj):  # a setting-free slot (TRAK's Margin)
-        return {"class": _class_name(cls), "fields": {}}
-    raise ConfigError(
-        f"cannot save {key}: a {cls.__name__} is neither a dataclass of tensors and numbers "
-        "nor a datatrace slot"
-    )
-
-
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-class _Decoder:
-    """Rebuilds what :func:`_encode` wrote, for one model and checkpoint context."""
-
-    def __init__(
-        self, tensors: dict[str, torch.Tensor], model: nn.Module, ctx: FitContext | None
-    ) -> None:
-        self.tensors, self.model, self.ctx = tensors, model, ctx
-        self.device = model_device(model)
-
-    def __call__(self, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        if "tensor" in value:
-            return self.tensors[value["tensor"]].to(self.device)
-        if "list" in value:
-            return [self(v) for v in value["list"]]
-        if "tuple" in value:
-            return tuple(self(v) for v in value["tuple"])
-        if "dtype" in value:
-            dtype = getattr(torch, value["dtype"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise StoreCorruptError(f"unknown dtype {value['dtype']!r}; {FORMAT.fix}")
-            return dtype
-        if "checkpoint_weights" in value:
-            return CheckpointWeights(value["checkpoint_weights"])
-        if "enum" in value:
-            return _find_enum(value["enum"])(value["value"])
-        if "problem" in value or "context" in value:
-            assert self.ctx is not None, "a fitted preconditioner outside a checkpoint"
-            return self.ctx.problem if "problem" in value else self.ctx
-        if "module" in value:
-            return self.model.get_submodule(value["module"])
-        if "class" in value:
-            cls = _find_class(value["class"])
-            return cls(**{k: self(v) for k, v in value["fields"].items()})
-        raise StoreCorruptError(f"unreadable entry {sorted(value)}; {FORMAT.fix}")
-
-
-def _find_class(name: str) -> type:
-    """A class a saved fit names: datatrace's own (imported on demand) or a slot class of a
-    module already imported (a contributor's preconditioner). Nothing else is imported."""
-    module_name, _, qualname = name.partition(":")
-    if module_name == "datatrace" or module_name.startswith("datatrace."):
-        import importlib
-
-        module: Any = importlib.import_module(module_name)
-    else:
-        module = sys.modules.get(module_name)
-        if module is None:
-            raise StoreMismatchError(
-                f"the saved fit uses {qualname} from {module_name!r}: import that module "
-                "before loading"
-            )
-    obj: Any = module
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    ours = module_name.startswith(("datatrace.curvature", "datatrace.methods"))
-    if not isinstance(obj, type) or not (
-        issubclass(obj, _SLOTS) or (ours and dataclasses.is_dataclass(obj))
-    ):
-        raise StoreCorruptError(f"the saved fit names {name!r}, not a datatrace slot class")
-    return obj
-
-
-def _find_enum(name: str) -> type[enum.Enum]:
-    """An enum a saved fit names: datatrace's own only."""
-    module_name, _, qualname = name.partition(":")
-    if not module_name.startswith("datatrace."):
-        raise StoreCorruptError(f"the saved fit names {name!r}, not a datatrace enum")
-    import importlib
-
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    if not (isinstance(obj, type) and issubclass(obj, enum.Enum)):
-        raise StoreCorruptError(f"the saved fit names {name!r}, not a datatrace enum")
-    return obj
-
-
 # -- loading ------------------------------------------------------------------------------------
 
 
@@ -362,7 +217,7 @@ def load(
         raise ConfigError("load needs train=, the training data the fit was made on")
     tensors, meta = persist.load_tensors(folder / TENSORS, FORMAT, FORMAT.fix)
     net = the_task.model
-    method = _Decoder(tensors, net, None)(meta["method"])
+    method = Decoder(tensors, net, None)(meta["method"])
     if not isinstance(method, GradientAttributor):
         raise StoreCorruptError(f"{folder / TENSORS} holds no method; {FORMAT.fix}")
     scored = method.output.wrap(the_task) if method.output is not None else the_task
@@ -390,7 +245,7 @@ def load(
             assert method.preconditioner is not None
             pc = method.preconditioner.fit(ctx)  # reads the factors cached in the store
         else:
-            pc = _Decoder(tensors, net, ctx)(encoded)
+            pc = Decoder(tensors, net, ctx)(encoded)
         if not isinstance(pc, AbstractFittedPreconditioner):
             raise StoreCorruptError(f"{folder / TENSORS}: preconditioner {c} is unreadable")
         fitted.preconditioners.append(pc)
