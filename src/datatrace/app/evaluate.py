@@ -18,7 +18,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..core.data import ExampleSource
 from ..core.errors import ConfigError
 from ..methods.fitted import FittedGradientAttributor
 from .config import load_config
-from .experiment import build_experiment
+from .experiment import Experiment, build_experiment
 from .registry import entry, make_method, method_variants
 
 # -- the run ----------------------------------------------------------------------------------
@@ -42,108 +42,23 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     top = cfg[""]
     out_dir = Path(out if out is not None else top["out"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = top["progress"]
     t0 = time.perf_counter()
     exp = build_experiment(cfg)
-    final = exp.checkpoints[-1]
     n_train = len(ExampleSource(exp.train, "training data"))
     g = torch.Generator().manual_seed(top["seed"] + 1)
     n_idx = min(cfg["truth"]["indices"], n_train)
     indices = torch.sort(torch.randperm(n_train, generator=g)[:n_idx]).values
-    cache = out_dir / "cache" if cfg["truth"]["cache"] else None
-    key = {
-        "config": {s: v for s, v in cfg.items() if s in ("data", "model", "train")},
-        "seed": top["seed"],
-    }
-
-    # scores
-    scores: dict[str, torch.Tensor] = {}
-    timing: dict[str, float] = {}
-    used: dict[str, Any] = {}
-    # each gradient method's self-check: agreement with one epoch of further training
-    checked: dict[str, dict[str, Any]] = {}
-    n_check = min(cfg["methods"]["check"], n_train)
-    for label, name, lam in method_variants(cfg["methods"]):
-        s = time.perf_counter()
-        method = make_method(name, cfg["methods"], lam)
-        ckpts = exp.checkpoints if entry(name).trajectory else [final]
-        fitted = method.fit(exp.task, ckpts, exp.train, progress=progress)
-        scores[label] = fitted.attribute(exp.queries).double().cpu()
-        timing[label] = time.perf_counter() - s
-        used[label] = fitted.damping or None
-        if n_check >= 2 and isinstance(fitted, FittedGradientAttributor):
-            checked[label] = asdict(
-                fitted.check(
-                    exp.queries,
-                    n_examples=n_check,
-                    seed=top["seed"],
-                    lr=cfg["truth.further_training"]["lr"],
-                    batch_size=cfg["truth.further_training"]["batch_size"],
-                    progress=progress,
-                )
-            )
-
-    # gold standards and metrics
-    results: list[dict[str, Any]] = []
-    gold_seconds: dict[str, float] = {}
-
-    def record(
-        truth_name: str, step: Any, name: str, metric: str, val: tuple[float, float]
-    ) -> None:
-        results.append(
-            {"truth": truth_name, "step": step, "method": name, "metric": metric,
-             "mean": val[0], "se": val[1]}
-        )  # fmt: skip
-
-    for truth_name in cfg["truth"]["use"]:
-        s = time.perf_counter()
-        if truth_name == "further_training":
-            ft = cfg["truth.further_training"]
-            gold = truth.further_training(
-                exp.task, final, exp.train, exp.queries, indices,
-                epochs=ft["epochs"], seeds=range(ft["seeds"]), lr=ft["lr"],
-                batch_size=ft["batch_size"], momentum=ft["momentum"], mode=ft["mode"],
-                center=ft["center"], cache=None if cache is None else cache / "further_training",
-                cache_key=key, progress=progress,
-            )  # fmt: skip
-            for e in range(gold.shape[0]):
-                for name, sc in scores.items():
-                    for metric, val in metrics.agreement(sc[:, indices], gold[e]).items():
-                        record(truth_name, e + 1, name, metric, val)
-        elif truth_name == "loo":
-            if exp.train_fn is None:
-                raise ConfigError("leave-one-out needs the experiment's train_fn")
-            gold = truth.leave_one_out(
-                exp.train_fn, exp.task, exp.train, exp.queries, indices,
-                seeds=range(cfg["truth.loo"]["seeds"]),
-                cache=None if cache is None else cache / "loo", cache_key=key, progress=progress,
-            )  # fmt: skip
-            for name, sc in scores.items():
-                for metric, val in metrics.agreement(sc[:, indices], gold).items():
-                    record(truth_name, "", name, metric, val)
-        else:
-            if exp.train_fn is None:
-                raise ConfigError("subset retraining (LDS) needs the experiment's train_fn")
-            lds_cfg = cfg["truth.lds"]
-            masks, outputs = truth.subset_retraining(
-                exp.train_fn, exp.task, exp.train, exp.queries, lds_cfg["n_subsets"],
-                lds_cfg["fraction"], seed=top["seed"],
-                cache=None if cache is None else cache / "lds", cache_key=key, progress=progress,
-            )  # fmt: skip
-            for name, sc in scores.items():
-                res = metrics.lds(sc, masks, outputs)
-                record(truth_name, "", name, "lds", (res.mean, res.se))
-        gold_seconds[truth_name] = time.perf_counter() - s
-
+    scored = _score(cfg, exp, n_train)
+    results, gold_seconds = _grade(cfg, exp, scored.scores, indices, out_dir)
     report = {
         "name": top["name"],
         "experiment": exp.description,
         "config": {k or "top": v for k, v in cfg.items()},
         "n_left_out": n_idx,
-        "method_seconds": timing,
+        "method_seconds": scored.seconds,
         "truth_seconds": gold_seconds,
-        "damping": used,
-        "check": checked,
+        "damping": scored.damping,
+        "check": scored.checked,
         "results": results,
         "environment": {
             "torch": torch.__version__,
@@ -162,6 +77,110 @@ def run(cfg: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
         w.writerows(results)
     report["plot"] = _plot(results, out_dir / "agreement.png", top["name"])
     return report
+
+
+@dataclass
+class _Scored:
+    """Every method variant's scores (n_query, n_train) and what its fit reported."""
+
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    damping: dict[str, Any] = field(default_factory=dict)
+    # each gradient method's self-check: agreement with one epoch of further training
+    checked: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _score(cfg: dict[str, Any], exp: Experiment, n_train: int) -> _Scored:
+    """Fit and score every method variant of the config."""
+    top, out = cfg[""], _Scored()
+    n_check = min(cfg["methods"]["check"], n_train)
+    for label, name, lam in method_variants(cfg["methods"]):
+        s = time.perf_counter()
+        method = make_method(name, cfg["methods"], lam)
+        ckpts = exp.checkpoints if entry(name).trajectory else exp.checkpoints[-1:]
+        fitted = method.fit(exp.task, ckpts, exp.train, progress=top["progress"])
+        out.scores[label] = fitted.attribute(exp.queries).double().cpu()
+        out.seconds[label] = time.perf_counter() - s
+        out.damping[label] = fitted.damping or None
+        if n_check >= 2 and isinstance(fitted, FittedGradientAttributor):
+            ft = cfg["truth.further_training"]
+            out.checked[label] = asdict(
+                fitted.check(
+                    exp.queries, n_examples=n_check, seed=top["seed"], lr=ft["lr"],
+                    batch_size=ft["batch_size"], progress=top["progress"],
+                )
+            )  # fmt: skip
+    return out
+
+
+def _grade(
+    cfg: dict[str, Any],
+    exp: Experiment,
+    scores: dict[str, torch.Tensor],
+    indices: torch.Tensor,
+    out_dir: Path,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every gold standard of the config and every method's agreement with it: (result rows,
+    seconds per gold standard)."""
+    top, final = cfg[""], exp.checkpoints[-1]
+    progress, cache = top["progress"], (out_dir / "cache" if cfg["truth"]["cache"] else None)
+    key = {
+        "config": {s: v for s, v in cfg.items() if s in ("data", "model", "train")},
+        "seed": top["seed"],
+    }
+    results: list[dict[str, Any]] = []
+    gold_seconds: dict[str, float] = {}
+
+    def record(
+        truth_name: str, step: Any, name: str, metric: str, val: tuple[float, float]
+    ) -> None:
+        results.append(
+            {"truth": truth_name, "step": step, "method": name, "metric": metric,
+             "mean": val[0], "se": val[1]}
+        )  # fmt: skip
+
+    def cached(name: str) -> Path | None:
+        return None if cache is None else cache / name
+
+    for truth_name in cfg["truth"]["use"]:
+        s = time.perf_counter()
+        if truth_name == "further_training":
+            ft = cfg["truth.further_training"]
+            gold = truth.further_training(
+                exp.task, final, exp.train, exp.queries, indices,
+                epochs=ft["epochs"], seeds=range(ft["seeds"]), lr=ft["lr"],
+                batch_size=ft["batch_size"], momentum=ft["momentum"], mode=ft["mode"],
+                center=ft["center"], cache=cached("further_training"), cache_key=key,
+                progress=progress,
+            )  # fmt: skip
+            for e in range(gold.shape[0]):
+                for name, sc in scores.items():
+                    for metric, val in metrics.agreement(sc[:, indices], gold[e]).items():
+                        record(truth_name, e + 1, name, metric, val)
+        elif exp.train_fn is None:
+            what = "leave-one-out" if truth_name == "loo" else "subset retraining (LDS)"
+            raise ConfigError(f"{what} needs the experiment's train_fn")
+        elif truth_name == "loo":
+            gold = truth.leave_one_out(
+                exp.train_fn, exp.task, exp.train, exp.queries, indices,
+                seeds=range(cfg["truth.loo"]["seeds"]), cache=cached("loo"), cache_key=key,
+                progress=progress,
+            )  # fmt: skip
+            for name, sc in scores.items():
+                for metric, val in metrics.agreement(sc[:, indices], gold).items():
+                    record(truth_name, "", name, metric, val)
+        else:
+            lds_cfg = cfg["truth.lds"]
+            masks, outputs = truth.subset_retraining(
+                exp.train_fn, exp.task, exp.train, exp.queries, lds_cfg["n_subsets"],
+                lds_cfg["fraction"], seed=top["seed"], cache=cached("lds"), cache_key=key,
+                progress=progress,
+            )  # fmt: skip
+            for name, sc in scores.items():
+                res = metrics.lds(sc, masks, outputs)
+                record(truth_name, "", name, "lds", (res.mean, res.se))
+        gold_seconds[truth_name] = time.perf_counter() - s
+    return results, gold_seconds
 
 
 def _plot(results: list[dict[str, Any]], path: Path, title: str) -> str | None:
