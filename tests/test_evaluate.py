@@ -145,7 +145,7 @@ def test_custom_entry_point(tmp_path: Path, monkeypatch) -> None:
     report = run_evaluate(cfg)
     assert {r["method"] for r in report["results"]} == {"graddot", "gradcos"}
     bad = resolve_config({"data": {"entry": "nowhere_module:fn"}})
-    with pytest.raises(dt.ConfigError, match="cannot load"):
+    with pytest.raises(dt.ConfigError, match="cannot import"):
         run_evaluate(bad, out=tmp_path)
     no_loo = resolve_config(
         {"data": {"entry": "test_evaluate:entry_point"}, "truth": {"use": ["loo"]}}

@@ -4,12 +4,8 @@ user's ``entry = "module:function"`` (called as ``function(config) -> Experiment
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
-import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +19,7 @@ from ..core.checkpoint import Checkpoint
 from ..core.errors import ConfigError, StoreMismatchError
 from ..core.task import AbstractTask, ClassificationTask
 from ..retrain import sgd_train
+from .inputs import import_function
 from .problems import lbfgs_fit, load_sklearn
 
 log = logging.getLogger("datatrace")
@@ -179,35 +176,6 @@ def read_trained(folder: Path) -> list[Checkpoint] | None:
     return out
 
 
-_ENTRY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
-
-
-def _load_entry(entry: str) -> Callable[[dict[str, Any]], Experiment]:
-    """Import ``module:function``. A config is a program: this runs the user's code, so only
-    a plain function defined in an importable, non-standard-library module is accepted
-    (never ``os:system``, ``builtins:exec`` or a class/object path)."""
-    if not _ENTRY.match(entry):
-        raise ConfigError(f"data.entry must look like 'package.module:function', got {entry!r}")
-    module_name, _, attr = entry.partition(":")
-    top = module_name.split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "datatrace":
-        raise ConfigError(
-            f"data.entry {entry!r} names a function of {top!r}, not of your own code; it must "
-            "be 'your_module:build' returning a datatrace Experiment"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot load data.entry {entry!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not inspect.isfunction(fn) or fn.__module__ != module.__name__:
-        raise ConfigError(
-            f"data.entry {entry!r} must name a function defined in {module_name!r}, got "
-            f"{type(fn).__name__ if fn is not None else 'nothing'}"
-        )
-    return fn
-
-
 def build_experiment(cfg: dict[str, Any], cache: Path | None = None) -> Experiment:
     """The config's experiment: its ``data.entry`` function's, or the built-in one (its
     trained model cached in the folder ``cache`` when given)."""
@@ -216,8 +184,8 @@ def build_experiment(cfg: dict[str, Any], cache: Path | None = None) -> Experime
             "[model] factory names your own trained model: use it with datatrace featurize, "
             "score or report (evaluate retrains, so it needs [data] entry or a built-in dataset)"
         )
-    entry = cfg["data"]["entry"]
-    exp = _load_entry(entry)(cfg) if entry else builtin_experiment(cfg, cache)
+    entry = cfg["data"]["entry"]  # a config is a program: only a plain function of your code
+    exp = import_function(entry, "data.entry")(cfg) if entry else builtin_experiment(cfg, cache)
     if not isinstance(exp, Experiment) or not exp.checkpoints:
         raise ConfigError("the experiment must be an Experiment with at least one checkpoint")
     return exp
