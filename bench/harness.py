@@ -282,32 +282,6 @@ def time_cells(cells: list[Cell], repeats: int, run: Runner, slow_s: float = mat
             print(f"{label} {t['total']:8.2f}s{extra}{busy}", flush=True)
 
 
-def in_process(max_wait: float, fn: Callable[[Cell, int], tuple[Any, dict]]) -> Runner:
-    """A runner for :func:`time_cells` in this process: ``fn(cell, r)`` -> (scores, times)
-    after :func:`quiet`, under :class:`CpuWatch` and :class:`RssPeak` (``peak_mem_gb``)."""
-
-    def run(c: Cell, rep: int) -> tuple[Any, dict[str, Any], list[str]]:
-        before = quiet(max_wait)
-        watch = CpuWatch()
-        with RssPeak() as peak:
-            S, t = fn(c, rep)
-        return S, {**t, "peak_mem_gb": peak.gb, "others_cores": max(before, watch.others())}, []
-
-    return run
-
-
-def in_workers(script: str, max_wait: float, spec: Callable[[Cell, int], dict],
-               timeout: float | None = None) -> Runner:  # fmt: skip
-    """A runner for :func:`time_cells`: run r of a cell is a fresh worker given ``spec(cell,
-    r)`` (:func:`measured`), whose work returns ``{"S", "t"[, "notes"]}``."""
-
-    def run(c: Cell, rep: int) -> tuple[Any, dict[str, Any], list[str]]:
-        d, others = measured(script, spec(c, rep), max_wait, timeout)
-        return d["S"], {**d["t"], "others_cores": others}, d.get("notes", [])
-
-    return run
-
-
 def fit_attribute(
     method: Any, task: Any, ckpts: list, train: tuple, test: tuple, **fit_kw: Any
 ) -> tuple[torch.Tensor, dict[str, float], Any]:
@@ -470,11 +444,3 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
     return args
-
-
-def libraries(ap: argparse.ArgumentParser, given: str, known: Any) -> list[str]:
-    """``--libraries`` as a list, each one of ``known`` (else a usage error)."""
-    libs = [x.strip() for x in given.split(",") if x.strip()]
-    if unknown := set(libs) - set(known):
-        ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(known)}")
-    return libs

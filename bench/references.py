@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from harness import max_rel_err, per_query_pearson
 from torch import nn
 from workloads import batches
 
@@ -101,6 +102,19 @@ def independent(wl: Any, batch: int = 50) -> Independent:
     G = vmap(one, in_dims=(None, 0, 0))(theta, X, y)
     Q = vmap(one, in_dims=(None, 0, 0))(theta, Xq, yq)
     return Independent(H, G, Q, torch.linalg.eigvalsh(H), time.perf_counter() - t0)
+
+
+def check_influence_reference(wl: Any, lam: float, evals: torch.Tensor, check: torch.Tensor):
+    """The float64 references at ``lam`` and what is known of them: the spectrum of H, the
+    warnings, r(GN vs H) and the independent check (:func:`independent`'s scores)."""
+    ref = influence_references(wl, lam)
+    H = ref["H"]
+    info = {"hessian_eig_min": float(evals.min()), "hessian_eig_max": float(evals.max()),
+            "n_eig_below_minus_lam": int((evals + lam <= 0).sum()), "ref_seconds": ref["seconds"],
+            "ref_warnings": ref["H_warnings"], "pearson_GN_vs_H": per_query_pearson(ref["GN"], H)[0],
+            "independent_pearson": per_query_pearson(check, H)[0], "independent_max_rel_err": max_rel_err(check, H)}  # fmt: skip
+    print(f"reference lam={lam:g} (float64, untimed): {info}", flush=True)
+    return ref, info
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

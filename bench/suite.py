@@ -25,17 +25,16 @@ from harness import print_rows, row_time
 HERE = Path(__file__).resolve().parent
 TARGET = 2.0  # datatrace at least this many times faster than the fastest peer
 
-# name -> (script, full-run arguments, quick-run arguments). influence-cnn: dattri's CG-100
+# name -> (cpu.py arguments of the full run, of the quick run). influence-cnn: dattri's CG-100
 # and LiSSA exceed 23 GB on this CNN (killed); DataInf and Arnoldi are in the MLP component.
-COMPONENTS: dict[str, tuple[str, list[str], list[str]]] = {
-    "tracin": ("bench_tracin.py", [], ["--quick", "--repeats", "1"]),
-    "influence-mlp": ("bench_influence.py", ["--dampings", "0.1"],
-                      ["--quick", "--dampings", "0.1", "--repeats", "1"]),
-    "influence-cnn": ("bench_influence.py",
-                      ["--workload", "cnn", "--dampings", "0.1", "--methods", "exact,cg,ekfac", "--cg-iters", "20"],
-                      ["--workload", "cnn", "--quick", "--dampings", "0.1", "--repeats", "1"]),
-    "trak": ("bench_trak.py", [], ["--quick", "--repeats", "1"]),
-    "scale": ("bench_scale.py", [], ["--quick"]),
+COMPONENTS: dict[str, tuple[list[str], list[str]]] = {
+    "tracin": (["tracin"], ["tracin", "--quick"]),
+    "influence-mlp": (["influence", "--dampings", "0.1"], ["influence", "--quick", "--dampings", "0.1"]),
+    "influence-cnn": (["influence", "--workloads", "cnn", "--dampings", "0.1", "--methods", "exact,cg,ekfac",
+                       "--cg-iters", "20"], ["influence", "--workloads", "cnn", "--quick", "--dampings", "0.1"]),
+    "trak": (["trak"], ["trak", "--quick"]),
+    "scale": (["scale"], ["scale", "--quick"]),
+    "loo": (["loo"], ["loo", "--n-left-out", "10"]),
 }  # fmt: skip
 
 # the scripts' workload labels -> one name per distinct model and data size
@@ -59,11 +58,11 @@ def read_rows(path: Path, component: str) -> list[dict[str, Any]]:
 
 
 def run_component(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    script, full, small = COMPONENTS[name]
+    full, small = COMPONENTS[name]
     path, log = out / f"{name}.json", out / f"{name}.log"
     if args.reuse and path.exists():
         return {"command": "reused", "exit": 0, "note": "", "rows": read_rows(path, name)}
-    cmd = [args.python, str(HERE / script), *(small if args.quick else full), "--json", str(path)]
+    cmd = [args.python, str(HERE / "cpu.py"), *(small if args.quick else full), "--json", str(path)]
     cmd += ["--max-wait", str(args.max_wait)] if args.max_wait is not None else []
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()

@@ -65,9 +65,6 @@ def resnet9(w: int = 32) -> nn.Sequential:
                          Residual(8 * w), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, 10))  # fmt: skip
 
 
-MODELS = {"MLP": mlp, "CNN": cnn, "PoolCNN": pool_cnn, "ResNet9": resnet9}
-
-
 def build_model(arch: dict[str, Any]) -> nn.Module:
     """``{"model": "MLP", "hidden": 16}`` -> mlp(hidden=16): a recipe a worker can rebuild."""
     return MODELS[arch["model"]](**{k: v for k, v in arch.items() if k != "model"})
@@ -215,15 +212,12 @@ def save_workload(wl: Workload, path: str) -> None:
                 "test": wl.test, "stats": wl.stats}, path)  # fmt: skip
 
 
-def load_workload(path: str) -> Workload:
-    d = torch.load(path, weights_only=True)
-    model = build_model(d["arch"])
+def load_workload(path: str, device: Any = "cpu") -> Workload:
+    d = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(d["arch"]).to(device)
     model.load_state_dict(d["ckpts"][-1][0])
     return Workload(d["name"], model.eval(), d["ckpts"], tuple(d["train"]), tuple(d["test"]),
                     d["arch"], d["stats"])  # fmt: skip
-
-
-SCALE_WEIGHTS = (0.1, 0.05)  # the two checkpoints' weights (learning rates)
 
 
 def synthetic_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,12 +229,23 @@ def synthetic_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scale_model() -> nn.Module:
+    """MLP 64-512-512-10 (301k parameters), seeded."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                          nn.Linear(512, 10))  # fmt: skip
 
 
-def scale_checkpoints() -> Checkpoints:
-    """The initial weights and the same scaled by 1.01 (the cost, not the scores, is measured)."""
+def scale_workload(n_train: int) -> Workload:
+    """The scale run: :func:`synthetic_data` (``n_train`` x 1,000 queries), the untrained
+    :func:`scale_model` and the same weights x 1.01 as two checkpoints, weights 0.1 and 0.05
+    (the cost, not the scores, is measured)."""
     sd = snapshot(scale_model())
-    return [(sd, SCALE_WEIGHTS[0]), ({k: 1.01 * v for k, v in sd.items()}, SCALE_WEIGHTS[1])]
+    ckpts = [(sd, 0.1), ({k: 1.01 * v for k, v in sd.items()}, 0.05)]
+    model = scale_model()
+    model.load_state_dict(ckpts[-1][0])
+    name = f"scale-{n_train // 1000}k" if n_train % 1000 == 0 else f"scale-{n_train}"
+    return Workload(name, model.eval(), ckpts, synthetic_data(n_train, 0), synthetic_data(1_000, 1),
+                    {"model": "ScaleMLP"})  # fmt: skip
+
+
+MODELS = {"MLP": mlp, "CNN": cnn, "PoolCNN": pool_cnn, "ResNet9": resnet9, "ScaleMLP": scale_model}

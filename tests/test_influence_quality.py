@@ -2,7 +2,7 @@
 
 L2-regularised logistic regression (breast cancer) and a small tanh MLP trained to
 convergence with L2 (digits); influence uses damping 2α, the Hessian of the penalty.
-``bench/influence_quality.py`` reports every method on the same problems.
+``bench/cpu.py loo`` reports every method on the same problems.
 """
 
 from __future__ import annotations
