@@ -1,24 +1,28 @@
 """Distilled Datamodel (Ye et al., CVPR 2024), as reconstructed in METHODS.md.
 
 **Offline** (from saved checkpoints, or during training with :meth:`DistilledDatamodel.recorder`):
-each group of training examples G_k gets a small synthetic set s_k (``synset_per_group``
-inputs, ``m_k = min(m, |G_k|)`` per group, initialised from real members, labels fixed,
-each standing for ``|G_k|/m_k`` real examples). At every trajectory point θ_t, processed
-from the last to the first (the "reverse" walk from the final model), the synthetic inputs
-are moved by Adam to minimise a layer-wise gradient distance between the synset's
-contribution to the mean training loss and the group's (a point whose steps raise the
-distance is undone: Adam's scale-free steps would otherwise move synsets that already
-match away from the match)::
+each group of training examples G_k gets a small synthetic set s_k
+(``m_k = min(|G_k|, max(m, ceil(synset_fraction · |G_k|)))`` inputs, m =
+``synset_per_group``, initialised from real members, labels fixed, each standing for
+``|G_k|/m_k`` real examples). At every trajectory point θ_t, processed from the last to
+the first (the "reverse" walk from the final model), the synthetic inputs are moved by Adam
+to minimise a layer-wise gradient distance between the synset's contribution to the mean
+training loss and the group's (a point whose steps raise the distance is undone: Adam's
+scale-free steps would otherwise move synsets that already match away from the match)::
 
     D_k(θ_t) = Σ_layers ‖ĝ_k,l − g_k,l‖² / ‖g_k,l‖²
     g_k = (1/n) Σ_{i ∈ G_k} ∇ℓ(z_i; θ_t),   ĝ_k = (|G_k| / (n m_k)) Σ_{s ∈ s_k} ∇ℓ(s; θ_t)
 
-(summed over groups, each trajectory point weighted by its checkpoint weight).
+(summed over groups, each trajectory point weighted by its checkpoint weight; the final
+point, where the online phase starts, by the largest).
 
 **Online**: the distilled objective ``L̂(θ) = Σ_k ĝ-weighted synset losses`` stands in for
 the mean training loss. For group k, the final model is fast-learned for ``unlearn_steps``
-gradient steps on ``L̂`` without s_k, and the reference model the same steps on all of
-``L̂`` (the adjustment cancels drift of L̂ itself)::
+heavy-ball steps on ``L̂`` without s_k, and the reference model the same steps on all of
+``L̂`` (the adjustment cancels drift of L̂ itself). By default (``stationary=True``) every
+model's gradient has ``∇L̂(θ_T)`` subtracted, so θ_T is a stationary point, the reference
+stays at θ_T and a removed model moves by its removal only (a guard stops a model that
+escapes along negative curvature)::
 
     A[j, k] = f(z_j; θ₋ₖ) − f(z_j; θ₀)
 
@@ -60,24 +64,40 @@ class DistilledDatamodel:
         groups: group id of every training example (LongTensor (n,), ids 0..K-1, every
             group non-empty); ``None``: class-wise k-means on the inputs,
             ``clusters_per_class`` per class.
-        synset_per_group: synthetic examples per group, m (a group of fewer members gets
-            one per member, ``min(m, |G_k|)``; the fit log says which). Default 16 (was 4),
-            measured against group leave-out retraining (bench/defaults.py, 400 examples,
-            class-wise k-means groups as they come; Pearson, m = 4 / 16 / 64, summed exact
-            influence in brackets): breast-cancer logistic regression (6 groups of 14-124)
-            0.558 / 0.603 / 0.872 [0.726]; SGD digits MLP (30 groups of 1-27) 0.913 /
-            0.932 / 0.925 [0.939]; digits CNN 0.503 / 0.580 / 0.630 [0.643]. Why the DDM
-            trails: (1) a synset of m_k ≪ |G_k| matches the group's gradients along the
-            trajectory but not its curvature, which the fast unlearning relies on; (2) on
-            networks even the real groups (m = |G_k|, no distillation) agree only 0.925
-            (MLP) and 0.630 (CNN): the ceiling of emulating retraining by fast unlearning
-            from θ_T (5, 20 or 100 steps: 0.922 / 0.925 / 0.883), whereas on the convex
-            model they reach 0.889. m = 16 gains on all three at 2-3× m = 4's cost.
-        steps_per_point: Adam steps on the synsets at each trajectory point.
+        synset_per_group, synset_fraction: synthetic examples per group,
+            ``m_k = min(|G_k|, max(m, ceil(fraction · |G_k|)))``: every member of a group
+            smaller than m, at least m, and a share of a large group (the fit log says
+            which groups got what). Measured against group leave-out retraining
+            (bench/defaults.py, 400 examples, class-wise k-means groups as they come): on
+            breast cancer (6 groups of 14-124) a fixed m = 16 gives Pearson 0.68, a
+            fraction 0.25 / 0.33 / 0.4 / 0.5 gives 0.70 / 0.79-0.83 / 0.84 / 0.85 (summed
+            exact influence: 0.726): 16 synthetic inputs cannot match both the gradient and
+            the curvature of a group of 124 along the unlearning path. The digits tasks'
+            groups (1-27 members) are unaffected by the fraction. (The paper keeps a fixed
+            number per cluster: a deviation, measured.)
+        steps_per_point: Adam steps on the synsets at each trajectory point. The final
+            checkpoint, where every online fast learning starts, is matched with the
+            largest checkpoint weight, not its own (a learning rate ≈ 0 at the end of a
+            cosine schedule left it undistilled: breast cancer 0.60 → 0.68 at m = 16).
         lr: Adam learning rate, in units of the inputs' standard deviation.
-        unlearn_steps, unlearn_lr, unlearn_momentum: online fast-learning: heavy-ball
-            gradient steps, their step size (``None``: 1 / the largest eigenvalue of the
-            distilled Hessian at θ_T, by power iteration during ``fit``) and momentum.
+        unlearn_steps, unlearn_lr, unlearn_momentum: online fast learning: heavy-ball
+            gradient steps, their step size (``None``: 2 / the largest eigenvalue of the
+            distilled Hessian at θ_T, by power iteration; heavy-ball is stable up to
+            2(1 + μ) / λ_max) and momentum. 20 steps of 2 / λ_max at μ = 0.8 learn for
+            τ ≈ 160 / λ_max: the digits MLP peaks near 80 / λ_max (0.972) and holds ≥ 0.95
+            to 200; the CNN rises to 360 / λ_max and beyond (0.655 at 160, 0.698 at 360);
+            breast cancer is flat from 50 to 360 (0.84-0.86).
+        stationary: fast-learn each model on ``L̂₋ₖ(θ) − ⟨∇L̂(θ_T), θ⟩`` (the anchor): θ_T
+            is made a stationary point of the distilled objective, as influence functions
+            assume, so the reference model (every group) stays at θ_T and each removed
+            model moves only by what removing its group changes; on a quadratic it converges
+            to ``θ_T + (Ĥ₋ₖ + λ I)⁻¹ ĝ_k``, the leave-group-out Newton step. Without it (the
+            paper's plain fine-tuning from θ_T) the models keep training: the digits MLP,
+            far from a minimum (loss 0.54), drifts 5-7× further than the removal effect
+            and its agreement falls with the steps (0.94 at 20 → 0.05 at 200). A guard
+            stops a model whose secant curvature along its path from θ_T, c, is negative
+            once ``τ |c| > 1`` (its escape has grown e-fold; never on a convex objective);
+            the log counts them.
         weight_decay: the L2 coefficient of training (``α‖θ‖²`` → ``weight_decay=2α``), kept
             in the fast-learned objective.
         seed: synset initialisation and k-means seed.
@@ -85,6 +105,7 @@ class DistilledDatamodel:
 
     groups: torch.Tensor | None = None
     synset_per_group: int = 16
+    synset_fraction: float = 0.5
     clusters_per_class: int = 2
     steps_per_point: int = 30
     lr: float = 0.05
@@ -92,12 +113,15 @@ class DistilledDatamodel:
     unlearn_lr: float | None = None
     unlearn_momentum: float = 0.8
     weight_decay: float = 0.0
+    stationary: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("synset_per_group", "clusters_per_class", "unlearn_steps"):
             if not int(getattr(self, name)) >= 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.synset_fraction <= 1:
+            raise ConfigError(f"synset_fraction must be in [0, 1], got {self.synset_fraction!r}")
         if self.steps_per_point < 0 or not self.lr > 0 or self.weight_decay < 0:
             raise ConfigError("steps_per_point >= 0, lr > 0 and weight_decay >= 0 are required")
         if self.unlearn_lr is not None and not self.unlearn_lr > 0:
@@ -126,8 +150,15 @@ class DistilledDatamodel:
         with eval_mode(task.model):  # dropout off, batch-norm statistics frozen
             distiller = _Distiller(self, task, src, checkpoints[-1])
             points = list(reversed(list(checkpoints)))
+            weights = [c.weight for c in points]
+            # the online phase fast-learns from θ_T: its point gets the largest weight, not
+            # its learning rate (≈ 0 at the end of a cosine schedule, issue 12)
+            weights[0] = max(weights)
             distiller.run(
-                [(c.parameters_for(task.model, distiller.device)[0], c.weight) for c in points],
+                [
+                    (c.parameters_for(task.model, distiller.device)[0], w)
+                    for c, w in zip(points, weights, strict=True)
+                ],
                 [c.fingerprint() for c in points],
                 store,
                 progress,

@@ -4,6 +4,7 @@ synthetic sets), the attribution and datamodel matrices, and save/load."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
 if TYPE_CHECKING:
     from .datamodel import DistilledDatamodel
 
+
+log = logging.getLogger("datatrace")
 
 _FITTED_FORMAT = persist.StoreFormat(
     tag="datatrace-ddm",
@@ -69,6 +72,9 @@ class FittedDistilledDatamodel:
         self.start = {nm: params[nm].detach() for nm in self.names}
         self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
         self._lr: float | None = ddm.unlearn_lr
+        self._anchor_grad: dict[str, torch.Tensor] | None = None
+        #: fast-learned models stopped by the negative-curvature guard, over every call
+        self.stopped_early = 0
         self.group_class: torch.Tensor | None = None  # k-means groups: each group's class
 
     @property
@@ -92,7 +98,8 @@ class FittedDistilledDatamodel:
         return self._lr
 
     def _power_step(self) -> float:
-        """1 / the largest eigenvalue of the distilled objective's Hessian at θ_T."""
+        """2 / the largest eigenvalue of the distilled objective's Hessian at θ_T (heavy-ball
+        with momentum μ is stable up to 2(1 + μ) / λ_max)."""
         w = self.weights.reshape(-1)
 
         def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -111,7 +118,22 @@ class FittedDistilledDatamodel:
             hv = torch.func.jvp(grad(total), (self.start,), (v,))[1]
             top = math.sqrt(sum(float((t * t).sum()) for t in hv.values()))
             v = hv
-        return 1.0 / (top + self.ddm.weight_decay + 1e-12)
+        return 2.0 / (top + self.ddm.weight_decay + 1e-12)
+
+    def _anchor(self) -> dict[str, torch.Tensor]:
+        """``∇L̂(θ_T) + λ_wd θ_T``: the gradient of the whole distilled objective at the final
+        model, subtracted from every fast-learned model's gradient when ``stationary``."""
+        if self._anchor_grad is None:
+            w = self.weights.reshape(-1)
+            live = {nm: p.detach().requires_grad_(True) for nm, p in self.start.items()}
+            with eval_mode(self.task.model), torch.enable_grad():
+                loss = (self._sample_losses(live) * w).sum()
+                grads = torch.autograd.grad(loss, list(live.values()))
+            wd = self.ddm.weight_decay
+            self._anchor_grad = {
+                nm: (g + wd * live[nm]).detach() for nm, g in zip(live, grads, strict=True)
+            }
+        return self._anchor_grad
 
     def _fast_learn(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Train R models from θ_T at once, model r on the groups where ``keep[r]`` (R, K)
@@ -124,13 +146,71 @@ class FittedDistilledDatamodel:
         velocity = {nm: torch.zeros_like(p) for nm, p in params.items()}
         lr, wd, mu = self._step_size(), self.ddm.weight_decay, self.ddm.unlearn_momentum
         per_model = vmap(self._sample_losses)
+        anchor = self._anchor() if self.ddm.stationary else None
+        # the guard: a model whose secant curvature along its own path from θ_T,
+        # c = ⟨∇(θ) − ∇(θ_T), θ − θ_T⟩ / ‖θ − θ_T‖² (+ weight decay), is negative grows like
+        # exp(τ|c|) after the learning time τ = Σ_steps lr (1 − μ^t) / (1 − μ): once
+        # τ|c| > 1 the escape along negative curvature dominates its removal effect, and it
+        # stops where it is (on a convex objective c > 0: it never fires)
+        elapsed = 0.0
+        frozen = torch.zeros(r_models, dtype=torch.bool, device=self.device)
+        if anchor is not None:  # a model that keeps every group is θ_T itself: kept exactly
+            frozen |= keep.all(1).to(self.device)
+        first: tuple[torch.Tensor, ...] | None = None
+        stopped_at: list[int] = []
         with eval_mode(self.task.model), torch.enable_grad():  # also when called under no_grad
-            for _ in range(self.ddm.unlearn_steps):
+            for step in range(1, self.ddm.unlearn_steps + 1):
                 live = {nm: p.detach().requires_grad_(True) for nm, p in params.items()}
                 loss = (per_model(live) * w).sum()
                 grads = torch.autograd.grad(loss, list(live.values()))
+                if anchor is not None:  # θ_T made stationary: the model with every group stays
+                    grads = tuple(g - anchor[nm] for nm, g in zip(live, grads, strict=True))
+                    if first is None:
+                        first = grads
+                    else:
+                        curv = self._secant_curvature(params, grads, first)
+                        escape = (curv * elapsed < -1) & ~frozen
+                        if bool(escape.any()):
+                            frozen |= escape
+                            stopped_at += [step] * int(escape.sum())
+                        if bool((frozen | torch.isinf(curv)).all()):
+                            break  # every model stopped (or still at θ_T): nothing moves
+                before = dict(params)  # stacked_sgd_step rebinds its entries
+                elapsed += lr * (1 - mu**step) / (1 - mu)
                 stacked_sgd_step(params, grads, velocity, lr, mu, wd)
+                if bool(frozen.any()):
+                    params = {
+                        nm: torch.where(frozen.view(-1, *[1] * (p.dim() - 1)), before[nm], p)
+                        for nm, p in params.items()
+                    }
+        if stopped_at:
+            log.info(
+                "Distilled Datamodel: %d of %d fast-learned models stopped early (at steps "
+                "%s of %d): negative curvature along their path from θ_T, |c| τ > 1",
+                len(stopped_at),
+                r_models,
+                sorted(set(stopped_at))[:10],
+                self.ddm.unlearn_steps,
+            )
+        self.stopped_early += len(stopped_at)
         return params
+
+    def _secant_curvature(
+        self,
+        params: dict[str, torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        first: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Each stacked model's curvature along its displacement from θ_T, (R,): the
+        secant ``⟨g(θ) − g(θ_T), θ − θ_T⟩ / ‖θ − θ_T‖² + weight_decay`` (+inf where θ = θ_T)."""
+        num = torch.zeros(len(grads[0]), dtype=torch.float64, device=self.device)
+        den = torch.zeros_like(num)
+        for (nm, p), g, g0 in zip(params.items(), grads, first, strict=True):
+            d = (p - self.start[nm]).double().reshape(len(p), -1)
+            num += ((g - g0).double().reshape(len(p), -1) * d).sum(1)
+            den += (d * d).sum(1)
+        out = num / den.clamp_min(1e-300) + self.ddm.weight_decay
+        return torch.where(den > 0, out, torch.full_like(out, math.inf))
 
     def _measure(self, params: dict[str, torch.Tensor], queries: ExampleSource) -> torch.Tensor:
         """(n_query, R) measurements of the stacked models."""
@@ -262,7 +342,10 @@ class FittedDistilledDatamodel:
         try:
             from .datamodel import DistilledDatamodel
 
-            ddm = DistilledDatamodel(**{**meta["ddm"], "groups": t["group_ids"]})
+            # saved before ``stationary`` existed: fast-learned without the anchor
+            ddm = DistilledDatamodel(
+                **{"stationary": False, **meta["ddm"], "groups": t["group_ids"]}
+            )
         except (TypeError, ConfigError) as exc:
             raise StoreCorruptError(
                 f"{p / 'fitted.safetensors'} holds unusable settings ({exc}); {_FITTED_FORMAT.fix}"

@@ -86,6 +86,14 @@ def kmeans_groups(
     return ids, torch.tensor(group_class)
 
 
+def synset_sizes(sizes: torch.Tensor, m: int, fraction: float) -> torch.Tensor:
+    """Synthetic examples per group: ``m_k = min(|G_k|, max(m, ceil(fraction · |G_k|)))``
+    (every member of a group smaller than m; a fixed share of a large group)."""
+    sizes = sizes.long()
+    share = torch.ceil(sizes.double() * fraction).long()
+    return torch.minimum(sizes, torch.clamp(share, min=m))
+
+
 def _split(batch: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise DataError(
@@ -137,17 +145,29 @@ class _Distiller:
         empty = torch.nonzero(sizes == 0).flatten().tolist()
         if empty:
             raise DataError(f"groups {empty[:10]} are empty; number groups 0..K-1")
-        m = ddm.synset_per_group
-        per_group = sizes.clamp(max=m)  # m_k = min(m, |G_k|)
-        small = torch.nonzero(sizes < m).flatten().tolist()
+        per_group = synset_sizes(sizes, ddm.synset_per_group, ddm.synset_fraction)
+        m = int(per_group.max())
+        small = torch.nonzero(sizes < ddm.synset_per_group).flatten().tolist()
         if small:
             log.info(
                 "Distilled Datamodel: %d group(s) smaller than synset_per_group=%d (e.g. "
                 "groups %s of sizes %s) get a synset of every member, min(m, |G_k|)",
                 len(small),
-                m,
+                ddm.synset_per_group,
                 small[:10],
                 sizes[small[:10]].tolist(),
+            )
+        big = torch.nonzero(per_group > ddm.synset_per_group).flatten().tolist()
+        if big:
+            log.info(
+                "Distilled Datamodel: %d group(s) larger than synset_per_group / "
+                "synset_fraction get ceil(%g |G_k|) synthetic examples (groups %s: sizes %s "
+                "-> synsets %s)",
+                len(big),
+                ddm.synset_fraction,
+                big[:10],
+                sizes[big[:10]].tolist(),
+                per_group[big[:10]].tolist(),
             )
         self.ids, self.sizes, self.n, self.k = ids, sizes, n, len(sizes)
         g = torch.Generator().manual_seed(ddm.seed)
