@@ -23,17 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import harness
 import torch
 import torch.nn.functional as F
-from harness import CpuWatch, environment, print_rows, row, write_json
+from harness import CpuWatch, environment, fit_attribute, print_rows, row, write_json
 from internals import kmeans_groups, sgd_train
 from torch import nn
 
 import datatrace as dt
-
-MULTIPLIERS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-
 
 MULTIPLIERS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 #: the rows ``--methods`` picks from ("DDM": the Distilled Datamodel rows; TRAK: classifiers)
@@ -220,7 +216,7 @@ def run_one(factory: Callable[[], Any], t: Task) -> tuple[torch.Tensor, float, A
     ckpts = t.ckpts if method.name in ("TracIn", "TRAK") else t.ckpts[-1:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # grid points that leave H + λI indefinite
-        S, times, fitted = harness.fit_attribute(method, t.task, ckpts, t.train, t.queries)
+        S, times, fitted = fit_attribute(method, t.task, ckpts, t.train, t.queries)
     return S, times["total"], fitted
 
 
@@ -257,9 +253,9 @@ def suite_task(t: Task, s: Sizes, cache: Path, full: bool, methods: set[str]) ->
                 glds = gloo = float("nan")
                 label = f"{label} failed: {type(exc).__name__}"
             points.append({"setting": label, "lds": glds, "loo": gloo})
+        cands = [(lds, loo, "default")] + [(q["lds"], q["loo"], q["setting"]) for q in points]
         # the highest LDS, the first of equals (the default before the grid); NaN never best
-        best = max([b for b in [(lds, loo, "default")] + [(q["lds"], q["loo"], q["setting"]) for q in points]
-                    if b[0] == b[0]] or [(lds, loo, "default")], key=lambda b: b[0])  # fmt: skip
+        best = max((c for c in cands if c[0] == c[0]), key=lambda c: c[0], default=cands[0])
         ratio = lds / best[0] if best[0] and best[0] > 0 else float("nan")
         ok = lds >= 0.95 * best[0] or lds >= best[0] - 0.02
         rows.append(row(
