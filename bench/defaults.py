@@ -1,48 +1,21 @@
 #!/usr/bin/env python
 """The defaults suite (issue 12): is each method's default close to the best it can do?
 
-Usage::
+    python bench/defaults.py [--quick] [--tasks a,b] [--methods a,b] [--ddm-only] [--no-ddm]
+        [--json out.json] [--cache bench/out/defaults] [--markdown out.json]
 
-    python bench/defaults.py [--quick] [--tasks a,b] [--json out.json] [--cache bench/out/defaults]
-
-Five real tasks of different kinds, built and retrained with ``dt.truth`` (float32, SGD as
-people train):
-
-* ``logreg_bc``: L2 logistic regression (α = 1e-3) on breast cancer (standardised);
-* ``mlp_sgd``: a 64-32-10 ReLU MLP on digits, plain SGD, no weight decay;
-* ``mlp_mom_wd``: a 64-32-10 tanh MLP on digits, SGD momentum 0.9, weight decay 5e-4;
-* ``cnn_digits``: a two-conv CNN on the 8×8 digits images, SGD momentum 0.9;
-* ``mlp_diabetes``: a 10-32-1 tanh regression MLP on diabetes (squared error; no TRAK).
-
-Ground truth per task: the LDS (``dt.truth.subset_retraining``: half-size subsets, a new
-seed each) and leave-one-out (``dt.truth.leave_one_out``, a few left-out examples, mean over
-seeds, same seed with and without); both cached under ``--cache`` and resumed.
-
-For every method (Grad-Dot, Grad-Cos, TracIn, Influence with the exact Hessian / CG / LiSSA /
-Arnoldi / K-FAC / EK-FAC, DataInf, TRAK) the suite scores the default, then every point of
-a grid of its settings (damping ``λ₀ × 10^k``, k = -3..2; TRAK also 0 and multiples of its
-Gram matrix's mean eigenvalue; LiSSA at depth 300 × batch 100 only; in the full run also
-Arnoldi at rank 200) and reports
-the default's LDS, the grid's best, their ratio (target ≥ 0.95 or within 0.02), the
-leave-one-out Spearman of both, and the default's seconds (fit + attribute) over the exact
-solve's. The exact Hessian also runs with ``damping="auto"``. Rows go through
-``bench/harness.py`` (``print_rows``, ``write_json``).
-
-The Distilled Datamodel runs against group leave-out retraining (class-wise k-means groups
-as they come, tiny clusters included) on three tasks (two with ``--quick``), beside the
-summed exact influence of each group.
-
-``--quick``: two tasks (logreg_bc, mlp_sgd), 200 training examples, 20 queries, 24 subsets,
-16 left out × 2 seeds; a few minutes. The full run: 5 tasks, 400 training examples, 40
-queries, 50 subsets, 20 left out × 3 seeds; designed for ≤ 30 min on a quiet 2-core machine.
-Timings on a busy machine are noisy (the harness's contention watch is printed).
+Five tasks (logreg_bc, mlp_sgd, mlp_mom_wd, cnn_digits, mlp_diabetes), each with its LDS and
+leave-one-out ground truth (cached under ``--cache``); every method's default against a
+grid of its settings (mostly damping ``λ₀ × 10^k``); the Distilled Datamodel against group
+leave-out retraining. Tasks, grids, targets and sizes: bench/README.md (the defaults suite).
+Timings on a busy machine are noisy (the contention watch is recorded).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
-import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -50,21 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TQDM_DISABLE", "1")
-
 import torch
 import torch.nn.functional as F
-from harness import CpuWatch, environment, print_rows, row, write_json
+from harness import CpuWatch, environment, fit_attribute, print_rows, row, write_json
 from internals import kmeans_groups, sgd_train
 from torch import nn
 
 import datatrace as dt
 
 MULTIPLIERS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-
-
-# ----------------------------------------------------------------------------- tasks
+#: the rows ``--methods`` picks from ("DDM": the Distilled Datamodel rows; TRAK: classifiers)
+METHODS = ("GradDot", "GradCos", "TracIn", "IF exact", "IF CG", "IF LiSSA", "IF Arnoldi",
+           "IF K-FAC", "IF EK-FAC", "DataInf", "TRAK", "IF exact auto", "DDM")  # fmt: skip
 
 
 @dataclass
@@ -83,7 +53,6 @@ FULL = Sizes(400, 40, 50, 20, (0, 1, 2))
 @dataclass
 class Task:
     name: str
-    kind: str
     task: Any
     train: tuple[torch.Tensor, torch.Tensor]
     queries: tuple[torch.Tensor, torch.Tensor]
@@ -94,69 +63,79 @@ class Task:
     weight_decay: float = 0.0
 
 
-def _split(x: torch.Tensor, y: torch.Tensor, s: Sizes, seed: int = 0) -> tuple:
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.c1(x)), 2)
+        return self.fc(F.max_pool2d(F.relu(self.c2(h)), 2).flatten(1))
+
+
+#: name -> (dataset, model, sgd_train settings); mlp_diabetes (regression) is built apart
+CLASSIFIERS: dict[str, tuple[str, Callable[[], nn.Module], dict[str, float]]] = {
+    "logreg_bc": ("breast_cancer", lambda: nn.Linear(30, 2),
+                  {"epochs": 40, "lr": 0.1, "momentum": 0.9, "alpha": 1e-3}),
+    "mlp_sgd": ("digits", lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                {"epochs": 30, "lr": 0.1, "momentum": 0.0}),
+    "mlp_mom_wd": ("digits", lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)),
+                   {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}),
+    "cnn_digits": ("digits", _CNN, {"epochs": 30, "lr": 0.05, "momentum": 0.9}),
+}  # fmt: skip
+
+
+def _data(dataset: str, s: Sizes, image: bool = False) -> tuple[tuple, tuple]:
+    """(train, queries): a seeded split; digits / 16 (as 8×8 images), else standardised."""
+    from sklearn import datasets
+
+    data = getattr(datasets, f"load_{dataset}")()
+    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target)
+    x = x / 16.0 if dataset == "digits" else (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+    x = x.reshape(-1, 1, 8, 8) if image else x
+    if dataset == "diabetes":
+        y = ((y - y.float().mean()) / y.float().std()).float()[:, None]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     tr, q = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_query]
     return (x[tr], y[tr]), (x[q], y[q])
 
 
-def _classifier(
-    name: str, kind: str, dataset: str, make: Callable[[], nn.Module], s: Sizes, *,
-    epochs: int, lr: float, momentum: float, weight_decay: float = 0.0, alpha: float = 0.0,
-    image: bool = False,
-) -> Task:  # fmt: skip
-    x, y = _load(dataset)
-    if image:
-        x = x.reshape(-1, 1, 8, 8)
-    train, queries = _split(x, y, s)
-
-    def fit(keep_idx: torch.Tensor | None, seed: int) -> tuple[nn.Module, list]:
-        keep = None
-        if keep_idx is not None:
-            keep = torch.zeros(len(train[0]), dtype=torch.bool)
-            keep[keep_idx] = True
-        return sgd_train(
-            make, train[0], train[1], seed, epochs, lr, 32, momentum, alpha, checkpoints=4,
-            keep=keep, weight_decay=weight_decay,
-        )  # fmt: skip
-
-    model, ckpts = fit(None, 0)
-    return Task(
-        name, kind, dt.ClassificationTask(model), train, queries, ckpts,
-        lambda keep, seed: fit(keep, seed)[0], True, weight_decay + 2 * alpha,
-    )  # fmt: skip
+def _mask(n: int, keep_idx: torch.Tensor | None) -> torch.Tensor | None:
+    keep = None if keep_idx is None else torch.zeros(n, dtype=torch.bool)
+    if keep is not None:
+        keep[keep_idx] = True
+    return keep
 
 
-def _load(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn import datasets
+def build(name: str, s: Sizes) -> Task:
+    if name in CLASSIFIERS:
+        dataset, make, kw = CLASSIFIERS[name]
+        train, queries = _data(dataset, s, image=name == "cnn_digits")
+        kw = {"weight_decay": 0.0, "alpha": 0.0, **kw}
 
-    data = getattr(datasets, f"load_{dataset}")()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target)
-    x = x / 16.0 if dataset == "digits" else (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
-    if dataset == "diabetes":
-        y = ((y - y.float().mean()) / y.float().std()).float()
-    return x, y
+        def fit(keep_idx: torch.Tensor | None, seed: int) -> tuple[nn.Module, list]:
+            return sgd_train(make, *train, seed, kw["epochs"], kw["lr"], 32, kw["momentum"],
+                             kw["alpha"], checkpoints=4, keep=_mask(len(train[0]), keep_idx),
+                             weight_decay=kw["weight_decay"])  # fmt: skip
 
+        model, ckpts = fit(None, 0)
+        return Task(name, dt.ClassificationTask(model), train, queries, ckpts,
+                    lambda keep, seed: fit(keep, seed)[0], True, kw["weight_decay"] + 2 * kw["alpha"])  # fmt: skip
+    if name != "mlp_diabetes":
+        raise SystemExit(f"unknown task {name!r}")
+    train, queries = _data("diabetes", s)
 
-def _regression(s: Sizes) -> Task:
-    x, y = _load("diabetes")
-    train, queries = _split(x, y[:, None], s)
-
-    def make() -> nn.Module:
-        return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
-
-    def fit(keep_idx: torch.Tensor | None, seed: int) -> tuple[nn.Module, list]:
+    def fit_reg(keep_idx: torch.Tensor | None, seed: int) -> tuple[nn.Module, list]:
+        """Plain SGD with momentum on the squared error, a checkpoint every 10 of 40 epochs."""
         torch.manual_seed(seed)
-        model = make()
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-        keep = torch.ones(len(train[0]), dtype=torch.bool)
-        if keep_idx is not None:
-            keep[:] = False
-            keep[keep_idx] = True
-        ckpts, epochs = [], 40
-        for epoch in range(1, epochs + 1):
+        keep = _mask(len(train[0]), keep_idx)
+        keep = torch.ones(len(train[0]), dtype=torch.bool) if keep is None else keep
+        ckpts = []
+        for epoch in range(1, 41):
             order = torch.randperm(len(keep), generator=g)
             for idx in order[keep[order]].split(32):
                 opt.zero_grad()
@@ -166,48 +145,9 @@ def _regression(s: Sizes) -> Task:
                 ckpts.append(dt.Checkpoint.from_module(model, weight=0.02, name=f"epoch{epoch}"))
         return model, ckpts
 
-    model, ckpts = fit(None, 0)
-    return Task(
-        "mlp_diabetes", "regression MLP, SGD momentum", dt.RegressionTask(model), train,
-        queries, ckpts, lambda keep, seed: fit(keep, seed)[0], False,
-    )  # fmt: skip
-
-
-class _CNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 2 * 2, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(self.c1(x)), 2)
-        h = F.max_pool2d(F.relu(self.c2(h)), 2)
-        return self.fc(h.flatten(1))
-
-
-def build(name: str, s: Sizes) -> Task:
-    if name == "logreg_bc":
-        return _classifier(
-            name, "L2 logistic regression", "breast_cancer", lambda: nn.Linear(30, 2), s,
-            epochs=40, lr=0.1, momentum=0.9, alpha=1e-3,
-        )  # fmt: skip
-    if name == "mlp_sgd":
-        make = lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # noqa: E731
-        return _classifier(name, "MLP, plain SGD, no weight decay", "digits", make, s,
-                           epochs=30, lr=0.1, momentum=0.0)  # fmt: skip
-    if name == "mlp_mom_wd":
-        make = lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))  # noqa: E731
-        return _classifier(name, "MLP, momentum + weight decay", "digits", make, s,
-                           epochs=30, lr=0.05, momentum=0.9, weight_decay=5e-4)  # fmt: skip
-    if name == "cnn_digits":
-        return _classifier(name, "CNN, momentum", "digits", _CNN, s, epochs=30, lr=0.05,
-                           momentum=0.9, image=True)  # fmt: skip
-    if name == "mlp_diabetes":
-        return _regression(s)
-    raise SystemExit(f"unknown task {name!r}")
-
-
-# ----------------------------------------------------------------------------- ground truth
+    model, ckpts = fit_reg(None, 0)
+    return Task(name, dt.RegressionTask(model), train, queries, ckpts,
+                lambda keep, seed: fit_reg(keep, seed)[0], False)  # fmt: skip
 
 
 def ground_truth(t: Task, s: Sizes, cache: Path) -> dict[str, torch.Tensor]:
@@ -225,36 +165,30 @@ def ground_truth(t: Task, s: Sizes, cache: Path) -> dict[str, torch.Tensor]:
 
 
 def evaluate(S: torch.Tensor, gt: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(mean LDS, leave-one-out Spearman) of the scores; NaN for non-finite scores."""
     S = S.double()
     if not bool(torch.isfinite(S).all()):
         return float("nan"), float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lds = dt.metrics.lds(S, gt["masks"], gt["outputs"]).mean
-    loo = dt.metrics.agreement(S[:, gt["loo_idx"]], gt["loo"])["spearman"][0]
-    return lds, loo
+    return lds, dt.metrics.agreement(S[:, gt["loo_idx"]], gt["loo"])["spearman"][0]
 
 
-# ----------------------------------------------------------------------------- methods
-
-
-def variants(t: Task, lambda0: float, gram_mean: float, full: bool, p: int) -> dict[str, Any]:
-    """{method: (default factory, [(label, factory) over the grid])}."""
+def variants(lambda0: float, gram_mean: float | None, full: bool, p: int) -> dict[str, Any]:
+    """{method: (default factory, [(label, factory) over its grid])}; TRAK where
+    ``gram_mean`` is given (classifiers)."""
     grid = [(f"λ₀×{m:g}", m * lambda0) for m in MULTIPLIERS]
 
-    def influence(
-        make: Callable[..., Any], strong: dict[str, Any] | None = None, only: bool = False
-    ) -> Any:
+    def influence(make: Callable[..., Any], strong: dict | None = None, only: bool = False) -> Any:
         """The damping grid at the default solver settings, and (full run) at ``strong``
         ones; ``only``: at ``strong`` only, in both modes (LiSSA: its full-batch default
         costs 10-40 s a fit)."""
-        pts = [] if only else [(lab, lambda d=d: dt.Influence(make(damping=d))) for lab, d in grid]
+        kws = [] if only else [("", {})]
         if (full or only) and strong:
-            pts += [
-                (f"{lab} {','.join(f'{k}={v}' for k, v in strong.items())}",
-                 lambda d=d: dt.Influence(make(damping=d, **strong)))
-                for lab, d in grid
-            ]  # fmt: skip
+            kws.append((" " + ",".join(f"{k}={v}" for k, v in strong.items()), strong))
+        pts = [(f"{lab}{suffix}", lambda d=d, kw=kw: dt.Influence(make(damping=d, **kw)))
+               for suffix, kw in kws for lab, d in grid]  # fmt: skip
         return (lambda: dt.Influence(make())), pts
 
     out: dict[str, Any] = {
@@ -269,41 +203,38 @@ def variants(t: Task, lambda0: float, gram_mean: float, full: bool, p: int) -> d
         "IF EK-FAC": influence(dt.EKFAC),
         "DataInf": (dt.DataInf, [(lab, lambda d=d: dt.DataInf(damping=d)) for lab, d in grid]),
     }
-    if t.classification:
-        trak = [("0", lambda: dt.TRAK(damping=0.0))]
-        trak += [
+    if gram_mean is not None:
+        out["TRAK"] = (dt.TRAK, [("0", lambda: dt.TRAK(damping=0.0))] + [
             (f"mean-eig×{m:g}", lambda m=m: dt.TRAK(damping=m * gram_mean))
-            for m in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-        ]
-        out["TRAK"] = (dt.TRAK, trak)
+            for m in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)])  # fmt: skip
     return out
 
 
 def run_one(factory: Callable[[], Any], t: Task) -> tuple[torch.Tensor, float, Any]:
+    """(scores, seconds of fit + attribute, fitted); TracIn and TRAK on every checkpoint."""
     method = factory()
-    ckpts = t.ckpts if method.name == "TracIn" or method.name == "TRAK" else t.ckpts[-1:]
-    t0 = time.perf_counter()
+    ckpts = t.ckpts if method.name in ("TracIn", "TRAK") else t.ckpts[-1:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # grid points that leave H + λI indefinite
-        fitted = method.fit(t.task, ckpts, t.train, progress=False)
-        S = fitted.attribute(t.queries)
-    return S.detach(), time.perf_counter() - t0, fitted
+        S, times, fitted = fit_attribute(method, t.task, ckpts, t.train, t.queries)
+    return S, times["total"], fitted
 
 
-def suite_task(t: Task, s: Sizes, cache: Path, full: bool) -> list[dict[str, Any]]:
+def suite_task(t: Task, s: Sizes, cache: Path, full: bool, methods: set[str]) -> list[dict]:
     t0 = time.perf_counter()
     gt = ground_truth(t, s, cache)
     print(f"[{t.name}] ground truth {time.perf_counter() - t0:.1f} s", flush=True)
-    last = t.ckpts[-1]
-    lambda0 = dt.mean_squared_gradient(t.task, last, t.train)
+    lambda0 = dt.mean_squared_gradient(t.task, t.ckpts[-1], t.train)
     p = sum(v.numel() for v in t.task.model.parameters())
-    gram_mean = 0.0
-    if t.classification:
+    gram_mean = None
+    if t.classification and "TRAK" in methods:
         _, _, ft = run_one(lambda: dt.TRAK(damping=0.0), t)
         gram_mean = float(torch.stack([pc.evals.mean() for pc in ft.preconditioners]).mean())
     rows: list[dict[str, Any]] = []
     exact_s = None
-    for name, (default, grid) in variants(t, lambda0, gram_mean, full, p).items():
+    for name, (default, grid) in variants(lambda0, gram_mean, full, p).items():
+        if name not in methods:
+            continue
         watch = CpuWatch()
         try:
             S, secs, fitted = run_one(default, t)
@@ -313,20 +244,18 @@ def suite_task(t: Task, s: Sizes, cache: Path, full: bool) -> list[dict[str, Any
             continue
         lds, loo = evaluate(S, gt)
         damping = list(getattr(fitted, "damping", []) or [])
-        if name == "IF exact":
-            exact_s = secs
-        best = (lds, loo, "default")
+        exact_s = secs if name == "IF exact" else exact_s
         points = []
         for label, make in grid:
             try:
-                Sg, _, _ = run_one(make, t)
-                glds, gloo = evaluate(Sg, gt)
+                glds, gloo = evaluate(run_one(make, t)[0], gt)
             except Exception as exc:
-                glds, gloo = float("nan"), float("nan")
+                glds = gloo = float("nan")
                 label = f"{label} failed: {type(exc).__name__}"
             points.append({"setting": label, "lds": glds, "loo": gloo})
-            if glds == glds and not glds <= best[0]:
-                best = (glds, gloo, label)
+        cands = [(lds, loo, "default")] + [(q["lds"], q["loo"], q["setting"]) for q in points]
+        # the highest LDS, the first of equals (the default before the grid); NaN never best
+        best = max((c for c in cands if c[0] == c[0]), key=lambda c: c[0], default=cands[0])
         ratio = lds / best[0] if best[0] and best[0] > 0 else float("nan")
         ok = lds >= 0.95 * best[0] or lds >= best[0] - 0.02
         rows.append(row(
@@ -342,8 +271,7 @@ def suite_task(t: Task, s: Sizes, cache: Path, full: bool) -> list[dict[str, Any
     for r in rows:
         if exact_s and r.get("seconds"):
             r["time_vs_exact"] = r["seconds"] / exact_s
-    rows.append(auto_row(t, gt, exact_s))
-    return rows
+    return rows + ([auto_row(t, gt, exact_s)] if "IF exact auto" in methods else [])
 
 
 def auto_row(t: Task, gt: dict[str, torch.Tensor], exact_s: float | None) -> dict[str, Any]:
@@ -360,43 +288,33 @@ def auto_row(t: Task, gt: dict[str, torch.Tensor], exact_s: float | None) -> dic
         "the default exact fit",
         lds_default=lds, loo_default=loo, damping_default=[res.damping],
         auto_grid=res.grid, auto_spearman=res.spearman, auto_gold_s=res.gold_seconds,
-        auto_refit_s=res.refit_seconds,
-        time_vs_exact=secs / exact_s if exact_s else None,
+        auto_refit_s=res.refit_seconds, time_vs_exact=secs / exact_s if exact_s else None,
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- DDM
-
-
 def ddm_rows(t: Task, cache: Path, s: Sizes) -> list[dict[str, Any]]:
-    x, y = t.train
-    groups, _ = kmeans_groups(y, x, 3, seed=0, min_size=1)  # as they come: tiny ones kept
+    """The DDM (20 unlearning steps, its default, and 200) and the summed exact influence
+    against group leave-out retraining of class-wise k-means groups (tiny ones kept)."""
+    groups, _ = kmeans_groups(t.train[1], t.train[0], 3, seed=0, min_size=1)
     sizes = torch.bincount(groups)
     gold = dt.truth.group_leave_out(
         t.train_fn, t.task, t.train, t.queries, groups, seeds=(0,),
         cache=cache / f"glo-{t.name}-{s.n_train}", cache_key="defaults-v1", progress=False,
     )  # fmt: skip
-    onehot = F.one_hot(groups, int(groups.max()) + 1).double()
-    out = []
     S, secs, _ = run_one(lambda: dt.Influence(dt.ExactHessian()), t)
-    summed = S.double() @ onehot
-    for label, scores, sec in (("summed IF exact", summed, secs),):
-        a = dt.metrics.agreement(scores, gold)
-        out.append(row(workload=t.name, method=label, library="datatrace", seconds=sec,
-                       agreement=a["pearson"][0], agreement_with="group leave-out (Pearson)",
-                       note=f"Spearman {a['spearman'][0]:.3f}", spearman=a["spearman"][0]))  # fmt: skip
+    a = dt.metrics.agreement(S.double() @ F.one_hot(groups, int(groups.max()) + 1).double(), gold)
+    out = [row(workload=t.name, method="summed IF exact", library="datatrace", seconds=secs,
+               agreement=a["pearson"][0], agreement_with="group leave-out (Pearson)",
+               note=f"Spearman {a['spearman'][0]:.3f}", spearman=a["spearman"][0])]  # fmt: skip
     for steps in (20, 200):  # the default, and enough steps for an ill-conditioned model
-        note, m = "", 4
-        t0 = time.perf_counter()
-        kw = {"weight_decay": t.weight_decay, "unlearn_steps": steps}
+        note, t0 = "", time.perf_counter()
+        kw = {"groups": groups, "weight_decay": t.weight_decay, "unlearn_steps": steps}
         try:
-            fitted = dt.DistilledDatamodel(groups=groups, **kw).fit(
-                t.task, t.ckpts, t.train, progress=False
-            )
+            fitted = dt.DistilledDatamodel(**kw).fit(t.task, t.ckpts, t.train, progress=False)
         except (dt.ConfigError, dt.DataError) as exc:
             m = int(sizes.min())
             note = f"default refused ({str(exc)[:60]}...); ran with synset_per_group={m}. "
-            fitted = dt.DistilledDatamodel(groups=groups, synset_per_group=m, **kw).fit(
+            fitted = dt.DistilledDatamodel(synset_per_group=m, **kw).fit(
                 t.task, t.ckpts, t.train, progress=False
             )
         A = fitted.attribute(t.queries).double()
@@ -404,8 +322,7 @@ def ddm_rows(t: Task, cache: Path, s: Sizes) -> list[dict[str, Any]]:
         a = dt.metrics.agreement(A, gold)
         out.append(row(
             workload=t.name, method=f"DDM unlearn_steps={steps}", library="datatrace",
-            seconds=secs, agreement=a["pearson"][0],
-            agreement_with="group leave-out (Pearson)",
+            seconds=secs, agreement=a["pearson"][0], agreement_with="group leave-out (Pearson)",
             note=f"{note}Spearman {a['spearman'][0]:.3f}; {len(sizes)} groups, sizes "
             f"{int(sizes.min())}-{int(sizes.max())}; weight_decay {t.weight_decay:g}",
             spearman=a["spearman"][0], group_sizes=sizes.tolist(),
@@ -416,16 +333,12 @@ def ddm_rows(t: Task, cache: Path, s: Sizes) -> list[dict[str, Any]]:
     return out
 
 
-# ----------------------------------------------------------------------------- markdown
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The results as the Markdown table of bench/RESULTS.md and the README."""
+    """The results as the Markdown tables of bench/RESULTS.md and the README."""
     out = ["| task | method | default LDS | best LDS (setting) | ratio | LOO ρ | seconds | × exact |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        if r["method"].startswith(("DDM", "summed")):
-            continue
+    ddm = [r for r in rows if r["method"].startswith(("DDM", "summed"))]
+    for r in (r for r in rows if r not in ddm):
         if r.get("agreement") is None:
             out.append(f"| {r['workload']} | {r['method']} | failed | | | | | |")
             continue
@@ -440,43 +353,35 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         )
     out += ["", "| task | method | Pearson with group leave-out | Spearman | seconds | note |",
             "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        if r["method"].startswith(("DDM", "summed")):
-            out.append(
-                f"| {r['workload']} | {r['method']} | {r['agreement']:.3f} | "
-                f"{r['spearman']:.3f} | {r['seconds']:.2f} | {r['note'][:90]} |"
-            )
+    out += [f"| {r['workload']} | {r['method']} | {r['agreement']:.3f} | {r['spearman']:.3f} | "
+            f"{r['seconds']:.2f} | {r['note'][:90]} |" for r in ddm]  # fmt: skip
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tasks", default=None, help="comma-separated subset")
-    ap.add_argument("--no-ddm", action="store_true")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {METHODS}")
+    ap.add_argument("--no-ddm", action="store_true", help="leave out the DDM rows")
+    ap.add_argument("--ddm-only", action="store_true", help="only the DDM rows (--methods DDM)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="bench/out/defaults")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, help="print a --json file's rows as Markdown")
     args = ap.parse_args(argv)
     if args.markdown:
-        import json
-
         with open(args.markdown) as f:
             print(markdown(json.load(f)["rows"]))
         return
+    methods = set(args.methods.split(",") if args.methods else METHODS)
+    if unknown := methods - set(METHODS):
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    methods = {"DDM"} if args.ddm_only else methods - ({"DDM"} if args.no_ddm else set())
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
-    names = ["logreg_bc", "mlp_sgd"] if args.quick else [
-        "logreg_bc", "mlp_sgd", "mlp_mom_wd", "cnn_digits", "mlp_diabetes"]  # fmt: skip
-    if args.tasks:
-        names = args.tasks.split(",")
-    ddm_tasks = [n for n in names if n in ("logreg_bc", "mlp_sgd", "cnn_digits")]
+    names = ["logreg_bc", "mlp_sgd"] if args.quick else [*CLASSIFIERS, "mlp_diabetes"]
+    names = args.tasks.split(",") if args.tasks else names
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     env = environment(quick=args.quick, sizes=s.__dict__)
@@ -484,8 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     t_all = time.perf_counter()
     for name in names:
         t = build(name, s)
-        rows += suite_task(t, s, cache, full=not args.quick)
-        if not args.no_ddm and name in ddm_tasks:
+        rows += suite_task(t, s, cache, not args.quick, methods) if methods - {"DDM"} else []
+        if "DDM" in methods and name in ("logreg_bc", "mlp_sgd", "cnn_digits"):
             rows += ddm_rows(t, cache, s)
     print_rows(rows)
     print("\n" + markdown(rows))

@@ -34,15 +34,15 @@ def load_checkpoint(model: nn.Module, path: str) -> float:
     return float(d["lr"])  # captum multiplies the checkpoint's scores by this
 
 
-def tracincp(
-    model: nn.Module, train: tuple, test: tuple, paths: list[str], batch_size: int
-) -> torch.Tensor:
-    """sum_c w_c <grad loss(test_j), grad loss(train_i)>, (n_test, n_train)."""
+def tracincp(model: nn.Module, train: tuple, test: tuple, paths: list[str], batch_size: int,
+             layers: list[str] | None = None) -> torch.Tensor:  # fmt: skip
+    """sum_c w_c <grad loss(test_j), grad loss(train_i)>, (n_test, n_train), over the
+    parameters of ``layers`` (None: every layer captum supports)."""
     from captum.influence import TracInCP
 
     tracin = TracInCP(model, loader(train, batch_size), checkpoints=paths,
-                      checkpoints_load_func=load_checkpoint, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-                      sample_wise_grads_per_batch=True)  # fmt: skip
+                      checkpoints_load_func=load_checkpoint, layers=layers,
+                      loss_fn=nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True)  # fmt: skip
     return tracin.influence(test).detach()
 
 
