@@ -397,3 +397,30 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
     fresh = CGPreconditioner(_MatrixFree(_Dense(), False, 0.6), None, 1e-12)  # type: ignore[arg-type]
     fresh.solve(v)
     assert warm.iterations <= fresh.iterations <= cold_iters + 2
+
+
+def test_lissa_scale_reuses_the_rules_lanczos_run(monkeypatch) -> None:
+    """With the default damping on the Hessian, LiSSA's scale comes from the rule's Lanczos
+    extremes (no 30-product power iteration): it bounds H + λI's largest magnitude (float64)."""
+    from datatrace.curvature import iterative
+
+    model, x, y = _trained_mlp()
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+
+    def refuse(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("power iteration run although the rule's Lanczos run had λ_max")
+
+    monkeypatch.setattr(iterative, "power_iteration", refuse)
+    fitted = dt.Influence(dt.LiSSA(max_exact_params=0, depth=5)).fit(
+        task, ckpts, (x, y), progress=False
+    )
+    (pc,) = fitted.preconditioners
+    lam = pc.damping
+    h = _mean_loss_hessian(model, x, y)
+    evals = torch.linalg.eigvalsh(h + lam * torch.eye(h.shape[0], dtype=h.dtype))
+    true_top = float(evals.abs().max())
+    assert pc.largest == pytest.approx(true_top, rel=1e-3)  # type: ignore[attr-defined]
+    assert pc.scale == pytest.approx(1.5 * pc.largest, rel=1e-12)  # type: ignore[attr-defined]
+    # a given damping: no rule, the power iteration (here refused) estimates the scale
+    with pytest.raises(AssertionError, match="power iteration"):
+        dt.Influence(dt.LiSSA(damping=0.1)).fit(task, ckpts, (x, y), progress=False)

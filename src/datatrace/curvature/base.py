@@ -205,6 +205,9 @@ class DampingChoice:
 
     value: float
     reason: str
+    #: the Lanczos (smallest, largest) eigenvalue estimates of the Hessian the rule used, or
+    #: ``None`` (Gauss–Newton family, λ₀ = 0, a given number): LiSSA's scale reuses them
+    extremes: tuple[float, float] | None = None
 
 
 def lanczos_extremes(
@@ -264,6 +267,7 @@ def curvature_damping(
         f"{value:.3g} = {which} (Lanczos, {LANCZOS_STEPS} products: {what}'s λ_min ≈ "
         f"{smallest:.3g}, λ_max ≈ {largest:.3g}; mean eigenvalue ≈ {mean:.3g} (Hutchinson, "
         f"{TRACE_VECTORS} vectors); λ₀ {lambda0:.3g})",
+        (smallest, largest),
     )
 
 
@@ -276,12 +280,22 @@ def resolve_damping(
     """The damping to use: the given number, or the rule (:func:`curvature_damping`, logged
     with its reason) for ``None`` and ``"auto"`` (whose calibration, by the method, starts
     from it)."""
+    return damping_choice(damping, ctx, gauss_newton, what).value
+
+
+def damping_choice(
+    damping: float | str | None,
+    ctx: FitContext,
+    gauss_newton: bool = False,
+    what: str = "",
+) -> DampingChoice:
+    """:func:`resolve_damping` with the rule's by-products (its Lanczos extremes)."""
     if damping is not None and damping != AUTO:
-        return float(damping)
+        return DampingChoice(float(damping), "given")
     what = what or ("the Gauss-Newton matrix" if gauss_newton else "the Hessian")
     choice = curvature_damping(ctx, gauss_newton, what)
     log.info("damping %s", choice.reason)
-    return choice.value
+    return choice
 
 
 def symmetric_eigh(matrix: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:

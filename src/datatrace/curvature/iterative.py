@@ -31,6 +31,7 @@ from .base import (
     InfluenceWarning,
     check_damping,
     check_positive,
+    damping_choice,
     eigen_solve,
     resolve_damping,
     warn_not_positive_definite,
@@ -325,8 +326,9 @@ class LiSSA(AbstractPreconditioner):
 
     Args:
         damping: λ (``None``: default).
-        scale: must exceed the largest eigenvalue of ``H + λI`` (``None``: 1.5 × a power-
-            iteration estimate of it).
+        scale: must exceed the largest eigenvalue of ``H + λI`` (``None``: 1.5 × an estimate
+            of its largest magnitude: from the default damping rule's Lanczos run when it
+            ran (the Hessian, ``damping=None``), else 30 power-iteration products).
         depth: recursion steps per run (``None``: enough for the series to converge,
             ``⌈ln(100) · scale / λ⌉`` so that its remainder in the flattest directions,
             ``(1 − λ/scale)^depth``, is below 1%, within [20, 1000]; logged).
@@ -366,12 +368,13 @@ class LiSSA(AbstractPreconditioner):
 
     def fit(self, ctx: FitContext) -> LiSSAPreconditioner:
         problem = ctx.problem
-        op = _MatrixFree(
-            problem,
-            self.gauss_newton,
-            resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton),
-        )
-        top = power_iteration(op, problem.p, problem.theta)
+        choice = damping_choice(self.damping, ctx, gauss_newton=self.gauss_newton)
+        op = _MatrixFree(problem, self.gauss_newton, choice.value)
+        if choice.extremes is not None:  # the rule's Lanczos run: no power iteration
+            smallest, largest = choice.extremes
+            top = max(abs(largest + op.damping), abs(smallest + op.damping))
+        else:
+            top = power_iteration(op, problem.p, problem.theta)
         scale = self.scale if self.scale is not None else 1.5 * max(top, 1e-12)
         depth = self.depth if self.depth is not None else neumann_depth(scale, op.damping)
         log.info(
