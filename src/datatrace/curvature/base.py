@@ -40,7 +40,12 @@ this rule, n=200  1.00       1.00     1.00        0.93    0.98
 ================  =========  =======  ==========  ======  ========
 
 (fractions of each task's best LDS; the CNN at 200 examples is within 0.02 of its best, the
-target's other arm). Lanczos with 20 products found 68% of the CNN's ``|λ_min|`` (its 380
+target's other arm). Not met on an ad-hoc sixth task (a breast-cancer MLP, momentum and
+weight decay, not in the suite): it wants 31-178 λ₀ (4-24 × ``|λ_min|``, 13-73 × the mean
+eigenvalue) and both rules give 14.5 λ₀ (0.80 of its best); the momentum + weight decay
+digits MLP caps at 5.3 × ``|λ_min|`` and 9.4 × the mean, so neither quantity fixes it.
+
+Lanczos with 20 products found 68% of the CNN's ``|λ_min|`` (its 380
 negative eigenvalues of 994 are spread out); 40 products find it, but the CNN wants 4-100 ×
 ``|λ_min|`` anyway, while diabetes wants 1.2-2 × (its best band is 3.2-5.6 λ₀): no multiple
 of ``|λ_min|`` alone serves both; the mean eigenvalue separates them.
