@@ -406,3 +406,23 @@ def test_auto_choice_is_cg_when_the_supported_layers_hold_too_little(dict_data):
     )  # fmt: skip
     assert EKFAC_MIN_SHARE == 0.5
     assert kind == "cg" and len(names) == 3 and "hold 19% < 50%" in why
+
+
+def test_lissa_counts_a_recursion_step_as_lissa_step_cost_products(setup, monkeypatch):
+    """The exact switch counts each recursion step's products LISSA_STEP_COST times (small
+    sequential minibatches cost more per product than forming H in vmapped chunks)."""
+    from datatrace.curvature import iterative
+
+    model, x, y, xq, yq = setup
+    seen = []
+
+    def spy(problem, passes, vectors, examples, max_exact_params):  # type: ignore[no-untyped-def]
+        seen.append((passes, vectors, examples))
+        return False
+
+    monkeypatch.setattr(iterative, "exact_is_cheaper", spy)
+    fitted = _fit(model, x, y, dt.LiSSA(damping=0.5, repeat=2))
+    fitted.attribute((xq, yq))
+    pc = fitted.preconditioners[0]
+    assert iterative.LISSA_STEP_COST == 4
+    assert seen and seen[0] == (4 * 2 * pc.depth, len(xq), min(64, len(x)))

@@ -31,6 +31,7 @@ from .base import (
     InfluenceWarning,
     check_damping,
     check_positive,
+    damping_choice,
     eigen_solve,
     resolve_damping,
     warn_not_positive_definite,
@@ -325,8 +326,9 @@ class LiSSA(AbstractPreconditioner):
 
     Args:
         damping: λ (``None``: default).
-        scale: must exceed the largest eigenvalue of ``H + λI`` (``None``: 1.5 × a power-
-            iteration estimate of it).
+        scale: must exceed the largest eigenvalue of ``H + λI`` (``None``: 1.5 × an estimate
+            of its largest magnitude: from the default damping rule's Lanczos run when it
+            ran (the Hessian, ``damping=None``), else 30 power-iteration products).
         depth: recursion steps per run (``None``: enough for the series to converge,
             ``⌈ln(100) · scale / λ⌉`` so that its remainder in the flattest directions,
             ``(1 − λ/scale)^depth``, is below 1%, within [20, 1000]; logged).
@@ -337,7 +339,8 @@ class LiSSA(AbstractPreconditioner):
         gauss_newton: use Gauss–Newton-vector products.
         max_exact_params: with the automatic depth (``depth=None``), a solve whose recursion
             would take more per-example curvature products (``repeat × depth × batch ×
-            right-hand sides``) than forming the matrix (``p × n``) is done exactly instead,
+            right-hand sides``, each counted as :data:`LISSA_STEP_COST` of forming the
+            matrix's) than forming the matrix (``p × n``) is done exactly instead,
             by Cholesky of ``H + λI`` (the series' limit, which the recursion only
             approximates), when ``p <= max_exact_params``; logged. Issue 12: 500 queries on
             a 7,850-parameter model took 424 s of recursion against 42 s exact. The
@@ -366,12 +369,13 @@ class LiSSA(AbstractPreconditioner):
 
     def fit(self, ctx: FitContext) -> LiSSAPreconditioner:
         problem = ctx.problem
-        op = _MatrixFree(
-            problem,
-            self.gauss_newton,
-            resolve_damping(self.damping, ctx, gauss_newton=self.gauss_newton),
-        )
-        top = power_iteration(op, problem.p, problem.theta)
+        choice = damping_choice(self.damping, ctx, gauss_newton=self.gauss_newton)
+        op = _MatrixFree(problem, self.gauss_newton, choice.value)
+        if choice.extremes is not None:  # the rule's Lanczos run: no power iteration
+            smallest, largest = choice.extremes
+            top = max(abs(largest + op.damping), abs(smallest + op.damping))
+        else:
+            top = power_iteration(op, problem.p, problem.theta)
         scale = self.scale if self.scale is not None else 1.5 * max(top, 1e-12)
         depth = self.depth if self.depth is not None else neumann_depth(scale, op.damping)
         log.info(
@@ -383,6 +387,15 @@ class LiSSA(AbstractPreconditioner):
         )
         return LiSSAPreconditioner(self, op, scale, top, depth)
 
+
+#: A LiSSA step's curvature products counted as this many of forming the matrix in
+#: :func:`exact_is_cheaper`: the recursion is sequential, one small minibatch at a time,
+#: while the matrix is formed in large vmapped chunks over all examples. Measured
+#: (bench/defaults.py's SGD digits MLP, 2,410 parameters, 40 queries, one thread on a
+#: loaded machine): depth 178 × 64 examples × a 48-vector group (0.55M products) took
+#: 5.2-5.5 s against the exact solve's 2.5-3.8 s forming 0.97M, i.e. ≈ 3-5× per product;
+#: counted as 1, the default iterated there (LDS 0.664 vs the exact solve's 0.669).
+LISSA_STEP_COST = 4
 
 #: Bounds of LiSSA's automatic depth: at least a few passes' worth of steps, at most the
 #: old fixed default (its cost grows as scale / λ, so tiny damping is capped).
@@ -454,7 +467,8 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         if spec.depth is not None:
             return False
         batch = problem.n if spec.batch_size is None else min(spec.batch_size, problem.n)
-        return exact_is_cheaper(problem, spec.repeat * self.depth, m, batch, spec.max_exact_params)
+        passes = LISSA_STEP_COST * spec.repeat * self.depth
+        return exact_is_cheaper(problem, passes, m, batch, spec.max_exact_params)
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         if self.exact is None and self._exact_is_cheaper(vectors.shape[0]):
