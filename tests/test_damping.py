@@ -90,6 +90,27 @@ def test_hutchinson_mean_eigenvalue_is_exact_on_a_diagonal_and_unbiased() -> Non
     assert again == est  # seeded
 
 
+def test_hutchinson_goes_in_groups_on_a_large_model(monkeypatch) -> None:
+    """Past HUTCHINSON_ENTRIES the vectors go in groups: no pass holds more rows than fit,
+    and the estimate is the same estimator (exact on a diagonal, unbiased on a matrix)."""
+    monkeypatch.setattr(base, "HUTCHINSON_ENTRIES", 100)  # 2 rows of p = 50 per pass
+    d = torch.linspace(-1.0, 5.0, 50, dtype=torch.float64)
+    rows: list[int] = []
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        rows.append(v.shape[0])
+        return v * d
+
+    est = base.hutchinson_mean_eigenvalue(apply, d, n_vectors=5, seed=7)
+    assert rows == [2, 2, 1]
+    assert est == pytest.approx(float(d.mean()), rel=1e-12)
+    m = _indefinite(40, 6, seed=4)
+    mean = float(torch.linalg.eigvalsh(m).mean())
+    est = base.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
+    se = (2 * float((m**2).sum() - (m.diagonal() ** 2).sum()) / 4000) ** 0.5 / 40
+    assert abs(est - mean) < 4 * se
+
+
 def test_rule_takes_the_largest_term_floor_negative_or_mean_eigenvalue() -> None:
     g = torch.Generator().manual_seed(5)
     # diagonal: Hutchinson is exact, so every term is known exactly

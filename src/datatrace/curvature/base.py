@@ -202,6 +202,8 @@ TRACE_FACTOR = 3.0
 #: spectrum dominated by a few large eigenvalues (breast cancer: p = 62, λ_max = 24 × the
 #: mean) leaves it ≈ 10% noise, inside the [2, 3] window around TRACE_FACTOR.
 TRACE_VECTORS = 32
+#: the most vector entries one Hutchinson pass holds (128 MiB of float32)
+HUTCHINSON_ENTRIES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -232,11 +234,18 @@ def hutchinson_mean_eigenvalue(
     """``trace(M)/p``, the mean eigenvalue of a symmetric operator, by Hutchinson's estimator:
     the mean of ``vᵀ M v / p`` over ``n_vectors`` seeded Rademacher vectors (exact for a
     diagonal ``M``; unbiased, standard error ``≈ √(2 Σ_{i≠j} M_ij² / n_vectors) / p``).
-    ``apply`` maps (m, p) rows to their products (m, p): one vmapped pass for all of them."""
+    ``apply`` maps (m, p) rows to their products (m, p): one vmapped pass for all of them
+    while ``n_vectors × p`` stays under :data:`HUTCHINSON_ENTRIES` (a large model's vectors
+    go in groups, one pass each, so the estimate never holds ``n_vectors`` copies of θ)."""
     p = like.numel()
     g = torch.Generator().manual_seed(seed)
-    v = (torch.randint(0, 2, (n_vectors, p), generator=g) * 2 - 1).to(like)
-    return float((v * apply(v)).sum()) / (n_vectors * p)
+    group = max(1, min(n_vectors, HUTCHINSON_ENTRIES // p))
+    total = 0.0
+    for s in range(0, n_vectors, group):
+        m = min(group, n_vectors - s)
+        v = (torch.randint(0, 2, (m, p), generator=g) * 2 - 1).to(like)
+        total += float((v * apply(v)).sum())
+    return total / (n_vectors * p)
 
 
 def curvature_damping(
