@@ -251,6 +251,18 @@ class Cell:
 Runner = Callable[[Cell, int], tuple[Any, dict[str, Any], list[str]]]
 
 
+def in_workers(script: str, max_wait: float, spec: Callable[[Cell, int], dict],
+               timeout: float | None = None) -> Runner:  # fmt: skip
+    """A runner for :func:`time_cells`: run r of a cell is a fresh worker given ``spec(cell,
+    r)`` (:func:`measured`), whose work returns ``{"S", "t"[, "notes"]}``."""
+
+    def run(c: Cell, rep: int) -> tuple[Any, dict[str, Any], list[str]]:
+        d, others = measured(script, spec(c, rep), max_wait, timeout)
+        return d["S"], {**d["t"], "others_cores": others}, d.get("notes", [])
+
+    return run
+
+
 def time_cells(cells: list[Cell], repeats: int, run: Runner, slow_s: float = math.inf,
                retry_busy: bool = False) -> None:  # fmt: skip
     """Interleaved runs, run r of every cell before r + 1 (slow drifts hit every library
@@ -444,3 +456,11 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
     return args
+
+
+def libraries(ap: argparse.ArgumentParser, given: str, known: Any) -> list[str]:
+    """``--libraries`` as a list, each one of ``known`` (else a usage error)."""
+    libs = [x.strip() for x in given.split(",") if x.strip()]
+    if unknown := set(libs) - set(known):
+        ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(known)}")
+    return libs
