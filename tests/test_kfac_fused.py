@@ -9,6 +9,7 @@ import torch
 from conftest import perturbed
 
 import datatrace as dt
+from datatrace.curvature.kfac_layers import live_positions, nonzero_rows
 from datatrace.curvature.kfac_passes import example_sqnorms
 from datatrace.methods.kronecker import FittedKroneckerInfluence
 
@@ -190,3 +191,62 @@ def test_fused_scores_of_blocks_of_several_batches_equal_one_batch_per_block(mlp
     assert isinstance(many, FittedKroneckerInfluence)
     assert one.batch_size == 4 and many.batch_size == 3 and many.block_size == 10
     torch.testing.assert_close(many.attribute(q), one.attribute(q), rtol=1e-10, atol=1e-13)
+
+
+def test_live_positions_cut_only_positions_dead_in_every_example():
+    """Positions that are zero in every example of a batch (padding) are cut; the
+    per-example sums Σ_p e_p ãᵀ_p are those of the uncut factors, and a batch without a
+    live position gives zero sums."""
+    g = torch.Generator().manual_seed(0)
+    b, positions = 5, 9
+    lengths = torch.tensor([2, 6, 3, 6, 1])
+    live = torch.arange(positions)[None] < lengths[:, None]
+    live[1, 0] = False  # a hole (left padding) in one example: still live in the others
+    a = torch.randn(b, positions, 4, generator=g, dtype=torch.float64) * live[..., None]
+    e = torch.randn(b, positions, 3, generator=g, dtype=torch.float64) * live[..., None]
+    assert (nonzero_rows(e) == live).all()
+    e2, a2, live2 = live_positions(nonzero_rows(e), e, a)
+    assert e2.shape == (b, 6, 3) and a2.shape == (b, 6, 4) and (live2 == live[:, :6]).all()
+    full = torch.einsum("bpo,bpi->boi", e, a)
+    torch.testing.assert_close(torch.bmm(e2.transpose(1, 2), a2), full, rtol=1e-14, atol=0)
+    dead = torch.zeros(b, positions, dtype=torch.bool)
+    e3, a3, _ = live_positions(dead, e * 0, a)
+    assert e3.shape == (b, 0, 3)
+    assert float(torch.bmm(e3.transpose(1, 2), a3).abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_fused_scores_equal_the_stored_path_on_a_padded_bert(tmp_path, fisher, monkeypatch):
+    """BERT masks padding out of attention: its output gradients are exactly 0 at padded
+    tokens, which the fused passes cut (batches of several lengths); the scores and λ₀ are
+    the stored path's, whose features are formed by the generic featurizer. The empirical
+    Fisher's column is the loss gradient: the factor pass pulls it back once, not twice."""
+    from test_kfac_models import _bert, _bert_data
+
+    from datatrace.curvature import kfac_passes
+
+    pulled: list[int] = []
+    pull = kfac_passes._pull_back_columns
+
+    def counting(out, outs, columns):
+        pulled.append(columns.shape[0])
+        return pull(out, outs, columns)
+
+    monkeypatch.setattr(kfac_passes, "_pull_back_columns", counting)
+    model = _bert()
+    task = dt.ClassificationTask(model)
+    train, queries = _bert_data(7, seed=1), _bert_data(3, seed=5)
+    ckpts = [dt.Checkpoint.from_module(model)]
+    spec = dt.EKFAC(fisher=fisher)
+    fused = dt.Influence(spec).fit(task, ckpts, train, batch_size=3)
+    stored = dt.Influence(spec).fit(task, ckpts, train, store=tmp_path / "s", batch_size=3)
+    assert isinstance(fused, FittedKroneckerInfluence)
+    # factor pass (λ₀ measured: the loss column) then eigenvalue pass, 3 batches each
+    assert pulled[:3] == ([1, 1, 1] if fisher == "empirical" else [4, 4, 4])
+    assert fused.lambda0 == pytest.approx(stored.lambda0, rel=1e-10)
+    torch.testing.assert_close(
+        fused.attribute(queries), stored.attribute(queries), rtol=1e-9, atol=1e-13
+    )
+    torch.testing.assert_close(
+        fused.self_influence(), stored.self_influence(), rtol=1e-9, atol=1e-13
+    )

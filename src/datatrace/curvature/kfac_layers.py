@@ -105,6 +105,26 @@ class KLayer:
         return block.reshape(block.shape[0], -1)
 
 
+def live_positions(live: torch.Tensor, *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The factors (b, P, ·) restricted to the positions where ``live`` (b, P) is true for
+    some example of the batch (with ``live`` restricted to them, last). A position dead in
+    every example (padding: zero input patches and output gradients) adds nothing to any
+    ``Σ_p e_p ãᵀ_p`` nor to the factors, so dropping it changes no sum, only its cost (a
+    right-padded batch is cut at its longest example)."""
+    keep = live.any(0)
+    if bool(keep.all()):
+        return (*factors, live)
+    index = keep.nonzero().squeeze(1)
+    return (*(f.index_select(1, index) for f in factors), live.index_select(1, index))
+
+
+def nonzero_rows(e: torch.Tensor) -> torch.Tensor:
+    """(b, P): positions whose output gradient row is not all zero (the others contribute
+    nothing to ``Σ_p e_p ãᵀ_p``: padding, whose gradient is exactly 0 when the model masks
+    it out)."""
+    return e.ne(0).any(-1)
+
+
 # -- which layers: decided before any gradient pass -----------------------------------------
 
 

@@ -33,7 +33,7 @@ from .fisher import (
     resolve_fisher,
     sampled_columns,
 )
-from .kfac_layers import KLayer
+from .kfac_layers import KLayer, live_positions
 from .problem import CurvatureProblem
 
 log = logging.getLogger("datatrace")
@@ -53,12 +53,20 @@ class PassSettings:
 class _Step:
     """One layer in one batch: its input patches (b, P, in'), output pseudo-gradients per
     column [(b, P, out)], the training-loss output gradients (b, P, out) when measured,
-    and its number of counted positions."""
+    its number of counted positions, and the flat indices of the counted rows of
+    ``a.reshape(-1, in')`` (None: every row counts). Positions counted in no example of
+    the batch are already cut (:func:`~.kfac_layers.live_positions`)."""
 
     a: torch.Tensor
     e: list[torch.Tensor]
     loss_e: torch.Tensor | None
     count: float
+    rows: torch.Tensor | None = None
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (b, P, d) as (counted rows, d): the rows that add to a covariance."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if self.rows is None else flat.index_select(0, self.rows)
 
 
 def _pseudo_grads(
@@ -102,13 +110,17 @@ def _pseudo_grads(
             columns = output_columns(
                 problem.task, out, batch, used, settings.samples, generator, grad
             )
-        if with_loss:
+        # the empirical Fisher's one column is the loss gradient itself: pulled back once
+        shared = with_loss and used is Fisher.EMPIRICAL
+        if with_loss and not shared:
             assert grad is not None
             columns = torch.cat([grad[None], columns])
         pulled = _pull_back_columns(out, [calls[lay.name][0][1] for lay in layers], columns)
         del out, columns, grad  # nothing of this batch outlives its layers' steps
 
-        def steps(calls=calls, pulled=pulled, tokens=tokens) -> Iterator[tuple[KLayer, _Step]]:
+        def steps(
+            calls=calls, pulled=pulled, tokens=tokens, shared=shared
+        ) -> Iterator[tuple[KLayer, _Step]]:
             for i, lay in enumerate(layers):
                 x = calls[lay.name][0][0].detach()
                 mask = lay.position_mask(x, tokens)
@@ -116,10 +128,21 @@ def _pseudo_grads(
                 es = [lay.out_grads(g.detach(), mask) for g in pulled[i]]
                 pulled[i] = []  # free this layer's gradients as soon as they are used
                 count = float(mask.sum()) if mask is not None else float(a.shape[0] * a.shape[1])
-                loss_e = es.pop(0) if with_loss else None
-                yield lay, _Step(a, es, loss_e, count)
+                rows = None
+                if mask is not None:  # padding: cut where no example counts, skip elsewhere
+                    *es, a, live = live_positions(mask.ne(0), *es, a)
+                    flat = live.reshape(-1)
+                    if int(flat.sum()) < LIVE_ROWS * flat.numel():
+                        rows = flat.nonzero().squeeze(1)
+                loss_e = (es[0] if shared else es.pop(0)) if with_loss else None
+                yield lay, _Step(a, es, loss_e, count, rows)
 
         yield steps()
+
+
+#: the counted rows of a step are gathered before its covariance products when fewer than
+#: this fraction of its (cut) positions count: the gather costs less than the skipped rows
+LIVE_ROWS = 0.9
 
 
 def _pull_back_columns(
@@ -173,12 +196,12 @@ def fit_factors(
     square_sum = 0.0
     for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, draws, with_loss):
         for lay, step in batch:
-            a2 = step.a.reshape(-1, step.a.shape[-1])
+            a2 = step.flat(step.a)
             if lay.A is None:
                 lay.A = a2.new_zeros(a2.shape[1], a2.shape[1])
             lay.A.addmm_(a2.T, a2)
             for e in step.e:
-                e2 = e.reshape(-1, e.shape[-1])
+                e2 = step.flat(e)
                 if lay.S is None:
                     lay.S = e2.new_zeros(e2.shape[1], e2.shape[1])
                 lay.S.addmm_(e2.T, e2)
@@ -226,6 +249,7 @@ def refit_eigenvalues(
                 e_rot = e @ lay.us
                 for s in range(0, a_rot.shape[0], chunk):
                     g = torch.bmm(e_rot[s : s + chunk].transpose(1, 2), a_rot[s : s + chunk])
-                    sq += g.square_().sum(0)
+                    for gi in g:  # one example at a time: read once, while in cache
+                        sq.addcmul_(gi, gi)
     for lay in layers:
         lay.lam = sums[lay.name] / problem.n

@@ -34,7 +34,7 @@ from ..core.task import AbstractTask
 from ..curvature.base import AbstractPreconditioner, mean_squared_entry
 from ..curvature.context import FitContext
 from ..curvature.kfac import KroneckerPreconditioner
-from ..curvature.kfac_layers import KLayer
+from ..curvature.kfac_layers import KLayer, live_positions, nonzero_rows
 from ..curvature.problem import CurvatureProblem
 from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
@@ -175,7 +175,10 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
                 raise ConfigError(f"K-FAC layer {lay.name!r} was called {1 + len(more)} times")
             e, a = lay.out_grads(e, None), lay.patches(x, None)
             del x
+            # positions whose output gradient is zero in every example of the batch (padding
+            # the model masks out) add nothing to any Σ_p e_p ãᵀ_p: cut before the products
             check_finite(values, [e, a], offset, what)
+            e, a, _ = live_positions(nonzero_rows(e), e, a)
             yield lay, e, a
 
     def _batches(self, source: ExampleSource, start: int, stop: int) -> Iterator[tuple[int, Any]]:
