@@ -445,3 +445,38 @@ def test_lissa_scale_reuses_the_rules_lanczos_run(monkeypatch) -> None:
     # a given damping: no rule, the power iteration (here refused) estimates the scale
     with pytest.raises(AssertionError, match="power iteration"):
         dt.Influence(dt.LiSSA(damping=0.1)).fit(task, ckpts, (x, y), progress=False)
+
+
+def test_auto_grid_runs_the_exact_hessians_lanczos_check_once(monkeypatch) -> None:
+    """The refits of damping="auto"'s grid reuse the first fit's Lanczos bound on the
+    Hessian's smallest eigenvalue (the seeded run would repeat it): a 30-step run once, and
+    the longer one at most once more (after a failed Cholesky); the scores are those of a
+    fresh fit at the chosen damping (float64)."""
+    from datatrace.curvature import dense
+
+    model, x, y = _trained_mlp()
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    calls: list[int] = []
+    original = dense.smallest_eigenvalue
+
+    def counted(matrix: torch.Tensor, n_iter: int = 80) -> float:
+        calls.append(n_iter)
+        return original(matrix, n_iter)
+
+    monkeypatch.setattr(dense, "smallest_eigenvalue", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dt.InfluenceWarning)
+        fitted = dt.Influence(dt.ExactHessian(damping="auto")).fit(
+            task, ckpts, (x, y), progress=False
+        )
+    res = fitted.auto_damping  # type: ignore[attr-defined]
+    assert sum(rho == rho for rho in res.spearman) >= 2  # at least one refit happened
+    assert calls.count(30) == 1 and calls.count(80) <= 1 and len(calls) <= 2
+    monkeypatch.setattr(dense, "smallest_eigenvalue", original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dt.InfluenceWarning)
+        fixed = dt.Influence(dt.ExactHessian(damping=res.damping)).fit(
+            task, ckpts, (x, y), progress=False
+        )
+    got, want = fitted.attribute((x[:5], y[:5])), fixed.attribute((x[:5], y[:5]))
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))

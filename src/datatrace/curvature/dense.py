@@ -38,15 +38,16 @@ class _Redampable:
     damping is then one factorization, not a new matrix (issue 12: re-forming the Hessian
     for each grid point cost up to 6× the fit)."""
 
-    #: (M, whether it is a Hessian), or None; not saved with the fit
-    undamped: tuple[torch.Tensor, bool] | None = field(default=None, init=False, repr=False)
+    #: (M, whether it is a Hessian, the smallest Lanczos Ritz value of M found so far: an
+    #: upper bound on its smallest eigenvalue), or None; not saved with the fit
+    undamped: tuple[torch.Tensor, bool, float] | None = field(default=None, init=False, repr=False)
 
     def with_damping(self, damping: float) -> AbstractFittedPreconditioner | None:
         if self.undamped is None:
             return None
-        matrix, hessian = self.undamped
-        out = _dense_inverse(matrix.clone(), damping, hessian)
-        out.undamped = self.undamped
+        matrix, hessian, lowest = self.undamped
+        out, lowest = _dense_inverse(matrix.clone(), damping, hessian, lowest)
+        out.undamped = (matrix, hessian, lowest)
         return out
 
 
@@ -131,8 +132,8 @@ def smallest_eigenvalue(matrix: torch.Tensor, n_iter: int = 80) -> float:
 
 
 def _dense_inverse(
-    matrix: torch.Tensor, damping: float, hessian: bool
-) -> CholeskyPreconditioner | LDLPreconditioner:
+    matrix: torch.Tensor, damping: float, hessian: bool, lowest: float | None = None
+) -> tuple[CholeskyPreconditioner | LDLPreconditioner, float]:
     """Cholesky when ``M + λI`` is positive definite (fast); otherwise warn with (an
     estimate of) the smallest eigenvalue and the number of negative ones, and invert by
     ``LDLᵀ`` anyway (what exact influence does); refuse for the Gauss–Newton matrix, which
@@ -140,18 +141,24 @@ def _dense_inverse(
 
     For the Hessian a short Lanczos run first (≈ 0.4 s at p = 10k): its smallest Ritz value
     is an upper bound on the smallest eigenvalue, so when it is already below −λ the
-    Cholesky attempt (which would fail late, after most of its work) is skipped.
+    Cholesky attempt (which would fail late, after most of its work) is skipped. ``lowest``:
+    that bound from an earlier call on the same matrix (another damping of a
+    ``damping="auto"`` grid: the seeded run would give the same value); returned with the
+    preconditioner (the longer run's, where one was made).
 
     ``matrix`` is consumed (λ is added to its diagonal in place: a 10k-parameter model's
     Hessian is 370 MB in float32); only its lower triangle is used by the factorizations.
     """
     what = "the Hessian" if hessian else "the Gauss-Newton matrix"
-    estimate = smallest_eigenvalue(matrix, n_iter=30) if hessian else math.inf
+    if lowest is not None:
+        estimate = lowest
+    else:
+        estimate = smallest_eigenvalue(matrix, n_iter=30) if hessian else math.inf
     if estimate + damping > 0:
         matrix.diagonal().add_(damping)
         factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
-            return CholeskyPreconditioner(factor, damping)
+            return CholeskyPreconditioner(factor, damping), estimate
         del factor
         matrix.diagonal().sub_(damping)
         lower = matrix.tril()
@@ -167,7 +174,7 @@ def _dense_inverse(
     factors, pivots, _ = torch.linalg.ldl_factor_ex(matrix)
     negative = ldl_inertia(factors, pivots)
     warn_not_positive_definite(min(estimate, -damping), damping, what, negative, matrix.shape[0])
-    return LDLPreconditioner(factors, pivots, damping, negative)
+    return LDLPreconditioner(factors, pivots, damping, negative), estimate
 
 
 def _check_size(p: int, max_params: int, what: str) -> None:
@@ -225,12 +232,12 @@ def _fit_dense(
     """Factorize ``matrix + λI``; with ``damping="auto"`` keep the undamped matrix (a copy:
     the factorization consumes it) for the calibration's other grid points."""
     if given != AUTO:
-        return _dense_inverse(matrix, damping, hessian)
+        return _dense_inverse(matrix, damping, hessian)[0]
     if hessian:  # the factorizations read one triangle; the copy is used whole
         lower = matrix.tril()
         matrix = lower + lower.tril(-1).T
         del lower
     kept = matrix.clone()
-    out = _dense_inverse(matrix, damping, hessian)
-    out.undamped = (kept, hessian)
+    out, lowest = _dense_inverse(matrix, damping, hessian)
+    out.undamped = (kept, hessian, lowest)
     return out
