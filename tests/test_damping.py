@@ -396,7 +396,8 @@ def test_auto_grid_reuses_the_curvature_and_equals_fresh_fits(make, monkeypatch)
 
 
 def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
-    from datatrace.curvature.iterative import CGPreconditioner, _MatrixFree
+    from datatrace.curvature.cg import CGPreconditioner
+    from datatrace.curvature.matrix_free import MatrixFree
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(30, 30, generator=g, dtype=torch.float64)
@@ -407,7 +408,7 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
             return v @ matrix
 
     v = torch.randn(4, 30, generator=g, dtype=torch.float64)
-    cold = CGPreconditioner(_MatrixFree(_Dense(), False, 0.5), None, 1e-12)  # type: ignore[arg-type]
+    cold = CGPreconditioner(MatrixFree(_Dense(), False, 0.5), None, 1e-12)  # type: ignore[arg-type]
     cold.keep_last = True
     cold.solve(v)
     cold_iters = cold.iterations
@@ -415,7 +416,7 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
     x = warm.solve(v)
     want = torch.linalg.solve(matrix + 0.6 * torch.eye(30, dtype=torch.float64), v.T).T
     torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-11)
-    fresh = CGPreconditioner(_MatrixFree(_Dense(), False, 0.6), None, 1e-12)  # type: ignore[arg-type]
+    fresh = CGPreconditioner(MatrixFree(_Dense(), False, 0.6), None, 1e-12)  # type: ignore[arg-type]
     fresh.solve(v)
     assert warm.iterations <= fresh.iterations <= cold_iters + 2
 
@@ -423,7 +424,7 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
 def test_lissa_scale_reuses_the_rules_lanczos_run(monkeypatch) -> None:
     """With the default damping on the Hessian, LiSSA's scale comes from the rule's Lanczos
     extremes (no 30-product power iteration): it bounds H + λI's largest magnitude (float64)."""
-    from datatrace.curvature import iterative
+    from datatrace.curvature import lissa
 
     model, x, y = _trained_mlp()
     task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
@@ -431,7 +432,7 @@ def test_lissa_scale_reuses_the_rules_lanczos_run(monkeypatch) -> None:
     def refuse(*a, **k):  # type: ignore[no-untyped-def]
         raise AssertionError("power iteration run although the rule's Lanczos run had λ_max")
 
-    monkeypatch.setattr(iterative, "power_iteration", refuse)
+    monkeypatch.setattr(lissa, "power_iteration", refuse)
     fitted = dt.Influence(dt.LiSSA(max_exact_params=0, depth=5)).fit(
         task, ckpts, (x, y), progress=False
     )

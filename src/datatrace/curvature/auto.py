@@ -30,9 +30,9 @@ from .base import (
     check_damping,
     check_positive,
 )
+from .cg import ConjugateGradient
 from .context import FitContext
 from .dense import ExactHessian
-from .iterative import ConjugateGradient
 from .kfac import EKFAC
 from .kfac_layers import kfac_layers
 
