@@ -100,6 +100,11 @@ class AbstractFittedPreconditioner(ABC):
         ``damping="auto"`` tries its grid this way."""
         return None
 
+    def release(self) -> None:  # noqa: B027 (a hook: no-op unless something is kept)
+        """Drop what was kept only so that :meth:`with_damping` is cheap (an undamped
+        matrix, the last solutions), once ``damping="auto"`` has chosen: :meth:`solve` is
+        unchanged, :meth:`with_damping` may then need a refit. Default: nothing is kept."""
+
 
 class AbstractPreconditioner(ABC):
     """The preconditioner slot ``P`` of ``S = Σ_c w_c ⟨φ_c(q), P_c φ_c(z)⟩``.
@@ -110,6 +115,11 @@ class AbstractPreconditioner(ABC):
     :mod:`datatrace.app.registry` (see CONTRIBUTING.md).
     """
 
+    #: λ: ``None`` (the default rule), ``"auto"`` (calibrated by the method that fits it)
+    #: or a number (module docstring); each implementation declares it as a setting, and
+    #: one that takes no damping leaves it ``None``
+    damping: float | str | None = None
+
     #: whether it works on randomly projected features (TRAK's Gram inverse does; curvature
     #: of the loss needs exact dense gradients)
     accepts_projection: ClassVar[bool] = False
@@ -118,6 +128,10 @@ class AbstractPreconditioner(ABC):
     #: time, dotted with the preconditioned queries) instead of from stored features
     #: (:mod:`datatrace.methods.kronecker`: K-FAC and EK-FAC)
     fused_scoring: ClassVar[bool] = False
+
+    def calibrates_damping(self) -> bool:
+        """Whether the method fitting it calibrates the damping (``damping="auto"``)."""
+        return self.damping == AUTO
 
     @abstractmethod
     def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:

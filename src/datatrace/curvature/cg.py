@@ -148,6 +148,12 @@ class CGPreconditioner(AbstractFittedPreconditioner):
             out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
         return out
 
+    def release(self) -> None:
+        """Stop keeping the last solutions (and an exact factorization's matrix)."""
+        self.keep_last, self.last = False, None
+        if self.exact is not None:
+            self.exact.release()
+
     def _iterations(self, m: int, p: int) -> int:
         """The iteration budget: ``max_iter``, or ``2⌈p/m⌉ + 10``."""
         return self.max_iter or 2 * -(-p // max(m, 1)) + 10

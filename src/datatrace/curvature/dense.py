@@ -49,6 +49,9 @@ class _Redampable:
         out.undamped = self.undamped
         return out
 
+    def release(self) -> None:
+        self.undamped = None
+
 
 @dataclass
 class CholeskyPreconditioner(_Redampable, AbstractFittedPreconditioner):

@@ -172,6 +172,11 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
             out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
         return out
 
+    def release(self) -> None:
+        """An exact factorization drops its undamped matrix (the recursion keeps nothing)."""
+        if self.exact is not None:
+            self.exact.release()
+
     def _exact_is_cheaper(self, m: int) -> bool:
         """The automatic depth, a small enough model, and more products by recursion than
         by forming the matrix (see :class:`LiSSA`'s ``max_exact_params``)."""
