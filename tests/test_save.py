@@ -49,6 +49,7 @@ METHODS = {
     "ekfac": lambda: dt.Influence(dt.EKFAC()),
     "datainf": lambda: dt.DataInf(),
     "trak": lambda: dt.TRAK(projection_dim=16),
+    "default_influence": lambda: dt.Influence(),  # chooses (exact here) and keeps its choice
 }
 
 

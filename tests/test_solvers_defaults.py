@@ -356,7 +356,7 @@ def test_influence_without_a_preconditioner_is_ekfac_on_a_transformers_supported
     from test_kfac_models import _bert, _bert_data, _fit_bert, _fit_lm, _gpt2, _lm_data
 
     from datatrace.core.data import ExampleSource
-    from datatrace.curvature.auto import AutoPreconditioner
+    from datatrace.curvature.auto import AutoPreconditioner, Choice
 
     model, batch = _bert(), _bert_data(8, seed=2)
     with caplog.at_level("INFO", logger="datatrace"):
@@ -387,13 +387,13 @@ def test_influence_without_a_preconditioner_is_ekfac_on_a_transformers_supported
     kind, names, why = AutoPreconditioner(max_exact_params=100).decide(
         task, list(asked), asked, ExampleSource(batch, "training data")
     )
-    assert kind == "cg" and names == list(asked)
+    assert kind is Choice.CG and names == list(asked)
     assert "EK-FAC cannot take every layer asked for" in why and "word_embeddings" in why
 
 
 def test_auto_choice_is_cg_when_the_supported_layers_hold_too_little(dict_data):
     from datatrace.core.data import ExampleSource
-    from datatrace.curvature.auto import EKFAC_MIN_SHARE, AutoPreconditioner
+    from datatrace.curvature.auto import EKFAC_MIN_SHARE, AutoPreconditioner, Choice
 
     model, batch = dict_data  # embedding 44 parameters, head 10: 19% < 50%
     kind, names, why = AutoPreconditioner(max_exact_params=10).decide(
@@ -401,7 +401,7 @@ def test_auto_choice_is_cg_when_the_supported_layers_hold_too_little(dict_data):
         ExampleSource(batch, "training data"),
     )  # fmt: skip
     assert EKFAC_MIN_SHARE == 0.5
-    assert kind == "cg" and len(names) == 3 and "hold 19% < 50%" in why
+    assert kind is Choice.CG and len(names) == 3 and "hold 19% < 50%" in why
 
 
 def test_lissa_counts_a_recursion_step_as_lissa_step_cost_products(setup, monkeypatch):

@@ -68,7 +68,7 @@ def encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], model: nn.Modul
         fields = {
             f.name: encode(getattr(obj, f.name), f"{key}/{f.name}", tensors, model)
             for f in dataclasses.fields(obj)
-            if f.init
+            if f.init and f.metadata.get("saved", True)  # (runtime state is not)
         }
         return {"class": class_name(cls), "fields": fields}
     if isinstance(obj, _SLOTS) and not vars(obj):  # a setting-free slot (TRAK's Margin)
