@@ -72,6 +72,8 @@ import torch
 from ..core.errors import ConfigError, NonFiniteError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..core.data import ExampleSource
     from ..core.task import AbstractTask
     from .context import FitContext
@@ -136,6 +138,12 @@ class AbstractPreconditioner(ABC):
     @abstractmethod
     def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:
         """Fit at one checkpoint from ``ctx`` (curvature problem, λ₀, training blocks)."""
+
+    def cache_file(self, prefix: Path) -> Path | None:
+        """The file its fit caches in a feature store under ``prefix``
+        (:attr:`FitContext.cache <datatrace.curvature.context.FitContext>`), or ``None``:
+        nothing cached (the default)."""
+        return None
 
     def parameters(
         self,

@@ -100,9 +100,15 @@ class FittedGradientAttributor(BlockScoring):
         if lambda0 is None:
             square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
             lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
+        return FitContext(
+            problem, lambda0, self.curvature_cache(c), functools.partial(self._blocks, c)
+        )
+
+    def curvature_cache(self, c: int) -> Path | None:
+        """The prefix of the files preconditioners fitted at checkpoint ``c`` cache in the
+        feature store (:meth:`AbstractPreconditioner.cache_file`), or ``None``: no store on disk."""
         path = self.store.path if self.store is not None else None
-        cache = path / f"curvature-c{c}" if path is not None else None
-        return FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
+        return path / f"curvature-c{c}" if path is not None else None
 
     def save(self, path: str | Path) -> Path:
         """Write this fit to the folder ``path`` (settings, fingerprints, checkpoints and
