@@ -304,7 +304,7 @@ class GradientAttributor:
             fitted, task, last, train, refit, fitted.damping[0],
             keep=lambda: list(fitted.preconditioners), restore=restore,
         )  # fmt: skip
-        fitted.auto_damping = result  # type: ignore[attr-defined]
+        fitted.auto_damping = result
         for f in fitted.preconditioners:  # what was kept for the grid is not needed now
             f.release()
 

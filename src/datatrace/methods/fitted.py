@@ -41,6 +41,7 @@ from .topk import merge_top_k, running_top_k
 from .trak import MarginTask
 
 if TYPE_CHECKING:
+    from .autodamp import AutoDampingResult
     from .engine import GradientAttributor
 
 log = logging.getLogger("datatrace")
@@ -81,6 +82,8 @@ class FittedGradientAttributor(BlockScoring):
         #: λ₀ (the damping scale) at each checkpoint (influence methods)
         self.lambda0: list[float] = []
         self.scale = 1.0
+        #: what ``damping="auto"`` chose and why (``None`` where it was not used)
+        self.auto_damping: AutoDampingResult | None = None
         if method.preconditioner is not None and fit_preconditioners:
             self._fit_preconditioners(method.preconditioner)
 
