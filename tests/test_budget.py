@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import datatrace as dt
-import datatrace.methods.fitted as fitted_module
+import datatrace.methods.chunks as chunks_module
 from datatrace.features.featurizer import GradientFeatures
 from datatrace.features.placement import MIN_SIZING_BUDGET, plan_sizes
 from datatrace.features.spec import FeatureSpec
@@ -135,7 +135,7 @@ def test_queries_are_scored_in_chunks_within_the_block_budget(
     ck = [*ck, *(dt.Checkpoint.from_state_dict(
         {k: v + 0.01 * (i + 1) for k, v in model.state_dict().items()}, weight=0.3)
         for i in range(2))]  # fmt: skip
-    monkeypatch.setattr(fitted_module, "MIN_SIZING_BUDGET", 0)  # else blocks ≥ 64 MiB
+    monkeypatch.setattr(chunks_module, "MIN_SIZING_BUDGET", 0)  # else blocks ≥ 64 MiB
     fitted = method.fit(task, ck, (x, y), progress=False, block_size=5, **kw)
     queries = (x[:12], y[:12])
     # chunks of 5 when one checkpoint's query features are held: influence (the last
@@ -170,7 +170,7 @@ def test_recomputed_training_features_are_scored_against_two_blocks_of_queries(
     ck = [dt.Checkpoint.from_state_dict(
         {k: v + 0.01 * i for k, v in model.state_dict().items()}, weight=0.3 + i)
         for i in range(3)]  # fmt: skip
-    monkeypatch.setattr(fitted_module, "MIN_SIZING_BUDGET", 0)
+    monkeypatch.setattr(chunks_module, "MIN_SIZING_BUDGET", 0)
     fitted = dt.TracIn().fit(
         task, ck, (x[:11], y[:11]), progress=False, block_size=5, max_memory_bytes=0
     )

@@ -396,7 +396,8 @@ def test_auto_grid_reuses_the_curvature_and_equals_fresh_fits(make, monkeypatch)
 
 
 def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
-    from datatrace.curvature.iterative import CGPreconditioner, _MatrixFree
+    from datatrace.curvature.cg import CGPreconditioner
+    from datatrace.curvature.matrix_free import MatrixFree
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(30, 30, generator=g, dtype=torch.float64)
@@ -407,7 +408,7 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
             return v @ matrix
 
     v = torch.randn(4, 30, generator=g, dtype=torch.float64)
-    cold = CGPreconditioner(_MatrixFree(_Dense(), False, 0.5), None, 1e-12)  # type: ignore[arg-type]
+    cold = CGPreconditioner(MatrixFree(_Dense(), False, 0.5), None, 1e-12)  # type: ignore[arg-type]
     cold.keep_last = True
     cold.solve(v)
     cold_iters = cold.iterations
@@ -415,7 +416,7 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
     x = warm.solve(v)
     want = torch.linalg.solve(matrix + 0.6 * torch.eye(30, dtype=torch.float64), v.T).T
     torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-11)
-    fresh = CGPreconditioner(_MatrixFree(_Dense(), False, 0.6), None, 1e-12)  # type: ignore[arg-type]
+    fresh = CGPreconditioner(MatrixFree(_Dense(), False, 0.6), None, 1e-12)  # type: ignore[arg-type]
     fresh.solve(v)
     assert warm.iterations <= fresh.iterations <= cold_iters + 2
 
@@ -423,7 +424,7 @@ def test_cg_warm_start_at_another_damping_equals_a_cold_solve() -> None:
 def test_lissa_scale_reuses_the_rules_lanczos_run(monkeypatch) -> None:
     """With the default damping on the Hessian, LiSSA's scale comes from the rule's Lanczos
     extremes (no 30-product power iteration): it bounds H + λI's largest magnitude (float64)."""
-    from datatrace.curvature import iterative
+    from datatrace.curvature import lissa
 
     model, x, y = _trained_mlp()
     task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
@@ -431,7 +432,7 @@ def test_lissa_scale_reuses_the_rules_lanczos_run(monkeypatch) -> None:
     def refuse(*a, **k):  # type: ignore[no-untyped-def]
         raise AssertionError("power iteration run although the rule's Lanczos run had λ_max")
 
-    monkeypatch.setattr(iterative, "power_iteration", refuse)
+    monkeypatch.setattr(lissa, "power_iteration", refuse)
     fitted = dt.Influence(dt.LiSSA(max_exact_params=0, depth=5)).fit(
         task, ckpts, (x, y), progress=False
     )
@@ -480,3 +481,86 @@ def test_auto_grid_runs_the_exact_hessians_lanczos_check_once(monkeypatch) -> No
         )
     got, want = fitted.attribute((x[:5], y[:5])), fixed.attribute((x[:5], y[:5]))
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+
+
+def test_release_drops_what_the_auto_grid_kept_and_solves_the_same() -> None:
+    """``release()`` (called once ``damping="auto"`` has chosen): the undamped matrix of a
+    dense fit, CG's last solutions and the matrix of an iterative solver's exact switch are
+    dropped; every solve is unchanged (float64), and re-damping a dense fit then needs a
+    refit (``None``). A preconditioner that keeps nothing (the base's default) solves as
+    before."""
+    from datatrace.curvature.arnoldi import EigenPreconditioner
+    from datatrace.curvature.cg import CGPreconditioner
+    from datatrace.curvature.dense import _fit_dense
+    from datatrace.curvature.lissa import LiSSAPreconditioner
+    from datatrace.curvature.matrix_free import MatrixFree
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 20, generator=g, dtype=torch.float64)
+    matrix = a @ a.T / 20
+    v = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(matrix + 0.5 * torch.eye(20, dtype=torch.float64), v.T).T
+
+    class _Dense:
+        n = 20
+
+        def mean_product(self, x: torch.Tensor, gauss_newton: bool) -> torch.Tensor:
+            return x @ matrix
+
+    def exact():  # type: ignore[no-untyped-def]
+        out = _fit_dense(matrix.clone(), 0.5, True, "auto")
+        assert out.undamped is not None
+        return out
+
+    dense = exact()
+    before = dense.solve(v)
+    dense.release()
+    assert dense.undamped is None and dense.with_damping(0.6) is None
+    assert torch.equal(dense.solve(v), before)
+    torch.testing.assert_close(before, want, rtol=1e-10, atol=1e-12)
+
+    op = MatrixFree(_Dense(), False, 0.5)  # type: ignore[arg-type]
+    cg = CGPreconditioner(op, None, 1e-12)
+    cg.keep_last = True
+    before = cg.solve(v)
+    assert cg.last is not None
+    cg.release()
+    assert cg.last is None and not cg.keep_last
+    after = cg.solve(v)
+    assert cg.last is None  # not kept again
+    torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(after, want, rtol=1e-9, atol=1e-11)
+
+    for solver in (CGPreconditioner(op, None, 1e-12),
+                   LiSSAPreconditioner(dt.LiSSA(damping=0.5), op, 10.0, 10.0, 5)):  # fmt: skip
+        solver.exact = exact()
+        before = solver.solve(v)
+        solver.release()
+        assert solver.exact.undamped is None
+        assert torch.equal(solver.solve(v), before)
+        torch.testing.assert_close(before, want, rtol=1e-10, atol=1e-12)
+
+    evals, evecs = torch.linalg.eigh(matrix)
+    eigen = EigenPreconditioner(evals, evecs, 0.5)
+    before = eigen.solve(v)
+    eigen.release()  # the base's no-op: nothing was kept
+    assert torch.equal(eigen.solve(v), before)
+    torch.testing.assert_close(before, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_preconditioner_says_whether_it_calibrates_its_damping() -> None:
+    """``calibrates_damping()``: ``damping="auto"`` and nothing else; a contributed
+    preconditioner without a damping setting never does."""
+    from datatrace.curvature.auto import AutoPreconditioner
+
+    assert dt.ExactHessian(damping="auto").calibrates_damping()
+    assert dt.ConjugateGradient(damping="auto").calibrates_damping()  # type: ignore[arg-type]
+    assert AutoPreconditioner(damping="auto").calibrates_damping()
+    assert not dt.ExactHessian().calibrates_damping()
+    assert not dt.EKFAC(damping=0.1).calibrates_damping()
+
+    class Identity(dt.AbstractPreconditioner):  # no damping setting at all
+        def fit(self, ctx):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    assert not Identity().calibrates_damping()

@@ -49,6 +49,7 @@ METHODS = {
     "ekfac": lambda: dt.Influence(dt.EKFAC()),
     "datainf": lambda: dt.DataInf(),
     "trak": lambda: dt.TRAK(projection_dim=16),
+    "default_influence": lambda: dt.Influence(),  # chooses (exact here) and keeps its choice
 }
 
 
@@ -90,6 +91,31 @@ def test_save_then_load_scores_exactly_as_the_fit(tmp_path: Path, name: str, whe
     assert torch.equal(loaded.self_influence(), fitted.self_influence())
     if where == "store":  # by reference: the features were not copied
         assert not any(k.startswith("features/") for k in _tensor_names(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("name", ["cg", "lissa", "arnoldi"])
+def test_a_fit_saved_when_the_solvers_were_in_one_module_loads(tmp_path: Path, name: str) -> None:
+    """Fits saved while CG, LiSSA and Arnoldi lived in ``datatrace.curvature.iterative``
+    (before issue 13 gave each solver its module) name their classes there: they load by
+    the new names (``codec.MOVED``) and score exactly as the fit."""
+    from datatrace.core import persist
+    from datatrace.methods.saved import FORMAT
+
+    model, ckpts, train, q = trained()
+    fitted = METHODS[name]().fit(dt.ClassificationTask(model), ckpts, train, block_size=16)
+    fitted.save(tmp_path / "saved")
+    path = tmp_path / "saved" / "attributor.safetensors"
+    tensors, meta = persist.load_tensors(path, FORMAT, "")
+    text = json.dumps(meta)
+    for module in ("cg", "lissa", "arnoldi", "matrix_free"):
+        text = text.replace(f'"datatrace.curvature.{module}:', '"datatrace.curvature.iterative:')
+    text = text.replace("iterative:MatrixFree", "iterative:_MatrixFree")
+    assert text.count('"datatrace.curvature.iterative:') >= 2  # the settings and the fit
+    old = {k: v for k, v in json.loads(text).items() if k != "checksum"}
+    persist.save_tensors(path, tensors, old)
+    loaded = dt.load(tmp_path / "saved", dt.ClassificationTask(MLP().double()), train)
+    assert type(loaded.preconditioners[0]) is type(fitted.preconditioners[0])
+    assert torch.equal(loaded.attribute(q), fitted.attribute(q))
 
 
 def _tensor_names(folder: Path) -> list[str]:

@@ -12,15 +12,11 @@ import torch
 from test_influence import _fit, exact_hessian, reference
 
 import datatrace as dt
+from datatrace.curvature.arnoldi import EigenPreconditioner
+from datatrace.curvature.cg import CG_TOL, CGPreconditioner
 from datatrace.curvature.dense import CholeskyPreconditioner
-from datatrace.curvature.iterative import (
-    CG_TOL,
-    CGPreconditioner,
-    EigenPreconditioner,
-    _MatrixFree,
-    exact_is_cheaper,
-    neumann_depth,
-)
+from datatrace.curvature.lissa import neumann_depth
+from datatrace.curvature.matrix_free import MatrixFree, exact_is_cheaper
 
 
 class _Dense:
@@ -47,7 +43,7 @@ def test_block_cg_matches_linalg_solve_for_many_right_hand_sides():
     V = torch.randn(m, p, generator=g, dtype=torch.float64)
     V[3] = 0.0  # a zero right-hand side solves to zero, not NaN
     V[4] *= 1e6  # the tolerance is relative to each right-hand side
-    pc = CGPreconditioner(_MatrixFree(_Dense(H), False, lam), None, 1e-10)  # type: ignore[arg-type]
+    pc = CGPreconditioner(MatrixFree(_Dense(H), False, lam), None, 1e-10)  # type: ignore[arg-type]
     X = pc.solve(V)
     ref = torch.linalg.solve(H + lam * torch.eye(p, dtype=torch.float64), V.T).T
     torch.testing.assert_close(X, ref, rtol=1e-8, atol=1e-8 * ref.abs().max().item())
@@ -61,9 +57,9 @@ def test_block_cg_needs_fewer_iterations_than_one_right_hand_side_at_a_time():
     p, lam = 80, 1e-4
     H = _spd(p, 2, spread=1e4)
     V = torch.randn(20, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    block = CGPreconditioner(_MatrixFree(_Dense(H), False, lam), None, 1e-8)  # type: ignore[arg-type]
+    block = CGPreconditioner(MatrixFree(_Dense(H), False, lam), None, 1e-8)  # type: ignore[arg-type]
     block.solve(V)
-    single = CGPreconditioner(_MatrixFree(_Dense(H), False, lam), 500, 1e-8)  # type: ignore[arg-type]
+    single = CGPreconditioner(MatrixFree(_Dense(H), False, lam), 500, 1e-8)  # type: ignore[arg-type]
     single.solve(V[:1])
     assert block.iterations <= 10 < single.iterations, (block.iterations, single.iterations)
 
@@ -360,7 +356,7 @@ def test_influence_without_a_preconditioner_is_ekfac_on_a_transformers_supported
     from test_kfac_models import _bert, _bert_data, _fit_bert, _fit_lm, _gpt2, _lm_data
 
     from datatrace.core.data import ExampleSource
-    from datatrace.curvature.auto import AutoPreconditioner
+    from datatrace.curvature.auto import AutoPreconditioner, Choice
 
     model, batch = _bert(), _bert_data(8, seed=2)
     with caplog.at_level("INFO", logger="datatrace"):
@@ -391,13 +387,13 @@ def test_influence_without_a_preconditioner_is_ekfac_on_a_transformers_supported
     kind, names, why = AutoPreconditioner(max_exact_params=100).decide(
         task, list(asked), asked, ExampleSource(batch, "training data")
     )
-    assert kind == "cg" and names == list(asked)
+    assert kind is Choice.CG and names == list(asked)
     assert "EK-FAC cannot take every layer asked for" in why and "word_embeddings" in why
 
 
 def test_auto_choice_is_cg_when_the_supported_layers_hold_too_little(dict_data):
     from datatrace.core.data import ExampleSource
-    from datatrace.curvature.auto import EKFAC_MIN_SHARE, AutoPreconditioner
+    from datatrace.curvature.auto import EKFAC_MIN_SHARE, AutoPreconditioner, Choice
 
     model, batch = dict_data  # embedding 44 parameters, head 10: 19% < 50%
     kind, names, why = AutoPreconditioner(max_exact_params=10).decide(
@@ -405,13 +401,13 @@ def test_auto_choice_is_cg_when_the_supported_layers_hold_too_little(dict_data):
         ExampleSource(batch, "training data"),
     )  # fmt: skip
     assert EKFAC_MIN_SHARE == 0.5
-    assert kind == "cg" and len(names) == 3 and "hold 19% < 50%" in why
+    assert kind is Choice.CG and len(names) == 3 and "hold 19% < 50%" in why
 
 
 def test_lissa_counts_a_recursion_step_as_lissa_step_cost_products(setup, monkeypatch):
     """The exact switch counts each recursion step's products LISSA_STEP_COST times (small
     sequential minibatches cost more per product than forming H in vmapped chunks)."""
-    from datatrace.curvature import iterative
+    from datatrace.curvature import lissa
 
     model, x, y, xq, yq = setup
     seen = []
@@ -420,9 +416,9 @@ def test_lissa_counts_a_recursion_step_as_lissa_step_cost_products(setup, monkey
         seen.append((passes, vectors, examples))
         return False
 
-    monkeypatch.setattr(iterative, "exact_is_cheaper", spy)
+    monkeypatch.setattr(lissa, "exact_is_cheaper", spy)
     fitted = _fit(model, x, y, dt.LiSSA(damping=0.5, repeat=2))
     fitted.attribute((xq, yq))
     pc = fitted.preconditioners[0]
-    assert iterative.LISSA_STEP_COST == 4
+    assert lissa.LISSA_STEP_COST == 4
     assert seen and seen[0] == (4 * 2 * pc.depth, len(xq), min(64, len(x)))

@@ -11,19 +11,21 @@
 * ``DataInfPreconditioner``: DataInf's closed form (per layer, from training gradients).
 """
 
+from .arnoldi import Arnoldi
 from .base import (
     AbstractFittedPreconditioner,
     AbstractPreconditioner,
     InfluenceWarning,
     mean_squared_entry,
 )
+from .cg import ConjugateGradient
 from .context import FitContext
 from .datainf import DataInfPreconditioner
 from .dense import ExactHessian, GaussNewton
 from .fisher import Fisher
 from .gram import GramInverse
-from .iterative import Arnoldi, ConjugateGradient, LiSSA
 from .kfac import EKFAC, KFAC
+from .lissa import LiSSA
 from .problem import CurvatureProblem
 
 __all__ = [

@@ -19,6 +19,7 @@ by :meth:`AutoPreconditioner.fit`.
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,9 +31,9 @@ from .base import (
     check_damping,
     check_positive,
 )
+from .cg import ConjugateGradient
 from .context import FitContext
 from .dense import ExactHessian
-from .iterative import ConjugateGradient
 from .kfac import EKFAC
 from .kfac_layers import kfac_layers
 
@@ -56,6 +57,14 @@ EXACT_MAX_PARAMS = 10_000
 EKFAC_MIN_SHARE = 0.5
 
 
+class Choice(enum.Enum):
+    """What :class:`AutoPreconditioner` chose."""
+
+    EXACT = "exact"
+    EKFAC = "ekfac"
+    CG = "cg"
+
+
 @dataclass(frozen=True)
 class AutoPreconditioner(AbstractPreconditioner):
     """Exact up to ``max_exact_params`` parameters, EK-FAC on its layers above it when they
@@ -69,19 +78,21 @@ class AutoPreconditioner(AbstractPreconditioner):
     damping: float | str | None = None
     max_exact_params: int = EXACT_MAX_PARAMS
     #: the choice made by :meth:`parameters`, by the tuple of parameters kept (shared by
-    #: ``dataclasses.replace`` copies, e.g. ``damping="auto"``'s refits)
-    _chosen: dict[tuple[str, ...], tuple[str, str]] = field(
-        default_factory=dict, compare=False, repr=False
+    #: ``dataclasses.replace`` copies, e.g. ``damping="auto"``'s refits; not a setting: a
+    #: saved fit leaves it out, :mod:`datatrace.methods.codec`)
+    _chosen: dict[tuple[str, ...], tuple[Choice, str]] = field(
+        default_factory=dict, compare=False, repr=False, metadata={"saved": False}
     )
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
         check_positive("max_exact_params", self.max_exact_params)
 
-    def _make(self, kind: str) -> AbstractPreconditioner:
-        if kind == "exact":
+    def _make(self, kind: Choice) -> AbstractPreconditioner:
+        """The chosen preconditioner with this damping (made anew: a refit's differs)."""
+        if kind is Choice.EXACT:
             return ExactHessian(damping=self.damping, max_params=self.max_exact_params)
-        if kind == "ekfac":
+        if kind is Choice.EKFAC:
             return EKFAC(damping=self.damping)  # type: ignore[arg-type]
         return ConjugateGradient(damping=self.damping)  # type: ignore[arg-type]
 
@@ -91,24 +102,24 @@ class AutoPreconditioner(AbstractPreconditioner):
         names: list[str],
         requested: tuple[str, ...] | None,
         train: ExampleSource,
-    ) -> tuple[str, list[str], str]:
-        """``(kind, parameters kept, why)``; kind is ``"exact"``, ``"ekfac"`` or ``"cg"``."""
+    ) -> tuple[Choice, list[str], str]:
+        """``(choice, parameters kept, why)``."""
         sizes = {n: p.numel() for n, p in task.model.named_parameters()}
         p = sum(sizes[n] for n in names)
         limit = f"max_exact_params={self.max_exact_params:,}"
         if p <= self.max_exact_params:
-            return "exact", list(names), f"{p:,} parameters <= {limit}"
+            return Choice.EXACT, list(names), f"{p:,} parameters <= {limit}"
         try:
             kept = EKFAC().parameters(task, names, requested, train)
         except ConfigError as exc:  # a requested parameter EK-FAC cannot take, or none at all
-            return "cg", list(names), f"{p:,} parameters > {limit}, and EK-FAC cannot take " \
+            return Choice.CG, list(names), f"{p:,} parameters > {limit}, and EK-FAC cannot take " \
                 f"every layer asked for ({exc})"  # fmt: skip
         share = sum(sizes[n] for n in kept) / p
         left = [n for n in names if n not in kept]
         shown = ", ".join(left[:6]) + (f", ... ({len(left)} in all)" if len(left) > 6 else "")
         if share < EKFAC_MIN_SHARE:
             return (
-                "cg",
+                Choice.CG,
                 list(names),
                 (
                     f"{p:,} parameters > {limit}, and EK-FAC cannot take every layer: its layers "
@@ -116,7 +127,7 @@ class AutoPreconditioner(AbstractPreconditioner):
                 ),
             )
         why = f"{p:,} parameters > {limit}; EK-FAC's layers hold {share:.0%} of them"
-        return "ekfac", kept, why + (f" (left out of the scores: {shown})" if left else "")
+        return Choice.EKFAC, kept, why + (f" (left out of the scores: {shown})" if left else "")
 
     def parameters(
         self,
@@ -139,13 +150,13 @@ class AutoPreconditioner(AbstractPreconditioner):
         p = ctx.problem.p
         limit = f"max_exact_params={self.max_exact_params:,}"
         if p <= self.max_exact_params:
-            return self._make("exact"), f"{p:,} parameters <= {limit}"
+            return self._make(Choice.EXACT), f"{p:,} parameters <= {limit}"
         _, left_out = kfac_layers(ctx.problem.task.model, list(names))
         if left_out:
             why = "; ".join(f"{n!r}: {w}" for n, w in left_out.items())
-            return self._make("cg"), f"{p:,} parameters > {limit}, and EK-FAC cannot take " \
+            return self._make(Choice.CG), f"{p:,} parameters > {limit}, and EK-FAC cannot take " \
                 f"every layer ({why})"  # fmt: skip
-        return self._make("ekfac"), f"{p:,} parameters > {limit}, every layer K-FAC-able"
+        return self._make(Choice.EKFAC), f"{p:,} parameters > {limit}, every layer K-FAC-able"
 
     def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:
         choice, why = self.choose(ctx)

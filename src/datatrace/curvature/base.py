@@ -72,6 +72,8 @@ import torch
 from ..core.errors import ConfigError, NonFiniteError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..core.data import ExampleSource
     from ..core.task import AbstractTask
     from .context import FitContext
@@ -100,6 +102,11 @@ class AbstractFittedPreconditioner(ABC):
         ``damping="auto"`` tries its grid this way."""
         return None
 
+    def release(self) -> None:  # noqa: B027 (a hook: no-op unless something is kept)
+        """Drop what was kept only so that :meth:`with_damping` is cheap (an undamped
+        matrix, the last solutions), once ``damping="auto"`` has chosen: :meth:`solve` is
+        unchanged, :meth:`with_damping` may then need a refit. Default: nothing is kept."""
+
 
 class AbstractPreconditioner(ABC):
     """The preconditioner slot ``P`` of ``S = Σ_c w_c ⟨φ_c(q), P_c φ_c(z)⟩``.
@@ -110,6 +117,11 @@ class AbstractPreconditioner(ABC):
     :mod:`datatrace.app.registry` (see CONTRIBUTING.md).
     """
 
+    #: λ: ``None`` (the default rule), ``"auto"`` (calibrated by the method that fits it)
+    #: or a number (module docstring); each implementation declares it as a setting, and
+    #: one that takes no damping leaves it ``None``
+    damping: float | str | None = None
+
     #: whether it works on randomly projected features (TRAK's Gram inverse does; curvature
     #: of the loss needs exact dense gradients)
     accepts_projection: ClassVar[bool] = False
@@ -119,9 +131,19 @@ class AbstractPreconditioner(ABC):
     #: (:mod:`datatrace.methods.kronecker`: K-FAC and EK-FAC)
     fused_scoring: ClassVar[bool] = False
 
+    def calibrates_damping(self) -> bool:
+        """Whether the method fitting it calibrates the damping (``damping="auto"``)."""
+        return self.damping == AUTO
+
     @abstractmethod
     def fit(self, ctx: FitContext) -> AbstractFittedPreconditioner:
         """Fit at one checkpoint from ``ctx`` (curvature problem, λ₀, training blocks)."""
+
+    def cache_file(self, prefix: Path) -> Path | None:
+        """The file its fit caches in a feature store under ``prefix``
+        (:attr:`FitContext.cache <datatrace.curvature.context.FitContext>`), or ``None``:
+        nothing cached (the default)."""
+        return None
 
     def parameters(
         self,

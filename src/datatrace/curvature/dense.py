@@ -4,7 +4,7 @@
   ``H + λI`` is positive definite, else ``LDLᵀ`` with a warning.
 * :class:`GaussNewton`: the same on the positive semi-definite Gauss–Newton matrix ``G``.
 
-Iterative, matrix-free solvers (CG, LiSSA, Arnoldi) are in :mod:`.iterative`.
+Iterative, matrix-free solvers are in :mod:`.cg`, :mod:`.lissa` and :mod:`.arnoldi`.
 
 References:
     Koh and Liang 2017 (influence functions).
@@ -49,6 +49,9 @@ class _Redampable:
         out, lowest = _dense_inverse(matrix.clone(), damping, hessian, lowest)
         out.undamped = (matrix, hessian, lowest)
         return out
+
+    def release(self) -> None:
+        self.undamped = None
 
 
 @dataclass

@@ -199,15 +199,18 @@ _refit_eigenvalues = refit_eigenvalues
 
 
 def _fit_kronecker(
-    ctx: FitContext, damping: float | None, refit: bool, settings: PassSettings
+    ctx: FitContext,
+    damping: float | None,
+    refit: bool,
+    settings: PassSettings,
+    path: Path | None,
 ) -> KroneckerPreconditioner:
-    """Fit (or load from the store's cache) every layer's factors and choose the damping.
-    When ``ctx`` has no λ₀ yet (training features not stored), the factor pass measures
-    it and hands it to ``ctx``."""
+    """Fit (or load from the store's cache file ``path``) every layer's factors and choose
+    the damping. When ``ctx`` has no λ₀ yet (training features not stored), the factor
+    pass measures it and hands it to ``ctx``."""
     problem = ctx.problem
     layers = problem_layers(problem)
-    kind = "ekfac" if refit else "kfac"
-    path = ctx.cache.with_name(f"{ctx.cache.name}-{kind}.safetensors") if ctx.cache else None
+    kind = "ekfac" if refit else "kfac"  # (in messages)
     described = _describe(settings)
     if path is None or not _load(path, layers, problem.theta.device, described):
         with_loss = not ctx.lambda0_known
@@ -295,9 +298,14 @@ class _KroneckerFactored(AbstractPreconditioner):
     ) -> list[str]:
         return select_kfac_parameters(type(self).__name__, task, names, requested, train)
 
+    def cache_file(self, prefix: Path) -> Path:
+        """``<prefix>-kfac.safetensors`` (``-ekfac`` for EK-FAC): the fitted factors."""
+        return prefix.with_name(f"{prefix.name}-{'ekfac' if self.refit else 'kfac'}.safetensors")
+
     def fit(self, ctx: FitContext) -> KroneckerPreconditioner:
         settings = PassSettings(as_fisher(self.fisher), self.samples, self.seed)
-        return _fit_kronecker(ctx, self.damping, self.refit, settings)
+        path = self.cache_file(ctx.cache) if ctx.cache is not None else None
+        return _fit_kronecker(ctx, self.damping, self.refit, settings, path)
 
 
 @dataclass(frozen=True)

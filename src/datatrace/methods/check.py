@@ -1,4 +1,5 @@
-"""``fitted.check()``: a fitted method scores itself against further training (Wei et al.
+"""What :meth:`FittedGradientAttributor.check` (``fitted.check()``) reports and how it draws
+its sample: a fitted method scores itself against further training (Wei et al.
 2024, the gold standard that needs only the final model) on a random sample of training
 examples, so that every score comes with a measured answer to "how far can I trust it?".
 
@@ -12,21 +13,11 @@ Spearman of the method's scores with it, then mean ± standard error over the qu
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.checkpoint import Checkpoint
-from ..core.data import ExampleSource
 from ..core.errors import ConfigError
-from ..metrics import agreement
-from ..truth.further import further_training
-from .trak import MarginTask
-
-if TYPE_CHECKING:
-    from .fitted import FittedGradientAttributor
 
 
 @dataclass(frozen=True)
@@ -74,57 +65,3 @@ def check_sample(
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(seed)))
     left = torch.sort(perm[:n_examples]).values
     return left, (perm[n_examples:need] if own_queries else None)
-
-
-def check(
-    fitted: FittedGradientAttributor,
-    queries: Any = None,
-    *,
-    n_examples: int = 32,
-    n_queries: int = 32,
-    epochs: int = 1,
-    seed: int = 0,
-    n_seeds: int = 5,
-    lr: float = 0.01,
-    batch_size: int = 32,
-    progress: bool | None = False,
-) -> CheckResult:
-    """See :meth:`FittedGradientAttributor.check`."""
-    t0 = time.perf_counter()
-    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
-        raise ConfigError(f"n_seeds must be an integer >= 1, got {n_seeds!r}")
-    left, query_idx = check_sample(fitted.n_train, n_examples, n_queries, seed, queries is None)
-    if query_idx is not None:
-        queries = fitted.train.take(query_idx)
-    n_q = len(ExampleSource(queries, "queries"))
-    params, buffers = fitted.states[-1]
-    final = Checkpoint.from_state_dict({**params, **buffers})
-    # further-train with the training task itself (TRAK scores a wrapped margin task, whose
-    # "loss" is not what training minimised): the gold standard datatrace evaluate uses
-    task = fitted.task.inner if isinstance(fitted.task, MarginTask) else fitted.task
-    scores = fitted.attribute(queries)[:, left].double().cpu()
-    gold = further_training(
-        task,
-        final,
-        fitted.train,
-        queries,
-        left,
-        epochs=epochs,
-        seeds=range(n_seeds),
-        lr=lr,
-        batch_size=batch_size,
-        progress=progress,
-    )[-1].cpu()
-    agree = agreement(scores, gold)
-    what = (
-        f"further training (Wei et al. 2024; {epochs} epoch(s) of SGD, lr {lr:g}, batch "
-        f"{batch_size}, {n_seeds} seeds)"
-    )
-    return CheckResult(
-        cosine=agree["cosine"],
-        spearman=agree["spearman"],
-        gold_standard=what,
-        n_examples=int(left.numel()),
-        n_queries=n_q,
-        seconds=time.perf_counter() - t0,
-    )

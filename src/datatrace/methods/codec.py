@@ -68,7 +68,7 @@ def encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], model: nn.Modul
         fields = {
             f.name: encode(getattr(obj, f.name), f"{key}/{f.name}", tensors, model)
             for f in dataclasses.fields(obj)
-            if f.init
+            if f.init and f.metadata.get("saved", True)  # (runtime state is not)
         }
         return {"class": class_name(cls), "fields": fields}
     if isinstance(obj, _SLOTS) and not vars(obj):  # a setting-free slot (TRAK's Margin)
@@ -121,10 +121,27 @@ class Decoder:
         raise StoreCorruptError(f"unreadable entry {sorted(value)}; {FIX}")
 
 
+#: datatrace classes that moved since fits naming them were saved: old name → new name
+#: (issue 13 split ``curvature/iterative.py`` into one module per solver)
+MOVED = {
+    f"datatrace.curvature.iterative:{old}": f"datatrace.curvature.{module}:{new}"
+    for old, module, new in (
+        ("ConjugateGradient", "cg", "ConjugateGradient"),
+        ("CGPreconditioner", "cg", "CGPreconditioner"),
+        ("LiSSA", "lissa", "LiSSA"),
+        ("LiSSAPreconditioner", "lissa", "LiSSAPreconditioner"),
+        ("Arnoldi", "arnoldi", "Arnoldi"),
+        ("EigenPreconditioner", "arnoldi", "EigenPreconditioner"),
+        ("_MatrixFree", "matrix_free", "MatrixFree"),
+    )
+}
+
+
 def find_class(name: str) -> type:
-    """A class a saved fit names: datatrace's own (imported on demand) or a slot class of a
-    module already imported (a contributor's preconditioner). Nothing else is imported."""
-    module_name, _, qualname = name.partition(":")
+    """A class a saved fit names: datatrace's own (imported on demand; by its new name where
+    it moved, :data:`MOVED`) or a slot class of a module already imported (a contributor's
+    preconditioner). Nothing else is imported."""
+    module_name, _, qualname = MOVED.get(name, name).partition(":")
     if module_name == "datatrace" or module_name.startswith("datatrace."):
         import importlib
 

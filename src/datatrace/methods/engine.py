@@ -44,7 +44,7 @@ from ..core.fingerprint import (
 )
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
-from ..curvature.base import AUTO, AbstractFittedPreconditioner, AbstractPreconditioner
+from ..curvature.base import AbstractFittedPreconditioner, AbstractPreconditioner
 from ..features.featurizer import AbstractFeaturizer, GradientFeatures
 from ..features.loop import State, featurize
 from ..features.placement import MEMORY_BUDGET, place_training_features, plan_sizes
@@ -221,7 +221,7 @@ class GradientAttributor:
             raise
         if placed.temporary is not None:
             weakref.finalize(fitted, shutil.rmtree, placed.temporary, True)
-        if self.preconditioner is not None and _is_auto(self.preconditioner):
+        if self.preconditioner is not None and self.preconditioner.calibrates_damping():
             self._calibrate(fitted, task, ckpts[-1], train)
         return fitted
 
@@ -257,7 +257,7 @@ class GradientAttributor:
             progress,
         )  # fmt: skip
         fitted.memory_budget = budget
-        if self.preconditioner is not None and _is_auto(self.preconditioner):
+        if self.preconditioner is not None and self.preconditioner.calibrates_damping():
             self._calibrate(fitted, task, ckpts[-1], train)
         return fitted
 
@@ -304,9 +304,9 @@ class GradientAttributor:
             fitted, task, last, train, refit, fitted.damping[0],
             keep=lambda: list(fitted.preconditioners), restore=restore,
         )  # fmt: skip
-        fitted.auto_damping = result  # type: ignore[attr-defined]
+        fitted.auto_damping = result
         for f in fitted.preconditioners:  # what was kept for the grid is not needed now
-            _release(f)
+            f.release()
 
     def _bind(
         self,
@@ -327,20 +327,6 @@ class GradientAttributor:
         for f, st in zip(per_ckpt, states, strict=True):
             featurize(f, st, source, False, 1, 0, 1, progress=False)
         return per_ckpt, states
-
-
-def _release(fitted: AbstractFittedPreconditioner) -> None:
-    """Drop what a ``damping="auto"`` fit kept for its grid (an undamped matrix, CG's last
-    solutions; LiSSA's exact factorization's matrix)."""
-    for obj in (fitted, getattr(fitted, "exact", None)):
-        if hasattr(obj, "undamped"):
-            obj.undamped = None  # type: ignore[union-attr]
-        if hasattr(obj, "keep_last"):
-            obj.keep_last, obj.last = False, None  # type: ignore[union-attr]
-
-
-def _is_auto(pc: AbstractPreconditioner) -> bool:
-    return bool(getattr(pc, "damping", None) == AUTO)
 
 
 def _check_slot(name: str, value: Any, kind: type, optional: bool = True) -> None:

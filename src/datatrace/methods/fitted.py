@@ -1,24 +1,26 @@
-"""A fitted gradient attributor: scores queries against the training features, block by block
-(``attribute``, ``attribute_to_file``, ``top_k``, ``self_influence``), never holding the full
-(n_query, n_train) matrix unless asked for it."""
+"""A fitted gradient attributor: the fit (featurizers, checkpoint states, fitted
+preconditioners, where the training features are) and the calls that score with it
+(``attribute``, ``attribute_to_file``, ``top_k``, ``self_influence``, ``check``, ``save``),
+never holding the full (n_query, n_train) matrix unless asked for it. How queries and
+training blocks are scored is :mod:`.chunks`."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..core import distributed
+from ..core.checkpoint import Checkpoint
 from ..core.data import ExampleSource
-from ..core.errors import ConfigError, NonFiniteError
-from ..core.language import LanguageModelingTask
-from ..core.runtime import model_device, show_progress
+from ..core.errors import ConfigError
+from ..core.runtime import model_device
 from ..core.task import AbstractTask
 from ..curvature.base import (
     AbstractFittedPreconditioner,
@@ -27,21 +29,25 @@ from ..curvature.base import (
 )
 from ..curvature.context import FitContext
 from ..curvature.problem import CurvatureProblem
-from ..features.featurizer import AbstractFeaturizer, Features
-from ..features.loop import State, featurize
+from ..features.featurizer import AbstractFeaturizer
+from ..features.loop import State
 from ..features.memory import MemoryFeatureStore
-from ..features.placement import MIN_SIZING_BUDGET
 from ..features.store import FeatureStore
-from .check import CheckResult, check
+from ..metrics import agreement
+from ..truth.further import further_training
+from .check import CheckResult, check_sample
+from .chunks import BlockScoring, check_finite_scores, safe_norms
 from .topk import merge_top_k, running_top_k
+from .trak import MarginTask
 
 if TYPE_CHECKING:
+    from .autodamp import AutoDampingResult
     from .engine import GradientAttributor
 
 log = logging.getLogger("datatrace")
 
 
-class FittedGradientAttributor:
+class FittedGradientAttributor(BlockScoring):
     """A fitted gradient attributor: scores queries against the stored training features."""
 
     def __init__(
@@ -61,8 +67,6 @@ class FittedGradientAttributor:
     ) -> None:
         self.method = method
         self.task = task
-        #: the featurizer of each checkpoint (independent projections), and the first one's
-        #: shared helpers (inner products, norms)
         self.checkpoint_features = features
         self.features = features[0]
         self.states = states
@@ -72,14 +76,14 @@ class FittedGradientAttributor:
         self.batch_size = batch_size
         self.block_size = block_size
         self.progress = progress
-        #: optional per-checkpoint weights of each training example's column, (n_train,)
         self.column_weights = column_weights
-        #: scores are computed in the model's dtype (features may be kept in bfloat16)
         self.compute_dtype = next(iter(states[0][0].values())).dtype
         self.preconditioners: list[AbstractFittedPreconditioner] = []
         #: λ₀ (the damping scale) at each checkpoint (influence methods)
         self.lambda0: list[float] = []
         self.scale = 1.0
+        #: what ``damping="auto"`` chose and why (``None`` where it was not used)
+        self.auto_damping: AutoDampingResult | None = None
         if method.preconditioner is not None and fit_preconditioners:
             self._fit_preconditioners(method.preconditioner)
 
@@ -99,9 +103,15 @@ class FittedGradientAttributor:
         if lambda0 is None:
             square_sum = sum(float(self.features.sqnorm(g).sum()) for _, g in self._blocks(c))
             lambda0 = mean_squared_entry(square_sum, problem.n, problem.p)
+        return FitContext(
+            problem, lambda0, self.curvature_cache(c), functools.partial(self._blocks, c)
+        )
+
+    def curvature_cache(self, c: int) -> Path | None:
+        """The prefix of the files preconditioners fitted at checkpoint ``c`` cache in the
+        feature store (:meth:`AbstractPreconditioner.cache_file`), or ``None``: no store on disk."""
         path = self.store.path if self.store is not None else None
-        cache = path / f"curvature-c{c}" if path is not None else None
-        return FitContext(problem, lambda0, cache, functools.partial(self._blocks, c))
+        return path / f"curvature-c{c}" if path is not None else None
 
     def save(self, path: str | Path) -> Path:
         """Write this fit to the folder ``path`` (settings, fingerprints, checkpoints and
@@ -133,163 +143,6 @@ class FittedGradientAttributor:
         """The damping used at each checkpoint (influence methods)."""
         return [pc.damping for pc in self.preconditioners]
 
-    def _blocks(self, c: int) -> Iterator[tuple[int, Features]]:
-        for start in range(0, self.n_train, self.block_size):
-            stop = min(start + self.block_size, self.n_train)
-            yield start, self._train_block(c, start, stop)
-
-    def _precondition(self, c: int, feats: Features) -> Features:
-        if not self.preconditioners:
-            return feats
-        return {k: self.preconditioners[c].solve(v) for k, v in feats.items()}
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train)
-
-    def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
-        """The query ranges scored together: the queries' features held at once take at
-        most what one scoring block of training features may (``block_size`` examples,
-        or a quarter of :data:`~datatrace.features.placement.MIN_SIZING_BUDGET` if that
-        is more: budgets below it do not shrink work): ``block_size // n_checkpoints``
-        queries. Scored checkpoint by checkpoint (:meth:`_by_checkpoint`: the training
-        features are recomputed for every chunk, so fewer chunks save whole
-        featurizations), one checkpoint's queries take two such shares, ``2 ×
-        block_size`` (the budget's spare quarter besides the query, block and batch
-        ones), or ``block_size`` when only those scores fit a block's share. The
-        training features are read once per chunk."""
-        block = self._block_rows()
-        step = max(1, block // len(self.states))
-        for rows in (block, 2 * block):  # the larger when its scores fit too
-            if self._by_checkpoint(min(rows, n_query)):
-                step = rows
-        return [(a, min(a + step, n_query)) for a in range(0, n_query, step)]
-
-    def _block_rows(self) -> int:
-        row = max(1, sum(self.features.layout().values()) * self.compute_dtype.itemsize)
-        return max(self.block_size, MIN_SIZING_BUDGET // 4 // row)
-
-    def _by_checkpoint(self, n_rows: int) -> bool:
-        """Score ``n_rows`` queries one checkpoint at a time (holding one checkpoint's
-        query features and the (n_rows, n_train) scores being summed) rather than block
-        by block over all checkpoints: when training features are recomputed (each
-        chunk of queries then costs a featurization at every checkpoint, so fewer,
-        larger chunks are cheaper) and the scores take at most a block's share."""
-        if self.store is not None or len(self.states) == 1:
-            return False
-        row = max(1, sum(self.features.layout().values()) * self.compute_dtype.itemsize)
-        item = self.compute_dtype.itemsize
-        return n_rows * self.n_train * item <= self._block_rows() * row
-
-    def query_source(self, queries: Any) -> ExampleSource:
-        """``queries`` as a checked example source: like the training data (or, for language
-        modelling, sequences of any length with the task's own keys), values in range."""
-        source = ExampleSource(queries, "queries")
-        if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
-            self.task.check_queries(source)
-        else:
-            source.check_like(self.train)
-        whole = source.whole()
-        if whole is not None:
-            self.task.check_data(whole, source.name)
-        return source
-
-    def query_features(
-        self,
-        queries: Any,
-        rows: tuple[int, int] | None = None,
-        checkpoints: Sequence[int] | None = None,
-    ) -> list[Features]:
-        """Measurement-gradient features of the queries (those in ``rows``, a range, when
-        given) at each checkpoint used (or those in ``checkpoints``)."""
-        source = self.query_source(queries)
-        out = []
-        for c in range(len(self.states)) if checkpoints is None else checkpoints:
-            f, st = self.checkpoint_features[c], self.states[c]
-            feats = featurize(
-                f,
-                st,
-                source,
-                True,
-                self.batch_size,
-                *(rows or (0, len(source))),
-                progress=self.progress,
-                desc="featurizing queries",
-            )
-            out.append({k: v.to(self.compute_dtype) for k, v in feats.items()})
-        return out
-
-    def _train_block(self, c: int, start: int, stop: int) -> Features:
-        if self.store is None:  # not cached: recompute (same features, bit for bit per batch)
-            feats = featurize(
-                self.checkpoint_features[c],
-                self.states[c],
-                self.train,
-                False,
-                self.batch_size,
-                start,
-                stop,
-                progress=False,
-            )
-        else:
-            feats = self.store.read(c, start, stop)
-        device = model_device(self.task.model)
-        return {k: v.to(device, self.compute_dtype) for k, v in feats.items()}
-
-    def score_blocks(
-        self,
-        queries: Any,
-        starts: Sequence[int] | None = None,
-        rows: tuple[int, int] | None = None,
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, S[rows, start:stop])`` over training blocks (all, or those
-        starting at ``starts``, multiples of ``block_size``) for the queries in ``rows``
-        (a range; ``None``: all, their features held at once); never the whole matrix.
-        :meth:`attribute`, :meth:`top_k` and :meth:`attribute_to_file` score the queries
-        in :meth:`query_chunks`."""
-        n_rows = len(ExampleSource(queries, "queries")) if rows is None else rows[1] - rows[0]
-        every = list(range(len(self.states)))
-        groups = [[c] for c in every] if self._by_checkpoint(n_rows) else [every]
-        blocks = range(0, self.n_train, self.block_size) if starts is None else starts
-        bar = show_progress(self.progress) and len(blocks) * len(groups) > 1
-        totals: dict[int, torch.Tensor] = {}  # summed over groups of checkpoints
-        normalize = self.method.normalize
-        for group in groups:
-            qfeats = self.query_features(queries, rows, group)
-            qfeats = [self._precondition(c, q) for c, q in zip(group, qfeats, strict=True)]
-            qnorms = [self.features.sqnorm(q).sqrt() for q in qfeats] if normalize else []
-            for start in tqdm(blocks, desc="scoring", unit="block", disable=not bar, leave=False):
-                total = self._score_block(group, qfeats, qnorms, start)
-                if len(groups) == 1:
-                    _check_scores(total, start, self.preconditioners, "scores")
-                    yield start, total
-                else:
-                    totals[start] = total + totals[start] if start in totals else total
-        for start, total in totals.items():
-            _check_scores(total, start, self.preconditioners, "scores")
-            yield start, total
-
-    def _score_block(
-        self, group: list[int], qfeats: list[Features], qnorms: list[torch.Tensor], start: int
-    ) -> torch.Tensor:
-        """``Σ_{c ∈ group}`` of one training block's weighted scores at checkpoint c
-        (``qnorms``: the queries' feature norms, for normalised methods)."""
-        stop = min(start + self.block_size, self.n_train)
-        total = None
-        for i, (c, q) in enumerate(zip(group, qfeats, strict=True)):
-            g = self._train_block(c, start, stop)
-            with self.features.scoring():
-                s = self.features.pairwise(q, g)
-            if self.method.normalize:
-                gnorm = self.features.sqnorm(g).sqrt()
-                s = s / _safe(qnorms[i])[:, None] / _safe(gnorm)[None, :]
-            s = s * (self.weights[c] * self.scale)
-            if self.column_weights is not None:
-                s = s * self.column_weights[c][start:stop].to(s)
-            total = s if total is None else total + s
-        assert total is not None
-        return total
-
     def attribute(self, queries: Any) -> torch.Tensor:
         """Scores of every training example for every query, shape (n_query, n_train).
 
@@ -307,23 +160,6 @@ class FittedGradientAttributor:
                 out[a:b, start : start + s.shape[1]] = s
         assert out is not None
         return out
-
-    def _chunks(self, queries: Any) -> list[tuple[int, int]]:
-        """:meth:`query_chunks` of ``queries``, logged when there are several."""
-        chunks = self.query_chunks(len(ExampleSource(queries, "queries")))
-        if len(chunks) > 1:
-            log.info(
-                "%s: %d queries scored in %d chunks of %d (their features within the memory "
-                "budget's scoring share): the training features are read once per chunk%s",
-                self.method.name, chunks[-1][1], len(chunks), chunks[0][1] - chunks[0][0],
-                " (recomputed: not cached)" if self.store is None else "",
-            )  # fmt: skip
-        return chunks
-
-    def _my_block_starts(self) -> list[int]:
-        """Starts of the training blocks this rank scores (all of them in one process)."""
-        n_blocks = -(-self.n_train // self.block_size)
-        return [j * self.block_size for j in distributed.my_jobs(n_blocks)]
 
     def attribute_to_file(self, queries: Any, path: str | Path) -> Path:
         """Write ``S`` (n_query, n_train) to an ``.npy`` file block by block: memory stays
@@ -410,17 +246,35 @@ class FittedGradientAttributor:
             (mean, standard error over queries), the gold standard used, the sample sizes
             and the seconds taken. Reproducible given ``seed``.
         """
-        return check(
-            self,
-            queries,
-            n_examples=n_examples,
-            n_queries=n_queries,
-            epochs=epochs,
-            seed=seed,
-            n_seeds=n_seeds,
-            lr=lr,
-            batch_size=batch_size,
-            progress=progress,
+        t0 = time.perf_counter()
+        if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+            raise ConfigError(f"n_seeds must be an integer >= 1, got {n_seeds!r}")
+        left, query_idx = check_sample(self.n_train, n_examples, n_queries, seed, queries is None)
+        if query_idx is not None:
+            queries = self.train.take(query_idx)
+        n_q = len(ExampleSource(queries, "queries"))
+        params, buffers = self.states[-1]
+        final = Checkpoint.from_state_dict({**params, **buffers})
+        # further-train with the training task itself (TRAK scores a wrapped margin task,
+        # whose "loss" is not what training minimised): the gold standard evaluate uses
+        task = self.task.inner if isinstance(self.task, MarginTask) else self.task
+        scores = self.attribute(queries)[:, left].double().cpu()
+        gold = further_training(
+            task, final, self.train, queries, left, epochs=epochs, seeds=range(n_seeds),
+            lr=lr, batch_size=batch_size, progress=progress,
+        )[-1].cpu()  # fmt: skip
+        agree = agreement(scores, gold)
+        what = (
+            f"further training (Wei et al. 2024; {epochs} epoch(s) of SGD, lr {lr:g}, batch "
+            f"{batch_size}, {n_seeds} seeds)"
+        )
+        return CheckResult(
+            cosine=agree["cosine"],
+            spearman=agree["spearman"],
+            gold_standard=what,
+            n_examples=int(left.numel()),
+            n_queries=n_q,
+            seconds=time.perf_counter() - t0,
         )
 
     def self_influence(self) -> torch.Tensor:
@@ -440,12 +294,12 @@ class FittedGradientAttributor:
                     sq = self.features.pairwise_diagonal(self._precondition(c, g), g)
                 else:
                     sq = self.features.sqnorm(g)
-                s = (sq / _safe(sq) if self.method.normalize else sq) * (w * self.scale)
+                s = (sq / safe_norms(sq) if self.method.normalize else sq) * (w * self.scale)
                 if self.column_weights is not None:
                     s = s * self.column_weights[c][start:stop].to(s)
                 total = s if total is None else total + s
             assert total is not None
-            _check_scores(total[None], start, self.preconditioners, "self-influence")
+            check_finite_scores(total[None], start, self.preconditioners, "self-influence")
             out.append(total)
         if distributed.world()[1] == 1:
             return torch.cat(out)
@@ -456,34 +310,3 @@ class FittedGradientAttributor:
         for start, values in zip(starts, out, strict=True):
             full[start : start + values.shape[0]] = values
         return distributed.all_sum(full)
-
-
-def _safe(norm: torch.Tensor) -> torch.Tensor:
-    """Norms with exact zeros replaced by 1, so a zero gradient scores 0, not NaN."""
-    return torch.where(norm == 0, torch.ones_like(norm), norm)
-
-
-def _check_scores(
-    block: torch.Tensor, start: int, preconditioners: Sequence[Any], what: str
-) -> None:
-    """Never return a NaN or inf score silently: name where, and the likely cause."""
-    bad = ~torch.isfinite(block)
-    if not bool(bad.any()):
-        return
-    cols = (bad.any(0).nonzero().flatten() + start)[:10].tolist()
-    if preconditioners:
-        cause = (
-            "the preconditioner is singular or overflowed (damping "
-            f"{[round(p.damping, 6) for p in preconditioners]}); use damping > 0 or a larger "
-            "one, or dt.GaussNewton/EKFAC with the default damping"
-        )
-    else:
-        cause = (
-            "the gradient products overflowed the compute dtype (inputs or gradients of "
-            "huge magnitude); rescale the inputs, or use a float64 model"
-        )
-    raise NonFiniteError(
-        f"non-finite {what} (NaN or inf) for training examples {cols}"
-        f"{' and more' if int(bad.any(0).sum()) > 10 else ''}: {cause}",
-        indices=cols,
-    )

@@ -40,7 +40,8 @@ from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
 from ..grads.per_example import bound_model
 from ..grads.rules import capture
-from .fitted import FittedGradientAttributor, _check_scores
+from .chunks import check_finite_scores
+from .fitted import FittedGradientAttributor
 
 log = logging.getLogger("datatrace")
 
@@ -235,7 +236,7 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
                 s = self._block_scores(c, qt[c], start, stop) * (w * self.scale)
                 total = s if total is None else total + s
             assert total is not None
-            _check_scores(total, start, self.preconditioners, "scores")
+            check_finite_scores(total, start, self.preconditioners, "scores")
             yield start, total
 
     def _block_scores(
@@ -295,7 +296,7 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
                         rot = pc.rotate_factors(lay, e, a)
                         value = (rot.square() / (lay.lam + pc.damping)).sum((1, 2))
                         total[s - start : s - start + len(e)] += value * (w * self.scale)
-            _check_scores(total[None], start, self.preconditioners, "self-influence")
+            check_finite_scores(total[None], start, self.preconditioners, "self-influence")
             out.append(total)
         if distributed.world()[1] == 1:
             return torch.cat(out)

@@ -47,7 +47,6 @@ from ..core.fingerprint import model_fingerprint, task_fingerprint
 from ..core.runtime import model_device
 from ..core.task import AbstractTask, ClassificationTask
 from ..curvature.base import AbstractFittedPreconditioner
-from ..curvature.kfac import EKFAC, KFAC
 from ..features.memory import MemoryFeatureStore
 from ..features.store import FeatureStore
 from .codec import FIX, Decoder, encode
@@ -150,9 +149,9 @@ def _factors_in_store(fitted: FittedGradientAttributor, c: int) -> bool:
     store = fitted.store
     if not isinstance(store, FeatureStore) or _temporary(store.path):
         return False
-    spec = fitted.method.preconditioner
-    kind = "ekfac" if isinstance(spec, EKFAC) else "kfac" if isinstance(spec, KFAC) else None
-    return kind is not None and (store.path / f"curvature-c{c}-{kind}.safetensors").exists()
+    spec, prefix = fitted.method.preconditioner, fitted.curvature_cache(c)
+    path = spec.cache_file(prefix) if spec is not None and prefix is not None else None
+    return path is not None and path.exists()
 
 
 def _temporary(path: Path) -> bool:
