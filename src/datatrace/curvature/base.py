@@ -102,6 +102,13 @@ class AbstractFittedPreconditioner(ABC):
         ``damping="auto"`` tries its grid this way."""
         return None
 
+    def indefinite_below(self) -> float:
+        """A damping below which ``M + λI`` is known to have a negative eigenvalue (minus an
+        upper bound on ``M``'s smallest eigenvalue, where the fit found one), else 0:
+        ``damping="auto"`` does not try grid points below it (their scores are unreliable).
+        Default: 0 (nothing known)."""
+        return 0.0
+
     def release(self) -> None:  # noqa: B027 (a hook: no-op unless something is kept)
         """Drop what was kept only so that :meth:`with_damping` is cheap (an undamped
         matrix, the last solutions), once ``damping="auto"`` has chosen: :meth:`solve` is

@@ -148,6 +148,10 @@ class CGPreconditioner(AbstractFittedPreconditioner):
             out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
         return out
 
+    def indefinite_below(self) -> float:
+        """The exact factorization's bound, once the solver has switched to one."""
+        return self.exact.indefinite_below() if self.exact is not None else 0.0
+
     def release(self) -> None:
         """Stop keeping the last solutions (and an exact factorization's matrix)."""
         self.keep_last, self.last = False, None

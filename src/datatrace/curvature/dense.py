@@ -42,6 +42,12 @@ class _Redampable:
     #: upper bound on its smallest eigenvalue), or None; not saved with the fit
     undamped: tuple[torch.Tensor, bool, float] | None = field(default=None, init=False, repr=False)
 
+    def indefinite_below(self) -> float:
+        """``−`` the Lanczos bound on the Hessian's smallest eigenvalue, when negative."""
+        if self.undamped is None or not self.undamped[1]:
+            return 0.0
+        return max(0.0, -self.undamped[2])
+
     def with_damping(self, damping: float) -> AbstractFittedPreconditioner | None:
         if self.undamped is None:
             return None

@@ -172,6 +172,10 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
             out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
         return out
 
+    def indefinite_below(self) -> float:
+        """The exact factorization's bound, once the solver has switched to one."""
+        return self.exact.indefinite_below() if self.exact is not None else 0.0
+
     def release(self) -> None:
         """An exact factorization drops its undamped matrix (the recursion keeps nothing)."""
         if self.exact is not None:

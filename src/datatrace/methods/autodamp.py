@@ -68,7 +68,11 @@ class AutoDamping:
     ×10 on breast cancer (LDS 0.757 vs the rule's 0.855) and on the MLP (0.560 vs 0.655);
     with the margin and the horizon test (``margin_se``, ``horizon_factor``) the rule's
     damping is kept on all five suite tasks (bench/RESULTS.md), and grid points that the
-    horizon test would refuse are not tried (a refit saved).
+    horizon test would refuse are not tried (a refit saved), nor are those where the damped
+    Hessian is known to be indefinite (below minus the fit's Lanczos bound on its smallest
+    eigenvalue: influence there is unreliable, and a restored fit would not repeat the
+    warning; on the digits MLPs this is the ×0.1 point, whose LDLᵀ refit was the
+    calibration's largest cost).
 
     Cost (issue 12: ≤ the fit's): full-size suite tasks (400 examples, exact Hessian, one
     thread on a loaded machine), further training 0.16-2.0 s and at most two refits (one
@@ -245,13 +249,16 @@ def calibrate_damping(
     settings: AutoDamping | None = None,
     keep: Callable[[], Any] | None = None,
     restore: Callable[[Any], None] | None = None,
+    indefinite_below: Callable[[], float] | None = None,
 ) -> AutoDampingResult:
     """Pick the damping of ``fitted`` (a fitted influence method) by agreement with further
     training; ``refit(λ)`` refits its preconditioner with damping λ; ``start`` is the
     default rule's damping (the grid's centre); ``settings``: :data:`DEFAULTS` unless
     given. ``keep()`` / ``restore(kept)``, when given, hold on to the best grid point's fit
-    so that it is restored at the end instead of refitted. Leaves ``fitted`` at the
-    choice."""
+    so that it is restored at the end instead of refitted. ``indefinite_below()``, asked
+    after the rule's point is scored: grid points below it leave the damped curvature
+    indefinite (known from the fit) and are not tried: influence there is unreliable, and a
+    chance agreement must not choose it. Leaves ``fitted`` at the choice."""
     settings = DEFAULTS if settings is None else settings
     from ..core.data import ExampleSource
 
@@ -271,10 +278,19 @@ def calibrate_damping(
     best_at = float(start)
     horizon = horizon_damping(n, settings)
     # grid points above the rule's but below horizon_factor × the horizon could not be
-    # chosen (:func:`choose`): not tried (their agreement stays NaN)
-    tried = [k for k in range(len(grid)) if not start < grid[k] < settings.horizon_factor * horizon]
+    # chosen (:func:`choose`), nor points where the damped curvature is indefinite: not
+    # tried (their agreement stays NaN)
+    skipped: dict[int, str] = {}
     # the point already fitted (the rule's, ×1) first: no refit for it
-    for k in sorted(tried, key=lambda k: grid[k] != current):
+    for k in sorted(range(len(grid)), key=lambda k: grid[k] != current):
+        if grid[k] != start:
+            floor = indefinite_below() if indefinite_below is not None else 0.0
+            if grid[k] < floor:
+                skipped[k] = f"not tried (indefinite below {floor:.3g})"
+                continue
+            if start < grid[k] < settings.horizon_factor * horizon:
+                skipped[k] = "not tried (below the horizon's bias)"
+                continue
         if grid[k] != current:
             with warnings.catch_warnings():  # a too-small grid point may be indefinite
                 warnings.simplefilter("ignore", InfluenceWarning)
@@ -308,8 +324,8 @@ def calibrate_damping(
             refits += 1
     refit_s = time.perf_counter() - t1
     table = ", ".join(
-        f"{lam:.3g}: {r:.3f}" if r == r else f"{lam:.3g}: not tried (below the horizon's bias)"
-        for lam, r in zip(grid, spearman, strict=True)
+        f"{lam:.3g}: {skipped[k]}" if k in skipped else f"{lam:.3g}: {spearman[k]:.3f}"
+        for k, lam in enumerate(grid)
     )
     log.info(
         "damping='auto': %.3g, %s (Spearman agreement with further training on %d left "

@@ -303,6 +303,7 @@ class GradientAttributor:
         result = calibrate_damping(
             fitted, task, last, train, refit, fitted.damping[0],
             keep=lambda: list(fitted.preconditioners), restore=restore,
+            indefinite_below=lambda: max(f.indefinite_below() for f in fitted.preconditioners),
         )  # fmt: skip
         fitted.auto_damping = result
         for f in fitted.preconditioners:  # what was kept for the grid is not needed now
