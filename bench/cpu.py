@@ -529,7 +529,7 @@ def scale_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list, 
     path, n_full = stage(wl, tmp), wl.n_train
     base = {"batch_size": args.batch_size or 512, "block": args.block}
     prefix, dense_n = min(1_000 if args.quick else 5_000, n_full), 200 if args.quick else 2_000
-    cell = lambda method, lib, n, **kw: Cell(wl.name, method, lib, {**base, "n": n, **kw})  # noqa: E731
+    cell = lambda label, lib, n, **kw: Cell(wl.name, label, lib, {**base, "n": n, **kw})  # noqa: E731
     ref = cell("exact reference", "datatrace", n_full)
     feat = [cell("plain", "datatrace", n_full), cell("featurize", "datatrace", n_full),
             cell("dense", "datatrace", dense_n), cell("featurize-small", "datatrace", dense_n, method="featurize")]  # fmt: skip
