@@ -148,9 +148,8 @@ def report(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = harness.arg_parser(__doc__, "datatrace", repeats=None)
-    ap.add_argument("--seeds", type=int, default=3)
-    args = harness.parse_args(ap, argv)
+    own = lambda ap: ap.add_argument("--seeds", type=int, default=3)  # noqa: E731
+    args = harness.parse_args(__doc__, "datatrace", argv, own, repeats=None)
     torch.set_num_threads(args.threads)
     if args.quick:
         loads = [workload("digits", 300, 50, 16, 1, noise=2, epochs=10)]

@@ -3,13 +3,8 @@
 
     PYTHONPATH=src:. /work/venvs/hf/bin/python bench/bench_lm.py [--quick] [--out FILE]
 
-Workload, rows and the distinctive-word check: bench/README.md (issue 16). Full size:
-``GPT2LMHeadModel`` (n_embd 128, 2 layers, 4 heads, 32 positions) over the 4,128 most
-frequent words of 5,000 tweets, AdamW 3 epochs (a checkpoint each), 1,000 train × 20 queries
-(prompt = the first 4 tokens); ``--quick``: n_embd 64, 1,000 words, 1,000 tweets, 200 × 5,
-2 epochs. Each row runs in a fresh worker (``harness.in_workers``); its memory is the peak
-RSS above the worker's start. kronfluence gets the blocks' Conv1D layers as the equal
-``nn.Linear``, the true Fisher and the damping datatrace's row resolved to.
+Workload, sizes (``--quick``), rows and the distinctive-word check: bench/README.md (a
+small GPT-2 on tweets). Each row runs in a fresh worker.
 """
 
 from __future__ import annotations
@@ -192,14 +187,15 @@ def distinctive_overlap(S: torch.Tensor, meta: dict[str, Any], k: int = 10) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.arg_parser(__doc__, "datatrace,kronfluence", repeats=1, threads=1, max_wait=0.0,
-                            batch_size=32)  # fmt: skip
-    ap.add_argument("--out", default=None, help="JSON results file (as --json)")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="s per worker")
-    args = harness.parse_args(ap, argv)
+    def own(ap: Any) -> None:
+        ap.add_argument("--out", default=None, help="JSON results file (as --json)")
+        ap.add_argument("--timeout", type=float, default=1800.0, help="s per worker")
+
+    args = harness.parse_args(__doc__, "datatrace,kronfluence", argv, own, repeats=1, threads=1, max_wait=0.0,
+                              batch_size=32)  # fmt: skip
     if args.worker:
         return harness.worker_main(args.worker, work)
-    libs = harness.libraries(ap, args.libraries, ("datatrace", "kronfluence"))
+    libs = args.libraries
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     env = harness.environment(peers=["kronfluence", "transformers"], workload=size)
@@ -240,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                          agreement_with="datatrace EK-FAC blocks (mean per-query Pearson)")  # fmt: skip
         if c.library == "datatrace" and base:
             extra["x_fwd_bwd"] = c.median() / base
-        rows.append(harness.row(workload=wl, method=c.method, library=c.library, seconds=c.median(),
-                                peak_mem_gb=c.median("peak_mem_gb"), note="; ".join(notes),
-                                others_cores=c.median("others_cores"), **extra))  # fmt: skip
+        rows.append(c.row(notes, peak_mem_gb=c.median("peak_mem_gb"), others_cores=c.median("others_cores"),
+                          **extra))  # fmt: skip
     if (top := first("TracIn")) is not None or (top := first("GradDot")) is not None:
         print("\ntop proponents (TracIn) of the first queries:")
         for j in range(min(3, len(meta["query_text"]))):

@@ -5,14 +5,8 @@ kronfluence EK-FAC, and one plain forward+backward pass over the training set as
     PYTHONPATH=src:. HF_HUB_OFFLINE=1 /work/venvs/hf/bin/python bench/bench_transformers.py \
         [--quick] [--tiny] [--methods a,b] [--json out.json]
 
-Workload, rows and agreement pairs: bench/README.md (issue 15). Every row runs in a fresh
-worker (``harness.in_workers``; memory = the worker's ``VmHWM``). Rows are :data:`METHODS`,
-``name -> (library, what, runner)``, a runner taking the loaded workload and returning
-(scores (n_query, n_train), times); :data:`AGREEMENT` pairs rows computing the same quantity
-(or projected vs exact). captum's per-sample hooks cover ``nn.Linear`` only here, so the
-captum row and its datatrace twins use the 38 Linear layers; "all" rows use every parameter.
-EK-FAC: datatrace vs kronfluence on the 38 Linear layers, dict batches (padding masked in
-both), the last checkpoint, the empirical Fisher and datatrace's resolved damping.
+Workload, rows (:data:`METHODS`), agreement pairs (:data:`AGREEMENT`) and the EK-FAC
+comparison: bench/README.md (transformers). Every row runs in a fresh worker.
 """
 
 from __future__ import annotations
@@ -234,21 +228,26 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.arg_parser(__doc__, "torch,datatrace,captum,kronfluence", repeats=1, batch_size=32)
-    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
-    ap.add_argument("--workload", default=None, help="reuse a saved workload file")
-    ap.add_argument("--tiny", action="store_true", help="smoke test: a tiny BERT, not MiniLM")
-    args = harness.parse_args(ap, argv)
+    def own(ap: Any) -> None:
+        ap.add_argument(
+            "--methods", default=None, help=f"comma-separated subset of {list(METHODS)}"
+        )
+        ap.add_argument("--workload", default=None, help="reuse a saved workload file")
+        ap.add_argument("--tiny", action="store_true", help="smoke test: a tiny BERT, not MiniLM")
+
+    args = harness.parse_args(
+        __doc__, "torch,datatrace,captum,kronfluence", argv, own, repeats=1, batch_size=32
+    )
     if args.worker:
         return harness.worker_main(args.worker, work)
-    libs = harness.libraries(ap, args.libraries, ("torch", "datatrace", "captum", "kronfluence"))
+    libs = args.libraries
     torch.set_num_threads(args.threads)
     n_train, n_query = (64, 8) if args.tiny else (200, 50) if args.quick else (1000, 50)
     names = args.methods.split(",") if args.methods else [
         m for m in METHODS if args.tiny or not (args.quick and m in FULL_ONLY)
     ]  # fmt: skip
     if unknown := set(names) - set(METHODS):
-        ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+        args.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     env = harness.environment(("captum", "transformers", "kronfluence"), n_train=n_train, n_query=n_query,
                               tokens=TOKENS, quick=args.quick, tiny=args.tiny)  # fmt: skip
     path = args.workload or os.path.join(tempfile.mkdtemp(prefix="bench-tf-"), "workload.pt")
@@ -271,15 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     base = cells["fwd-bwd"].median() if "fwd-bwd" in cells else None
     rows = []
     for name, c in cells.items():
-        ref = cells.get(AGREEMENT.get(name, ""))
-        agree = pearson(c.scores[0], ref.scores[0]) if ref and c.scores and ref.scores else None
-        seconds = c.median()
-        rows.append(harness.row(
-            workload=wl, method=c.method, library=c.library, seconds=seconds,
-            peak_mem_gb=c.median("peak_mem_gb"), agreement=agree, agreement_with=AGREEMENT.get(name, ""),
-            note=c.error or "", fwd_bwd_multiple=seconds / base if base and seconds else None,
-            **{k: v[0] for k, v in c.runs.items() if k not in ("total", "peak_mem_gb")},
-        ))  # fmt: skip
+        ref, seconds = cells.get(AGREEMENT.get(name, "")), c.median()
+        rows.append(c.row(
+            peak_mem_gb=c.median("peak_mem_gb"), agreement_with=AGREEMENT.get(name, ""),
+            agreement=pearson(c.scores[0], ref.scores[0]) if ref and c.scores and ref.scores else None,
+            fwd_bwd_multiple=seconds / base if base and seconds else None,
+            **{k: v[0] for k, v in c.runs.items() if k not in ("total", "peak_mem_gb")}))  # fmt: skip
     harness.print_rows(rows)
     cells_json = [c.record() for c in cells.values()]
     harness.write_json(args.json, {"environment": env, "rows": rows, "cells": cells_json})

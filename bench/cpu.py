@@ -10,13 +10,10 @@
     python bench/cpu.py scale [--block 4]
     python bench/cpu.py loo [--n-left-out 40]
 
-A component (:data:`COMPONENTS`) is its workloads, a ``bench`` function that lays out the
-cells (method x library) and their agreement references (untimed, float64 where it says
-so), and a ``call`` that runs one cell once: datatrace's ``fit`` + ``attribute`` or a peer
-adapter from ``peers/``. Every timed run goes through :func:`work` (a warm-up on a small
-version of the workload, then the run under an RSS sampler), in a fresh worker process
-(TracIn: in this process, as the GPU anchor needs), interleaved by ``harness.time_cells``.
-Workloads, references, settings and peer conversions: bench/README.md.
+A component (:data:`COMPONENTS`): its workloads, a ``bench`` laying out the cells (method x
+library) and their agreement references, a ``call`` running one cell once (datatrace's
+``fit`` + ``attribute`` or a ``peers/`` adapter) through :func:`work` (warm-up, then the
+call under an RSS sampler). Workloads, references, settings, timing: bench/README.md.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ from typing import Any, NamedTuple
 
 import harness
 import torch
-from harness import Cell, lsq_scale, per_query_pearson, row, strict_pearson
+from harness import Cell, lsq_scale, per_query_pearson, row
 from internals import logistic_regression_problem, mlp_problem
 from peers import (
     InfluenceSettings,
@@ -48,7 +45,13 @@ from peers import (
     kronfluence_peer,
     traker_peer,
 )
-from references import check_influence_reference, datatrace_unprojected, independent, kernels
+from references import (
+    check_influence_reference,
+    datatrace_unprojected,
+    independent,
+    kernels,
+    per_example_grads,
+)
 from torch import nn
 from workloads import (
     Workload,
@@ -68,9 +71,8 @@ Scores = tuple[Any, dict[str, Any], list[str]]  # (S, measurements with "total",
 
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
-    """One timed run of one cell: the component's warm-up (imports, lazy init, allocator),
-    then ``call`` under :class:`harness.RssPeak` (``mem_gb``; ``peak_rss_gb``: the worker's
-    ``VmHWM``; ``peak_gpu_gb`` on CUDA)."""
+    """One timed run of one cell: the component's warm-up, then ``call`` under
+    :class:`harness.RssPeak` (``mem_gb``; ``peak_rss_gb``: ``VmHWM``; ``peak_gpu_gb``)."""
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     comp = COMPONENTS[spec["component"]]
@@ -91,35 +93,29 @@ def work(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def runner(args: Any, path: str, per_run: Callable | None = None) -> harness.Runner:
-    """``harness.time_cells``'s runner: run r of a cell is :func:`work` on its spec (with
-    ``rep`` = r), in a fresh worker or (``comp.fresh`` false) here, after ``harness.quiet``;
-    ``per_run(S)`` adds measurements taken of every run's scores."""
+    """Run r of a cell: :func:`work` on its spec (``rep`` = r), in a fresh worker or
+    (``comp.fresh`` false) here; ``per_run(S)`` adds measurements of every run's scores."""
     comp = COMPONENTS[args.component]
 
-    def run(c: Cell, rep: int) -> Scores:
-        spec = {**c.spec, "component": args.component, "workload": path, "rep": rep,
+    def spec(c: Cell, rep: int) -> dict[str, Any]:
+        return {**c.spec, "component": args.component, "workload": path, "rep": rep,
                 "library": c.library, "method": c.spec.get("method", c.method),
                 "device": args.device, "threads": args.threads}  # fmt: skip
-        if comp.fresh:
-            d, others = harness.measured(__file__, spec, args.max_wait, timeout=3600)
-        else:
-            before, watch = harness.quiet(args.max_wait), harness.CpuWatch()
-            d = work(spec)
-            others = max(before, watch.others())
-        extra = per_run(d["S"]) if per_run else {}
-        return d["S"], {**d["t"], **extra, "others_cores": others}, d["notes"]
 
-    return run
+    run = harness.in_workers(__file__, args.max_wait, spec, 3600, None if comp.fresh else work)
+
+    def run_more(c: Cell, rep: int) -> Scores:
+        S, t, notes = run(c, rep)
+        return S, {**t, **(per_run(S) if per_run else {})}, notes
+
+    return run_more
 
 
 def cell_row(c: Cell, agreement: float | None, against: str, notes: list[str], **extra: Any):
-    """The row fields every component fills alike (median seconds, largest memory)."""
+    """A cell's row with its largest memory."""
     mem = max(c.runs["mem_gb"]) if c.runs else None
-    notes = ([c.error] if c.error else []) + notes
-    fields = dict(workload=c.workload, method=c.method, library=c.library, seconds=c.median(),
-                  peak_mem_gb=mem if mem is None or math.isfinite(mem) else None, agreement=agreement,
-                  agreement_with=against, note="; ".join(notes))  # fmt: skip
-    return row(**{**fields, **extra})
+    mem = mem if mem is None or math.isfinite(mem) else None
+    return c.row(notes, peak_mem_gb=mem, agreement=agreement, agreement_with=against, **extra)
 
 
 def stage(wl: Workload, tmp: str) -> str:
@@ -127,6 +123,10 @@ def stage(wl: Workload, tmp: str) -> str:
     print("workload", wl.describe(), flush=True)
     save_workload(wl, path := os.path.join(tmp, f"{wl.name}.pt"))
     return path
+
+
+def ckpts_of(wl: Workload, weighted: bool = True) -> list[dt.Checkpoint]:
+    return [dt.Checkpoint.from_state_dict(sd, weight=w if weighted else 1.0) for sd, w in wl.ckpts]
 
 
 # ---- TracIn and Grad-Dot, exact: captum TracInCP, dattri TracInAttributor, a vmap loop ----
@@ -147,8 +147,7 @@ def tracin_workload(name: str, quick: bool, device: str) -> Workload:
         wl = augmented_digits_workload(2_000, 200) if quick else augmented_digits_workload()
         return dataclasses.replace(wl, name="digits-cnn")
     if name == "resnet9":  # 1.65M parameters, 5,000 x 500 (quick: width 4, 64 x 8)
-        size = (64, 8, 4) if quick else (5_000, 500, 32)
-        return resnet9_workload(*size, torch.device(device))
+        return resnet9_workload(*((64, 8, 4) if quick else (5_000, 500, 32)), torch.device(device))
     raise ValueError(f"unknown workload {name!r} (choose from small, large, resnet9)")
 
 
@@ -158,20 +157,10 @@ def selected(wl: Workload, method: str) -> list[tuple[dict, float]]:
 
 
 def vmap_loop(model: nn.Module, train: tuple, test: tuple, batch: int) -> torch.Tensor:
-    """The plain baseline: ``vmap(grad)`` per-example gradients, query gradients held,
-    training gradients block by block, one matmul per block (Grad-Dot)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = torch.func.functional_call(model, (p, buffers), (x[None],))
-        return nn.functional.cross_entropy(logits, y[None])
-
-    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
-
-    def flat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([v.flatten(1) for v in per_example(params, x, y).values()], 1)
-
+    """The plain baseline (Grad-Dot): ``vmap(grad)`` per-example gradients, query gradients
+    held, training gradients block by block, one matmul per block."""
+    state = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    flat = per_example_grads(model, state, nn.functional.cross_entropy)
     q = torch.cat([flat(x, y) for x, y in batches(test, batch)])
     return torch.cat([q @ flat(x, y).T for x, y in batches(train, batch)], dim=1)
 
@@ -182,14 +171,13 @@ def tracin_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     model = copy.deepcopy(wl.model)
     if lib in DATATRACE:
-        ckpts = [dt.Checkpoint.from_state_dict(sd, weight=lr) for sd, lr in wl.ckpts]
         attributor = (dt.TracIn if method == "TracIn" else dt.GradDot)(**DATATRACE[lib])
         big = (
             {"block_size": wl.n_train, "max_memory_bytes": 80 << 30}
             if device.type == "cuda"
             else {}
         )
-        S, t, fitted = harness.fit_attribute(attributor, dt.ClassificationTask(model), ckpts,
+        S, t, fitted = harness.fit_attribute(attributor, dt.ClassificationTask(model), ckpts_of(wl),
                                              wl.train, wl.test, batch_size=bs, sync=sync, **big)  # fmt: skip
         del fitted  # removes the temporary feature store (not timed)
         return S, t, []
@@ -219,44 +207,39 @@ def tracin_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list,
         ]
         harness.time_cells(cells, args.repeats, runner(args, path))
         records += [c.record() for c in cells]
-        ref = cells[0]
+        ref = cells[0].scores[0] if cells[0].scores else None
         for c in cells:
-            same = bool(c.scores and ref.scores) and c.scores[0].shape == ref.scores[0].shape
-            r = (
-                (1.0 if c is ref else harness.pearson(c.scores[0], ref.scores[0]))
-                if same
-                else math.nan
-            )
+            same = bool(c.scores) and ref is not None and c.scores[0].shape == ref.shape
+            r = (1.0 if c is cells[0] else harness.pearson(c.scores[0], ref)) if same else math.nan
             gpu = {"peak_gpu_gb": max(c.runs["peak_gpu_gb"])} if "peak_gpu_gb" in c.runs else {}
-            rel_err = harness.max_rel_err(c.scores[0], ref.scores[0]) if same else None
             rows.append(cell_row(c, r, "datatrace float32 (same definition, Pearson of S)",
-                                 [] if r > PEARSON_MIN else ["FAIL"], **gpu, rel_err=rel_err,
+                                 [] if r > PEARSON_MIN else ["FAIL"], **gpu,
+                                 rel_err=harness.max_rel_err(c.scores[0], ref) if same else None,
                                  method=method.lower(), api=TRACIN_API.get((c.library, method), c.library)))  # fmt: skip
     return rows, {"describe": wl.describe(), "cells": records}
 
 
 # ---- influence functions: dattri's IF attributors, kronfluence's EK-FAC, float64 truth ----
 
-# --methods name -> (method, [(library, API)], approximates Gauss-Newton rather than H)
-INFLUENCE = {
-    "exact": ("exact", [("datatrace", "ExactHessian"), ("dattri", "IFAttributorExplicit")], False),
-    "cg": ("CG", [("datatrace", "ConjugateGradient"), ("dattri", "IFAttributorCG")], False),
-    "lissa": ("LiSSA", [("datatrace", "LiSSA"), ("dattri", "IFAttributorLiSSA")], False),
-    "arnoldi": ("Arnoldi", [("datatrace", "Arnoldi"), ("dattri", "IFAttributorArnoldi")], False),
-    "datainf": ("DataInf", [("datatrace", "DataInf"), ("dattri", "IFAttributorDataInf")], True),
-    "ekfac": ("EK-FAC", [("datatrace", "EKFAC"), ("dattri", "IFAttributorEKFAC"),
-                         ("kronfluence", "Analyzer(ekfac)")], True),
-}  # fmt: skip
-INFLUENCE_DT = {
-    "exact": lambda st: dt.Influence(dt.ExactHessian(damping=st.damping)),
+# --methods name -> (method, {library: API}, approximates Gauss-Newton rather than H,
+#                    datatrace's attributor of the settings)
+INFLUENCE: dict[str, tuple[str, dict[str, str], bool, Callable[[InfluenceSettings], Any]]] = {
+    "exact": ("exact", {"datatrace": "ExactHessian", "dattri": "IFAttributorExplicit"}, False,
+              lambda st: dt.Influence(dt.ExactHessian(damping=st.damping))),
     # tol far below float32 precision: exactly cg_iters iterations, like dattri
-    "CG": lambda st: dt.Influence(dt.ConjugateGradient(damping=st.damping, max_iter=st.cg_iters, tol=1e-30)),
-    "LiSSA": lambda st: dt.Influence(dt.LiSSA(damping=st.damping, scale=st.lissa_scale, depth=st.lissa_depth,
-                                              repeat=1, batch_size=st.lissa_batch)),
-    "Arnoldi": lambda st: dt.Influence(dt.Arnoldi(rank=st.arnoldi_rank, damping=st.damping, n_iter=st.arnoldi_iter)),
-    "DataInf": lambda st: dt.DataInf(damping=st.damping),
-    "EK-FAC": lambda st: dt.Influence(dt.EKFAC(damping=st.damping)),
+    "cg": ("CG", {"datatrace": "ConjugateGradient", "dattri": "IFAttributorCG"}, False,
+           lambda st: dt.Influence(dt.ConjugateGradient(damping=st.damping, max_iter=st.cg_iters, tol=1e-30))),
+    "lissa": ("LiSSA", {"datatrace": "LiSSA", "dattri": "IFAttributorLiSSA"}, False,
+              lambda st: dt.Influence(dt.LiSSA(damping=st.damping, scale=st.lissa_scale, depth=st.lissa_depth,
+                                               repeat=1, batch_size=st.lissa_batch))),
+    "arnoldi": ("Arnoldi", {"datatrace": "Arnoldi", "dattri": "IFAttributorArnoldi"}, False,
+                lambda st: dt.Influence(dt.Arnoldi(rank=st.arnoldi_rank, damping=st.damping, n_iter=st.arnoldi_iter))),
+    "datainf": ("DataInf", {"datatrace": "DataInf", "dattri": "IFAttributorDataInf"}, True,
+                lambda st: dt.DataInf(damping=st.damping)),
+    "ekfac": ("EK-FAC", {"datatrace": "EKFAC", "dattri": "IFAttributorEKFAC", "kronfluence": "Analyzer(ekfac)"},
+              True, lambda st: dt.Influence(dt.EKFAC(damping=st.damping))),
 }  # fmt: skip
+DATATRACE_IF = {method: make for method, _, _, make in INFLUENCE.values()}
 
 
 def influence_workload(kind: str, quick: bool, n: tuple[int, int] | None = None, epochs: int = 100,
@@ -279,7 +262,7 @@ def influence_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
         if lib == "datatrace":
             model = copy.deepcopy(wl.model)
             S, t, fitted = harness.fit_attribute(
-                INFLUENCE_DT[method](st), dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)],
+                DATATRACE_IF[method](st), dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)],
                 wl.train, wl.test, batch_size=st.batch_size)  # fmt: skip
             pc = fitted.preconditioners[0] if fitted.preconditioners else None
             notes = [f"{pc.iterations} CG iterations"] if hasattr(pc, "iterations") else []
@@ -298,8 +281,7 @@ def influence_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
 
 
 def influence_warm(wl: Workload, spec: dict) -> tuple[Workload, dict]:
-    """A tiny model of the same kind, 60 x 10 examples (5 epochs), cheap settings: imports,
-    torch.func, hooks, convolutions and LAPACK, not the full factorization."""
+    """A tiny model of the same kind, 60 x 10 examples (5 epochs), cheap settings."""
     tiny = influence_workload(wl.name.removeprefix("digits-"), True, (60, 10), epochs=5, seed=1)
     st = InfluenceSettings(**spec["settings"]).warm_up(tiny.n_train)
     return tiny, {**spec, "settings": dataclasses.asdict(st)}
@@ -328,7 +310,7 @@ def influence_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[li
         st = InfluenceSettings(lam, lissa_scale=1.5 * float((ind.evals + lam).abs().max()), **base)
         info[str(lam)]["settings"] = dataclasses.asdict(st)
         for m in methods:
-            method, apis, gn = INFLUENCE[m]
+            method, apis, gn, _ = INFLUENCE[m]
             variants = (
                 [(f"cg{k}", dataclasses.replace(st, cg_iters=k)) for k in cg_iters]
                 if m == "cg"
@@ -336,19 +318,17 @@ def influence_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[li
             )
             cells += [Cell(wl.name, key, lib, {"method": method, "api": api, "settings": dataclasses.asdict(s),
                                                "gn": gn, "damping": lam})
-                      for key, s in variants for lib, api in apis if lib in libs]  # fmt: skip
+                      for key, s in variants for lib, api in apis.items() if lib in libs]  # fmt: skip
     harness.time_cells(cells, args.repeats, runner(args, path), slow_s=60.0)
     rows = []
     for c in cells:
-        ref = refs[c.spec["damping"]]
-        S = c.scores[0] if c.scores else None
+        ref, S, gn = refs[c.spec["damping"]], (c.scores or [None])[0], c.spec["gn"]
         r_h, bad = per_query_pearson(S, ref["H"]) if S is not None else (None, 0)
         r_gn = per_query_pearson(S, ref["GN"])[0] if S is not None else None
-        gn = c.spec["gn"]
         notes = c.notes + ([f"{bad} queries with NaN/inf scores (excluded from r)"] if bad else [])
-        finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731
+        r = r_gn if gn else r_h
         rows.append(cell_row(
-            c, finite(r_gn if gn else r_h), "Gauss-Newton IF float64" if gn else "exact IF float64",
+            c, r if r is not None and math.isfinite(r) else None, "Gauss-Newton IF float64" if gn else "exact IF float64",
             notes + (["busy machine during a run"] if c.busy() else []), damping=c.spec["damping"],
             api=c.spec["api"], pearson_H=r_h, pearson_GN=r_gn, fit_s=c.median("fit"),
             attribute_s=c.median("attribute"),
@@ -373,9 +353,7 @@ def trak_workload(name: str, quick: bool) -> Workload:
         return small_mlp_workload().subset(300, 50) if quick else small_mlp_workload()
     if name == "cnn":
         cnn = augmented_digits_workload(2_000, 200) if quick else augmented_digits_workload()
-        return dataclasses.replace(
-            cnn.subset(600, 100) if quick else cnn.subset(5_000, 500), name="cnn"
-        )
+        return dataclasses.replace(cnn.subset(*((600, 100) if quick else (5_000, 500))), name="cnn")
     raise ValueError(f"unknown workload {name!r} (choose from small, cnn)")
 
 
@@ -385,11 +363,9 @@ def trak_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
     if lib in TRAK_RUNNERS:
         return (*TRAK_RUNNERS[lib](wl, st), [])
     task = dt.ClassificationTask(copy.deepcopy(wl.model))
-    ckpts = [dt.Checkpoint.from_state_dict(sd) for sd, _ in wl.ckpts]  # TRAK weighs 1/C
     attributor = dt.TRAK(projection_dim=st.proj_dim, damping=st.damping, projection_seed=st.seed)
-    S, t, _ = harness.fit_attribute(
-        attributor, task, ckpts, wl.train, wl.test, batch_size=st.batch_size
-    )
+    S, t, _ = harness.fit_attribute(attributor, task, ckpts_of(wl, weighted=False), wl.train, wl.test,
+                                    batch_size=st.batch_size)  # fmt: skip
     return S, t, []
 
 
@@ -413,16 +389,21 @@ def trak_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list, d
     r_dt = datatrace_unprojected(part, lam, params=("fc2",))
     r_kern = kernels(part, params=("fc2",)).scores(lam)
     chk = info["reference_check"] = {"params": ["fc2"], "n_train": part.n_train, "n_test": part.n_test,
-                                     "pearson": strict_pearson(r_kern, r_dt), "scale": lsq_scale(r_kern, r_dt)}  # fmt: skip
+                                     "pearson": per_query_pearson(r_kern, r_dt, strict=True)[0],
+                                     "scale": lsq_scale(r_kern, r_dt)}  # fmt: skip
     print(f"  lam = lam0 = {lam:.4g}; reference {kern.seconds:.1f}s; "
           f"vs datatrace TRAK(projection_dim=None) float64 on fc2 ({part.n_train} x {part.n_test}): "
           f"Pearson {chk['pearson']:.6f}, scale {chk['scale']:.6f}", flush=True)  # fmt: skip
     st = TrakSettings(k, lam, args.batch_size or 500)
-    run = runner(
-        args, path, lambda S: {"agreement": strict_pearson(S, ref), "scale": lsq_scale(S, ref)}
-    )
+
+    def per_run(S):
+        return {
+            "agreement": per_query_pearson(S, ref, strict=True)[0],
+            "scale": lsq_scale(S, ref),
+        }
+
     cells = [Cell(wl.name, "trak", lib, {"settings": dataclasses.asdict(st)}) for lib in libs]
-    harness.time_cells(cells, args.repeats, run)
+    harness.time_cells(cells, args.repeats, runner(args, path, per_run))
     rows = []
     for c in cells:
         agree = c.runs.get("agreement", [])
@@ -432,7 +413,7 @@ def trak_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list, d
             (["non-finite scores"] if any(x != x for x in agree) else []) + c.busy(),
             api=TRAK_API[c.library], agreement_per_seed=agree, scale_per_seed=c.runs.get("scale", [])))  # fmt: skip
     done = [c for c in cells if c.scores]
-    info["pairwise_seed0"] = {f"{a.library}~{b.library}": strict_pearson(a.scores[0], b.scores[0])
+    info["pairwise_seed0"] = {f"{a.library}~{b.library}": per_query_pearson(a.scores[0], b.scores[0], strict=True)[0]
                               for i, a in enumerate(done) for b in done[i + 1 :]}  # fmt: skip
     return rows, {**info, "cells": [c.record() for c in cells]}
 
@@ -471,10 +452,11 @@ def scale_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
                 nn.functional.cross_entropy(m(xb), yb).backward()
         return {}, clock.lap(), []
     if method in ("featurize", "dense"):
-        ckpts = [dt.Checkpoint.from_state_dict(sd, weight=w) for sd, w in wl.ckpts]
         attributor = scale_attributor(block, kronecker=False if method == "dense" else None)
         with tempfile.TemporaryDirectory() as store:
-            fitted = attributor.fit(task, ckpts, train, store=store, batch_size=bs, progress=False)
+            fitted = attributor.fit(
+                task, ckpts_of(wl), train, store=store, batch_size=bs, progress=False
+            )
             clock.lap("featurize_seconds")
             fitted.top_k(wl.test, k=10)
             t = clock.lap("top_k_seconds")
@@ -484,12 +466,8 @@ def scale_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
     ckpts = [dt.Checkpoint.from_state_dict(sd, weight=w) for sd, w in cks]
     queries = (wl.test[0][:PEER_QUERY].contiguous(), wl.test[1][:PEER_QUERY].contiguous())
     if method == "exact reference":
-        S = scale_attributor(block, False, True).fit(
-            task, ckpts, train, batch_size=bs, progress=False
-        )
-        last = scale_attributor(block, False, True, ("4.weight",)).fit(
-            task, ckpts, train, batch_size=bs, progress=False
-        )
+        S, last = (scale_attributor(block, False, True, p).fit(task, ckpts, train, batch_size=bs, progress=False)
+                   for p in (None, ("4.weight",)))  # fmt: skip
         return {"S": S.attribute(queries), "S_last": last.attribute(queries)}, clock.lap(), []
     if lib == "datatrace":
         S, t, _ = harness.fit_attribute(
@@ -502,9 +480,8 @@ def scale_call(lib: str, method: str, wl: Workload, spec: dict) -> Scores:
         return {"S": S}, clock.lap(), []
     if lib == "captum":
         with tempfile.TemporaryDirectory() as d:  # checkpoint files: not timed
-            S, info = captum_peer.fast_rand_proj(
-                m, train, queries, captum_peer.save_checkpoints(cks, d, "scale"), DIM, bs
-            )
+            S, info = captum_peer.fast_rand_proj(m, train, queries, captum_peer.save_checkpoints(cks, d, "scale"),
+                                                 DIM, bs)  # fmt: skip
     else:
         S, info = traker_peer.featurize(m, train, queries, cks, DIM, bs)
     return {"S": S}, {**info, "total": info["seconds"]}, []
@@ -529,7 +506,7 @@ def scale_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list, 
     path, n_full = stage(wl, tmp), wl.n_train
     base = {"batch_size": args.batch_size or 512, "block": args.block}
     prefix, dense_n = min(1_000 if args.quick else 5_000, n_full), 200 if args.quick else 2_000
-    cell = lambda method, lib, n, **kw: Cell(wl.name, method, lib, {**base, "n": n, **kw})  # noqa: E731
+    cell = lambda label, lib, n, **kw: Cell(wl.name, label, lib, {**base, "n": n, **kw})  # noqa: E731
     ref = cell("exact reference", "datatrace", n_full)
     feat = [cell("plain", "datatrace", n_full), cell("featurize", "datatrace", n_full),
             cell("dense", "datatrace", dense_n), cell("featurize-small", "datatrace", dense_n, method="featurize")]  # fmt: skip
@@ -542,17 +519,12 @@ def scale_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list, 
     rows = []
     for c in peers:
         n, res = c.spec["n"], summary(c) if c.error is None else None
-        S = c.scores[0]["S"] if c.scores else None
+        S, R = (c.scores or [None])[0], (ref.scores or [None])[0]
         agree = (
-            per_query_pearson(S, ref.scores[0]["S"][:, :n])[0]
-            if S is not None and ref.scores
-            else None
+            per_query_pearson(S["S"], R["S"][:, :n])[0] if S is not None and R is not None else None
         )
-        last = (
-            {"last_weight_agreement": per_query_pearson(S, ref.scores[0]["S_last"][:, :n])[0]}
-            if c.library == "captum" and agree is not None
-            else {}
-        )
+        last = ({"last_weight_agreement": per_query_pearson(S["S"], R["S_last"][:, :n])[0]}
+                if c.library == "captum" and agree is not None else {})  # fmt: skip
         rows.append(row(workload=wl.name, method=c.method, library=c.library, n_train=n, api=SCALE_API[c.library],
                         seconds=res["total"] if res else None, peak_mem_gb=res["peak_rss_gb"] if res else None,
                         extrapolated_seconds_full=res["total"] * n_full / n if res and n < n_full else None,
@@ -568,13 +540,8 @@ def scale_bench(name: str, args: Any, libs: list[str], tmp: str) -> tuple[list, 
                     f"= {ratio:.2f}x plain forward+backward ({plain['total']:.2f} s; target <= 2x) + top-10 of "
                     f"{wl.n_test:,} queries {fe['top_k_seconds']:.2f} s; dense projection {dense_ratio:.1f}x "
                     f"Kronecker on {dense_n:,}; " + "; ".join(fe["notes"])))  # fmt: skip
-    records = [c.record() for c in [ref, *feat, *peers]]
-    return rows, {
-        "describe": wl.describe(),
-        "featurize_vs_plain": ratio,
-        "dense_vs_kronecker": dense_ratio,
-        "cells": records,
-    }
+    return rows, {"describe": wl.describe(), "featurize_vs_plain": ratio, "dense_vs_kronecker": dense_ratio,
+                  "cells": [c.record() for c in [ref, *feat, *peers]]}  # fmt: skip
 
 
 # ---- agreement with leave-one-out retraining (float64 problems trained to convergence) ----
@@ -646,7 +613,7 @@ class Component(NamedTuple):
     libraries: str  # the default --libraries (datatrace always runs)
     call: Callable[[str, str, Workload, dict], Scores] | None = None  # one run of one cell
     warm: Callable[[Workload, dict], tuple[Workload, dict]] | None = None  # its warm-up
-    fresh: bool = True  # every run in a fresh worker (else in this process)
+    fresh: bool = True  # every run in a fresh worker (else in this process: the GPU anchor)
     more: tuple[str, ...] = ()  # libraries run only when asked
 
 
@@ -660,8 +627,7 @@ COMPONENTS = {
 }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = harness.arg_parser(__doc__, "", repeats=None, batch_size=None)
+def options(ap: Any) -> None:
     ap.add_argument("component", nargs="?", choices=COMPONENTS)
     ap.add_argument("--workloads", default=None, help="comma-separated (default: the component's)")
     ap.add_argument("--device", default="cpu", help="tracin: cpu, cuda or cuda:N")
@@ -678,18 +644,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--block", type=int, default=4, help="scale: kronecker_block m")
     ap.add_argument("--n-left-out", type=int, default=40, help="loo: examples retrained without")
-    ap.add_argument(
-        "--cache", default="bench/out", help="loo: folder of the cached leave-one-out truth"
-    )
-    args = harness.parse_args(ap, argv)
+    ap.add_argument("--cache", default="bench/out", help="loo: folder of the cached leave-one-out truth")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parse_args(__doc__, "", argv, options, repeats=None, batch_size=None)
     if args.worker:
         return harness.worker_main(args.worker, work)
     if args.component is None:
-        ap.error(f"name a component: {', '.join(COMPONENTS)}")
+        args.error(f"name a component: {', '.join(COMPONENTS)}")
     comp = COMPONENTS[args.component]
     libs = [x.strip() for x in (args.libraries or comp.libraries).split(",")]
     if unknown := set(libs) - {*comp.libraries.split(","), *comp.more}:
-        ap.error(f"unknown libraries {sorted(unknown)} for {args.component}")
+        args.error(f"unknown libraries {sorted(unknown)} for {args.component}")
     libs = ["datatrace", *(x for x in libs if x != "datatrace")]
     args.repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)

@@ -4,11 +4,7 @@
     python bench/defaults.py [--quick] [--tasks a,b] [--methods a,b] [--ddm-only] [--no-ddm]
         [--json out.json] [--cache bench/out/defaults] [--markdown out.json]
 
-Five tasks (logreg_bc, mlp_sgd, mlp_mom_wd, cnn_digits, mlp_diabetes), each with its LDS and
-leave-one-out ground truth (cached under ``--cache``); every method's default against a
-grid of its settings (mostly damping ``λ₀ × 10^k``); the Distilled Datamodel against group
-leave-out retraining. Tasks, grids, targets and sizes: bench/README.md (the defaults suite).
-Timings on a busy machine are noisy (the contention watch is recorded).
+Tasks, ground truth, grids, targets and sizes: bench/README.md (the defaults suite).
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ import torch.nn.functional as F
 from harness import CpuWatch, environment, fit_attribute, print_rows, row, write_json
 from internals import kmeans_groups, sgd_train
 from torch import nn
+from workloads import pool_cnn
 
 import datatrace as dt
 
@@ -63,17 +60,6 @@ class Task:
     weight_decay: float = 0.0
 
 
-class _CNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 2 * 2, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(self.c1(x)), 2)
-        return self.fc(F.max_pool2d(F.relu(self.c2(h)), 2).flatten(1))
-
-
 #: name -> (dataset, model, sgd_train settings); mlp_diabetes (regression) is built apart
 CLASSIFIERS: dict[str, tuple[str, Callable[[], nn.Module], dict[str, float]]] = {
     "logreg_bc": ("breast_cancer", lambda: nn.Linear(30, 2),
@@ -82,7 +68,7 @@ CLASSIFIERS: dict[str, tuple[str, Callable[[], nn.Module], dict[str, float]]] = 
                 {"epochs": 30, "lr": 0.1, "momentum": 0.0}),
     "mlp_mom_wd": ("digits", lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)),
                    {"epochs": 30, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}),
-    "cnn_digits": ("digits", _CNN, {"epochs": 30, "lr": 0.05, "momentum": 0.9}),
+    "cnn_digits": ("digits", lambda: pool_cnn(8, 8), {"epochs": 30, "lr": 0.05, "momentum": 0.9}),
 }  # fmt: skip
 
 

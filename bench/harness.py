@@ -1,13 +1,6 @@
-"""The benchmark harness: how every script in bench/ times, watches, records and prints.
-
-Fresh-process runs (:func:`run_worker`, :func:`worker_main`: in one long-lived process a
-run's speed depends on the heap earlier runs left), the contention watch (:class:`CpuWatch`,
-:func:`quiet`: the cores *other* processes used, from /proc/stat minus ours), memory
-(:class:`RssPeak`, :func:`peak_rss_gb`), phase times (:class:`Clock`), the one loop of
-interleaved repeats (:class:`Cell`, :func:`time_cells`, medians over undisturbed runs),
-agreement measures, the ``"rows"`` format ``suite.py`` reads (:func:`row`,
-:func:`print_rows`), the JSON writer and the shared options.
-"""
+"""The benchmark harness: how every script in bench/ times, watches, records and prints
+(fresh-process workers, the contention watch, memory, interleaved repeats, agreement
+measures, the row format, the JSON writer, the shared options; see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -70,16 +63,15 @@ class CpuWatch:
 
 
 def malloc_trim() -> None:
-    """Give freed heap back to the OS (glibc): dattri's CG and LiSSA leave ~20 GB of freed,
-    fragmented heap behind, which would otherwise carry over into later runs."""
+    """Give freed heap back to the OS (glibc): dattri's CG and LiSSA leave ~20 GB behind."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def quiet(max_wait: float) -> float:
-    """Before each timed run (untimed): collect garbage, return freed heap, flush dirty pages
-    (one run's deleted feature store must not be written back during the next), and wait up
-    to ``max_wait`` s until other processes use < BUSY_LIMIT cores. Returns that load."""
+    """Before each timed run (untimed): gc, malloc_trim, os.sync (a deleted feature store must
+    not be written back during the next run), then wait up to ``max_wait`` s until other
+    processes use < BUSY_LIMIT cores. Returns that load."""
     gc.collect()
     malloc_trim()
     os.sync()
@@ -95,9 +87,8 @@ def quiet(max_wait: float) -> float:
 
 
 class Clock:
-    """Phase times: ``clock.lap("fit")`` records the time since the last lap and ``total``,
-    the time since construction, and returns every phase so far. ``sync`` (e.g. CUDA's) is
-    called before every reading."""
+    """Phase times: ``lap("fit")`` records the time since the last lap and ``total``, and
+    returns every phase so far; ``sync`` (e.g. CUDA's) runs before every reading."""
 
     def __init__(self, sync: Callable[[], Any] = lambda: None) -> None:
         self.sync = sync
@@ -120,8 +111,7 @@ def _status_kb(name: str) -> int:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory (``VmHWM``), GB. Not ``ru_maxrss``: Linux keeps
-    the parent's resident size in a spawned child's, so it is never below the parent's."""
+    """This process's ``VmHWM``, GB (not ``ru_maxrss``: a spawned child inherits the parent's)."""
     return _status_kb("VmHWM") / 1e6
 
 
@@ -181,26 +171,10 @@ def run_worker(script: str, spec: dict[str, Any], timeout: float | None = None) 
         os.unlink(out)
 
 
-def measured(script: str, spec: dict[str, Any], max_wait: float, timeout: float | None = None):
-    """:func:`run_worker` after :func:`quiet`: (its result, the cores other processes used)."""
-    before = quiet(max_wait)
-    watch = CpuWatch()
-    result = run_worker(script, spec, timeout)
-    return result, max(before, watch.others())
-
-
-def error_text(exc: BaseException) -> str:
-    """A worker's own message, a timeout, or 'Type: message' of an exception raised here."""
-    if isinstance(exc, subprocess.TimeoutExpired):
-        return f"timed out after {exc.timeout:.0f} s"
-    return str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
-
-
 def worker_main(spec_json: str, work: Callable[[dict[str, Any]], Any]) -> int:
-    """The worker side of :func:`run_worker`: ``work(spec)`` (after
-    ``torch.set_num_threads(spec["threads"])`` where given), saved to ``spec["out"]``; an
-    exception is saved as a clean message (exit 3): a library that cannot run a workload is
-    a result, not a crash."""
+    """The worker side of :func:`run_worker`: ``work(spec)`` (with ``spec["threads"]``
+    threads) saved to ``spec["out"]``; an exception is saved as a clean message (exit 3): a
+    library that cannot run a workload is a result, not a crash."""
     spec = json.loads(spec_json)
     if "threads" in spec:
         torch.set_num_threads(spec["threads"])
@@ -214,11 +188,23 @@ def worker_main(spec_json: str, work: Callable[[dict[str, Any]], Any]) -> int:
     return 0
 
 
+ROW_KEYS = ("workload", "method", "library", "seconds", "peak_mem_gb", "agreement",
+            "agreement_with", "note")  # fmt: skip
+
+
+def row(**kw: Any) -> dict[str, Any]:
+    """One result row of the JSON ``"rows"`` that ``suite.py`` reads: the keys of
+    :data:`ROW_KEYS` (missing ones None, ``note`` ""), extras kept after them."""
+    out: dict[str, Any] = {k: kw.pop(k, None) for k in ROW_KEYS}
+    out["note"] = out["note"] or ""
+    return {**out, **kw}
+
+
 @dataclass
 class Cell:
     """One (workload, method, library) timed over interleaved runs: every run's measurements
-    (``total`` seconds, ``others_cores``, phases, memory, ...), the first two runs' scores,
-    the first run's notes; ``error`` once a run failed (the cell then stops)."""
+    (``total`` seconds, ``others_cores``, ...), the first two runs' scores, the first run's
+    notes; ``error`` once a run failed (the cell then stops)."""
 
     workload: str
     method: str
@@ -231,11 +217,14 @@ class Cell:
 
     def median(self, key: str = "total") -> float | None:
         """Median of ``key`` over the undisturbed runs (over all if none); None if no run."""
-        if not self.runs:
+        if key not in self.runs:
             return None
         clean = [v for v, o in zip(self.runs[key], self.runs["others_cores"], strict=True)
                  if o <= BUSY_LIMIT]  # fmt: skip
         return statistics.median(clean or self.runs[key])
+
+    def first(self, key: str) -> Any:
+        return self.runs[key][0] if self.runs.get(key) else None
 
     def busy(self) -> list[str]:
         runs = self.runs.get("others_cores", [])
@@ -247,18 +236,27 @@ class Cell:
         return {"workload": self.workload, "method": self.method, "library": self.library,
                 "runs": self.runs, "notes": self.notes, "error": self.error}  # fmt: skip
 
+    def row(self, notes: list[str] | tuple = (), **kw: Any) -> dict[str, Any]:
+        """The cell's row: median seconds, its error before ``notes``, ``kw`` on top."""
+        note = "; ".join(([self.error] if self.error else []) + list(notes))
+        return row(**{"workload": self.workload, "method": self.method, "library": self.library,
+                      "seconds": self.median(), "note": note, **kw})  # fmt: skip
+
 
 Runner = Callable[[Cell, int], tuple[Any, dict[str, Any], list[str]]]
 
 
 def in_workers(script: str, max_wait: float, spec: Callable[[Cell, int], dict],
-               timeout: float | None = None) -> Runner:  # fmt: skip
-    """A runner for :func:`time_cells`: run r of a cell is a fresh worker given ``spec(cell,
-    r)`` (:func:`measured`), whose work returns ``{"S", "t"[, "notes"]}``."""
+               timeout: float | None = None, here: Callable | None = None) -> Runner:  # fmt: skip
+    """A runner for :func:`time_cells`: run r of a cell is, after :func:`quiet`, a fresh
+    worker given ``spec(cell, r)`` (or ``here(spec)`` in this process), whose work returns
+    ``{"S", "t"[, "notes"]}``; ``others_cores``: the most other processes used."""
 
     def run(c: Cell, rep: int) -> tuple[Any, dict[str, Any], list[str]]:
-        d, others = measured(script, spec(c, rep), max_wait, timeout)
-        return d["S"], {**d["t"], "others_cores": others}, d.get("notes", [])
+        before, watch = quiet(max_wait), CpuWatch()
+        s = spec(c, rep)
+        d = here(s) if here else run_worker(script, s, timeout)
+        return d["S"], {**d["t"], "others_cores": max(before, watch.others())}, d.get("notes", [])
 
     return run
 
@@ -266,10 +264,9 @@ def in_workers(script: str, max_wait: float, spec: Callable[[Cell, int], dict],
 def time_cells(cells: list[Cell], repeats: int, run: Runner, slow_s: float = math.inf,
                retry_busy: bool = False) -> None:  # fmt: skip
     """Interleaved runs, run r of every cell before r + 1 (slow drifts hit every library
-    alike). ``run(cell, r)`` returns (scores, measurements with ``total`` and
-    ``others_cores``, notes). A failing run is the cell's error, not fatal; a cell whose
-    first run took over ``slow_s`` s runs once; ``retry_busy``: up to 2 x ``repeats`` runs
-    while every run of a cell was disturbed (``repeats`` > 1)."""
+    alike). A failing run is the cell's error, not fatal; a cell whose first run took over
+    ``slow_s`` s runs once; ``retry_busy``: up to 2 x ``repeats`` runs while every run of a
+    cell was disturbed (``repeats`` > 1)."""
     for rep in range(2 * repeats if retry_busy and repeats > 1 else repeats):
         for c in cells:
             done = c.runs.get("total", [])
@@ -281,7 +278,8 @@ def time_cells(cells: list[Cell], repeats: int, run: Runner, slow_s: float = mat
             try:
                 S, t, notes = run(c, rep)
             except Exception as exc:  # a library that cannot run is a result
-                c.error = error_text(exc)[:400]
+                c.error = (f"timed out after {exc.timeout:.0f} s" if isinstance(exc, subprocess.TimeoutExpired)
+                           else str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}")[:400]  # fmt: skip
                 print(f"{label} ERROR {c.error}", flush=True)
                 continue
             for k, v in t.items():
@@ -319,23 +317,17 @@ def max_rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max())
 
 
-def per_query_pearson(S: torch.Tensor, R: torch.Tensor) -> tuple[float, int]:
+def per_query_pearson(S: torch.Tensor, R: torch.Tensor, strict: bool = False) -> tuple[float, int]:
     """(mean over queries of the Pearson correlation over training examples, number of
-    queries left out because their row of S has a non-finite entry)."""
+    queries left out because their row of S has a non-finite entry; ``strict``: NaN then)."""
     a, b = S.double(), R.double()
     ok = torch.isfinite(a).all(1)
     a, b = a[ok], b[ok]
-    if a.shape[0] == 0:
+    if a.shape[0] == 0 or (strict and not ok.all()):
         return float("nan"), int((~ok).sum())
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
     return float(r.mean()), int((~ok).sum())
-
-
-def strict_pearson(S: torch.Tensor, R: torch.Tensor) -> float:
-    """Mean per-query Pearson; NaN if any score is not finite."""
-    r, bad = per_query_pearson(S, R)
-    return float("nan") if bad else r
 
 
 def lsq_scale(S: torch.Tensor, R: torch.Tensor) -> float:
@@ -384,18 +376,6 @@ def environment(peers: tuple[str, ...] | list[str] = (), **extra: Any) -> dict[s
     return env
 
 
-ROW_KEYS = ("workload", "method", "library", "seconds", "peak_mem_gb", "agreement",
-            "agreement_with", "note")  # fmt: skip
-
-
-def row(**kw: Any) -> dict[str, Any]:
-    """One result row of the JSON ``"rows"`` that ``suite.py`` reads: the keys of
-    :data:`ROW_KEYS` (missing ones None, ``note`` ""), extras kept after them."""
-    out: dict[str, Any] = {k: kw.pop(k, None) for k in ROW_KEYS}
-    out["note"] = out["note"] or ""
-    return {**out, **kw}
-
-
 def write_json(path: str | None, obj: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:
@@ -434,9 +414,11 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
               f"{extra}{' ' + r['note'] if r.get('note') else ''}")  # fmt: skip
 
 
-def arg_parser(doc: str, libraries: str, repeats: int | None = 3, **defaults: Any):
-    """The options every benchmark shares; ``defaults`` override (threads, batch_size,
-    max_wait). Returns the parser for the script's own options."""
+def parse_args(doc: str, libraries: str, argv: list[str] | None, own: Callable[[Any], Any],
+               repeats: int | None = 3, **defaults: Any) -> argparse.Namespace:  # fmt: skip
+    """The options every benchmark shares (``defaults`` override threads, batch_size,
+    max_wait), ``own(parser)`` adds the script's; ``--libraries`` becomes a list, each one
+    of ``libraries`` when that is given (else a usage error)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (see the docstring)")
     ap.add_argument("--repeats", type=int, default=repeats, help="timed runs per cell (median)")
@@ -448,19 +430,13 @@ def arg_parser(doc: str, libraries: str, repeats: int | None = 3, **defaults: An
                     help="seconds to wait before each timed run for other processes to idle")  # fmt: skip
     ap.add_argument("--json", default=None, help="write results to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return ap
-
-
-def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    own(ap)
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    args.error = ap.error
+    if libraries and args.libraries is not None:
+        known, args.libraries = libraries.split(","), [x.strip() for x in args.libraries.split(",") if x.strip()]  # fmt: skip
+        if unknown := set(args.libraries) - set(known):
+            ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(known)}")
     return args
-
-
-def libraries(ap: argparse.ArgumentParser, given: str, known: Any) -> list[str]:
-    """``--libraries`` as a list, each one of ``known`` (else a usage error)."""
-    libs = [x.strip() for x in given.split(",") if x.strip()]
-    if unknown := set(libs) - set(known):
-        ap.error(f"unknown libraries {sorted(unknown)}; choose from {', '.join(known)}")
-    return libs

@@ -1,18 +1,7 @@
-"""float64 references the agreement columns compare against, computed without the peers.
-
-Influence: :func:`influence_references`, datatrace ``ExactHessian`` and ``GaussNewton``
-influence in float64 (public API only; ``r(H)``, ``r(GN)``), and :func:`independent`, the
-Hessian of the mean training loss and per-example gradients by ``torch.func`` alone, which
-checks the exact reference (``torch.linalg.solve``) and gives the spectrum (LiSSA's scale,
-the count of eigenvalues with eig + lam <= 0).
-
-TRAK, unprojected, in kernel form: per checkpoint c, with margin gradients Phi_c (n x p)
-from ``torch.func``, ``S = (1/C) sum_c Phi_q,c Phi_c^T (Phi_c Phi_c^T + n lam I)^{-1}
-diag(1 - p_c)``, an n x n solve (exact for lam > 0, where p >> n makes the p x p form
-singular without a ridge). :func:`datatrace_unprojected` is datatrace's own
-``TRAK(projection_dim=None)``, the check of this formula (on the last layer, where its
-p x p eigendecomposition is cheap).
-"""
+"""float64 references the agreement columns compare against, computed without the peers
+(influence: exact-Hessian and Gauss-Newton, checked by an independent ``torch.func`` Hessian;
+TRAK: unprojected, in kernel form, checked by datatrace's own unprojected TRAK on the last
+layer; see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -38,30 +27,6 @@ def float64(wl: Any) -> tuple[nn.Module, tuple, tuple]:
     return model, (wl.train[0].double(), wl.train[1]), (wl.test[0].double(), wl.test[1])
 
 
-def influence_references(wl: Any, damping: float, batch: int = 100) -> dict[str, Any]:
-    """S of ``ExactHessian`` ("H") and ``GaussNewton`` ("GN") in float64, their warnings
-    and seconds."""
-    model, train, test = float64(wl)
-    task, ck = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
-    out: dict[str, Any] = {"seconds": {}}
-    for key, label, solver in (
-        ("H", "exact_f64", dt.ExactHessian),
-        ("GN", "gn_f64", dt.GaussNewton),
-    ):
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            fitted = dt.Influence(solver(damping=damping)).fit(
-                task, ck, train, batch_size=batch, progress=False
-            )
-            out[key] = fitted.attribute(test).float()
-        out[f"{key}_warnings"] = sorted({str(x.message).split(":")[0] for x in w})
-        out["seconds"][label] = time.perf_counter() - t0
-        del fitted
-        gc.collect()
-    return out
-
-
 @dataclass
 class Independent:
     H: torch.Tensor | None  # (p, p), undamped; dropped after use (740 MB for the MLP)
@@ -76,8 +41,23 @@ class Independent:
         return (sol.T @ self.G.T / self.G.shape[0]).float()
 
 
+def per_example_grads(model: nn.Module, state: dict, f: Any, names: list[str] | None = None) -> Any:
+    """``(x, y) -> (n, p)``: per-example gradients (``vmap(grad)``) of ``f(logits of one
+    example, its label)`` over the parameters ``names`` (all by default), the rest of
+    ``state`` held fixed."""
+    names = names or [k for k, _ in model.named_parameters()]
+    fixed = {k: v for k, v in state.items() if k not in names}
+
+    def one(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return f(torch.func.functional_call(model, {**fixed, **w}, (x[None],)), y[None])
+
+    per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+    w = {k: state[k] for k in names}
+    return lambda x, y: torch.cat([g.reshape(len(y), -1) for g in per_example(w, x, y).values()], 1)
+
+
 def independent(wl: Any, batch: int = 50) -> Independent:
-    from torch.func import functional_call, grad, hessian, vmap
+    from torch.func import functional_call, hessian
 
     t0 = time.perf_counter()
     model, (X, y), (Xq, yq) = float64(wl)
@@ -96,18 +76,35 @@ def independent(wl: Any, batch: int = 50) -> Independent:
     H /= len(y)
     H = (H + H.T) / 2
 
-    def one(t: torch.Tensor, x: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-        return grad(loss)(t, x[None], yy[None])
-
-    G = vmap(one, in_dims=(None, 0, 0))(theta, X, y)
-    Q = vmap(one, in_dims=(None, 0, 0))(theta, Xq, yq)
+    flat = per_example_grads(
+        model, {k: v.detach() for k, v in model.state_dict().items()}, F.cross_entropy
+    )
+    G, Q = flat(X, y), flat(Xq, yq)
     return Independent(H, G, Q, torch.linalg.eigvalsh(H), time.perf_counter() - t0)
 
 
 def check_influence_reference(wl: Any, lam: float, evals: torch.Tensor, check: torch.Tensor):
-    """The float64 references at ``lam`` and what is known of them: the spectrum of H, the
-    warnings, r(GN vs H) and the independent check (:func:`independent`'s scores)."""
-    ref = influence_references(wl, lam)
+    """S of ``ExactHessian`` ("H") and ``GaussNewton`` ("GN") influence in float64 at ``lam``
+    and what is known of them: the spectrum of H, the warnings, r(GN vs H) and the
+    independent check (:func:`independent`'s scores)."""
+    model, train, test = float64(wl)
+    task, ck = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    ref: dict[str, Any] = {"seconds": {}}
+    for key, label, solver in (
+        ("H", "exact_f64", dt.ExactHessian),
+        ("GN", "gn_f64", dt.GaussNewton),
+    ):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            fitted = dt.Influence(solver(damping=lam)).fit(
+                task, ck, train, batch_size=100, progress=False
+            )
+            ref[key] = fitted.attribute(test).float()
+        ref[f"{key}_warnings"] = sorted({str(x.message).split(":")[0] for x in w})
+        ref["seconds"][label] = time.perf_counter() - t0
+        del fitted
+        gc.collect()
     H = ref["H"]
     info = {"hessian_eig_min": float(evals.min()), "hessian_eig_max": float(evals.max()),
             "n_eig_below_minus_lam": int((evals + lam <= 0).sum()), "ref_seconds": ref["seconds"],
@@ -150,18 +147,9 @@ def margin_gradients(model: nn.Module, state: dict, data: tuple, params: tuple |
     """Per-example margin gradients (n, p) and 1 - p_y (n,), float64."""
     state = {k: v.double() for k, v in state.items()}
     names = [k for k, _ in model.named_parameters() if params is None or k.split(".")[0] in params]
-    fixed = {k: v for k, v in state.items() if k not in names}
-
-    def f(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = torch.func.functional_call(model, {**fixed, **w}, (x[None],))
-        return margin(logits, y[None])[0]
-
-    per_example = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))
-    w = {k: state[k] for k in names}
-    grads, q = [], []
+    flat, grads, q = per_example_grads(model, state, lambda z, y: margin(z, y)[0], names), [], []
     for xb, yb in batches(data, batch):
-        g = per_example(w, xb.double(), yb)
-        grads.append(torch.cat([g[k].reshape(len(yb), -1) for k in names], dim=1))
+        grads.append(flat(xb.double(), yb))
         with torch.no_grad():
             logits = torch.func.functional_call(model, state, (xb.double(),))
         q.append(1.0 - torch.softmax(logits, dim=1).gather(1, yb[:, None])[:, 0])

@@ -88,15 +88,12 @@ def speedup_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (workload, method, damping), rs in groups.items():
         mine = [row_time(r) for r in rs if r["library"] == "datatrace"]
         peers = sorted((row_time(r), r["library"]) for r in rs if r["library"] != "datatrace")
-        if not mine:
-            continue
-        check = {"workload": workload, "method": method, "damping": damping,
-                 "datatrace_s": min(mine), "fastest_peer": None, "speedup": None, "met": None}  # fmt: skip
-        if peers:
-            (peer_s, peer), dt_s = peers[0], check["datatrace_s"]
-            speedup = peer_s / dt_s if dt_s > 0 else float("inf")
-            check.update(fastest_peer=peer, peer_s=peer_s, speedup=speedup, met=speedup >= TARGET)
-        out.append(check)
+        if mine:
+            out.append(check := {"workload": workload, "method": method, "damping": damping,
+                                 "datatrace_s": min(mine), "fastest_peer": None, "speedup": None, "met": None})  # fmt: skip
+        if mine and peers:
+            speedup = peers[0][0] / min(mine) if min(mine) > 0 else float("inf")
+            check.update(fastest_peer=peers[0][1], peer_s=peers[0][0], speedup=speedup, met=speedup >= TARGET)  # fmt: skip
     return out
 
 

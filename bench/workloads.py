@@ -1,10 +1,5 @@
-"""The models and data the benchmarks attribute over: seeded, offline, deterministic.
-
-Digits workloads trained by plain SGD (no momentum, no weight decay: what TracIn models), a
-checkpoint per learning-rate stage; the scale run's synthetic data and MLP; ResNet-9 on
-synthetic images for the GPU run. A :class:`Workload` travels to fresh worker processes
-with :func:`save_workload`.
-"""
+"""The models and data the benchmarks attribute over (seeded, offline, deterministic; see
+bench/README.md); a :class:`Workload` travels to fresh worker processes as a file."""
 
 from __future__ import annotations
 
@@ -113,12 +108,13 @@ class Workload:
         return replace(self, train=train, test=(self.test[0][:n_test], self.test[1][:n_test]))
 
 
-def train_sgd(model: nn.Module, train: tuple, lrs: list[float], epochs_per_ckpt: int, batch: int,
-              seed: int, momentum: float = 0.0) -> Checkpoints:  # fmt: skip
-    """SGD; a checkpoint after each stage of ``epochs_per_ckpt`` epochs at ``lrs[c]``."""
-    X, y = train
-    g = torch.Generator().manual_seed(seed)
-    ckpts = []
+def trained(name: str, arch: dict, train: tuple, test: tuple, lrs: list[float], epochs_per_ckpt: int,
+            batch: int, seed: int, momentum: float = 0.0) -> Workload:  # fmt: skip
+    """SGD from a seeded model; a checkpoint after each stage of ``epochs_per_ckpt`` epochs
+    at ``lrs[c]`` (no momentum, no weight decay by default: what TracIn models)."""
+    torch.manual_seed(seed)
+    model = build_model(arch).to(train[0].device)
+    (X, y), g, ckpts = train, torch.Generator().manual_seed(seed), []
     for lr in lrs:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         for _ in range(epochs_per_ckpt):
@@ -127,14 +123,6 @@ def train_sgd(model: nn.Module, train: tuple, lrs: list[float], epochs_per_ckpt:
                 F.cross_entropy(model(X[idx]), y[idx]).backward()
                 opt.step()
         ckpts.append((snapshot(model), lr))
-    return ckpts
-
-
-def trained(name: str, arch: dict, train: tuple, test: tuple, lrs: list[float], epochs_per_ckpt: int,
-            batch: int, seed: int, momentum: float = 0.0) -> Workload:  # fmt: skip
-    torch.manual_seed(seed)
-    model = build_model(arch).to(train[0].device)
-    ckpts = train_sgd(model, train, lrs, epochs_per_ckpt, batch, seed, momentum)
     model.eval()
     with torch.no_grad():
         out = model(train[0])
@@ -198,11 +186,8 @@ def resnet9_workload(n_train: int, n_test: int, width: int, device: Any) -> Work
     """ResNet-9 after one epoch of SGD (momentum 0.9, lr 0.05, batch 500) on synthetic
     3x32x32 inputs with random labels: one checkpoint, the GPU anchor's model."""
     g = torch.Generator().manual_seed(0)
-    x, y = (
-        torch.randn(n_train + n_test, 3, 32, 32, generator=g),
-        torch.randint(0, 10, (n_train + n_test,), generator=g),
-    )
-    x, y = x.to(device), y.to(device)
+    x = torch.randn(n_train + n_test, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g).to(device)
     return trained("resnet9", {"model": "ResNet9", "w": width}, (x[:n_train], y[:n_train]),
                    (x[n_train:], y[n_train:]), [0.05], 1, 500, 0, momentum=0.9)  # fmt: skip
 

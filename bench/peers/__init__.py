@@ -1,11 +1,6 @@
-"""Peer libraries, one adapter module each, run on the benchmarks' models and data.
-
-Every adapter returns scores in datatrace's convention: (n_test, n_train), positive =
-proponent, same scale (each module's docstring lists its conversions), and its times from
-a :class:`harness.Clock`. Peers are imported inside the functions, so a benchmark runs
-without the peers it is not asked to run. The settings a benchmark and its adapters share
-are here (each adapter converts them).
-"""
+"""Peer libraries, one adapter module each: scores (n_test, n_train) in datatrace's convention
+(positive = proponent), times from a ``harness.Clock``; peers are imported inside the
+functions. The settings a benchmark and its adapters share are here."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """captum 0.9.0: ``TracInCP`` (exact) and ``TracInCPFastRandProj`` (last layer, projected).
-
-* ``loss_fn=CrossEntropyLoss(reduction="sum")`` with ``sample_wise_grads_per_batch=True``
-  gives single-example gradients; its sign is already positive = proponent.
-* ``checkpoints_load_func`` loads a file and returns the weight captum multiplies the
-  checkpoint's scores by: the learning rate, or 1 for Grad-Dot.
-* Its per-sample hooks cover Linear and Conv2d only: batch-norm parameters are left out.
-* ``TracInCPFastRandProj`` (needs ``annoy``) uses only ``final_fc_layer``'s weight gradient,
-  projected as ``(P_e e)(P_a a)^T`` with ``min(sqrt(k), 10) x min(sqrt(k), 512)`` dimensions
-  per checkpoint; ``influence(k=None)`` returns the full matrix, not its default top 5.
-"""
+Conversions: bench/README.md (how each peer is configured)."""
 
 from __future__ import annotations
 

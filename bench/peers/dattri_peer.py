@@ -1,28 +1,6 @@
-"""dattri 0.3.0: TracIn, the influence-function attributors and TRAK.
-
-Conventions: a task's loss function is called with single examples (dattri vmaps) and is
-the MEAN cross-entropy of its batch, so curvature is in the mean-loss convention; results
-are (n_train, n_test) and are transposed.
-
-* ``TracInAttributor``: ``weight_list`` = learning rates (or ``[1.0]`` for Grad-Dot),
-  ``normalized_grad=False``. Passing ``projector_kwargs=None`` still projects (its default
-  ``proj_dim=512``): setting the attribute to None after construction turns it off
-  (tracin.py: ``if self.projector_kwargs is not None``). It recomputes every test gradient
-  for every training batch: one test batch of all queries keeps that to one call per batch.
-* Influence: not divided by n: S = dattri.T / n. ``IFAttributorExplicit`` forms one Hessian
-  per batch of its cache loader and sums the solutions, so it gets one full-batch loader.
-  ``IFAttributorCG`` runs exactly ``max_iter`` iterations from x0 = v (its ``tol`` is
-  unused). ``IFAttributorLiSSA`` returns ``(H + damping * scaling)^-1 v``: ``damping =
-  lam / scale``. ``IFAttributorArnoldi`` makes ``max_iter - 1`` products: ``max_iter =
-  n_iter + 1``; it returns NaN when a kept eigenvalue of H + lam is <= 0. ``IFAttributorEKFAC``
-  uses the empirical Fisher and cannot take Conv2d inputs.
-* ``TRAKAttributor``: loss and target = the margin ``log p - log(1 - p)``, Q = 1 - p from
-  ``exp(-cross_entropy)``. Its CPU projector is N(0, 1/k) and gradients are divided by
-  sqrt(p): ``regularization = n lam / p``. It averages Q over checkpoints separately, so
-  one attributor per checkpoint (``proj_seed = seed + 100000 c``, dattri's own seed for
-  checkpoint c), averaged. ``projector_kwargs`` updates a shared module-level dict in 0.3.0,
-  so every key is always passed.
-"""
+"""dattri 0.3.0: TracIn, the influence-function attributors and TRAK, converted to
+datatrace's convention (mean-loss curvature, S = dattri.T / n; every conversion and trap:
+bench/README.md, how each peer is configured)."""
 
 from __future__ import annotations
 
@@ -65,7 +43,7 @@ def tracin(model: nn.Module, ckpts: list[tuple[dict, float]], train: tuple, test
                                   normalized_grad=False, projector_kwargs=projector_kwargs,
                                   device=str(train[0].device))  # fmt: skip
     if projector_kwargs is None:
-        attributor.projector_kwargs = None  # the only way to switch projection off (see above)
+        attributor.projector_kwargs = None  # passing None still projects (k=512): README
     return attributor.attribute(
         loader(train, batch_size), loader(test, len(test[1]))
     ).T.contiguous()
@@ -145,6 +123,7 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
         task = AttributionTask(
             loss_func=margin_of, target_func=margin_of, model=model, checkpoints=[sd]
         )
+        # dattri's own seed for checkpoint c; every key, as 0.3.0 updates a shared module dict
         projector = {"proj_dim": st.proj_dim, "proj_max_batch_size": 32,
                      "proj_seed": st.seed + 100_000 * c, "device": "cpu"}  # fmt: skip
         attributor = TRAKAttributor(task=task, correct_probability_func=correct_probability,

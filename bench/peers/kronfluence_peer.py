@@ -1,13 +1,6 @@
-"""kronfluence 1.0.1: EK-FAC influence, one parametrised ``Task`` for every benchmark.
-
-``compute_train_loss`` SUMS the per-example (or per-token) cross-entropy (per-example
-gradients are those of single examples) and, for the true Fisher (``empirical=False``,
-kronfluence's default), samples labels from the model when ``sample=True``. Factors are
-means over examples and ``damping_factor`` is added to the eigenvalues: ``damping_factor =
-lam`` (None: kronfluence's own default). Pairwise scores are ``q_j^T (G + lam)^{-1} g_i``
-(n_test, n_train): S = kronfluence / n. AMP is off; every dtype float32 except its default
-float64 eigendecomposition. It wraps the modules of the model it is given: pass a copy.
-"""
+"""kronfluence 1.0.1: EK-FAC influence, one parametrised ``Task`` for every benchmark
+(summed loss, factors as means, ``damping_factor = lam``, S = scores / n; see bench/README.md).
+It wraps the modules of the model it is given: pass a copy."""
 
 from __future__ import annotations
 

@@ -1,19 +1,6 @@
-"""traker 0.3.2: ``TRAKer`` scores (the TRAK benchmark) and featurization (the scale run).
-
-* ``TRAKer(task="image_classification", device="cpu", use_half_precision=False)``: its
-  model output is the margin ``log p - log(1 - p)``, its ``out_to_loss`` Q is 1 - p.
-* On the CPU its ``BasicProjector`` is N(0, 1) (not divided by sqrt(k)), a different seed
-  per checkpoint, and features are divided by sqrt(p): Phi_t = sqrt(k/p) Phi, so
-  ``lambda_reg = n k lam / p``.
-* ``BasicScoreComputer`` divides (X^T X + lambda_reg I)^-1 by the mean of its absolute
-  entries (a float16 safeguard) which differs between checkpoints and so reweights them;
-  ``_Unscaled`` computes the same products in float32 without that division.
-* ``finalize_scores`` averages the scores and, separately, Q over checkpoints; datatrace
-  multiplies each checkpoint's scores by its own Q_c, so it is called per checkpoint
-  (``model_ids=[c]``) and the results are averaged: S exactly. Result (n_train, n_test).
-* ``save_dir`` is a fresh temporary directory: ``load_from_save_dir=False`` is broken in
-  0.3.2 (``experiments.json`` is never created, and scoring reads it).
-"""
+"""traker 0.3.2: ``TRAKer`` scores (the TRAK benchmark) and featurization (the scale run);
+``lambda_reg = n k lam / p``, per-checkpoint inverse rescaling off, ``finalize_scores`` per
+checkpoint (see bench/README.md, TRAK)."""
 
 from __future__ import annotations
 
@@ -51,6 +38,7 @@ def trak(wl: Any, st: TrakSettings) -> tuple[torch.Tensor, dict[str, float]]:
 
     model = copy.deepcopy(wl.model)
     n, p = wl.n_train, sum(q.numel() for q in model.parameters() if q.requires_grad)
+    # a fresh save_dir: load_from_save_dir=False is broken in 0.3.2 (no experiments.json)
     with tempfile.TemporaryDirectory(prefix="bench-trak-traker-") as save_dir:
         clock = Clock()
         traker = _traker(model, n, save_dir, st.proj_dim, projector_seed=st.seed, score_computer=_Unscaled,
