@@ -191,9 +191,8 @@ def windows(rs: list[dict[str, Any]]) -> list[str]:
             )
             lines.append(f"{m} c × {fam}: {w}")
         for key in ("perlayer_mean", "pi_lambda0") if m in ("kfac", "ekfac") else ():
-            idx = list(range(len(MULT)))
-            w = window(rs, lambda r, i: meets(r[m][key][i], best(r, m)), idx)
-            lines.append(f"{m} {key} (c index into the grid λ₀ × 10^(k/4), k = -20..16): {w}")
+            w = window(rs, lambda r, c: meets(r[m][key][MULT.index(c)], best(r, m)), MULT)
+            lines.append(f"{m} {key} (c on the grid λ₀ × 10^(k/4)): {w}")
     return lines
 
 
