@@ -18,6 +18,7 @@ from datatrace.core.errors import ConfigError
 from datatrace.curvature import base
 from datatrace.curvature.base import (
     GN_FACTOR,
+    GN_HESSIAN_FRACTION,
     HESSIAN_FLOOR,
     NEGATIVE_FACTOR,
     TRACE_FACTOR,
@@ -127,9 +128,30 @@ def test_rule_takes_the_largest_term_floor_negative_or_mean_eigenvalue() -> None
     choice = curvature_damping(_fake_ctx(torch.diag(d), 1e-3), gauss_newton=False)  # type: ignore[arg-type]
     assert choice.value == pytest.approx(NEGATIVE_FACTOR * 1.0, rel=1e-9)
     assert "|λ_min|" in choice.reason
-    # the Gauss-Newton family: λ₀ only
-    assert curvature_damping(ctx, gauss_newton=True).value == GN_FACTOR * 1e-3  # type: ignore[arg-type]
+    # the factored Gauss-Newton approximations (K-FAC, EK-FAC, DataInf): λ₀ only
+    assert curvature_damping(ctx, True, factored=True).value == GN_FACTOR * 1e-3  # type: ignore[arg-type]
     assert curvature_damping(_fake_ctx(torch.diag(d), 0.0), False).value == base.DAMPING_FLOOR  # type: ignore[arg-type]
+
+
+def test_exact_gauss_newton_rule_is_a_fraction_of_the_hessian_rule() -> None:
+    """``GN_HESSIAN_FRACTION × max(3 λ₀, 2 |λ_min|, 3 trace(H)/p)`` in closed form (float64,
+    a diagonal 'Hessian': Lanczos and Hutchinson are exact), each term deciding in turn."""
+    g = torch.Generator().manual_seed(7)
+    d = torch.rand(30, generator=g, dtype=torch.float64) * 0.2 + 0.01
+    cases = [
+        (d, 0.5, HESSIAN_FLOOR * 0.5),  # the floor decides
+        (d, 1e-3, TRACE_FACTOR * float(d.mean())),  # the mean eigenvalue
+        (torch.cat([d, torch.tensor([-2.0], dtype=torch.float64)]), 1e-3, NEGATIVE_FACTOR * 2.0),
+    ]
+    for diag, lambda0, hessian_rule in cases:
+        ctx = _fake_ctx(torch.diag(diag), lambda0)
+        assert curvature_damping(ctx, False).value == pytest.approx(hessian_rule, rel=1e-9)  # type: ignore[arg-type]
+        choice = curvature_damping(ctx, gauss_newton=True)  # type: ignore[arg-type]
+        assert choice.value == pytest.approx(GN_HESSIAN_FRACTION * hessian_rule, rel=1e-9)
+        assert choice.extremes is None  # the Hessian's extremes are not the GN's (LiSSA)
+        assert f"{GN_HESSIAN_FRACTION:g} × the Hessian's rule" in choice.reason
+    assert GN_HESSIAN_FRACTION * NEGATIVE_FACTOR == 1.0  # damping |λ_min|: the residual term
+    assert curvature_damping(_fake_ctx(torch.diag(d), 0.0), True).value == base.DAMPING_FLOOR  # type: ignore[arg-type]
 
 
 def _mean_loss_hessian(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -169,14 +191,28 @@ def _per_example_grads(model, x, y):
         yield torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def test_gauss_newton_default_is_gn_factor_times_lambda0(mlp_data) -> None:
+def test_gauss_newton_default_is_a_fraction_of_the_hessian_rule(mlp_data) -> None:
     model, x, y = mlp_data
-    fitted = dt.Influence(dt.GaussNewton()).fit(
-        dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y), progress=False
-    )
+    args = (dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dt.InfluenceWarning)  # an indefinite Hessian
+        hessian = dt.Influence(dt.ExactHessian()).fit(*args, progress=False)
+    fitted = dt.Influence(dt.GaussNewton()).fit(*args, progress=False)
+    expected = GN_HESSIAN_FRACTION * hessian.damping[0]
+    assert fitted.damping[0] == pytest.approx(expected, rel=1e-10)
+    # the matrix-free solvers of the same matrix take the same default
+    cg = dt.Influence(dt.ConjugateGradient(gauss_newton=True)).fit(*args, progress=False)
+    assert cg.damping[0] == pytest.approx(expected, rel=1e-10)
+
+
+def test_kfac_family_default_is_gn_factor_times_lambda0(mlp_data) -> None:
+    model, x, y = mlp_data
+    args = (dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y))
     g2 = sum(float((g**2).sum()) for g in _per_example_grads(model, x, y))
     p = sum(q.numel() for q in model.parameters())
-    assert fitted.damping[0] == pytest.approx(GN_FACTOR * g2 / (len(x) * p), rel=1e-10)
+    for method in (dt.Influence(dt.KFAC()), dt.Influence(dt.EKFAC()), dt.DataInf()):
+        fitted = method.fit(*args, progress=False)
+        assert fitted.damping[0] == pytest.approx(GN_FACTOR * g2 / (len(x) * p), rel=1e-5)
 
 
 def test_trak_default_is_gram_factor_times_mean_eigenvalue(mlp_data) -> None:

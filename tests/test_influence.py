@@ -246,10 +246,15 @@ def test_several_checkpoints_are_weighted_and_summed(setup):
 
 def test_default_damping_is_a_multiple_of_mean_squared_gradient(setup):
     model, x, y, _, _ = setup
-    fitted = _fit(model, x, y, dt.GaussNewton())
     lambda0 = (flat_grads(model, x, y) ** 2).mean().item()
-    gn_factor = dt.curvature.base.GN_FACTOR  # the Gauss-Newton rule (tests/test_damping.py)
-    assert fitted.damping[0] == pytest.approx(gn_factor * lambda0, rel=1e-9)
+    # the factored Gauss-Newton rule (tests/test_damping.py); K-FAC measures λ₀ itself
+    gn_factor = dt.curvature.base.GN_FACTOR
+    for pre in (dt.KFAC(), dt.EKFAC()):
+        assert _fit(model, x, y, pre).damping[0] == pytest.approx(gn_factor * lambda0, rel=1e-9)
+    # the exact GN: a fraction of the Hessian rule, itself at least HESSIAN_FLOOR × λ₀
+    exact = _fit(model, x, y, dt.GaussNewton()).damping[0]
+    floor = dt.curvature.base.GN_HESSIAN_FRACTION * dt.curvature.base.HESSIAN_FLOOR * lambda0
+    assert exact >= floor * (1 - 1e-9)
 
 
 def test_linear_regression_closed_form_and_leave_one_out():

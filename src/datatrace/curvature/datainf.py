@@ -2,7 +2,7 @@
 
 ``(G_l + λ_l I)⁻¹ v ≈ (1/(n λ_l)) Σ_i [v − (g_iᵀ v) / (λ_l + ‖g_i‖²) g_i]`` per layer l
 (the parameters of one module), from the stored per-example training gradients. The
-default damping is ONE λ for every layer, the Gauss–Newton rule's ``GN_FACTOR × λ₀``
+default damping is ONE λ for every layer, the factored Gauss–Newton rule's ``GN_FACTOR × λ₀``
 (:func:`~datatrace.curvature.base.curvature_damping`), not the paper's per-layer
 ``λ_l = 0.1 × mean(g_l²)``: with λ small next to ``‖g_i‖²`` a layer's scores scale as
 ``1/λ_l``, so per-layer dampings weight the layers by the inverse of their mean squared
@@ -54,7 +54,9 @@ class DataInfPreconditioner(AbstractPreconditioner):
                 current = module
             else:
                 slices[-1] = (slices[-1][0], stop)
-        lam = resolve_damping(self.damping, ctx, gauss_newton=True, what="DataInf's G")
+        lam = resolve_damping(
+            self.damping, ctx, gauss_newton=True, what="DataInf's G", factored=True
+        )
         return FittedDataInf(ctx, slices, [lam] * len(slices))
 
 

@@ -222,7 +222,7 @@ def _fit_kronecker(
             _refit_eigenvalues(problem, layers, settings, draws)
         if path is not None:
             _save(path, layers, described)
-    used = resolve_damping(damping, ctx, gauss_newton=True)
+    used = resolve_damping(damping, ctx, gauss_newton=True, factored=True)
     if damping is None:  # the rule's λ (from the mean curvature) may be round-off for a layer
         needed = max(_numerical_floor(lay) for lay in layers) * NUMERICAL_MARGIN
         if needed > used:
