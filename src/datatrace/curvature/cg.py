@@ -27,8 +27,7 @@ from .base import (
     resolve_damping,
 )
 from .context import FitContext
-from .dense import CholeskyPreconditioner, LDLPreconditioner
-from .matrix_free import EXACT_MAX_PARAMS, MatrixFree, exact_is_cheaper, factorize
+from .matrix_free import EXACT_MAX_PARAMS, ExactSwitch, MatrixFree, exact_is_cheaper, factorize
 
 log = logging.getLogger("datatrace")
 
@@ -113,7 +112,7 @@ def _orthonormal_rows(block: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class CGPreconditioner(AbstractFittedPreconditioner):
+class CGPreconditioner(ExactSwitch, AbstractFittedPreconditioner):
     op: MatrixFree
     max_iter: int | None
     tol: float
@@ -131,7 +130,6 @@ class CGPreconditioner(AbstractFittedPreconditioner):
     #: given (``"auto"`` keeps the undamped matrix), and the factorization once made
     max_exact_params: int = field(default=0, init=False)
     given: float | str | None = field(default=None, init=False, repr=False)
-    exact: CholeskyPreconditioner | LDLPreconditioner | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.damping = self.op.damping
@@ -144,19 +142,13 @@ class CGPreconditioner(AbstractFittedPreconditioner):
         )
         out.keep_last, out.last = self.keep_last, self.last
         out.max_exact_params, out.given = self.max_exact_params, self.given
-        if self.exact is not None:
-            out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
+        out.exact = self.exact_at(damping)
         return out
-
-    def indefinite_below(self) -> float:
-        """The exact factorization's bound, once the solver has switched to one."""
-        return self.exact.indefinite_below() if self.exact is not None else 0.0
 
     def release(self) -> None:
         """Stop keeping the last solutions (and an exact factorization's matrix)."""
         self.keep_last, self.last = False, None
-        if self.exact is not None:
-            self.exact.release()
+        super().release()
 
     def _iterations(self, m: int, p: int) -> int:
         """The iteration budget: ``max_iter``, or ``2⌈p/m⌉ + 10``."""

@@ -25,8 +25,7 @@ from .base import (
     damping_choice,
 )
 from .context import FitContext
-from .dense import CholeskyPreconditioner, LDLPreconditioner
-from .matrix_free import EXACT_MAX_PARAMS, MatrixFree, exact_is_cheaper, factorize
+from .matrix_free import EXACT_MAX_PARAMS, ExactSwitch, MatrixFree, exact_is_cheaper, factorize
 
 log = logging.getLogger("datatrace")
 
@@ -136,7 +135,7 @@ def power_iteration(op: MatrixFree, p: int, like: torch.Tensor, iters: int = 30)
 
 
 @dataclass
-class LiSSAPreconditioner(AbstractFittedPreconditioner):
+class LiSSAPreconditioner(ExactSwitch, AbstractFittedPreconditioner):
     spec: LiSSA
     op: MatrixFree
     scale: float
@@ -157,8 +156,6 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         prod = problem.gnvp_batch if self.op.gauss_newton else problem.hvp_batch
         return prod(h, batch) / len(idx) + self.op.damping * h
 
-    exact: CholeskyPreconditioner | LDLPreconditioner | None = field(default=None, init=False)
-
     def with_damping(self, damping: float) -> LiSSAPreconditioner:
         """Another damping: the power-iteration estimate shifts by the change (no new
         products); scale and the automatic depth follow; an exact factorization kept for
@@ -168,18 +165,8 @@ class LiSSAPreconditioner(AbstractFittedPreconditioner):
         scale = self.spec.scale if self.spec.scale is not None else 1.5 * max(largest, 1e-12)
         depth = self.spec.depth if self.spec.depth is not None else neumann_depth(scale, damping)
         out = LiSSAPreconditioner(self.spec, op, scale, largest, depth)
-        if self.exact is not None:
-            out.exact = self.exact.with_damping(damping)  # type: ignore[assignment]
+        out.exact = self.exact_at(damping)
         return out
-
-    def indefinite_below(self) -> float:
-        """The exact factorization's bound, once the solver has switched to one."""
-        return self.exact.indefinite_below() if self.exact is not None else 0.0
-
-    def release(self) -> None:
-        """An exact factorization drops its undamped matrix (the recursion keeps nothing)."""
-        if self.exact is not None:
-            self.exact.release()
 
     def _exact_is_cheaper(self, m: int) -> bool:
         """The automatic depth, a small enough model, and more products by recursion than

@@ -1,12 +1,12 @@
 """What the matrix-free solvers (:mod:`.cg`, :mod:`.lissa`, :mod:`.arnoldi`) share: the
 damped curvature operator ``v ↦ (H + λI) v`` (or ``G``) applied without forming ``H``, and
 THE "exact when cheaper" rule by which their defaults form and factorize the matrix instead
-(:func:`exact_is_cheaper`, :func:`factorize`).
+(:func:`exact_is_cheaper`, :func:`factorize`, :class:`ExactSwitch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,3 +64,28 @@ def factorize(
     formed and factorized (Cholesky, or ``LDLᵀ`` with a warning if indefinite)."""
     matrix = problem.gauss_newton() if gauss_newton else problem.hessian(symmetrize=False)
     return _fit_dense(matrix, damping, not gauss_newton, given)
+
+
+@dataclass
+class ExactSwitch:
+    """The exact factorization a matrix-free solver's default switched to
+    (:func:`factorize`), or ``None``: re-damped with the solver (:meth:`exact_at`), its
+    bound on the smallest eigenvalue reported (:meth:`indefinite_below`) and its kept
+    matrix released (:meth:`release`) on the solver's behalf."""
+
+    exact: CholeskyPreconditioner | LDLPreconditioner | None = field(default=None, init=False)
+
+    def exact_at(self, damping: float) -> CholeskyPreconditioner | LDLPreconditioner | None:
+        """The kept factorization at another damping (one refactorization), if any."""
+        if self.exact is None:
+            return None
+        return self.exact.with_damping(damping)  # type: ignore[return-value]
+
+    def indefinite_below(self) -> float:
+        """The exact factorization's bound, once the solver has switched to one."""
+        return self.exact.indefinite_below() if self.exact is not None else 0.0
+
+    def release(self) -> None:
+        """An exact factorization drops its undamped matrix."""
+        if self.exact is not None:
+            self.exact.release()
