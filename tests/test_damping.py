@@ -233,31 +233,36 @@ def test_check_damping_accepts_auto_only_as_the_one_string() -> None:
         autodamp.AutoDamping(multipliers=(1.0, 0.0))
 
 
-def _trained_mlp() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def _untrained_mlp() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(3)
     model = MLP(d_in=4, hidden=6, classes=3).double()
     x = torch.randn(40, 4, dtype=torch.float64)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return model, x, y
+
+
+def _sgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+    """60 full-batch SGD steps at lr 0.3 on the cross-entropy."""
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     for _ in range(60):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return model, x, y
+    return model
+
+
+def _trained_mlp() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    model, x, y = _untrained_mlp()
+    return _sgd(model, x, y), x, y
 
 
 def _trained_linear() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """A multinomial logistic regression: a positive semi-definite Hessian, so that every
-    grid point of damping="auto" can be tried (none is indefinite)."""
-    _, x, y = _trained_mlp()
+    """A multinomial logistic regression on the same data: a positive semi-definite
+    Hessian, so that every grid point of damping="auto" can be tried (none is
+    indefinite)."""
+    _, x, y = _untrained_mlp()
     torch.manual_seed(3)
-    linear = torch.nn.Linear(4, 3).double()
-    opt = torch.optim.SGD(linear.parameters(), lr=0.3)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(linear(x), y).backward()
-        opt.step()
-    return linear, x, y
+    return _sgd(torch.nn.Linear(4, 3).double(), x, y), x, y
 
 
 def test_auto_picks_the_grid_point_of_a_brute_force_search() -> None:
