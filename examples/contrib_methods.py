@@ -11,7 +11,8 @@ import torch
 import datatrace as dt
 from datatrace.app.registry import MethodEntry, register
 from datatrace.curvature import AbstractFittedPreconditioner, FitContext, GramInverse
-from datatrace.curvature.base import check_damping, resolve_damping
+from datatrace.curvature.base import check_damping
+from datatrace.curvature.damping import resolve_damping
 
 
 # 1. A preconditioner: one frozen settings class with fit(ctx), one fitted class with solve.

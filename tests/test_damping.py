@@ -16,13 +16,14 @@ from torch.func import functional_call, hessian
 import datatrace as dt
 from datatrace.core.errors import ConfigError
 from datatrace.curvature import base
-from datatrace.curvature.base import (
+from datatrace.curvature import damping as rule
+from datatrace.curvature.base import check_damping
+from datatrace.curvature.damping import (
     GN_FACTOR,
     GN_HESSIAN_FRACTION,
     HESSIAN_FLOOR,
     NEGATIVE_FACTOR,
     TRACE_FACTOR,
-    check_damping,
     curvature_damping,
     lanczos_extremes,
 )
@@ -73,7 +74,7 @@ def test_rule_lifts_the_smallest_eigenvalue_of_an_indefinite_toy_hessian(seed: i
     # the largest of the rule's three terms (Lanczos λ_min >= the true one; the mean by
     # Hutchinson, within 4 standard errors of trace/p)
     mean, p = float(true.mean()), 60
-    se = (2 * float((m**2).sum() - (m.diagonal() ** 2).sum()) / base.TRACE_VECTORS) ** 0.5 / p
+    se = (2 * float((m**2).sum() - (m.diagonal() ** 2).sum()) / rule.TRACE_VECTORS) ** 0.5 / p
     bound = max(NEGATIVE_FACTOR * abs(float(true[0])), TRACE_FACTOR * (mean + 4 * se))
     assert choice.value <= bound + 1e-12
     assert "λ_min" in choice.reason
@@ -81,21 +82,21 @@ def test_rule_lifts_the_smallest_eigenvalue_of_an_indefinite_toy_hessian(seed: i
 
 def test_hutchinson_mean_eigenvalue_is_exact_on_a_diagonal_and_unbiased() -> None:
     d = torch.linspace(-1.0, 5.0, 50, dtype=torch.float64)
-    est = base.hutchinson_mean_eigenvalue(lambda v: v * d, d, n_vectors=3, seed=7)
+    est = rule.hutchinson_mean_eigenvalue(lambda v: v * d, d, n_vectors=3, seed=7)
     assert est == pytest.approx(float(d.mean()), rel=1e-12)  # v_i² = 1 for Rademacher v
     m = _indefinite(40, 6, seed=4)
     mean = float(torch.linalg.eigvalsh(m).mean())
-    est = base.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
+    est = rule.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
     se = (2 * float((m**2).sum() - (m.diagonal() ** 2).sum()) / 4000) ** 0.5 / 40
     assert abs(est - mean) < 4 * se
-    again = base.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
+    again = rule.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
     assert again == est  # seeded
 
 
 def test_hutchinson_goes_in_groups_on_a_large_model(monkeypatch) -> None:
     """Past HUTCHINSON_ENTRIES the vectors go in groups: no pass holds more rows than fit,
     and the estimate is the same estimator (exact on a diagonal, unbiased on a matrix)."""
-    monkeypatch.setattr(base, "HUTCHINSON_ENTRIES", 100)  # 2 rows of p = 50 per pass
+    monkeypatch.setattr(rule, "HUTCHINSON_ENTRIES", 100)  # 2 rows of p = 50 per pass
     d = torch.linspace(-1.0, 5.0, 50, dtype=torch.float64)
     rows: list[int] = []
 
@@ -103,12 +104,12 @@ def test_hutchinson_goes_in_groups_on_a_large_model(monkeypatch) -> None:
         rows.append(v.shape[0])
         return v * d
 
-    est = base.hutchinson_mean_eigenvalue(apply, d, n_vectors=5, seed=7)
+    est = rule.hutchinson_mean_eigenvalue(apply, d, n_vectors=5, seed=7)
     assert rows == [2, 2, 1]
     assert est == pytest.approx(float(d.mean()), rel=1e-12)
     m = _indefinite(40, 6, seed=4)
     mean = float(torch.linalg.eigvalsh(m).mean())
-    est = base.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
+    est = rule.hutchinson_mean_eigenvalue(lambda v: v @ m, m[0], n_vectors=4000, seed=0)
     se = (2 * float((m**2).sum() - (m.diagonal() ** 2).sum()) / 4000) ** 0.5 / 40
     assert abs(est - mean) < 4 * se
 
@@ -381,14 +382,15 @@ def test_kfac_default_damping_is_never_below_round_off(monkeypatch):
     """The rule's λ comes from the mean curvature; a stiff layer's float32 eigenvalues can
     make it round-off there (MiniLM's pooler). The default is then raised to
     NUMERICAL_MARGIN × that layer's round-off level (logged); an explicit λ is refused."""
-    from datatrace.curvature import base, kfac
+    from datatrace.curvature import damping as gn_rule
+    from datatrace.curvature import kfac
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     x, y = torch.randn(40, 6) * 30, torch.randint(0, 3, (40,))
     task = dt.ClassificationTask(model)
     ckpt = [dt.Checkpoint.from_module(model)]
-    monkeypatch.setattr(base, "GN_FACTOR", 1e-12)  # a rule that lands below round-off
+    monkeypatch.setattr(gn_rule, "GN_FACTOR", 1e-12)  # a rule that lands below round-off
     fitted = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y))
     layers = fitted.preconditioners[0].layers
     floor = max(kfac._numerical_floor(lay) for lay in layers)

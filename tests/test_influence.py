@@ -208,7 +208,7 @@ def test_datainf_matches_its_formula(setup):
     n = len(x)
     layers = [(0, 42), (42, 66)]  # fc1 (weight+bias), fc2
     expected = torch.zeros(len(xq), n, dtype=torch.float64)
-    lam = dt.curvature.base.GN_FACTOR * (G**2).mean()  # one λ: the Gauss-Newton rule's
+    lam = dt.curvature.damping.GN_FACTOR * (G**2).mean()  # one λ: the Gauss-Newton rule's
     assert fitted.damping == [pytest.approx(float(lam), rel=1e-12)]
     for a, b in layers:
         gl, ql = G[:, a:b], Q[:, a:b]
@@ -248,12 +248,12 @@ def test_default_damping_is_a_multiple_of_mean_squared_gradient(setup):
     model, x, y, _, _ = setup
     lambda0 = (flat_grads(model, x, y) ** 2).mean().item()
     # the factored Gauss-Newton rule (tests/test_damping.py); K-FAC measures λ₀ itself
-    gn_factor = dt.curvature.base.GN_FACTOR
+    gn_factor = dt.curvature.damping.GN_FACTOR
     for pre in (dt.KFAC(), dt.EKFAC()):
         assert _fit(model, x, y, pre).damping[0] == pytest.approx(gn_factor * lambda0, rel=1e-9)
     # the exact GN: a fraction of the Hessian rule, itself at least HESSIAN_FLOOR × λ₀
     exact = _fit(model, x, y, dt.GaussNewton()).damping[0]
-    floor = dt.curvature.base.GN_HESSIAN_FRACTION * dt.curvature.base.HESSIAN_FLOOR * lambda0
+    floor = dt.curvature.damping.GN_HESSIAN_FRACTION * dt.curvature.damping.HESSIAN_FLOOR * lambda0
     assert exact >= floor * (1 - 1e-9)
 
 

@@ -19,10 +19,10 @@ from .base import (
     check_damping,
     check_positive,
     eigen_solve,
-    resolve_damping,
     warn_not_positive_definite,
 )
 from .context import FitContext
+from .damping import resolve_damping
 from .dense import CholeskyPreconditioner, LDLPreconditioner, krylov_eigenpairs
 from .matrix_free import EXACT_MAX_PARAMS, MatrixFree, exact_is_cheaper, factorize
 

@@ -24,9 +24,9 @@ from .base import (
     InfluenceWarning,
     check_damping,
     check_positive,
-    resolve_damping,
 )
 from .context import FitContext
+from .damping import resolve_damping
 from .matrix_free import EXACT_MAX_PARAMS, ExactSwitch, MatrixFree, exact_is_cheaper, factorize
 
 log = logging.getLogger("datatrace")

@@ -3,7 +3,7 @@
 ``(G_l + λ_l I)⁻¹ v ≈ (1/(n λ_l)) Σ_i [v − (g_iᵀ v) / (λ_l + ‖g_i‖²) g_i]`` per layer l
 (the parameters of one module), from the stored per-example training gradients. The
 default damping is ONE λ for every layer, the factored Gauss–Newton rule's ``GN_FACTOR × λ₀``
-(:func:`~datatrace.curvature.base.curvature_damping`), not the paper's per-layer
+(:func:`~datatrace.curvature.damping.curvature_damping`), not the paper's per-layer
 ``λ_l = 0.1 × mean(g_l²)``: with λ small next to ``‖g_i‖²`` a layer's scores scale as
 ``1/λ_l``, so per-layer dampings weight the layers by the inverse of their mean squared
 gradient and the damping's overall size hardly matters. bench/defaults.py (full sizes, LDS):
@@ -23,13 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import (
-    AbstractFittedPreconditioner,
-    AbstractPreconditioner,
-    check_damping,
-    resolve_damping,
-)
+from .base import AbstractFittedPreconditioner, AbstractPreconditioner, check_damping
 from .context import FitContext
+from .damping import resolve_damping
 
 
 @dataclass(frozen=True)

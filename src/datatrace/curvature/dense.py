@@ -25,11 +25,11 @@ from .base import (
     AbstractPreconditioner,
     check_damping,
     check_positive,
-    resolve_damping,
     symmetric_eigh,
     warn_not_positive_definite,
 )
 from .context import FitContext
+from .damping import resolve_damping
 
 
 @dataclass

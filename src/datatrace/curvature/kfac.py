@@ -51,9 +51,9 @@ from .base import (
     check_damping,
     check_positive,
     mean_squared_entry,
-    resolve_damping,
 )
 from .context import FitContext
+from .damping import resolve_damping
 from .fisher import Draw, Fisher, as_fisher
 from .kfac_layers import KLayer, kfac_layers, problem_layers, select_kfac_parameters
 from .kfac_passes import PassSettings, fit_factors, refit_eigenvalues
@@ -321,8 +321,9 @@ class KFAC(_KroneckerFactored):
     every other method (the same scores, to round-off).
 
     Args:
-        damping: λ (``None``: the default rule, :func:`~datatrace.curvature.base.resolve_damping`,
-            never below a layer's round-off level).
+        damping: λ (``None``: the default rule,
+            :func:`~datatrace.curvature.damping.resolve_damping`, never below a layer's
+            round-off level).
         fisher: the output-side factor: ``"exact"`` (per-example output Hessians),
             ``"sampled"`` (labels sampled from the model: the true Fisher, for large outputs
             such as a language model's logits), ``"empirical"`` (training labels), or

@@ -22,9 +22,9 @@ from .base import (
     AbstractPreconditioner,
     check_damping,
     check_positive,
-    damping_choice,
 )
 from .context import FitContext
+from .damping import damping_choice
 from .matrix_free import EXACT_MAX_PARAMS, ExactSwitch, MatrixFree, exact_is_cheaper, factorize
 
 log = logging.getLogger("datatrace")
