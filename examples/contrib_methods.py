@@ -35,7 +35,9 @@ class DiagonalFisher(dt.AbstractPreconditioner):
             sq = (feats["dense"] ** 2).sum(0)
             diagonal = sq if diagonal is None else diagonal + sq
         assert diagonal is not None
-        return FittedDiagonal(diagonal / ctx.problem.n, resolve_damping(self.damping, ctx, True))
+        return FittedDiagonal(
+            diagonal / ctx.problem.n, resolve_damping(self.damping, ctx, True, factored=True)
+        )
 
 
 @dataclass
