@@ -206,14 +206,49 @@ def test_gauss_newton_default_is_a_fraction_of_the_hessian_rule(mlp_data) -> Non
     assert cg.damping[0] == pytest.approx(expected, rel=1e-10)
 
 
-def test_kfac_family_default_is_gn_factor_times_lambda0(mlp_data) -> None:
+def test_datainf_default_is_gn_factor_times_lambda0(mlp_data) -> None:
     model, x, y = mlp_data
     args = (dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y))
     g2 = sum(float((g**2).sum()) for g in _per_example_grads(model, x, y))
     p = sum(q.numel() for q in model.parameters())
-    for method in (dt.Influence(dt.KFAC()), dt.Influence(dt.EKFAC()), dt.DataInf()):
-        fitted = method.fit(*args, progress=False)
-        assert fitted.damping[0] == pytest.approx(GN_FACTOR * g2 / (len(x) * p), rel=1e-5)
+    fitted = dt.DataInf().fit(*args, progress=False)
+    assert fitted.damping[0] == pytest.approx(GN_FACTOR * g2 / (len(x) * p), rel=1e-5)
+
+
+def _gauss_newton_trace(model, x) -> float:
+    """``trace(G)`` of the softmax cross-entropy's Gauss–Newton matrix, by hand in float64:
+    ``(1/n) Σ_i tr(J_iᵀ H_i J_i)``, J_i the logits' Jacobian, ``H_i = diag(p_i) - p_i p_iᵀ``."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def logits(prm, xi):
+        return functional_call(model, prm, (xi[None],))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))(params, x)
+    J = torch.cat([j.reshape(len(x), j.shape[1], -1) for j in jac.values()], 2)  # (n, o, p)
+    prob = torch.softmax(torch.func.vmap(logits, in_dims=(None, 0))(params, x), -1)
+    h = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    return float(torch.einsum("nab,nbp,nap->", h, J, J)) / len(x)
+
+
+def test_kfac_family_default_is_the_mean_of_its_own_eigenvalues(mlp_data, caplog) -> None:
+    """K-FAC: KRONECKER_FACTOR × mean(eig S ⊗ eig A) = Σ_l tr S_l tr A_l / p; EK-FAC with
+    the exact Fisher: KRONECKER_FACTOR × trace(G)/p of the Gauss–Newton matrix (its refitted
+    eigenvalues keep G's diagonal in their basis), checked against G formed by hand."""
+    model, x, y = mlp_data
+    args = (dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], (x, y))
+    p = sum(q.numel() for q in model.parameters())
+    kfac = dt.Influence(dt.KFAC(fisher="exact")).fit(*args, progress=False)
+    layers = kfac.preconditioners[0].layers
+    traces = sum(float(lay.S.trace() * lay.A.trace()) for lay in layers)
+    assert kfac.damping[0] == pytest.approx(rule.KRONECKER_FACTOR * traces / p, rel=1e-10)
+    with caplog.at_level(logging.INFO, logger="datatrace"):
+        ekfac = dt.Influence(dt.EKFAC(fisher="exact")).fit(*args, progress=False)
+    want = rule.KRONECKER_FACTOR * _gauss_newton_trace(model, x) / p
+    assert ekfac.damping[0] == pytest.approx(want, rel=1e-10)
+    assert any("mean eigenvalue of the EKFAC" in r.getMessage() for r in caplog.records)
+    assert ekfac.lambda0 == [None]  # measured nowhere: the rule needs no gradient pass
+    # a given number is used as is
+    assert dt.Influence(dt.EKFAC(damping=0.25)).fit(*args, progress=False).damping[0] == 0.25
 
 
 def test_trak_default_is_gram_factor_times_mean_eigenvalue(mlp_data) -> None:
@@ -390,7 +425,7 @@ def test_kfac_default_damping_is_never_below_round_off(monkeypatch):
     x, y = torch.randn(40, 6) * 30, torch.randint(0, 3, (40,))
     task = dt.ClassificationTask(model)
     ckpt = [dt.Checkpoint.from_module(model)]
-    monkeypatch.setattr(gn_rule, "GN_FACTOR", 1e-12)  # a rule that lands below round-off
+    monkeypatch.setattr(gn_rule, "KRONECKER_FACTOR", 1e-12)  # a rule below round-off
     fitted = dt.Influence(dt.EKFAC()).fit(task, ckpt, (x, y))
     layers = fitted.preconditioners[0].layers
     floor = max(kfac._numerical_floor(lay) for lay in layers)
@@ -627,3 +662,10 @@ def test_a_preconditioner_says_whether_it_calibrates_its_damping() -> None:
             raise NotImplementedError
 
     assert not Identity().calibrates_damping()
+
+
+def test_kronecker_damping_rule_given_auto_and_the_floor() -> None:
+    assert rule.kronecker_damping(0.3, 5.0, "K") == 0.3  # a number is used as is
+    assert rule.kronecker_damping(None, 5.0, "K") == rule.KRONECKER_FACTOR * 5.0
+    assert rule.kronecker_damping("auto", 5.0, "K") == rule.KRONECKER_FACTOR * 5.0  # its start
+    assert rule.kronecker_damping(None, 0.0, "K") == base.DAMPING_FLOOR  # no curvature at all

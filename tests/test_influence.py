@@ -247,10 +247,6 @@ def test_several_checkpoints_are_weighted_and_summed(setup):
 def test_default_damping_is_a_multiple_of_mean_squared_gradient(setup):
     model, x, y, _, _ = setup
     lambda0 = (flat_grads(model, x, y) ** 2).mean().item()
-    # the factored Gauss-Newton rule (tests/test_damping.py); K-FAC measures λ₀ itself
-    gn_factor = dt.curvature.damping.GN_FACTOR
-    for pre in (dt.KFAC(), dt.EKFAC()):
-        assert _fit(model, x, y, pre).damping[0] == pytest.approx(gn_factor * lambda0, rel=1e-9)
     # the exact GN: a fraction of the Hessian rule, itself at least HESSIAN_FLOOR × λ₀
     exact = _fit(model, x, y, dt.GaussNewton()).damping[0]
     floor = dt.curvature.damping.GN_HESSIAN_FRACTION * dt.curvature.damping.HESSIAN_FLOOR * lambda0

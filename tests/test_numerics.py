@@ -9,6 +9,7 @@ from torch import nn
 
 import datatrace as dt
 from datatrace.curvature.base import DAMPING_FLOOR, symmetric_eigh
+from datatrace.curvature.kfac import mean_eigenvalue
 
 PRECONDITIONERS = {
     "exact": lambda: dt.ExactHessian(),
@@ -33,7 +34,12 @@ def _zero_gradient_problem():
 def test_all_zero_gradients_give_zero_scores_not_nan(name: str) -> None:
     task, ck, train = _zero_gradient_problem()
     fitted = dt.Influence(PRECONDITIONERS[name]()).fit(task, ck, train, progress=False)
-    assert fitted.damping == [DAMPING_FLOOR]  # λ₀ = 0: the documented floor, not 10 × 0
+    if name in ("kfac", "ekfac"):  # their rule reads the Gauss-Newton curvature, not 0 here
+        pc = fitted.preconditioners[0]
+        assert fitted.damping == [pytest.approx(mean_eigenvalue(pc.layers), rel=1e-12)]
+        assert fitted.damping[0] > 0
+    else:
+        assert fitted.damping == [DAMPING_FLOOR]  # λ₀ = 0: the documented floor, not 10 × 0
     S = fitted.attribute(train)
     assert torch.equal(S, torch.zeros_like(S))
     torch.testing.assert_close(fitted.self_influence(), torch.diagonal(S), rtol=0, atol=0)

@@ -50,10 +50,9 @@ from .base import (
     AbstractPreconditioner,
     check_damping,
     check_positive,
-    mean_squared_entry,
 )
 from .context import FitContext
-from .damping import resolve_damping
+from .damping import kronecker_damping
 from .fisher import Draw, Fisher, as_fisher
 from .kfac_layers import KLayer, kfac_layers, problem_layers, select_kfac_parameters
 from .kfac_passes import PassSettings, fit_factors, refit_eigenvalues
@@ -206,23 +205,19 @@ def _fit_kronecker(
     path: Path | None,
 ) -> KroneckerPreconditioner:
     """Fit (or load from the store's cache file ``path``) every layer's factors and choose
-    the damping. When ``ctx`` has no λ₀ yet (training features not stored), the factor
-    pass measures it and hands it to ``ctx``."""
+    the damping (the default from the fitted eigenvalues: no λ₀ needed)."""
     problem = ctx.problem
     layers = problem_layers(problem)
     kind = "ekfac" if refit else "kfac"  # (in messages)
     described = _describe(settings)
     if path is None or not _load(path, layers, problem.theta.device, described):
-        with_loss = not ctx.lambda0_known
         draws: list[Draw] = []  # the sampled labels, drawn once for both passes
-        square_sum = _fit_factors(problem, layers, settings, with_loss, draws)
-        if square_sum is not None:
-            ctx.provide_lambda0(mean_squared_entry(square_sum, problem.n, problem.p))
+        _fit_factors(problem, layers, settings, draws)
         if refit:
             _refit_eigenvalues(problem, layers, settings, draws)
         if path is not None:
             _save(path, layers, described)
-    used = resolve_damping(damping, ctx, gauss_newton=True, factored=True)
+    used = kronecker_damping(damping, mean_eigenvalue(layers), f"the {kind.upper()} curvature")
     if damping is None:  # the rule's λ (from the mean curvature) may be round-off for a layer
         needed = max(_numerical_floor(lay) for lay in layers) * NUMERICAL_MARGIN
         if needed > used:
@@ -239,6 +234,13 @@ def _fit_kronecker(
 #: The default damping is at least this many times a layer's round-off level
 #: (:func:`_numerical_floor`), so ``G + λI`` is never numerically singular by default.
 NUMERICAL_MARGIN = 10.0
+
+
+def mean_eigenvalue(layers: list[KLayer]) -> float:
+    """The mean of every layer's fitted eigenvalues ``lam`` (weighted by their number):
+    ``trace(G)/p`` of the block-diagonal approximation."""
+    total = sum(float(lay.lam.double().sum()) for lay in layers if lay.lam is not None)
+    return total / max(1, sum(lay.lam.numel() for lay in layers if lay.lam is not None))
 
 
 def _numerical_floor(lay: KLayer, damping: float = 0.0) -> float:
@@ -314,16 +316,16 @@ class KFAC(_KroneckerFactored):
     factors are cached in the feature store.
 
     ``dt.Influence(dt.KFAC())`` (or ``EKFAC``) fitted without a ``store`` keeps no training
-    features: the fit is two passes over the training data (factors, with λ₀ measured on the
-    way; EK-FAC's eigenvalues) and each scoring call one more, forming a batch's per-example
+    features: the fit is two passes over the training data (factors; EK-FAC's eigenvalues)
+    and each scoring call one more, forming a batch's per-example
     gradients one layer at a time against the preconditioned queries
     (:mod:`datatrace.methods.kronecker`). With ``store=...`` the features are stored as for
     every other method (the same scores, to round-off).
 
     Args:
         damping: λ (``None``: the default rule,
-            :func:`~datatrace.curvature.damping.resolve_damping`, never below a layer's
-            round-off level).
+            :func:`~datatrace.curvature.damping.kronecker_damping`: the mean of the fitted
+            eigenvalues, never below a layer's round-off level).
         fisher: the output-side factor: ``"exact"`` (per-example output Hessians),
             ``"sampled"`` (labels sampled from the model: the true Fisher, for large outputs
             such as a language model's logits), ``"empirical"`` (training labels), or

@@ -2,9 +2,7 @@
 
 * :func:`fit_factors`: the Kronecker factors ``A`` and ``S`` of every layer, accumulated in
   place batch by batch (never a per-example quantity kept beyond its batch), then their
-  eigendecompositions; on request the same pass measures λ₀ (the mean squared entry of the
-  per-example training-loss gradients of the selected parameters) from one more pulled-back
-  column, so that no separate gradient pass is needed for the damping.
+  eigendecompositions.
 * :func:`refit_eigenvalues`: EK-FAC's eigenvalues ``(1/n) Σ_i Σ_c (U_Sᵀ G_ic U_A)²``, from the
   rotated factors (inputs rotated by ``U_A`` and output gradients by ``U_S`` per position,
   then their per-example sum over positions: never rotating a formed ``out × in`` gradient).
@@ -27,6 +25,7 @@ from .base import symmetric_eigh
 from .fisher import (
     Draw,
     Fisher,
+    draw_at_rows,
     draw_labels,
     loss_gradient,
     output_columns,
@@ -52,14 +51,12 @@ class PassSettings:
 @dataclass
 class _Step:
     """One layer in one batch: its input patches (b, P, in'), output pseudo-gradients per
-    column [(b, P, out)], the training-loss output gradients (b, P, out) when measured,
-    its number of counted positions, and the flat indices of the counted rows of
-    ``a.reshape(-1, in')`` (None: every row counts). Positions counted in no example of
-    the batch are already cut (:func:`~.kfac_layers.live_positions`)."""
+    column [(b, P, out)], its number of counted positions, and the flat indices of the
+    counted rows of ``a.reshape(-1, in')`` (None: every row counts). Positions counted in
+    no example of the batch are already cut (:func:`~.kfac_layers.live_positions`)."""
 
     a: torch.Tensor
     e: list[torch.Tensor]
-    loss_e: torch.Tensor | None
     count: float
     rows: torch.Tensor | None = None
 
@@ -75,11 +72,9 @@ def _pseudo_grads(
     desc: str,
     settings: PassSettings,
     draws: list[Draw],
-    with_loss: bool = False,
 ) -> Iterator[Iterator[tuple[KLayer, _Step]]]:
     """Per batch, an iterator over the layers' :class:`_Step` (each dropped by the caller
-    before the next is formed). ``with_loss``: also pull back the training loss's own
-    output gradient (one more column of the same batched backward pass). ``draws``: the
+    before the next is formed). ``draws``: the
     sampled labels of each batch (drawn and appended by the first pass, reused by the next:
     the same columns at the same parameters, without the loss gradient)."""
     theta = problem.theta.detach().requires_grad_(True)
@@ -99,10 +94,14 @@ def _pseudo_grads(
             used = resolve_fisher(settings.fisher, out[0].numel())
             log.info("%s: output-side factor from the %s Fisher", desc, used.value)
         drawn = used is Fisher.SAMPLED and index < len(draws)
-        needs_grad = with_loss or (used is not Fisher.EXACT and not drawn)
+        sample = used is Fisher.SAMPLED and not drawn
+        ce_rows = problem.task.cross_entropy_rows(out, batch) if sample else None
+        needs_grad = used is not Fisher.EXACT and not drawn and ce_rows is None
         grad = loss_gradient(problem.task, out, batch) if needs_grad else None
         if used is Fisher.SAMPLED:
-            if not drawn:
+            if ce_rows is not None:  # a declared cross-entropy: no gradient to find or check
+                draws.append(draw_at_rows(out, ce_rows, settings.samples, generator))
+            elif not drawn:
                 assert grad is not None
                 draws.append(draw_labels(out.detach(), grad, settings.samples, generator))
             columns = sampled_columns(out, draws[index])
@@ -110,17 +109,10 @@ def _pseudo_grads(
             columns = output_columns(
                 problem.task, out, batch, used, settings.samples, generator, grad
             )
-        # the empirical Fisher's one column is the loss gradient itself: pulled back once
-        shared = with_loss and used is Fisher.EMPIRICAL
-        if with_loss and not shared:
-            assert grad is not None
-            columns = torch.cat([grad[None], columns])
         pulled = _pull_back_columns(out, [calls[lay.name][0][1] for lay in layers], columns)
         del out, columns, grad  # nothing of this batch outlives its layers' steps
 
-        def steps(
-            calls=calls, pulled=pulled, tokens=tokens, shared=shared
-        ) -> Iterator[tuple[KLayer, _Step]]:
+        def steps(calls=calls, pulled=pulled, tokens=tokens) -> Iterator[tuple[KLayer, _Step]]:
             for i, lay in enumerate(layers):
                 x = calls[lay.name][0][0].detach()
                 mask = lay.position_mask(x, tokens)
@@ -134,8 +126,7 @@ def _pseudo_grads(
                     flat = live.reshape(-1)
                     if int(flat.sum()) < LIVE_ROWS * flat.numel():
                         rows = flat.nonzero().squeeze(1)
-                loss_e = (es[0] if shared else es.pop(0)) if with_loss else None
-                yield lay, _Step(a, es, loss_e, count, rows)
+                yield lay, _Step(a, es, count, rows)
 
         yield steps()
 
@@ -169,32 +160,18 @@ def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def example_sqnorms(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``‖Σ_p e_p ãᵀ_p‖²`` per example (b,) from the factors: the token Gram products
-    ``Σ_{p,q} (e_p·e_q)(ã_p·ã_q)`` when cheaper than forming the gradient, else formed."""
-    positions, n_in, n_out = a.shape[1], a.shape[2], e.shape[2]
-    if positions == 1:
-        return (e[:, 0] ** 2).sum(1) * (a[:, 0] ** 2).sum(1)
-    if positions * (n_in + n_out) < n_in * n_out:
-        return (torch.bmm(e, e.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    return (torch.bmm(e.transpose(1, 2), a) ** 2).sum((1, 2))
-
-
 def fit_factors(
     problem: CurvatureProblem,
     layers: list[KLayer],
     settings: PassSettings,
-    with_loss: bool,
     draws: list[Draw],
-) -> float | None:
+) -> None:
     """Fit every layer's ``A``, ``S`` and their eigenbases (K-FAC eigenvalues in ``lam``).
-    Returns Σ_i ‖g_i‖² of the training-loss gradients when ``with_loss``, else None.
     ``draws``: filled with the sampled labels (for :func:`refit_eigenvalues`)."""
     for lay in layers:
         lay.A = lay.S = None
         lay.positions = 0.0
-    square_sum = 0.0
-    for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, draws, with_loss):
+    for batch in _pseudo_grads(problem, layers, "K-FAC factors", settings, draws):
         for lay, step in batch:
             a2 = step.flat(step.a)
             if lay.A is None:
@@ -206,8 +183,6 @@ def fit_factors(
                     lay.S = e2.new_zeros(e2.shape[1], e2.shape[1])
                 lay.S.addmm_(e2.T, e2)
             lay.positions += step.count
-            if step.loss_e is not None:
-                square_sum += float(example_sqnorms(step.a, step.loss_e).sum())
     for lay in layers:
         assert lay.A is not None and lay.S is not None
         if lay.positions == 0:
@@ -218,7 +193,6 @@ def fit_factors(
         # row-major, as when loaded from a cache or a saved fit: the same GEMMs, bit for bit
         lay.ua, lay.us = ua.contiguous(), us.contiguous()
         lay.lam = ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
-    return square_sum if with_loss else None
 
 
 #: entries of the rotated per-example gradients (examples × out × in') formed at once

@@ -79,8 +79,9 @@ class FittedGradientAttributor(BlockScoring):
         self.column_weights = column_weights
         self.compute_dtype = next(iter(states[0][0].values())).dtype
         self.preconditioners: list[AbstractFittedPreconditioner] = []
-        #: λ₀ (the damping scale) at each checkpoint (influence methods)
-        self.lambda0: list[float] = []
+        #: λ₀ (the damping scale) at each checkpoint (influence methods; ``None`` where the
+        #: fit did not need it: K-FAC/EK-FAC without stored features)
+        self.lambda0: list[float | None] = []
         self.scale = 1.0
         #: what ``damping="auto"`` chose and why (``None`` where it was not used)
         self.auto_damping: AutoDampingResult | None = None

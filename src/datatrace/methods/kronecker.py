@@ -121,8 +121,8 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         return held
 
     def fit_context(self, c: int, lambda0: float | None = None) -> FitContext:
-        """As the generic context, with λ₀ left to the K-FAC factor pass (or, if read before,
-        computed from recomputed training features)."""
+        """As the generic context, with λ₀ computed from recomputed training features only if
+        read (K-FAC's and EK-FAC's default damping does not need it)."""
         params, buffers = self.states[c]
         problem = CurvatureProblem(
             self.task, self.features.names, params, buffers, self.train, self.batch_size,
@@ -141,10 +141,10 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         for c in range(len(self.states)):
             ctx = self.fit_context(c)
             fitted = spec.fit(ctx)
-            self.lambda0.append(ctx.lambda0)
+            self.lambda0.append(ctx.lambda0 if ctx.lambda0_known else None)
             log.info(
-                "%s: checkpoint %d: lambda0 %.3g, damping %.3g (fused scoring: training "
-                "features not stored)", self.method.name, c, ctx.lambda0, fitted.damping,
+                "%s: checkpoint %d: damping %.3g (fused scoring: training features not "
+                "stored)", self.method.name, c, fitted.damping,
             )  # fmt: skip
             self.preconditioners.append(fitted)
         self.scale = 1.0 / self.n_train
