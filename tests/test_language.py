@@ -231,3 +231,25 @@ def test_gauss_newton_influence_uses_the_logits_and_matches_a_hand_built_matrix(
     for pc in (dt.GaussNewton(damping=damping), cg):
         S = dt.Influence(pc).fit(task, ckpt, batch, progress=False).attribute(queries)
         torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_declared_cross_entropy_rows_draw_the_labels_the_checked_gradient_draws():
+    """The sampled Fisher skips the loss's output gradient for a language model (its loss
+    is a weight-1 cross-entropy at each counted token, by construction): the same rows,
+    the same sampled labels for the same seed, scale 1, as the gradient-checked draw;
+    labels of -100 and padding count nowhere."""
+    from datatrace.curvature.fisher import draw_at_rows, draw_labels, loss_gradient
+
+    model = tiny_gpt2()
+    task = dt.LanguageModelingTask(model)
+    batch = padded_batch(5, 9, seed=3)
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][1, 3] = -100
+    out = task.outputs(lambda **kw: model(**kw), batch).detach()
+    rows = task.cross_entropy_rows(out, batch)
+    checked = draw_labels(out, loss_gradient(task, out, batch), 4, torch.Generator().manual_seed(7))
+    declared = draw_at_rows(out, rows, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(declared.rows, checked.rows) and torch.equal(declared.labels, checked.labels)
+    torch.testing.assert_close(checked.scale, declared.scale, rtol=1e-10, atol=0)
+    _, keep = task.targets(batch, completion=False)
+    assert len(rows) == int(keep.sum()) and 1 * 9 + 2 not in rows.tolist()  # labels -100

@@ -143,6 +143,14 @@ class LanguageModelingTask(AbstractTask):
         target, keep = self.targets(batch, completion=False)
         return (self._token_nll(outputs, target) * keep.to(outputs.dtype)).sum(dim=1)
 
+    def cross_entropy_rows(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor | None:
+        """The counted next-token positions (batch × T grid, flat): the summed NLL is a
+        cross-entropy of weight 1 at each (the last position predicts nothing)."""
+        _, keep = self.targets(batch, completion=False)
+        grid = torch.zeros(outputs.shape[:2], dtype=torch.bool, device=outputs.device)
+        grid[:, :-1] = keep
+        return grid.flatten().nonzero().flatten()
+
     def loss(self, model: ModelFn, batch: Any) -> torch.Tensor:
         return self.output_loss(self.outputs(model, batch), batch)
 

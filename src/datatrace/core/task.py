@@ -88,6 +88,15 @@ class AbstractTask(ABC):
         """Per-example loss (batch,) as a function of :meth:`outputs`."""
         raise ConfigError(f"{type(self).__name__} has no output loss; see outputs()")
 
+    def cross_entropy_rows(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor | None:
+        """Where :meth:`output_loss` is by construction the sum of softmax cross-entropies
+        over the last axis of ``outputs``, each with weight 1: the flat indices of the
+        counted rows of ``outputs.reshape(-1, outputs.shape[-1])``. The sampled Fisher then
+        draws its labels without the loss's output gradient (which it otherwise computes,
+        per batch, to find the rows and check that the loss is a cross-entropy).
+        Default: ``None`` (not known)."""
+        return None
+
 
 def _split_supervised(batch: Any, target_key: str) -> tuple[tuple[Any, ...], dict, torch.Tensor]:
     """(positional inputs, keyword inputs, targets) of a tuple or dict batch."""

@@ -176,8 +176,32 @@ def draw_labels(
     if bool((err > tol * g_big).any()):
         raise _not_categorical("an output loss whose gradient is not c·(softmax − onehot)")
     del residual, diff
-    u = torch.rand(len(rows), samples, generator=generator, dtype=p.dtype, device=p.device)
-    labels = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max_(vocab - 1)
+    return _sample(cdf, rows, scale, samples, generator)
+
+
+def draw_at_rows(
+    out: torch.Tensor, rows: torch.Tensor, samples: int, generator: torch.Generator | None
+) -> Draw:
+    """:func:`draw_labels` where the task declares its loss a weight-1 cross-entropy at
+    ``rows`` (:meth:`~datatrace.core.task.AbstractTask.cross_entropy_rows`): the same
+    sampling, with no gradient to check."""
+    vocab = out.shape[-1]
+    cdf = torch.softmax(out.detach().reshape(-1, vocab)[rows], dim=-1).cumsum_(dim=1)
+    scale = torch.ones(len(rows), dtype=cdf.dtype, device=cdf.device)
+    return _sample(cdf, rows, scale, samples, generator)
+
+
+def _sample(
+    cdf: torch.Tensor,
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    samples: int,
+    generator: torch.Generator | None,
+) -> Draw:
+    """``samples`` labels per row from the cumulative probabilities ``cdf`` (rows, vocab)
+    by inverse transform sampling: one uniform per label, a binary search."""
+    u = torch.rand(len(rows), samples, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    labels = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max_(cdf.shape[1] - 1)
     return Draw(rows, scale, labels)
 
 
