@@ -152,10 +152,12 @@ def meets(v: float, b: float) -> bool:
     return v >= 0.95 * b or v >= b - 0.02
 
 
-def scale(r: dict[str, Any], fam: str) -> float:
-    """A family's quantity Q, × λ₀."""
+def scale(r: dict[str, Any], fam: str, m: str) -> float:
+    """A family's quantity Q, × λ₀, for method ``m``."""
     if fam == "λ₀":
         return 1.0
+    if fam == "own mean":  # K-FAC's/EK-FAC's own fitted eigenvalues: the default since
+        return float(r[m]["mean"])  # the fifth session (curvature/damping.py)
     if fam == "Hessian rule":
         return float(r["hessian_rule"])
     if fam == "GN mean":
@@ -181,13 +183,15 @@ def window(rs: list[dict[str, Any]], ok_at: Any, cs: list[float]) -> str:
 
 def windows(rs: list[dict[str, Any]]) -> list[str]:
     cs = [10 ** (k / 16) for k in range(-96, 65)]
-    fams = ["λ₀", "GN mean", "K-FAC mean", "Hessian rule"]
+    fams = ["λ₀", "own mean", "GN mean", "K-FAC mean", "Hessian rule"]
     fams += [f"GN q{q}" for q in QUANTILES] + [f"K-FAC q{q}" for q in QUANTILES]
     lines = []
     for m in ("kfac", "ekfac", "gn", "datainf"):
         for fam in fams:
+            if fam == "own mean" and m not in ("kfac", "ekfac"):
+                continue
             w = window(
-                rs, lambda r, c: meets(interp(r[m]["grid"], c * scale(r, fam)), best(r, m)), cs
+                rs, lambda r, c: meets(interp(r[m]["grid"], c * scale(r, fam, m)), best(r, m)), cs
             )
             lines.append(f"{m} c × {fam}: {w}")
         for key in ("perlayer_mean", "pi_lambda0") if m in ("kfac", "ekfac") else ():
