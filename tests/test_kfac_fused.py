@@ -240,3 +240,17 @@ def test_fused_scores_equal_the_stored_path_on_a_padded_bert(tmp_path, fisher, m
     torch.testing.assert_close(
         fused.self_influence(), stored.self_influence(), rtol=1e-9, atol=1e-13
     )
+
+
+def test_fused_fit_names_an_out_of_range_label_before_any_pass():
+    """The fused passes read sequences in length-sorted groups: the task's checks run first,
+    in index order, so the error is the task's and names the example."""
+    from test_kfac_models import _bert, _bert_data
+
+    model = _bert()
+    train = _bert_data(7, seed=1)
+    train["labels"][4] = 5  # 3 classes
+    with pytest.raises(dt.DataError, match=r"out of range .* at examples \[4\]"):
+        dt.Influence(dt.EKFAC()).fit(
+            dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], train, batch_size=3
+        )

@@ -17,8 +17,10 @@ from datatrace.core.data import ExampleSource
 from datatrace.core.loop import (
     batch_ranges,
     check_finite,
+    length_groups,
     naming_every_nonfinite,
     over_batches,
+    over_groups,
     over_ranges,
 )
 from datatrace.curvature.problem import CurvatureProblem
@@ -146,6 +148,26 @@ def test_check_finite_names_every_bad_example_of_a_batch():
     # rows whose sum overflows but whose entries are finite are not reported
     big = torch.full((4, 2), 1e308, dtype=torch.float64)
     check_finite(torch.zeros(4, dtype=torch.float64), [big], offset=0, what="loss")
+    # a group of examples in another order (length-sorted) names them by their indices
+    with pytest.raises(dt.NonFiniteError, match=r"at examples \[2, 5\]") as e:
+        check_finite(values, [grads], offset=torch.tensor([7, 2, 9, 5]), what="loss")
+    assert e.value.indices == [2, 5]
+
+
+def test_length_groups_sort_by_real_tokens_and_cover_the_range_once():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    source = ExampleSource({"input_ids": mask * 7, "attention_mask": mask})
+    groups = length_groups(source, lambda b: b["attention_mask"], 2)
+    assert [g.tolist() for g in groups] == [[1, 4], [3, 0], [2]]  # ties in index order
+    part = length_groups(source, lambda b: b["attention_mask"], 2, start=2, stop=5)
+    assert [g.tolist() for g in part] == [[4, 3], [2]]
+    assert length_groups(source, lambda b: None, 2) is None  # no mask: no grouping
+    # sorted groups would carry as many positions as batches in index order: no grouping
+    even = ExampleSource({"attention_mask": torch.tensor([[1, 0], [1, 0], [1, 1], [1, 1]])})
+    assert length_groups(even, lambda b: b["attention_mask"], 2) is None
+    got = [(idx.tolist(), b["attention_mask"]) for idx, b in over_groups(source, groups)]
+    for idx, rows in got:
+        assert torch.equal(rows, mask[idx])
 
 
 def test_a_nonfinite_error_is_widened_to_every_example_of_the_rest():

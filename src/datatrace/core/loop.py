@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,23 +76,91 @@ def over_ranges(
         progress: one progress bar over the ranges (``None``: when stderr is a terminal).
         desc: the bar's label.
     """
+    for (s, e), batch in _over(
+        source, ranges, lambda r: source.batch(*r), device, eval_module, progress, desc
+    ):
+        yield s, e, batch
+
+
+def over_groups(
+    source: ExampleSource,
+    groups: Sequence[torch.Tensor],
+    *,
+    device: torch.device | None = None,
+    eval_module: nn.Module | None = None,
+    progress: bool | None = False,
+    desc: str | None = None,
+) -> Generator[tuple[torch.Tensor, Batch], None, None]:
+    """``(indices, batch)`` for each group of example indices (any order: e.g.
+    :func:`length_groups`), as :func:`over_ranges` does for ranges."""
+    yield from _over(source, groups, source.take, device, eval_module, progress, desc)
+
+
+def _over(
+    source: ExampleSource,
+    items: Sequence[Any],
+    fetch: Callable[[Any], Batch],
+    device: torch.device | None,
+    eval_module: nn.Module | None,
+    progress: bool | None,
+    desc: str | None,
+) -> Generator[tuple[Any, Batch], None, None]:
     mode = eval_mode(eval_module) if eval_module is not None else contextlib.nullcontext()
-    bar = tqdm(total=len(ranges), desc=desc, disable=not show_progress(progress), leave=False)
+    bar = tqdm(total=len(items), desc=desc, disable=not show_progress(progress), leave=False)
     with bar, mode:
-        for s, e in ranges:
-            batch = source.batch(s, e)
-            yield s, e, batch if device is None else batch_to(batch, device)
+        for item in items:
+            batch = fetch(item)
+            yield item, batch if device is None else batch_to(batch, device)
             bar.update()
 
 
+def length_groups(
+    source: ExampleSource,
+    token_mask: Callable[[Batch], torch.Tensor | None],
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> list[torch.Tensor] | None:
+    """Examples ``start..stop-1`` in groups of ``batch_size`` of similar length (sorted by
+    their number of real tokens, ``token_mask(batch)`` (batch, T) summed; ties in index
+    order), or ``None``: the examples have no token mask, or grouping would cut fewer than
+    :data:`GROUPING_GAIN` of the positions that batches in index order carry (each batch
+    padded to its longest sequence). A pass whose per-batch cost grows with the longest
+    sequence of the batch (token positions dead in every example are cut) then pays for
+    tokens, not for padding; sums over examples do not depend on the order (to
+    round-off)."""
+    stop = len(source) if stop is None else stop
+    counts = []
+    for s, e in batch_ranges(max(batch_size, 1024), start, stop):
+        mask = token_mask(source.batch(s, e))
+        if mask is None:
+            return None
+        counts.append(mask.reshape(mask.shape[0], -1).ne(0).sum(1).cpu())
+    count = torch.cat(counts)
+    order = count.argsort(stable=True)
+
+    def carried(lengths: torch.Tensor) -> int:
+        return sum(int(g.max()) * len(g) for g in lengths.split(batch_size))
+
+    if carried(count[order]) > (1 - GROUPING_GAIN) * carried(count):
+        return None
+    return list((order + start).split(batch_size))
+
+
+#: :func:`length_groups` sorts only when that cuts at least this fraction of the positions
+#: batches in index order carry (else the order, and sampled labels drawn in it, stay)
+GROUPING_GAIN = 0.1
+
+
 def check_finite(
-    values: torch.Tensor, rows: Sequence[torch.Tensor], offset: int, what: str
+    values: torch.Tensor, rows: Sequence[torch.Tensor], offset: int | torch.Tensor, what: str
 ) -> None:
     """Raise :class:`NonFiniteError` naming every example of a batch whose value (loss or
     measurement, (batch,)) or any row of ``rows`` (each (batch, ...)) is NaN or inf.
 
-    ``offset`` is the index of the batch's first example; ``what`` names the value
-    ("loss", "measurement") in the message."""
+    ``offset`` is the index of the batch's first example, or every example's index (a
+    batch of :func:`over_groups`); ``what`` names the value ("loss", "measurement") in
+    the message."""
     bad_value = ~torch.isfinite(values)
     flat = [r.reshape(r.shape[0], -1) for r in rows]
     # A row sum is non-finite if any entry is (one pass, no boolean copy of the gradients);
@@ -105,7 +174,8 @@ def check_finite(
     for r in flat:
         bad |= ~torch.isfinite(r).all(dim=1)
     if bool(bad.any()):
-        idx = (bad.nonzero().flatten() + offset).tolist()
+        at = bad.nonzero().flatten()
+        idx = (offset.cpu()[at.cpu()] if isinstance(offset, torch.Tensor) else at + offset).tolist()
         kind = what if bool(bad_value.any()) else f"gradient of the {what}"
         raise NonFiniteError(
             f"non-finite (NaN or inf) {kind} at examples {idx[:SHOWN_INDICES]}"

@@ -60,7 +60,7 @@ The Gauss–Newton family's λ₀ multiple is a compromise the suite cannot sett
 on the diabetes regression want ≤ 0.6 λ₀ (0.85-0.87 of their best at 3 λ₀), on breast
 cancer ≥ 1 λ₀ (its softmax leaves half the Kronecker eigenvalues near zero); a multiple of
 the Kronecker factors' mean eigenvalue has the same conflict (a window of 0.29-0.35 of it at
-400 examples, gone at 200). It was ``3 × λ₀`` (worst 0.85, diabetes) until the fourth session.
+400 examples, gone at 200). It was ``3 × λ₀`` (worst 0.85, diabetes) until the fifth session.
 
 A fourth session measured the family on a 37-point grid (λ₀ × 10^(k/4), k = -20..16), both
 sizes (bench/RESULTS.md, "Gauss–Newton family damping"). For K-FAC and EK-FAC no rule in

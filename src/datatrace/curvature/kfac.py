@@ -104,15 +104,20 @@ class KroneckerPreconditioner(AbstractFittedPreconditioner):
             blocks.append(vectors[:, s:e].reshape(-1, d_out, 1))
         return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
 
-    def rotate_factors(self, lay: KLayer, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def rotate_factors(
+        self, lay: KLayer, e: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``U_Sᵀ (Σ_p e_p ãᵀ_p) U_A`` per example from the factors e (m, P, out) and a
         (m, P, in'): the factors rotated before they are multiplied (``P (out² + in'²)``
-        instead of ``out·in' (out + in')`` per example) when that is cheaper."""
+        instead of ``out·in' (out + in')`` per example) when that is cheaper. ``out``: a
+        contiguous (m, out, in') tensor to write the result to."""
         assert lay.ua is not None and lay.us is not None
         positions, n_in, n_out = a.shape[1], a.shape[2], e.shape[2]
         if positions * (n_out**2 + n_in**2) >= n_out * n_in * (n_out + n_in):
-            return lay.us.T @ torch.bmm(e.transpose(1, 2), a) @ lay.ua
-        return torch.bmm((e @ lay.us).transpose(1, 2), a @ lay.ua)
+            formed = lay.us.T @ torch.bmm(e.transpose(1, 2), a)
+            return formed @ lay.ua if out is None else torch.matmul(formed, lay.ua, out=out)
+        e_rot, a_rot = (e @ lay.us).transpose(1, 2), a @ lay.ua
+        return torch.bmm(e_rot, a_rot) if out is None else torch.bmm(e_rot, a_rot, out=out)
 
     def solve_factors(
         self, lay: KLayer, e: torch.Tensor, a: torch.Tensor, rotated: bool = False

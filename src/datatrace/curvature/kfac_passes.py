@@ -80,7 +80,7 @@ def _pseudo_grads(
     theta = problem.theta.detach().requires_grad_(True)
     generator = torch.Generator(device=theta.device).manual_seed(settings.seed)
     used: Fisher | None = None
-    for index, batch in enumerate(problem.batches(desc=desc)):
+    for index, batch in enumerate(problem.batches(desc=desc, by_length=True)):
         tokens = problem.task.token_mask(batch)
         with layer_calls({lay.name: lay.module for lay in layers}) as calls:
             out = problem.outputs(theta, batch)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from ..core.data import ExampleSource, as_single_batch
-from ..core.loop import over_batches
+from ..core.loop import length_groups, over_batches, over_groups
 from ..core.runtime import load_forward_ad_decompositions
 from ..core.task import AbstractTask
 from ..grads.layers import flat_offsets, layer_calls
@@ -59,6 +59,8 @@ class CurvatureProblem:
         self.batch_size = batch_size
         self.n = len(train)
         self._cached_pullback: Any = None
+        #: the length-sorted batch groups of each batch size ([]: no token mask)
+        self._groups: dict[int, list[torch.Tensor]] = {}
         load_forward_ad_decompositions()  # Gauss-Newton and Hessian blocks use forward AD
 
     @property
@@ -72,20 +74,31 @@ class CurvatureProblem:
     def model_at(self, flat: torch.Tensor) -> Any:
         return bound_model(self.task.model, {**self.fixed, **self.unflatten(flat)})
 
-    def batches(self, batch_size: int | None = None, desc: str | None = None) -> Iterator[Any]:
+    def batches(
+        self, batch_size: int | None = None, desc: str | None = None, by_length: bool = False
+    ) -> Iterator[Any]:
         """Every training example once, in order, on the parameters' device, with the model
         in eval mode while the pass runs (as features are computed: dropout off, batch-norm
         statistics read, never updated); through THE data loop. ``batch_size``: default the
-        problem's; ``desc``: show a progress bar (when ``progress``) with this label."""
-        loop = over_batches(
-            self.train,
-            batch_size or self.batch_size,
-            device=self.theta.device,
-            eval_module=self.task.model,
-            progress=self.progress if desc is not None else False,
-            desc=desc,
+        problem's; ``desc``: show a progress bar (when ``progress``) with this label;
+        ``by_length``: sequences grouped by their number of real tokens
+        (:func:`~datatrace.core.loop.length_groups`; the same order in every pass), for
+        passes that sum over examples and cut padded positions."""
+        size = batch_size or self.batch_size
+        show = self.progress if desc is not None else False
+        device, model = self.theta.device, self.task.model
+        if by_length:
+            if size not in self._groups:
+                self._groups[size] = length_groups(self.train, self.task.token_mask, size) or []
+            if groups := self._groups[size]:
+                loop = over_groups(
+                    self.train, groups, device=device, eval_module=model, progress=show, desc=desc
+                )
+                return (batch for _, batch in loop)
+        batches = over_batches(
+            self.train, size, device=device, eval_module=model, progress=show, desc=desc
         )
-        return (batch for _, _, batch in loop)
+        return (batch for _, _, batch in batches)
 
     def loss_sum(self, flat: torch.Tensor, batch: Any) -> torch.Tensor:
         return self.task.loss(self.model_at(flat), batch).sum()

@@ -28,7 +28,7 @@ from torch import nn
 from ..core import distributed
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError
-from ..core.loop import check_finite, over_batches
+from ..core.loop import check_finite, length_groups, over_batches, over_groups
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
 from ..curvature.base import AbstractPreconditioner, mean_squared_entry
@@ -85,6 +85,11 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
     #: the memory budget of the fit (``max_memory_bytes``): sizes the query chunks
     memory_budget: int = MEMORY_BUDGET
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: {(start, stop): a training block's length-sorted groups, None without a mask}
+        self._groups: dict[tuple[int, int], list[torch.Tensor] | None] = {}
+        super().__init__(*args, **kwargs)
+
     def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
         """The query ranges scored together, each costing one fused pass over the training
         data (forward, backward, gradient blocks): as few as the memory budget allows.
@@ -138,6 +143,10 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         )
 
     def _fit_preconditioners(self, spec: AbstractPreconditioner) -> None:
+        # the task's checks (labels in range, ...) in index order, before passes that read
+        # the examples in length-sorted groups: an error names the right examples
+        for s, batch in self._batches(self.train, 0, self.n_train):
+            self._check_batch(0, batch, s)
         for c in range(len(self.states)):
             ctx = self.fit_context(c)
             fitted = spec.fit(ctx)
@@ -158,14 +167,17 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         return pc
 
     def _layer_factors(
-        self, c: int, batch: Any, measurement: bool, offset: int
+        self, c: int, batch: Any, measurement: bool, offset: int | torch.Tensor
     ) -> Iterator[tuple[KLayer, torch.Tensor, torch.Tensor]]:
         """Each K-FAC layer's per-example gradient factors of one batch, from one batched
         backward pass: output gradients (b, P, out) and input patches (b, P, in'), whose
-        per-example sum over positions ``Σ_p e_p ãᵀ_p`` is the layer's gradient block."""
+        per-example sum over positions ``Σ_p e_p ãᵀ_p`` is the layer's gradient block.
+        ``offset``: the batch's first example index, or (a length-sorted group of training
+        examples, checked in index order when the fit began) every example's index."""
         pc = self._kron(c)
         params, buffers = self.states[c]
-        self.task.check_batch(bound_model(self.task.model, {**buffers, **params}), batch, offset)
+        if isinstance(offset, int):
+            self._check_batch(c, batch, offset)
         modules = {lay.name: lay.module for lay in pc.layers}
         calls, values = capture(self.task, params, buffers, batch, modules, measurement)
         what = "measurement" if measurement else "loss"
@@ -181,6 +193,29 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
             check_finite(values, [e, a], offset, what)
             e, a, _ = live_positions(nonzero_rows(e), e, a)
             yield lay, e, a
+
+    def _check_batch(self, c: int, batch: Any, offset: int) -> None:
+        params, buffers = self.states[c]
+        self.task.check_batch(bound_model(self.task.model, {**buffers, **params}), batch, offset)
+
+    def _train_batches(self, start: int, stop: int) -> Iterator[tuple[int | torch.Tensor, Any]]:
+        """Training examples ``start..stop-1`` for a scoring pass: sequences in groups of
+        similar length (:func:`~datatrace.core.loop.length_groups`: a batch's cost follows
+        its longest sequence), each group with its examples' indices (the task checked
+        them in index order when the fit began); contiguous batches without a token
+        mask."""
+        key = (start, stop)
+        if key not in self._groups:
+            self._groups[key] = length_groups(
+                self.train, self.task.token_mask, self.batch_size, start, stop
+            )
+        groups = self._groups[key]
+        if groups is None:
+            yield from self._batches(self.train, start, stop)
+            return
+        model = self.task.model
+        loop = over_groups(self.train, groups, device=model_device(model), eval_module=model)
+        yield from loop
 
     def _batches(self, source: ExampleSource, start: int, stop: int) -> Iterator[tuple[int, Any]]:
         model = self.task.model
@@ -246,35 +281,44 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         # each layer's gradient blocks of several batches (up to as many examples as there
         # are queries, within the block) dotted with the queries at once: the query blocks
         # are read once per that many examples, not once per batch (memory-bound when the
-        # batches are small), and the gathered blocks take at most the queries' memory
+        # batches are small); the blocks are formed in place in one buffer per layer (no
+        # copy to gather them), at most the queries' memory plus one batch's
         n_q = next(iter(qt.values()))[0].shape[0]
-        grads: dict[str, list[torch.Tensor]] = {}
-        gathered = 0
-        parts = []
-        for s, batch in self._batches(self.train, start, stop):
-            for lay, e, a in self._layer_factors(c, batch, False, s):
-                rotated = qt[lay.name][1]
+        rows = min(stop - start, n_q + self.batch_size - 1)
+        buffers: dict[str, torch.Tensor] = {}
+        gathered = done = 0
+        parts, order = [], []
+        for at, batch in self._train_batches(start, stop):
+            for lay, e, a in self._layer_factors(c, batch, False, at):
+                query, rotated = qt[lay.name]
+                if lay.name not in buffers:
+                    buffers[lay.name] = query.new_empty(rows, query.shape[1])
+                b = len(e)  # gathered < n_q before this batch: it fits
+                out = buffers[lay.name][gathered : gathered + b].view(b, e.shape[2], a.shape[2])
                 # in the eigenbasis when the queries were left there, else as it is
-                g = pc.rotate_factors(lay, e, a) if rotated else torch.bmm(e.transpose(1, 2), a)
-                grads.setdefault(lay.name, []).append(g.flatten(1))
-                del g
+                if rotated:
+                    pc.rotate_factors(lay, e, a, out=out)
+                else:
+                    torch.bmm(e.transpose(1, 2), a, out=out)
+            order.append(at if isinstance(at, torch.Tensor) else torch.arange(at, at + len(e)))
             gathered += len(e)
-            if gathered >= n_q or s + len(e) >= stop:
-                parts.append(self._dot_gathered(qt, grads))
+            done += len(e)
+            if gathered >= n_q or done >= stop - start:
+                parts.append(self._dot_gathered(qt, buffers, gathered))
                 gathered = 0
-        return torch.cat(parts, 1)
+        scores = torch.cat(parts, 1)
+        # back in index order (length-sorted groups are not)
+        where = torch.cat(order).to(scores.device) - start
+        return scores.new_empty(scores.shape).index_copy_(1, where, scores)
 
     @staticmethod
     def _dot_gathered(
-        qt: dict[str, tuple[torch.Tensor, bool]], grads: dict[str, list[torch.Tensor]]
+        qt: dict[str, tuple[torch.Tensor, bool]], buffers: dict[str, torch.Tensor], gathered: int
     ) -> torch.Tensor:
-        """Scores (n_q, gathered) of the gathered gradient blocks (emptied)."""
+        """Scores (n_q, gathered) of the first ``gathered`` rows of each layer's buffer."""
         total = None
-        for name, gs in grads.items():
-            g = gs[0] if len(gs) == 1 else torch.cat(gs)
-            gs.clear()
-            term = qt[name][0] @ g.T
-            del g
+        for name, buf in buffers.items():
+            term = qt[name][0] @ buf[:gathered].T
             total = term if total is None else total.add_(term)
         assert total is not None
         return total
