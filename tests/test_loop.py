@@ -158,9 +158,9 @@ def test_length_groups_sort_by_real_tokens_and_cover_the_range_once():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     source = ExampleSource({"input_ids": mask * 7, "attention_mask": mask})
     groups = length_groups(source, lambda b: b["attention_mask"], 2)
-    assert [g.tolist() for g in groups] == [[1, 4], [3, 0], [2]]  # ties in index order
-    part = length_groups(source, lambda b: b["attention_mask"], 2, start=2, stop=5)
-    assert [g.tolist() for g in part] == [[4, 3], [2]]
+    assert [g.tolist() for g in groups] == [[2, 0], [3, 1], [4]]  # ties in index order
+    part = length_groups(source, lambda b: b["attention_mask"], 2, start=1, stop=5)
+    assert [g.tolist() for g in part] == [[2, 3], [1, 4]]
     assert length_groups(source, lambda b: None, 2) is None  # no mask: no grouping
     # sorted groups would carry as many positions as batches in index order: no grouping
     even = ExampleSource({"attention_mask": torch.tensor([[1, 0], [1, 0], [1, 1], [1, 1]])})

@@ -122,8 +122,9 @@ def length_groups(
     stop: int | None = None,
 ) -> list[torch.Tensor] | None:
     """Examples ``start..stop-1`` in groups of ``batch_size`` of similar length (sorted by
-    their number of real tokens, ``token_mask(batch)`` (batch, T) summed; ties in index
-    order), or ``None``: the examples have no token mask, or grouping would cut fewer than
+    their number of real tokens, ``token_mask(batch)`` (batch, T) summed, longest first:
+    later, smaller batches reuse the memory of the first; ties in index order), or
+    ``None``: the examples have no token mask, or grouping would cut fewer than
     :data:`GROUPING_GAIN` of the positions that batches in index order carry (each batch
     padded to its longest sequence). A pass whose per-batch cost grows with the longest
     sequence of the batch (token positions dead in every example are cut) then pays for
@@ -137,7 +138,7 @@ def length_groups(
             return None
         counts.append(mask.reshape(mask.shape[0], -1).ne(0).sum(1).cpu())
     count = torch.cat(counts)
-    order = count.argsort(stable=True)
+    order = count.argsort(descending=True, stable=True)
 
     def carried(lengths: torch.Tensor) -> int:
         return sum(int(g.max()) * len(g) for g in lengths.split(batch_size))

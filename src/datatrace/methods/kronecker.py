@@ -282,9 +282,10 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         # are queries, within the block) dotted with the queries at once: the query blocks
         # are read once per that many examples, not once per batch (memory-bound when the
         # batches are small); the blocks are formed in place in one buffer per layer (no
-        # copy to gather them), at most the queries' memory plus one batch's
+        # copy to gather them), as many rows as the fewest whole batches that reach n_q
         n_q = next(iter(qt.values()))[0].shape[0]
-        rows = min(stop - start, n_q + self.batch_size - 1)
+        bs = self.batch_size  # whole batches are gathered until they reach n_q rows
+        rows = min(stop - start, bs * -(-n_q // bs))
         buffers: dict[str, torch.Tensor] = {}
         gathered = done = 0
         parts, order = [], []
