@@ -74,7 +74,8 @@ def _pseudo_grads(
     draws: list[Draw],
 ) -> Iterator[Iterator[tuple[KLayer, _Step]]]:
     """Per batch, an iterator over the layers' :class:`_Step` (each dropped by the caller
-    before the next is formed). ``draws``: the
+    before the next is formed). Batches hold sequences of similar length
+    (``problem.batches(by_length=True)``: the same groups in both passes). ``draws``: the
     sampled labels of each batch (drawn and appended by the first pass, reused by the next:
     the same columns at the same parameters, without the loss gradient)."""
     theta = problem.theta.detach().requires_grad_(True)
