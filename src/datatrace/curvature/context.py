@@ -16,9 +16,8 @@ class FitContext:
     Args:
         problem: the mean training loss and its curvature products.
         lambda0: mean squared per-example gradient entry (the damping scale), or a function
-            computing it when first needed (a pass over the training features); a
-            preconditioner that sees the per-example gradients anyway (K-FAC's factor pass)
-            may provide it first (:meth:`provide_lambda0`), saving that pass.
+            computing it when first needed (a pass over the training features; K-FAC and
+            EK-FAC never read it, so their fused fits make no such pass).
         cache: file prefix for cached factors inside the feature store (or None).
         train_blocks: yields ``(start, features)`` blocks of training gradients.
     """
@@ -46,8 +45,3 @@ class FitContext:
     def lambda0_known(self) -> bool:
         """Whether λ₀ is already a number (else it costs a pass when read)."""
         return not callable(self._lambda0)
-
-    def provide_lambda0(self, value: float) -> None:
-        """Set λ₀ measured elsewhere (only while it is not known yet)."""
-        if callable(self._lambda0):
-            self._lambda0 = float(value)
