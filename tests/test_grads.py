@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import MLP, perturbed
 
 import datatrace as dt
+from datatrace.features import featurizer
 from datatrace.features.featurizer import GradientFeatures
 from datatrace.features.projector import KroneckerProjector, ProjectionSpec
 from datatrace.features.spec import FeatureSpec
@@ -105,6 +106,59 @@ def test_factored_linear_features_equal_dense_inner_products(mlp_data):
     assert f["fc1.a"].shape == (23, 6)  # 5 inputs + the bias column
     torch.testing.assert_close(fact.pairwise(f, f), dense.pairwise(d, d), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fact.sqnorm(f), dense.sqnorm(d), rtol=1e-10, atol=1e-12)
+
+
+def _token_factors(n, tokens, n_out, n_in, generator):
+    """Factors (n, N·out), (n, N·in) of sequences: right-padded, one left-padded (its live
+    rows not a prefix), one with a zero gradient."""
+    e = torch.randn(n, tokens, n_out, generator=generator, dtype=torch.float64)
+    a = torch.randn(n, tokens, n_in, generator=generator, dtype=torch.float64)
+    lengths = torch.randint(1, tokens + 1, (n,), generator=generator)
+    live = torch.arange(tokens)[None, :] < lengths[:, None]
+    live[1] = live[1].flip(0)  # left padding
+    live[2] = False  # every row padding: a zero gradient
+    return (e * live[..., None]).reshape(n, -1), a.reshape(n, -1)
+
+
+@pytest.mark.parametrize("scratch", [None, 3 * 12 * 8])
+def test_both_routes_of_factored_products_equal_formed_gradients(monkeypatch, scratch):
+    """A factored layer's products by token pairs and by gradients formed in cache (also
+    with a scratch so small that queries and training examples are formed a few at a time)
+    equal the dot products of the formed per-example gradients, in float64, with padding."""
+    if scratch is not None:
+        monkeypatch.setattr(featurizer, "FORM_SCRATCH", scratch)
+    g = torch.Generator().manual_seed(0)
+    tokens, n_out, n_in = 6, 4, 3
+    qe, qa = _token_factors(5, tokens, n_out, n_in, g)
+    ge, ga = _token_factors(7, tokens, n_out, n_in, g)
+
+    def formed(e, a):
+        n = e.shape[0]
+        return torch.einsum("nto,nti->noi", e.view(n, tokens, -1), a.view(n, tokens, -1))
+
+    ref = formed(qe, qa).flatten(1) @ formed(ge, ga).flatten(1).T
+    for route in (featurizer.token_products, featurizer.formed_products):
+        torch.testing.assert_close(route(qe, ge, qa, ga, tokens), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        featurizer.layer_products(qe, ge, qa, ga, tokens), ref, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_wide_layers_of_long_sequences_take_the_formed_route(monkeypatch):
+    """Token pairs cost N²(out + in') per pair, formed gradients out·in' plus the forming:
+    for a 384-wide layer over 64 tokens (MiniLM's) the second, for 4 tokens the first."""
+    taken = []
+    for name in ("token_products", "formed_products"):
+        real = getattr(featurizer, name)
+        monkeypatch.setattr(
+            featurizer, name, lambda *a, _r=real, _n=name, **k: taken.append(_n) or _r(*a, **k)
+        )
+    g = torch.Generator().manual_seed(0)
+    for tokens in (64, 4):
+        qe, qa = _token_factors(8, tokens, 384, 385, g)
+        ge, ga = _token_factors(16, tokens, 384, 385, g)
+        featurizer.layer_products(qe.float(), ge.float(), qa.float(), ga.float(), tokens)
+    assert taken == ["formed_products", "token_products"]
 
 
 def test_mixed_factored_and_dense_on_cnn(cnn_data):

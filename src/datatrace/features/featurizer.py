@@ -149,7 +149,9 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
                 out["dense"] if out is not None else None, grads, contrib, values
             )
         for lay, (w, b) in factored.items():
-            feats[f"{lay}.a"], feats[f"{lay}.e"] = self._factors(lay, w, b, contrib, n, offset)
+            ka, ke = f"{lay}.a", f"{lay}.e"
+            dests = (out[ka], out[ke]) if out is not None else (None, None)
+            feats[ka], feats[ke] = self._factors(lay, w, b, contrib, n, offset, *dests)
         return feats
 
     def _dense_into(
@@ -198,11 +200,20 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         return out
 
     def _factors(
-        self, lay: str, w: bool, b: bool, contrib: dict[str, list[Grad]], n: int, offset: int
+        self,
+        lay: str,
+        w: bool,
+        b: bool,
+        contrib: dict[str, list[Grad]],
+        n: int,
+        offset: int,
+        dest_a: torch.Tensor | None = None,
+        dest_e: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A factored layer's ``a`` (n, N·in') and ``e`` (n, N·out): its calls' tokens
         concatenated, a 1 appended to each input for the bias, zero-padded to the N of the
-        first batch (zero tokens add nothing)."""
+        first batch (zero tokens add nothing); written into ``dest_a``/``dest_e`` (e.g.
+        rows of a feature store) when given."""
         n_in, n_out = self._dims(lay)
         tokens = self.tokens[lay]
         if not w:  # bias only: Σ_n e_n is one token with input 1
@@ -215,11 +226,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
             return z.expand(n, tokens, n_in).reshape(n, -1), z.expand(n, tokens, n_out).reshape(
                 n, -1
             )
-        e = torch.cat([t.left for t in terms], 1)
-        a = torch.cat([t.right for t in terms], 1)
-        if b:
-            a = torch.cat([a, torch.ones_like(a[:, :, :1])], 2)
-        have = e.shape[1]
+        have = sum(t.left.shape[1] for t in terms)
         if have > tokens:
             raise DataError(
                 f"examples {offset}..{offset + n - 1} give layer {lay!r} {have} tokens, more "
@@ -227,10 +234,22 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
                 "pad every example to one length (tokenizer padding='max_length') or pass "
                 "factored=False"
             )
-        if have < tokens:
-            e = torch.nn.functional.pad(e, (0, 0, 0, tokens - have))
-            a = torch.nn.functional.pad(a, (0, 0, 0, tokens - have))
-        return a.reshape(n, -1), e.reshape(n, -1)
+        a, e = (
+            d if d is not None and d.is_contiguous() else terms[0].right.new_empty(n, tokens * k)
+            for d, k in ((dest_a, n_in), (dest_e, n_out))
+        )
+        a3, e3 = a.view(n, tokens, n_in), e.view(n, tokens, n_out)
+        pos = 0
+        for t in terms:  # the calls' tokens one after another, written in place
+            k = t.left.shape[1]
+            e3[:, pos : pos + k].copy_(t.left)
+            a3[:, pos : pos + k, : t.right.shape[2]].copy_(t.right)
+            pos += k
+        if b:
+            a3[:, :have, -1] = 1
+        e3[:, have:] = 0
+        a3[:, have:] = 0
+        return a, e
 
     def _project(
         self, contrib: dict[str, list[Grad]], grads: dict[str, torch.Tensor], n: int
@@ -317,14 +336,16 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
 
     def pairwise(self, q: Features, g: Features) -> torch.Tensor:
         """Inner products ``⟨φ(q_j), φ(g_i)⟩``, shape (n_q, n_g). A factored layer's are
-        ``Σ_{t,s} (e_t·e'_s)(ã_t·ã'_s)`` over token pairs (one product for one token)."""
+        ``Σ_{t,s} (e_t·e'_s)(ã_t·ã'_s)`` over token pairs, or ``⟨Σ_t e_t ãᵀ_t, Σ_s e'_s
+        ã'ᵀ_s⟩`` from gradients formed a few at a time, whichever costs less
+        (:func:`layer_products`)."""
         out = None
         for key in q:
             if key.endswith(".a"):
                 continue
             if key.endswith(".e"):
                 lay = key[:-2]
-                term = _factored_products(
+                term = layer_products(
                     q[key], g[key], q[lay + ".a"], g[lay + ".a"], self.tokens.get(lay, 1)
                 )
             else:
@@ -362,9 +383,42 @@ def _tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
 
 #: entries of a (n_q·N) × (n_g·N) token-product matrix computed at once
 _PAIR_CHUNK = 1 << 24
+#: bytes of the buffers that :func:`formed_products` forms gradients into: small enough to
+#: stay in cache between being formed and being multiplied
+FORM_SCRATCH = 256 << 20
+#: training examples formed per product in :func:`formed_products` (fewer when the
+#: scratch is short): larger products run faster, up to about this many rows
+FORM_CHUNK = 32
 
 
-def _factored_products(
+def layer_products(
+    qe: torch.Tensor, ge: torch.Tensor, qa: torch.Tensor, ga: torch.Tensor, tokens: int
+) -> torch.Tensor:
+    """A factored layer's inner products for every (query, training) pair, (n_q, n_g),
+    by the cheaper of two routes (both exact; the choice changes only round-off):
+
+    * :func:`token_products`: ``Σ_{t,s} (e_t·e'_s)(ã_t·ã'_s)``, ``N_q·N_g·(out + in')``
+      per pair (N: the tokens of the layout, padding included);
+    * :func:`formed_products`: each side's gradients ``Σ_t e_t ãᵀ_t`` formed over their
+      non-zero rows, ``out·in'`` per pair plus the forming (once per example and block of
+      queries). For sequences of tens of tokens through wide layers this is the cheaper
+      one by far, and it never holds more than :data:`FORM_SCRATCH` of formed gradients.
+    """
+    if tokens == 1:
+        return (qe @ ge.T) * (qa @ ga.T)
+    nq, ng = qe.shape[0], ge.shape[0]
+    n_out, n_in = qe.shape[1] // tokens, qa.shape[1] // tokens
+    pairs = nq * ng * tokens * tokens * (n_out + n_in)
+    q_live = _live_rows(qe.reshape(nq, tokens, n_out))
+    g_live = _live_rows(ge.reshape(ng, tokens, n_out))
+    q_step, _ = _form_steps(nq, ng, n_out * n_in * qe.element_size())
+    forming = -(-nq // q_step) * sum(g_live) + sum(q_live)
+    if (forming + nq * ng) * n_out * n_in < pairs:
+        return formed_products(qe, ge, qa, ga, tokens, q_live, g_live)
+    return token_products(qe, ge, qa, ga, tokens)
+
+
+def token_products(
     qe: torch.Tensor, ge: torch.Tensor, qa: torch.Tensor, ga: torch.Tensor, tokens: int
 ) -> torch.Tensor:
     """``Σ_{t,s} (E_q E_gᵀ)[t,s] ∘ (A_q A_gᵀ)[t,s]`` for every (query, training) pair,
@@ -381,6 +435,80 @@ def _factored_products(
         prod = (qe2 @ ge2[rows].T) * (qa2 @ ga2[rows].T)
         parts.append(prod.view(nq, tokens, -1, tokens).sum((1, 3)))
     return torch.cat(parts, 1)
+
+
+def formed_products(
+    qe: torch.Tensor,
+    ge: torch.Tensor,
+    qa: torch.Tensor,
+    ga: torch.Tensor,
+    tokens: int,
+    q_live: list[int] | None = None,
+    g_live: list[int] | None = None,
+) -> torch.Tensor:
+    """``⟨Σ_t e_t ãᵀ_t, Σ_s e'_s ã'ᵀ_s⟩`` for every (query, training) pair, (n_q, n_g):
+    the queries' gradients formed a block at a time, then the training examples'
+    :data:`FORM_CHUNK` at a time, each block multiplied as soon as it is formed, all in two
+    reused buffers of :data:`FORM_SCRATCH` bytes together. Forming the same gradients into
+    a features array first writes them to memory and reads them back (several times
+    the arithmetic's cost); here they stay in cache. Each example's sum runs over its
+    non-zero output-gradient rows only (``q_live``/``g_live``: how many lead, or -1 where
+    they are not a prefix; from :func:`_live_rows` when not given)."""
+    nq, ng = qe.shape[0], ge.shape[0]
+    eq, aq = qe.reshape(nq, tokens, -1), qa.reshape(nq, tokens, -1)
+    eg, ag = ge.reshape(ng, tokens, -1), ga.reshape(ng, tokens, -1)
+    n_out, n_in = eq.shape[2], aq.shape[2]
+    q_live = _live_rows(eq) if q_live is None else q_live
+    g_live = _live_rows(eg) if g_live is None else g_live
+    q_step, g_step = _form_steps(nq, ng, n_out * n_in * qe.element_size())
+    out = torch.zeros(nq, ng, dtype=qe.dtype, device=qe.device)
+    q_buf = qe.new_empty(q_step, n_out * n_in)
+    g_buf = qe.new_empty(g_step, n_out * n_in)
+    for q0 in range(0, nq, q_step):
+        q1 = min(q0 + q_step, nq)
+        q = _form_rows(q_buf[: q1 - q0], eq[q0:q1], aq[q0:q1], q_live[q0:q1])
+        for g0 in range(0, ng, g_step):
+            g1 = min(g0 + g_step, ng)
+            g = _form_rows(g_buf[: g1 - g0], eg[g0:g1], ag[g0:g1], g_live[g0:g1])
+            out[q0:q1, g0:g1].addmm_(q, g.T)
+    return out
+
+
+def _form_steps(nq: int, ng: int, row_bytes: int) -> tuple[int, int]:
+    """(queries, training examples) formed at once by :func:`formed_products`: up to
+    :data:`FORM_CHUNK` training examples (at most half the scratch), the queries in the
+    rest (at least one each)."""
+    g_step = max(1, min(ng, FORM_CHUNK, FORM_SCRATCH // 2 // row_bytes))
+    q_step = max(1, min(nq, (FORM_SCRATCH - g_step * row_bytes) // row_bytes))
+    return q_step, g_step
+
+
+def _live_rows(e: torch.Tensor) -> list[int]:
+    """Per example of ``e`` (n, N, out): how many rows are non-zero when they are its first
+    rows (a right-padded sequence; 0: a zero gradient), else -1."""
+    live = e.ne(0).any(-1)
+    counts = live.sum(1)
+    first = torch.arange(live.shape[1], device=live.device)[None, :] < counts[:, None]
+    return torch.where((live == first).all(1), counts, -1).tolist()
+
+
+def _form_rows(
+    buf: torch.Tensor, e: torch.Tensor, a: torch.Tensor, live: list[int]
+) -> torch.Tensor:
+    """``buf[k] := Σ_t e[k, t] a[k, t]ᵀ`` flattened, over each example's live rows."""
+    n_out, n_in = e.shape[2], a.shape[2]
+    for k, rows in enumerate(live):
+        mat = buf[k].view(n_out, n_in)
+        if rows == 0:
+            mat.zero_()
+            continue
+        if rows > 0:
+            ek, ak = e[k, :rows], a[k, :rows]
+        else:
+            keep = e[k].ne(0).any(-1).nonzero().squeeze(1)
+            ek, ak = e[k].index_select(0, keep), a[k].index_select(0, keep)
+        torch.mm(ek.t(), ak, out=mat)
+    return buf
 
 
 def _tensors(part: Grad) -> list[torch.Tensor]:

@@ -42,6 +42,8 @@ class FeaturePlanning:
     sizes: list[int]
     _use_vmap: bool
     _warned_loop: bool
+    _site_param: dict[tuple[str, str], str]
+    _candidate_layers: dict[str, tuple[bool, bool]]
     projector: RandomProjector | None
     kronecker_projector: KroneckerProjector | None
 
@@ -52,6 +54,10 @@ class FeaturePlanning:
         self.plan = (
             hook_plan(model, self.names, self._skip) if self.spec.layer_hooks else HookPlan({}, {})
         )
+        #: {(layer, role): parameter} of every hooked call site, and the factored
+        #: candidates: derived from the plan once (they are read for every batch)
+        self._site_param = {site: n for n, sites in self.plan.params.items() for site in sites}
+        self._candidate_layers = self._find_candidates()
 
     @property
     def hooked(self) -> dict[str, str]:
@@ -75,10 +81,13 @@ class FeaturePlanning:
         return (w, b) if w or b else None
 
     def _param_of(self, lay: str, role: str) -> str:
-        return next(n for n, s in self.plan.params.items() if (lay, role) in s)
+        return self._site_param[(lay, role)]
 
     def _candidates(self) -> dict[str, tuple[bool, bool]]:
         """Linear/Conv1D layers that may be kept factored: {layer: (weight, bias)}."""
+        return self._candidate_layers
+
+    def _find_candidates(self) -> dict[str, tuple[bool, bool]]:
         out = {}
         for lay, kind in self.plan.layers.items():
             sole = self._sole(lay) if kind in (LINEAR, CONV1D) else None
@@ -193,21 +202,24 @@ class FeaturePlanning:
         return out
 
     def _size_factored(self, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """Keep a candidate layer factored when pairwise products from its N tokens
-        (``N²(out + in')``) cost less than from its formed gradient (``out·in'``), or always
-        with ``factored=True``; the others are formed per example."""
+        """Keep a candidate layer factored when its N tokens' factors (``N·(out + in')``
+        numbers) are smaller than its formed gradient (``out·in'``), for one token, or always
+        with ``factored=True``; the others are formed per example. Inner products of factored
+        layers take the cheaper of token pairs and gradients formed in cache
+        (:func:`~datatrace.features.featurizer.layer_products`), so smaller features cost
+        no speed."""
         if self.spec.factored is False or self.projector is not None:
             return
         for lay, (w, _) in self._candidates().items():
             n_in, n_out = self._dims(lay)
             tokens = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x, _ in calls[lay])
             tokens = max(1, tokens) if w else 1
-            if self.spec.factored or tokens == 1 or tokens**2 * (n_in + n_out) < n_in * n_out:
+            if self.spec.factored or tokens == 1 or tokens * (n_in + n_out) < n_in * n_out:
                 self.tokens[lay] = tokens
             else:
                 log.info(
                     "layer %r: %d tokens per example; its per-example gradient is formed "
-                    "(cheaper than products of %d-token factors)",
+                    "(smaller than the factors of %d tokens)",
                     lay,
                     tokens,
                     tokens,
