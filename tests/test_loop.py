@@ -17,6 +17,7 @@ from datatrace.core.data import ExampleSource
 from datatrace.core.loop import (
     batch_ranges,
     check_finite,
+    cut_positions,
     length_groups,
     naming_every_nonfinite,
     over_batches,
@@ -304,3 +305,13 @@ def test_per_example_loop_twin_matches_featurized_gradients(mlp_data):
     feats = GradientFeatures(FeatureSpec(factored=False), task)
     out = featurize(feats, (params, buffers), ExampleSource((x, y)), False, 7, progress=False)
     torch.testing.assert_close(out["dense"], flatten_grads(g, names), rtol=1e-10, atol=1e-12)
+
+
+def test_cut_positions_cuts_only_tensors_with_the_batch_and_token_axes():
+    ids, mask = torch.arange(12).view(2, 6), torch.ones(2, 6)
+    batch = {"x": (ids, [mask]), "labels": torch.tensor([1, 0]), "image": torch.zeros(2, 3, 6)}
+    cut = cut_positions(batch, (2, 6), 4)
+    assert torch.equal(cut["x"][0], ids[:, :4]) and cut["x"][0].is_contiguous()
+    assert cut["x"][1][0].shape == (2, 4) and isinstance(cut["x"][1], list)
+    assert torch.equal(cut["labels"], batch["labels"])
+    assert cut["image"].shape == (2, 3, 6)  # (batch, channels, ...): not the token axis

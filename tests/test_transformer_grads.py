@@ -354,3 +354,64 @@ def test_forming_over_nonzero_rows_only_equals_the_full_sum(transposed):
     only = torch.full((b, *shape), float("nan"), dtype=torch.float64)
     form_into(only, [term])
     assert torch.equal(only[2], torch.zeros(shape, dtype=torch.float64))
+
+
+class _ReadsPadding(nn.Module):
+    """A sequence classifier that averages over every position, padding included (it
+    ignores its attention mask): its outputs change when padding is cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(100, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.tok(input_ids).mean(1))
+
+
+def _more_padding(batch, extra):
+    pad = torch.zeros(len(batch["input_ids"]), extra, dtype=torch.long)
+    return {"input_ids": torch.cat([batch["input_ids"], pad], 1),
+            "attention_mask": torch.cat([batch["attention_mask"], pad], 1),
+            "labels": batch["labels"]}  # fmt: skip
+
+
+def _widths_seen(module):
+    seen = []
+    module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    return seen
+
+
+def test_trailing_padding_is_cut_only_where_the_model_masks_it(caplog):
+    """A BERT batch padded with 4 more tokens is carried through the model at its longest
+    sequence once the first cut batch's losses agree (the probe and that check see the
+    full width), and its features' products equal the shorter batch's; a model that
+    reads its padding is never cut (logged) and still gets exact gradients."""
+    model, batch = _bert()
+    task = dt.ClassificationTask(model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    longer = _more_padding(batch, 4)
+    ref = GradientFeatures(FeatureSpec(factored=False), task)
+    r = ref.compute(params, buffers, batch, False, 0)
+    for spec in (FeatureSpec(), FeatureSpec(factored=False)):
+        feats = GradientFeatures(spec, task)
+        seen = _widths_seen(model.bert.embeddings.word_embeddings)
+        f = feats.compute(params, buffers, longer, False, 0)
+        model.bert.embeddings.word_embeddings._forward_hooks.clear()
+        assert seen[-1] == 7 and 11 in seen  # the features' pass ran on the cut batch
+        assert feats._padding.verdicts == {"loss": True}
+        torch.testing.assert_close(feats.pairwise(f, f), ref.pairwise(r, r), rtol=1e-9, atol=1e-12)
+
+    torch.manual_seed(0)
+    reader = _ReadsPadding().double()
+    task = dt.ClassificationTask(reader)
+    params, buffers = dict(reader.named_parameters()), dict(reader.named_buffers())
+    feats = GradientFeatures(FeatureSpec(factored=False), task)
+    seen = _widths_seen(reader.tok)
+    with caplog.at_level(logging.INFO, logger="datatrace"):
+        f = feats.compute(params, buffers, longer, False, 0)
+    assert feats._padding.verdicts == {"loss": False} and seen[-1] == 11
+    assert "the model reads its padding" in caplog.text
+    names = select_parameters(reader, None)
+    g, _ = per_example_grads_loop(task, params, buffers, longer, names)
+    torch.testing.assert_close(f["dense"], flatten_grads(g, names), rtol=1e-12, atol=1e-14)

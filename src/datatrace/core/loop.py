@@ -16,8 +16,9 @@ progress bar, the device move, eval mode and the non-finite checks are written o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any
+import logging
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +27,11 @@ from tqdm.auto import tqdm
 from .data import Batch, ExampleSource, batch_ranges, batch_to
 from .errors import NonFiniteError
 from .runtime import eval_mode, show_progress
+
+if TYPE_CHECKING:
+    from .task import AbstractTask
+
+log = logging.getLogger("datatrace")
 
 #: how many offending indices an error message lists (``.indices`` has all of them)
 SHOWN_INDICES = 20
@@ -146,6 +152,80 @@ def length_groups(
     if carried(count[order]) > (1 - GROUPING_GAIN) * carried(count):
         return None
     return list((order + start).split(batch_size))
+
+
+class TrailingPadding:
+    """Cuts the token positions at the end of a sequence batch that are padding in every
+    example (:meth:`~datatrace.core.task.AbstractTask.token_mask`): a right-padded batch
+    is then carried through the model to its longest sequence, not to the padded length
+    (with :func:`length_groups`, to about each example's own length).
+
+    Every tensor of the batch whose first two dimensions are the mask's (batch, T) loses
+    its positions from the end of the last real token on. That is exact when the model
+    masks its padding out (attention masks; causal models' trailing tokens), and only
+    then: the first batch that would be cut is checked, its per-example values
+    (``value_of``: the loss or the measurement at the current parameters) with and without
+    the cut must agree to :data:`CUT_RTOL`, else this model reads its padding (no
+    attention mask, pooling over every position, a (batch, T) input that is not
+    positional) and no batch of that kind is cut (logged once). One instance per pass
+    (verdicts per kind of value: ``"loss"``, ``"measurement"``)."""
+
+    def __init__(self, task: AbstractTask) -> None:
+        self.task = task
+        self.verdicts: dict[str, bool] = {}
+
+    def __call__(self, batch: Batch, value_of: Callable[[Batch], torch.Tensor], kind: str) -> Batch:
+        if self.verdicts.get(kind) is False:
+            return batch
+        mask = self.task.token_mask(batch)
+        if mask is None or mask.dim() != 2:
+            return batch
+        live = mask.ne(0).any(0).nonzero()
+        length = int(live[-1]) + 1 if len(live) else mask.shape[1]
+        if length == mask.shape[1]:
+            return batch
+        cut = cut_positions(batch, (mask.shape[0], mask.shape[1]), length)
+        if kind not in self.verdicts:
+            self.verdicts[kind] = self._same(batch, cut, value_of)
+            if not self.verdicts[kind]:
+                log.info(
+                    "the %s changes when the padding after every example's last real token "
+                    "is cut (the model reads its padding): batches keep their full length",
+                    kind,
+                )
+                return batch
+        return cut
+
+    @staticmethod
+    def _same(batch: Batch, cut: Batch, value_of: Callable[[Batch], torch.Tensor]) -> bool:
+        try:
+            with torch.no_grad():
+                full, short = value_of(batch), value_of(cut)
+        except Exception:  # the cut batch does not fit the model: never cut
+            return False
+        if full.shape != short.shape:
+            return False
+        scale = float(full.abs().max()) if full.numel() else 0.0
+        return bool(torch.allclose(short, full, rtol=CUT_RTOL, atol=CUT_RTOL * 1e-2 * (1 + scale)))
+
+
+#: :class:`TrailingPadding` cuts a model's padding when a batch's values agree this closely
+#: with and without it (float32 round-off of the shorter products is ~1e-7)
+CUT_RTOL = 1e-4
+
+
+def cut_positions(batch: Batch, shape: tuple[int, int], length: int) -> Batch:
+    """``batch`` with every tensor whose leading dimensions are ``shape`` (batch, T) cut to
+    its first ``length`` positions (contiguous copies); everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() >= 2 and (batch.shape[0], batch.shape[1]) == shape:
+            return batch[:, :length].contiguous()
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: cut_positions(v, shape, length) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut_positions(v, shape, length) for v in batch)
+    return batch
 
 
 #: :func:`length_groups` sorts only when that cuts at least this fraction of the positions

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from ..core.data import ExampleSource, as_single_batch
-from ..core.loop import length_groups, over_batches, over_groups
+from ..core.loop import TrailingPadding, length_groups, over_batches, over_groups
 from ..core.runtime import load_forward_ad_decompositions
 from ..core.task import AbstractTask
 from ..grads.layers import flat_offsets, layer_calls
@@ -61,6 +61,7 @@ class CurvatureProblem:
         self._cached_pullback: Any = None
         #: the length-sorted batch groups of each batch size ([]: no token mask)
         self._groups: dict[int, list[torch.Tensor]] = {}
+        self._padding = TrailingPadding(task)
         load_forward_ad_decompositions()  # Gauss-Newton and Hessian blocks use forward AD
 
     @property
@@ -83,7 +84,8 @@ class CurvatureProblem:
         problem's; ``desc``: show a progress bar (when ``progress``) with this label;
         ``by_length``: sequences grouped by their number of real tokens
         (:func:`~datatrace.core.loop.length_groups`; the same order in every pass), for
-        passes that sum over examples and cut padded positions."""
+        passes that sum over examples and cut padded positions. Each batch is cut after
+        its longest sequence where that is exact (:class:`TrailingPadding`)."""
         size = batch_size or self.batch_size
         show = self.progress if desc is not None else False
         device, model = self.theta.device, self.task.model
@@ -94,11 +96,16 @@ class CurvatureProblem:
                 loop = over_groups(
                     self.train, groups, device=device, eval_module=model, progress=show, desc=desc
                 )
-                return (batch for _, batch in loop)
+                return (self._cut(batch) for _, batch in loop)
         batches = over_batches(
             self.train, size, device=device, eval_module=model, progress=show, desc=desc
         )
-        return (batch for _, _, batch in batches)
+        return (self._cut(batch) for _, _, batch in batches)
+
+    def _cut(self, batch: Any) -> Any:
+        """The batch without the padding after every example's last real token, where
+        the model's losses show it masks that padding out (:class:`TrailingPadding`)."""
+        return self._padding(batch, lambda b: self.task.loss(self.model_at(self.theta), b), "loss")
 
     def loss_sum(self, flat: torch.Tensor, batch: Any) -> torch.Tensor:
         return self.task.loss(self.model_at(flat), batch).sum()

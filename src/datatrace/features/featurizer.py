@@ -29,13 +29,14 @@ from typing import Any
 import torch
 
 from ..core.errors import ConfigError, DataError, DatatraceError
-from ..core.loop import check_finite
+from ..core.loop import TrailingPadding, check_finite
 from ..core.task import AbstractTask
 from ..grads.per_example import (
     bound_model,
     per_example_grads,
     per_example_grads_loop,
     select_parameters,
+    value_fn,
 )
 from ..grads.rules import (
     Grad,
@@ -60,9 +61,11 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
     LayerNorm; tied parameters get the sum of their layers' rules) come from one batched
     backward pass; the other parameters' from vmap, else a per-example loop (logged at
     WARNING with its cost). Unprojected, a Linear/Conv1D layer is kept factored (its
-    inputs and output gradients per token, ``"<layer>.a"``/``"<layer>.e"``) when the
-    pairwise inner products are cheaper from the factors (``N²(out + in) < out·in`` for
-    N tokens; always for N = 1), else its gradient is formed per example. Projected,
+    inputs and output gradients per token, ``"<layer>.a"``/``"<layer>.e"``) when they are
+    smaller than its gradient (``N(out + in') < out·in'`` for N tokens; always for N = 1),
+    else its gradient is formed per example. A batch's padding after every example's last
+    real token is cut before the model sees it (:class:`~datatrace.core.loop.TrailingPadding`:
+    checked on the first batch it cuts). Projected,
     every Linear/Conv1D/Embedding weight (and Conv2d with ``kronecker=True``) goes through
     the Kronecker projection from its factors, the rest through the dense one.
     """
@@ -90,6 +93,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         self._warned_loop = False
         self._warned_regen = False
         self._activations = 0  # per example, measured on the first batch
+        self._padding = TrailingPadding(task)
 
     # -- computing ------------------------------------------------------------------------
 
@@ -126,9 +130,13 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         offset: int,
         out: Features | None = None,
     ) -> Features:
-        self.task.check_batch(bound_model(self.task.model, {**buffers, **params}), batch, offset)
-        if not self._probed:
+        model = bound_model(self.task.model, {**buffers, **params})
+        self.task.check_batch(model, batch, offset)
+        if not self._probed:  # at the full length: the factored layers' tokens are sized
             self._probe(params, buffers, batch)
+        value = value_fn(self.task, measurement)
+        kind = "measurement" if measurement else "loss"
+        batch = self._padding(batch, lambda b: value(model, b), kind)
         grads, values = self._dense_grads(params, buffers, batch, measurement)
         contrib: dict[str, list[Grad]] = {}
         if self.plan.layers:
@@ -139,7 +147,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         n = len(values)
         rows = [*grads.values()]
         rows += [t for cs in contrib.values() for c in cs for t in _tensors(c)]
-        check_finite(values, rows, offset, "measurement" if measurement else "loss")
+        check_finite(values, rows, offset, kind)
         if self.projector is not None:
             return {"proj": self._project(contrib, grads, n)}
         feats: Features = {}

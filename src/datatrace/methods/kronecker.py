@@ -28,7 +28,7 @@ from torch import nn
 from ..core import distributed
 from ..core.data import ExampleSource
 from ..core.errors import ConfigError
-from ..core.loop import check_finite, length_groups, over_batches, over_groups
+from ..core.loop import TrailingPadding, check_finite, length_groups, over_batches, over_groups
 from ..core.runtime import model_device
 from ..core.task import AbstractTask
 from ..curvature.base import AbstractPreconditioner, mean_squared_entry
@@ -38,7 +38,7 @@ from ..curvature.kfac_layers import KLayer, live_positions, nonzero_rows
 from ..curvature.problem import CurvatureProblem
 from ..features.placement import MEMORY_BUDGET
 from ..grads.layers import layer_calls
-from ..grads.per_example import bound_model
+from ..grads.per_example import bound_model, value_fn
 from ..grads.rules import capture
 from .chunks import check_finite_scores
 from .fitted import FittedGradientAttributor
@@ -89,6 +89,7 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         #: {(start, stop): a training block's length-sorted groups, None without a mask}
         self._groups: dict[tuple[int, int], list[torch.Tensor] | None] = {}
         super().__init__(*args, **kwargs)
+        self._padding = TrailingPadding(self.task)
 
     def query_chunks(self, n_query: int) -> list[tuple[int, int]]:
         """The query ranges scored together, each costing one fused pass over the training
@@ -179,8 +180,13 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         if isinstance(offset, int):
             self._check_batch(c, batch, offset)
         modules = {lay.name: lay.module for lay in pc.layers}
-        calls, values = capture(self.task, params, buffers, batch, modules, measurement)
         what = "measurement" if measurement else "loss"
+        value, model = (
+            value_fn(self.task, measurement),
+            bound_model(self.task.model, {**buffers, **params}),
+        )
+        batch = self._padding(batch, lambda b: value(model, b), what)
+        calls, values = capture(self.task, params, buffers, batch, modules, measurement)
         check_finite(values, [], offset, what)
         for lay in pc.layers:
             (x, e), *more = calls.pop(lay.name)
