@@ -22,8 +22,9 @@ class FeatureSpec:
         projection_seed: seed of the projection matrix.
         factored: keep ``nn.Linear`` (and transformers ``Conv1D``) gradients as their
             factors, per token for ``(B, T, d)`` inputs (``None``: without projection, where
-            pairwise products from N tokens cost less than from the formed gradient,
-            ``N²(out + in) < out·in``, always for one token; ``True``: always).
+            the factors of N tokens are smaller than the formed gradient,
+            ``N(out + in) < out·in``, always for one token, their products by the cheaper of
+            token pairs and gradients formed in cache; ``True``: always).
         layer_hooks: per-example gradients of the layers with hook rules
             (:mod:`datatrace.grads.rules`: Linear, Conv1D, Conv2d, Embedding, LayerNorm;
             tied parameters get every layer's rule summed) from one batched backward pass
