@@ -128,20 +128,22 @@ def test_both_routes_of_factored_products_equal_formed_gradients(monkeypatch, sc
     if scratch is not None:
         monkeypatch.setattr(featurizer, "FORM_SCRATCH", scratch)
     g = torch.Generator().manual_seed(0)
-    tokens, n_out, n_in = 6, 4, 3
-    qe, qa = _token_factors(5, tokens, n_out, n_in, g)
-    ge, ga = _token_factors(7, tokens, n_out, n_in, g)
+    n_out, n_in = 4, 3
+    for tq, tg in ((6, 6), (9, 6)):  # queries longer than the training layout: more tokens
+        qe, qa = _token_factors(5, tq, n_out, n_in, g)
+        ge, ga = _token_factors(7, tg, n_out, n_in, g)
 
-    def formed(e, a):
-        n = e.shape[0]
-        return torch.einsum("nto,nti->noi", e.view(n, tokens, -1), a.view(n, tokens, -1))
+        def formed(e, a):
+            n = e.shape[0]
+            return torch.einsum("nto,nti->noi", e.view(n, -1, n_out), a.view(n, -1, n_in))
 
-    ref = formed(qe, qa).flatten(1) @ formed(ge, ga).flatten(1).T
-    for route in (featurizer.token_products, featurizer.formed_products):
-        torch.testing.assert_close(route(qe, ge, qa, ga, tokens), ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(
-        featurizer.layer_products(qe, ge, qa, ga, tokens), ref, rtol=1e-12, atol=1e-12
-    )
+        ref = formed(qe, qa).flatten(1) @ formed(ge, ga).flatten(1).T
+        for route in (
+            featurizer.token_products,
+            featurizer.formed_products,
+            featurizer.layer_products,
+        ):
+            torch.testing.assert_close(route(qe, ge, qa, ga, tq, tg), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_wide_layers_of_long_sequences_take_the_formed_route(monkeypatch):

@@ -170,6 +170,36 @@ def test_gpt2_grad_dot_with_padding_and_other_query_lengths_matches_per_sequence
     torch.testing.assert_close(fitted.attribute(queries), ref, rtol=1e-8, atol=1e-12)
 
 
+def test_queries_longer_than_every_training_sequence_get_wider_factored_features():
+    """Factored layers are laid out for the training sequences' tokens; a query batch with
+    longer sequences (after a shorter one) widens the queries' arrays with zero tokens, and
+    the scores still equal per-sequence gradients' products (float64)."""
+    model = tiny_gpt2()
+    batch = padded_batch(n=5, T=8, seed=5)
+    del batch["prompt_length"]
+    queries = padded_batch(n=4, T=12, seed=6)
+    lengths = torch.tensor([4, 3, 11, 12])
+    queries["attention_mask"] = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    queries["input_ids"] = queries["input_ids"] * queries["attention_mask"]
+    task = dt.LanguageModelingTask(model)
+    names = ["transformer.h.1.mlp.c_proj.weight", "transformer.h.0.attn.c_attn.weight"]
+    params = dict(model.named_parameters())
+
+    def grads(data, prompt):
+        rows = []
+        for v in hand_nll(model, data, prompt):
+            gs = torch.autograd.grad(v, [params[n] for n in names], retain_graph=True)
+            rows.append(torch.cat([x.flatten() for x in gs]))
+        return torch.stack(rows)
+
+    fitted = dt.GradDot(params=names).fit(
+        task, [dt.Checkpoint.from_module(model)], batch, progress=False, batch_size=2
+    )
+    assert fitted.features.tokens["transformer.h.1.mlp.c_proj"] == 8  # factored, 8 tokens
+    ref = grads(queries, True) @ grads(batch, False).T
+    torch.testing.assert_close(fitted.attribute(queries), ref, rtol=1e-8, atol=1e-12)
+
+
 def test_bad_batches_are_named():
     model = tiny_gpt2()
     task = dt.LanguageModelingTask(model)

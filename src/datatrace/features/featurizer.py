@@ -108,14 +108,16 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
     ) -> Features:
         """Features of one batch, (batch, width) each; ``offset`` = index of its first example
         (in ``feature_dtype`` when one is set). With ``out`` (e.g. rows of the feature
-        store), the dense gradients are formed straight into it: no per-batch copy."""
+        store), the dense gradients are formed straight into it: no per-batch copy.
+        Measurement features of sequences longer than the training layout's have wider
+        factored arrays (more tokens; then ``out`` is not used)."""
         dtype = next(iter(params.values())).dtype if params else None
         cast = self.spec.feature_dtype is not None and self.spec.feature_dtype != dtype
         feats = self._compute(params, buffers, batch, measurement, offset, None if cast else out)
         if cast:
             feats = {k: v.to(self.spec.feature_dtype) for k, v in feats.items()}
-        if out is None:
-            return feats
+        if out is None or any(out[k].shape != v.shape for k, v in feats.items()):
+            return feats  # (queries with more tokens than ``out`` holds: wider arrays)
         for k, v in feats.items():
             if out[k].data_ptr() != v.data_ptr():
                 out[k].copy_(v)
@@ -159,7 +161,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         for lay, (w, b) in factored.items():
             ka, ke = f"{lay}.a", f"{lay}.e"
             dests = (out[ka], out[ke]) if out is not None else (None, None)
-            feats[ka], feats[ke] = self._factors(lay, w, b, contrib, n, offset, *dests)
+            feats[ka], feats[ke] = self._factors(lay, w, b, contrib, n, offset, measurement, *dests)
         return feats
 
     def _dense_into(
@@ -215,13 +217,15 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         contrib: dict[str, list[Grad]],
         n: int,
         offset: int,
+        measurement: bool,
         dest_a: torch.Tensor | None = None,
         dest_e: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A factored layer's ``a`` (n, N·in') and ``e`` (n, N·out): its calls' tokens
         concatenated, a 1 appended to each input for the bias, zero-padded to the N of the
-        first batch (zero tokens add nothing); written into ``dest_a``/``dest_e`` (e.g.
-        rows of a feature store) when given."""
+        first batch (zero tokens add nothing), or to this batch's own when it has more
+        and these are measurement features (queries of any length); written into
+        ``dest_a``/``dest_e`` (e.g. rows of a feature store) when they have that width."""
         n_in, n_out = self._dims(lay)
         tokens = self.tokens[lay]
         if not w:  # bias only: Σ_n e_n is one token with input 1
@@ -235,6 +239,8 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
                 n, -1
             )
         have = sum(t.left.shape[1] for t in terms)
+        if measurement:
+            tokens = max(tokens, have)
         if have > tokens:
             raise DataError(
                 f"examples {offset}..{offset + n - 1} give layer {lay!r} {have} tokens, more "
@@ -243,7 +249,9 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
                 "factored=False"
             )
         a, e = (
-            d if d is not None and d.is_contiguous() else terms[0].right.new_empty(n, tokens * k)
+            d
+            if d is not None and d.is_contiguous() and d.shape[1] == tokens * k
+            else terms[0].right.new_empty(n, tokens * k)
             for d, k in ((dest_a, n_in), (dest_e, n_out))
         )
         a3, e3 = a.view(n, tokens, n_in), e.view(n, tokens, n_out)
@@ -353,9 +361,8 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
                 continue
             if key.endswith(".e"):
                 lay = key[:-2]
-                term = layer_products(
-                    q[key], g[key], q[lay + ".a"], g[lay + ".a"], self.tokens.get(lay, 1)
-                )
+                tokens = self._token_counts(lay, q[key], g[key])
+                term = layer_products(q[key], g[key], q[lay + ".a"], g[lay + ".a"], *tokens)
             else:
                 term = q[key] @ g[key].T
             out = term if out is None else out + term
@@ -369,9 +376,10 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
             if key.endswith(".a"):
                 continue
             if key.endswith(".e"):
-                lay, t = key[:-2], self.tokens.get(key[:-2], 1)
-                qe, ge = _tokens(q[key], t), _tokens(g[key], t)
-                qa, ga = _tokens(q[lay + ".a"], t), _tokens(g[lay + ".a"], t)
+                lay = key[:-2]
+                tq, tg = self._token_counts(lay, q[key], g[key])
+                qe, ge = _tokens(q[key], tq), _tokens(g[key], tg)
+                qa, ga = _tokens(q[lay + ".a"], tq), _tokens(g[lay + ".a"], tg)
                 term = torch.bmm(qe, ge.transpose(1, 2)) * torch.bmm(qa, ga.transpose(1, 2))
                 term = term.sum((1, 2))
             else:
@@ -383,6 +391,12 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
     def sqnorm(self, g: Features) -> torch.Tensor:
         """Squared norms ``‖φ(g_i)‖²``, shape (n_g,)."""
         return self.pairwise_diagonal(g, g)
+
+    def _token_counts(self, lay: str, qe: torch.Tensor, ge: torch.Tensor) -> tuple[int, int]:
+        """Tokens of a factored layer's two feature arrays ``e`` (n, N·out): the training
+        layout's, or more for queries longer than any training sequence."""
+        n_out = self._dims(lay)[1]
+        return qe.shape[1] // n_out, ge.shape[1] // n_out
 
 
 def _tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -400,7 +414,12 @@ FORM_CHUNK = 32
 
 
 def layer_products(
-    qe: torch.Tensor, ge: torch.Tensor, qa: torch.Tensor, ga: torch.Tensor, tokens: int
+    qe: torch.Tensor,
+    ge: torch.Tensor,
+    qa: torch.Tensor,
+    ga: torch.Tensor,
+    q_tokens: int,
+    g_tokens: int | None = None,
 ) -> torch.Tensor:
     """A factored layer's inner products for every (query, training) pair, (n_q, n_g),
     by the cheaper of two routes (both exact; the choice changes only round-off):
@@ -411,37 +430,46 @@ def layer_products(
       non-zero rows, ``out·in'`` per pair plus the forming (once per example and block of
       queries). For sequences of tens of tokens through wide layers this is the cheaper
       one by far, and it never holds more than :data:`FORM_SCRATCH` of formed gradients.
+
+    ``q_tokens``/``g_tokens``: each side's N (``g_tokens=None``: the same).
     """
-    if tokens == 1:
+    tq, tg = q_tokens, q_tokens if g_tokens is None else g_tokens
+    if tq == tg == 1:
         return (qe @ ge.T) * (qa @ ga.T)
     nq, ng = qe.shape[0], ge.shape[0]
-    n_out, n_in = qe.shape[1] // tokens, qa.shape[1] // tokens
-    pairs = nq * ng * tokens * tokens * (n_out + n_in)
-    q_live = _live_rows(qe.reshape(nq, tokens, n_out))
-    g_live = _live_rows(ge.reshape(ng, tokens, n_out))
+    n_out, n_in = qe.shape[1] // tq, qa.shape[1] // tq
+    pairs = nq * ng * tq * tg * (n_out + n_in)
+    q_live = _live_rows(qe.reshape(nq, tq, n_out))
+    g_live = _live_rows(ge.reshape(ng, tg, n_out))
     q_step, _ = _form_steps(nq, ng, n_out * n_in * qe.element_size())
-    forming = -(-nq // q_step) * sum(g_live) + sum(q_live)
+    forming = -(-nq // q_step) * sum(map(abs, g_live)) + sum(map(abs, q_live))
     if (forming + nq * ng) * n_out * n_in < pairs:
-        return formed_products(qe, ge, qa, ga, tokens, q_live, g_live)
-    return token_products(qe, ge, qa, ga, tokens)
+        return formed_products(qe, ge, qa, ga, tq, tg, q_live, g_live)
+    return token_products(qe, ge, qa, ga, tq, tg)
 
 
 def token_products(
-    qe: torch.Tensor, ge: torch.Tensor, qa: torch.Tensor, ga: torch.Tensor, tokens: int
+    qe: torch.Tensor,
+    ge: torch.Tensor,
+    qa: torch.Tensor,
+    ga: torch.Tensor,
+    q_tokens: int,
+    g_tokens: int | None = None,
 ) -> torch.Tensor:
     """``Σ_{t,s} (E_q E_gᵀ)[t,s] ∘ (A_q A_gᵀ)[t,s]`` for every (query, training) pair,
     (n_q, n_g), in chunks of training rows (never forming a per-example gradient)."""
-    if tokens == 1:
+    tq, tg = q_tokens, q_tokens if g_tokens is None else g_tokens
+    if tq == tg == 1:
         return (qe @ ge.T) * (qa @ ga.T)
     nq, ng = qe.shape[0], ge.shape[0]
-    qe2, qa2 = qe.reshape(nq * tokens, -1), qa.reshape(nq * tokens, -1)
-    ge2, ga2 = ge.reshape(ng * tokens, -1), ga.reshape(ng * tokens, -1)
-    step = max(1, _PAIR_CHUNK // max(1, nq * tokens * tokens))
+    qe2, qa2 = qe.reshape(nq * tq, -1), qa.reshape(nq * tq, -1)
+    ge2, ga2 = ge.reshape(ng * tg, -1), ga.reshape(ng * tg, -1)
+    step = max(1, _PAIR_CHUNK // max(1, nq * tq * tg))
     parts = []
     for s in range(0, ng, step):
-        rows = slice(s * tokens, min(ng, s + step) * tokens)
+        rows = slice(s * tg, min(ng, s + step) * tg)
         prod = (qe2 @ ge2[rows].T) * (qa2 @ ga2[rows].T)
-        parts.append(prod.view(nq, tokens, -1, tokens).sum((1, 3)))
+        parts.append(prod.view(nq, tq, -1, tg).sum((1, 3)))
     return torch.cat(parts, 1)
 
 
@@ -450,7 +478,8 @@ def formed_products(
     ge: torch.Tensor,
     qa: torch.Tensor,
     ga: torch.Tensor,
-    tokens: int,
+    q_tokens: int,
+    g_tokens: int | None = None,
     q_live: list[int] | None = None,
     g_live: list[int] | None = None,
 ) -> torch.Tensor:
@@ -460,11 +489,12 @@ def formed_products(
     reused buffers of :data:`FORM_SCRATCH` bytes together. Forming the same gradients into
     a features array first writes them to memory and reads them back (several times
     the arithmetic's cost); here they stay in cache. Each example's sum runs over its
-    non-zero output-gradient rows only (``q_live``/``g_live``: how many lead, or -1 where
-    they are not a prefix; from :func:`_live_rows` when not given)."""
+    non-zero output-gradient rows only (``q_live``/``g_live``: how many, negated where
+    they are not the first rows; from :func:`_live_rows` when not given)."""
     nq, ng = qe.shape[0], ge.shape[0]
-    eq, aq = qe.reshape(nq, tokens, -1), qa.reshape(nq, tokens, -1)
-    eg, ag = ge.reshape(ng, tokens, -1), ga.reshape(ng, tokens, -1)
+    tq, tg = q_tokens, q_tokens if g_tokens is None else g_tokens
+    eq, aq = qe.reshape(nq, tq, -1), qa.reshape(nq, tq, -1)
+    eg, ag = ge.reshape(ng, tg, -1), ga.reshape(ng, tg, -1)
     n_out, n_in = eq.shape[2], aq.shape[2]
     q_live = _live_rows(eq) if q_live is None else q_live
     g_live = _live_rows(eg) if g_live is None else g_live
@@ -492,12 +522,12 @@ def _form_steps(nq: int, ng: int, row_bytes: int) -> tuple[int, int]:
 
 
 def _live_rows(e: torch.Tensor) -> list[int]:
-    """Per example of ``e`` (n, N, out): how many rows are non-zero when they are its first
-    rows (a right-padded sequence; 0: a zero gradient), else -1."""
+    """Per example of ``e`` (n, N, out): how many rows are non-zero, negated where they are
+    not its first rows (a right-padded sequence's are; 0: a zero gradient)."""
     live = e.ne(0).any(-1)
     counts = live.sum(1)
     first = torch.arange(live.shape[1], device=live.device)[None, :] < counts[:, None]
-    return torch.where((live == first).all(1), counts, -1).tolist()
+    return torch.where((live == first).all(1), counts, -counts).tolist()
 
 
 def _form_rows(

@@ -59,8 +59,16 @@ def featurize(
             if e - s == stop - start:
                 return feats
             whole = {k: v.new_empty((stop - start, *v.shape[1:])) for k, v in feats.items()}
-            for k, v in feats.items():
-                whole[k][: e - s] = v
+        for k, v in feats.items():
+            if rows is not None and v.data_ptr() == rows[k].data_ptr():
+                continue  # formed in place
+            if v.shape[1] > whole[k].shape[1]:  # a query longer than any before: more tokens
+                wider = whole[k].new_zeros((stop - start, v.shape[1]))
+                wider[:, : whole[k].shape[1]] = whole[k]
+                whole[k] = wider
+            # factored arrays are token-major: zeros after a narrower row are zero tokens
+            whole[k][s - start : e - start, : v.shape[1]] = v
+            whole[k][s - start : e - start, v.shape[1] :] = 0
     assert whole is not None
     return whole
 
