@@ -159,7 +159,7 @@ def test_wide_layers_of_long_sequences_take_the_formed_route(monkeypatch):
     for tokens in (64, 4):
         qe, qa = _token_factors(8, tokens, 384, 385, g)
         ge, ga = _token_factors(16, tokens, 384, 385, g)
-        featurizer.layer_products(qe.float(), ge.float(), qa.float(), ga.float(), tokens)
+        featurizer.layer_products(qe.float(), ge.float(), qa.float(), ga.float(), tokens, tokens)
     assert taken == ["formed_products", "token_products"]
 
 

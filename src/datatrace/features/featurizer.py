@@ -418,8 +418,8 @@ def layer_products(
     ge: torch.Tensor,
     qa: torch.Tensor,
     ga: torch.Tensor,
-    q_tokens: int,
-    g_tokens: int | None = None,
+    tq: int,
+    tg: int,
 ) -> torch.Tensor:
     """A factored layer's inner products for every (query, training) pair, (n_q, n_g),
     by the cheaper of two routes (both exact; the choice changes only round-off):
@@ -431,11 +431,10 @@ def layer_products(
       queries). For sequences of tens of tokens through wide layers this is the cheaper
       one by far, and it never holds more than :data:`FORM_SCRATCH` of formed gradients.
 
-    ``q_tokens``/``g_tokens``: each side's N (``g_tokens=None``: the same).
+    ``tq``/``tg``: each side's N (queries may be longer than the training layout).
     """
-    tq, tg = q_tokens, q_tokens if g_tokens is None else g_tokens
     if tq == tg == 1:
-        return (qe @ ge.T) * (qa @ ga.T)
+        return token_products(qe, ge, qa, ga, tq, tg)
     nq, ng = qe.shape[0], ge.shape[0]
     n_out, n_in = qe.shape[1] // tq, qa.shape[1] // tq
     pairs = nq * ng * tq * tg * (n_out + n_in)
@@ -453,12 +452,11 @@ def token_products(
     ge: torch.Tensor,
     qa: torch.Tensor,
     ga: torch.Tensor,
-    q_tokens: int,
-    g_tokens: int | None = None,
+    tq: int,
+    tg: int,
 ) -> torch.Tensor:
     """``Σ_{t,s} (E_q E_gᵀ)[t,s] ∘ (A_q A_gᵀ)[t,s]`` for every (query, training) pair,
     (n_q, n_g), in chunks of training rows (never forming a per-example gradient)."""
-    tq, tg = q_tokens, q_tokens if g_tokens is None else g_tokens
     if tq == tg == 1:
         return (qe @ ge.T) * (qa @ ga.T)
     nq, ng = qe.shape[0], ge.shape[0]
@@ -478,8 +476,8 @@ def formed_products(
     ge: torch.Tensor,
     qa: torch.Tensor,
     ga: torch.Tensor,
-    q_tokens: int,
-    g_tokens: int | None = None,
+    tq: int,
+    tg: int,
     q_live: list[int] | None = None,
     g_live: list[int] | None = None,
 ) -> torch.Tensor:
@@ -492,7 +490,6 @@ def formed_products(
     non-zero output-gradient rows only (``q_live``/``g_live``: how many, negated where
     they are not the first rows; from :func:`_live_rows` when not given)."""
     nq, ng = qe.shape[0], ge.shape[0]
-    tq, tg = q_tokens, q_tokens if g_tokens is None else g_tokens
     eq, aq = qe.reshape(nq, tq, -1), qa.reshape(nq, tq, -1)
     eg, ag = ge.reshape(ng, tg, -1), ga.reshape(ng, tg, -1)
     n_out, n_in = eq.shape[2], aq.shape[2]
