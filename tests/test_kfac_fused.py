@@ -242,6 +242,25 @@ def test_fused_scores_equal_the_stored_path_on_a_padded_bert(tmp_path, fisher, m
     )
 
 
+def test_fused_passes_cut_extra_padding_and_score_the_same():
+    """Four more padding tokens on every training example and query: the factor passes
+    and the fused scoring pass cut them (each checked once: the losses and measurements
+    agree), and the damping and scores are those without them."""
+    from test_kfac_models import _bert, _bert_data, _padded_more
+
+    model = _bert()
+    task = dt.ClassificationTask(model)
+    train, queries = _bert_data(7, seed=1), _bert_data(3, seed=5)
+    ckpts = [dt.Checkpoint.from_module(model)]
+    ref = dt.Influence(dt.EKFAC()).fit(task, ckpts, train, batch_size=3)
+    fused = dt.Influence(dt.EKFAC()).fit(task, ckpts, _padded_more(train, 4), batch_size=3)
+    assert isinstance(fused, FittedKroneckerInfluence)
+    assert fused.damping == pytest.approx(ref.damping, rel=1e-10)
+    scores = fused.attribute(_padded_more(queries, 4))
+    assert fused._padding.verdicts == {"loss": True, "measurement": True}
+    torch.testing.assert_close(scores, ref.attribute(queries), rtol=1e-9, atol=1e-13)
+
+
 def test_fused_fit_names_an_out_of_range_label_before_any_pass():
     """The fused passes read sequences in length-sorted groups: the task's checks run first,
     in index order, so the error is the task's and names the example."""
