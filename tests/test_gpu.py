@@ -81,6 +81,53 @@ def test_cuda_matches_cpu_in_float64(kind, name):
     torch.testing.assert_close(values.cpu(), cpu_values, rtol=1e-7, atol=1e-9)
 
 
+class _Tokens(torch.nn.Module):
+    """Embedding → Linear on (batch, T, d) → masked mean → classes: a sequence model whose
+    padding is masked out (so batches are cut after their longest sequence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(50, 48)
+        self.mix = torch.nn.Linear(48, 48)
+        self.head = torch.nn.Linear(48, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.mix(self.tok(input_ids)))
+        m = attention_mask[..., None].to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def test_cuda_sequence_products_formed_in_cache_match_cpu(monkeypatch):
+    """Factored (batch, T, d) layers whose products take the formed route, with padding
+    cut after each batch's longest sequence: the same scores on CUDA as on the CPU."""
+    from datatrace.features import featurizer
+
+    formed = []
+    real = featurizer.formed_products
+    monkeypatch.setattr(
+        featurizer, "formed_products", lambda *a, **k: formed.append(1) or real(*a, **k)
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (24, 16))
+    lengths = torch.randint(3, 13, (24,))  # every batch ends in padding: it is cut
+    mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+    data = {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 3, (24,))}
+    model = _Tokens().double()
+    out = []
+    for device in ("cpu", DEVICE):
+        m = _Tokens().double().to(device)
+        m.load_state_dict(model.state_dict())
+        batch = {k: v.to(device) for k, v in data.items()}
+        fitted = dt.GradDot(params=["mix"]).fit(
+            dt.ClassificationTask(m), [dt.Checkpoint.from_module(m)], batch, progress=False
+        )
+        assert fitted.features.tokens == {"mix": 16}
+        out.append(fitted.attribute({k: v[:20] for k, v in batch.items()}).cpu())
+        assert fitted.features._padding.verdicts == {"loss": True, "measurement": True}
+    assert len(formed) == 2  # one scoring call per device, by the formed route
+    torch.testing.assert_close(out[1], out[0], rtol=1e-7, atol=1e-9)
+
+
 def test_cuda_float32_store_and_kronecker_projection(tmp_path):
     (cpu_task, ckpts, train), (gpu_task, gckpts, gtrain) = _pair("cnn", torch.float32)
     method = dt.GradientAttributor(
