@@ -146,6 +146,40 @@ def test_both_routes_of_factored_products_equal_formed_gradients(monkeypatch, sc
             torch.testing.assert_close(route(qe, ge, qa, ga, tq, tg), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("scratch", [None, 2 * 4 * 5 * 8])
+def test_indexed_embedding_products_equal_formed_gradients(monkeypatch, scratch):
+    """An Embedding's products from ids and output gradients (repeated ids in a sequence,
+    padding as id -1 with a zero gradient, training ids no query uses, query tokens ≠
+    training tokens; also with a scratch so small that both sides go a few at a time)
+    equal the dot products of the scattered (rows × dim) gradients, in float64."""
+    if scratch is not None:
+        monkeypatch.setattr(featurizer, "FORM_SCRATCH", scratch)
+    g = torch.Generator().manual_seed(0)
+    rows, dim = 11, 5
+
+    def sequences(n, tokens, top):
+        ids = torch.randint(0, top, (n, tokens), generator=g)
+        e = torch.randn(n, tokens, dim, generator=g, dtype=torch.float64)
+        ids[0, -2:], e[0, -2:] = -1, 0.0  # padding
+        ids[1, :] = ids[1, 0]  # one id repeated
+        return ids.double(), e.reshape(n, -1)
+
+    qi, qe = sequences(5, 4, 6)  # queries use ids 0..5 only
+    gi, ge = sequences(7, 6, rows)
+
+    def formed(ids, e, tokens):
+        out = torch.zeros(len(ids), rows, dim, dtype=torch.float64)
+        for k in range(len(ids)):
+            for t in range(tokens):
+                if ids[k, t] >= 0:
+                    out[k, int(ids[k, t])] += e.view(len(ids), tokens, dim)[k, t]
+        return out.flatten(1)
+
+    ref = formed(qi, qe, 4) @ formed(gi, ge, 6).T
+    got = featurizer.indexed_products(qi, qe, gi, ge, 4, 6)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_wide_layers_of_long_sequences_take_the_formed_route(monkeypatch):
     """Token pairs cost N²(out + in') per pair, formed gradients out·in' plus the forming:
     for a 384-wide layer over 64 tokens (MiniLM's) the second, for 4 tokens the first."""

@@ -213,6 +213,9 @@ def test_hugging_face_models_need_no_vmap_and_match_a_per_example_loop(kind):
         feats = GradientFeatures(spec, task)
         f = feats.compute(params, buffers, batch, False, 0)
         assert feats.vmap_names == []  # no vmap, no loop
+        if kind == "bert":  # its own word embedding: ids and output gradients, not (V, d)
+            assert "bert.embeddings.word_embeddings" in feats.indexed
+            assert f["bert.embeddings.word_embeddings.i"].shape == (n, 7)
         torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(feats.sqnorm(f), (flat**2).sum(1), rtol=1e-9, atol=1e-11)
     assert feats.tokens and max(feats.tokens.values()) > 1  # factored token-level layers

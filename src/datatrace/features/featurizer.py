@@ -162,6 +162,12 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
             ka, ke = f"{lay}.a", f"{lay}.e"
             dests = (out[ka], out[ke]) if out is not None else (None, None)
             feats[ka], feats[ke] = self._factors(lay, w, b, contrib, n, offset, measurement, *dests)
+        for lay, name in self.indexed.items():
+            ki, ke = f"{lay}.i", f"{lay}.e"
+            dests = (out[ki], out[ke]) if out is not None else (None, None)
+            feats[ki], feats[ke] = self._indexed_factors(
+                lay, contrib.get(name, []), n, offset, measurement, *dests
+            )
         return feats
 
     def _dense_into(
@@ -239,15 +245,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
                 n, -1
             )
         have = sum(t.left.shape[1] for t in terms)
-        if measurement:
-            tokens = max(tokens, have)
-        if have > tokens:
-            raise DataError(
-                f"examples {offset}..{offset + n - 1} give layer {lay!r} {have} tokens, more "
-                f"than the {tokens} its factored features were sized for on the first batch; "
-                "pad every example to one length (tokenizer padding='max_length') or pass "
-                "factored=False"
-            )
+        tokens = self._fit_tokens(lay, have, offset, n, measurement)
         a, e = (
             d
             if d is not None and d.is_contiguous() and d.shape[1] == tokens * k
@@ -266,6 +264,58 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         e3[:, have:] = 0
         a3[:, have:] = 0
         return a, e
+
+    def _fit_tokens(self, lay: str, have: int, offset: int, n: int, measurement: bool) -> int:
+        """The tokens a batch's factored or indexed arrays of layer ``lay`` take: the
+        layout's, or the batch's own ``have`` when more (measurement features: queries of
+        any length; training data must fit the layout)."""
+        tokens = self.tokens[lay]
+        if measurement:
+            return max(tokens, have)
+        if have > tokens:
+            raise DataError(
+                f"examples {offset}..{offset + n - 1} give layer {lay!r} {have} tokens, more "
+                f"than the {tokens} its factored features were sized for on the first batch; "
+                "pad every example to one length (tokenizer padding='max_length') or pass "
+                "factored=False"
+            )
+        return tokens
+
+    def _indexed_factors(
+        self,
+        lay: str,
+        parts: list[Grad],
+        n: int,
+        offset: int,
+        measurement: bool,
+        dest_i: torch.Tensor | None = None,
+        dest_e: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An indexed Embedding's ids ``i`` (n, N), as floats (exact: checked at planning),
+        and output gradients ``e`` (n, N·dim): its calls' tokens one after another, padded
+        with id -1 and zero gradients (which add nothing); written into
+        ``dest_i``/``dest_e`` when they have that width."""
+        dim = self._row_width(lay)
+        terms = [t for t in parts if isinstance(t, Term)]
+        have = sum(t.left.shape[1] for t in terms)
+        tokens = self._fit_tokens(lay, have, offset, n, measurement)
+        p = dict(self.task.model.named_parameters())[self._index_candidates[lay]]
+        i, e = (
+            d
+            if d is not None and d.is_contiguous() and d.shape[1] == tokens * k
+            else p.new_empty(n, tokens * k)
+            for d, k in ((dest_i, 1), (dest_e, dim))
+        )
+        e3 = e.view(n, tokens, dim)
+        pos = 0
+        for t in terms:
+            k = t.left.shape[1]
+            i[:, pos : pos + k] = t.left
+            e3[:, pos : pos + k].copy_(t.right)
+            pos += k
+        i[:, pos:] = -1
+        e3[:, pos:] = 0
+        return i, e
 
     def _project(
         self, contrib: dict[str, list[Grad]], grads: dict[str, torch.Tensor], n: int
@@ -359,10 +409,15 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         for key in q:
             if key.endswith(".a"):
                 continue
+            if key.endswith(".i"):
+                continue
             if key.endswith(".e"):
                 lay = key[:-2]
                 tokens = self._token_counts(lay, q[key], g[key])
-                term = layer_products(q[key], g[key], q[lay + ".a"], g[lay + ".a"], *tokens)
+                if lay + ".i" in q:
+                    term = indexed_products(q[lay + ".i"], q[key], g[lay + ".i"], g[key], *tokens)
+                else:
+                    term = layer_products(q[key], g[key], q[lay + ".a"], g[lay + ".a"], *tokens)
             else:
                 term = q[key] @ g[key].T
             out = term if out is None else out + term
@@ -373,14 +428,18 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         """``⟨φ(q_i), φ(g_i)⟩`` row by row, shape (n,)."""
         out = None
         for key in g:
-            if key.endswith(".a"):
+            if key.endswith((".a", ".i")):
                 continue
             if key.endswith(".e"):
                 lay = key[:-2]
                 tq, tg = self._token_counts(lay, q[key], g[key])
                 qe, ge = _tokens(q[key], tq), _tokens(g[key], tg)
-                qa, ga = _tokens(q[lay + ".a"], tq), _tokens(g[lay + ".a"], tg)
-                term = torch.bmm(qe, ge.transpose(1, 2)) * torch.bmm(qa, ga.transpose(1, 2))
+                if lay + ".i" in g:  # the same row where the ids are equal
+                    same = q[lay + ".i"][:, :, None] == g[lay + ".i"][:, None, :]
+                    term = torch.bmm(qe, ge.transpose(1, 2)) * same
+                else:
+                    qa, ga = _tokens(q[lay + ".a"], tq), _tokens(g[lay + ".a"], tg)
+                    term = torch.bmm(qe, ge.transpose(1, 2)) * torch.bmm(qa, ga.transpose(1, 2))
                 term = term.sum((1, 2))
             else:
                 term = (q[key] * g[key]).sum(1)
@@ -395,8 +454,8 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
     def _token_counts(self, lay: str, qe: torch.Tensor, ge: torch.Tensor) -> tuple[int, int]:
         """Tokens of a factored layer's two feature arrays ``e`` (n, N·out): the training
         layout's, or more for queries longer than any training sequence."""
-        n_out = self._dims(lay)[1]
-        return qe.shape[1] // n_out, ge.shape[1] // n_out
+        width = self._row_width(lay)
+        return qe.shape[1] // width, ge.shape[1] // width
 
 
 def _tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -507,6 +566,52 @@ def formed_products(
             g = _form_rows(g_buf[: g1 - g0], eg[g0:g1], ag[g0:g1], g_live[g0:g1])
             out[q0:q1, g0:g1].addmm_(q, g.T)
     return out
+
+
+def indexed_products(
+    qi: torch.Tensor, qe: torch.Tensor, gi: torch.Tensor, ge: torch.Tensor, tq: int, tg: int
+) -> torch.Tensor:
+    """An Embedding's inner products ``Σ_{t,s} [i_t = i'_s] e_t·e'_s`` for every (query,
+    training) pair, (n_q, n_g), from ids ``qi`` (n_q, N_q) and output gradients ``qe``
+    (n_q, N_q·dim) (likewise ``gi``, ``ge``): both sides' gradients formed over the rows
+    of the ids a block of queries uses (never the whole vocabulary), a block at a time in
+    buffers of at most :data:`FORM_SCRATCH` bytes, and multiplied. A training token
+    whose id no query of the block uses adds nothing."""
+    nq, ng = qi.shape[0], gi.shape[0]
+    dim = qe.shape[1] // tq
+    eq, eg = qe.reshape(nq, tq, dim), ge.reshape(ng, tg, dim)
+    q_live, g_live = eq.ne(0).any(-1), eg.ne(0).any(-1)  # padding: id -1, zero gradient
+    q_ids, g_ids = qi.long(), gi.long()
+    item = qe.element_size()
+    # a block of b queries uses at most b·N_q rows: (b·N_q)·b·dim numbers within half
+    q_step = max(1, min(nq, math.isqrt(FORM_SCRATCH // 2 // max(1, tq * dim * item))))
+    out = torch.zeros(nq, ng, dtype=qe.dtype, device=qe.device)
+    for q0 in range(0, nq, q_step):
+        q1 = min(q0 + q_step, nq)
+        rows = torch.unique(q_ids[q0:q1][q_live[q0:q1]])  # sorted
+        if len(rows) == 0:
+            continue
+        q = _scatter_rows(eq[q0:q1], q_ids[q0:q1], q_live[q0:q1], rows)
+        g_step = max(1, min(ng, FORM_CHUNK, FORM_SCRATCH // 2 // (len(rows) * dim * item)))
+        for g0 in range(0, ng, g_step):
+            g1 = min(g0 + g_step, ng)
+            g = _scatter_rows(eg[g0:g1], g_ids[g0:g1], g_live[g0:g1], rows)
+            out[q0:q1, g0:g1].addmm_(q, g.T)
+    return out
+
+
+def _scatter_rows(
+    e: torch.Tensor, ids: torch.Tensor, live: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """(b, len(rows)·dim): each example's gradient restricted to the sorted ``rows`` of
+    the embedding, ``Σ_t onehot(ids_t) e_tᵀ`` for its live tokens whose id is among them."""
+    b, _, dim = e.shape
+    at = torch.searchsorted(rows, ids).clamp_(max=len(rows) - 1)
+    hit = live & (rows[at] == ids)
+    flat = (torch.arange(b, device=e.device)[:, None] * len(rows) + at)[hit]
+    out = e.new_zeros(b * len(rows), dim)
+    out.index_add_(0, flat, e[hit])
+    return out.view(b, -1)
 
 
 def _form_steps(nq: int, ng: int, row_bytes: int) -> tuple[int, int]:

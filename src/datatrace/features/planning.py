@@ -44,6 +44,7 @@ class FeaturePlanning:
     _warned_loop: bool
     _site_param: dict[tuple[str, str], str]
     _candidate_layers: dict[str, tuple[bool, bool]]
+    _index_candidates: dict[str, str]
     projector: RandomProjector | None
     kronecker_projector: KroneckerProjector | None
 
@@ -58,6 +59,7 @@ class FeaturePlanning:
         #: candidates: derived from the plan once (they are read for every batch)
         self._site_param = {site: n for n, sites in self.plan.params.items() for site in sites}
         self._candidate_layers = self._find_candidates()
+        self._index_candidates = self._find_index_candidates()
 
     @property
     def hooked(self) -> dict[str, str]:
@@ -95,6 +97,43 @@ class FeaturePlanning:
                 out[lay] = sole
         return out
 
+    def _find_index_candidates(self) -> dict[str, str]:
+        """Embedding layers that may keep their tokens' ids and output gradients: {layer:
+        weight parameter}, where the layer alone uses its weight and the ids are exact in
+        the features' dtype (float32/float64, at most 2²⁴ rows)."""
+        params = dict(self.task.model.named_parameters())
+        exact = (torch.float32, torch.float64)
+        out = {}
+        for lay, kind in self.plan.layers.items():
+            sole = self._sole(lay) if kind == EMBEDDING else None
+            if sole is None or not sole[0]:
+                continue
+            name = self._param_of(lay, "weight")
+            weight = params[name]
+            dtype_ok = weight.dtype in exact and self.spec.feature_dtype in (None, *exact)
+            if dtype_ok and weight.shape[0] <= 1 << 24:
+                out[lay] = name
+        return out
+
+    @property
+    def indexed(self) -> dict[str, str]:
+        """The Embedding layers kept as their tokens' ids and output gradients
+        (``"<layer>.i"`` (batch, N), ``"<layer>.e"`` (batch, N·dim)): {layer: weight
+        parameter} (before the first batch: every candidate)."""
+        if self.spec.factored is False or self.projector is not None:
+            return {}
+        if not self._probed:
+            return dict(self._index_candidates)
+        return {lay: p for lay, p in self._index_candidates.items() if lay in self.tokens}
+
+    def _row_width(self, lay: str) -> int:
+        """The width of a factored or indexed layer's ``e`` rows (out, or the embedding's)."""
+        if lay in self._index_candidates:
+            return int(
+                dict(self.task.model.named_parameters())[self._index_candidates[lay]].shape[1]
+            )
+        return self._dims(lay)[1]
+
     @property
     def layers(self) -> dict[str, tuple[bool, bool]]:
         """The layers kept factored: {layer: (weight selected, bias selected)} (before the
@@ -120,6 +159,7 @@ class FeaturePlanning:
         """Parameters stored as dense flattened gradients (model order)."""
         factored = {self._param_of(lay, r) for lay, (w, b) in self.layers.items()
                     for r, on in (("weight", w), ("bias", b)) if on}  # fmt: skip
+        factored |= set(self.indexed.values())
         return [n for n in self.names if n not in factored]
 
     def _set_projections(self) -> None:
@@ -199,6 +239,10 @@ class FeaturePlanning:
             tokens = self.tokens.get(lay, 1)
             out[f"{lay}.a"] = tokens * n_in
             out[f"{lay}.e"] = tokens * n_out
+        for lay in self.indexed:
+            tokens = self.tokens.get(lay, 1)
+            out[f"{lay}.i"] = tokens
+            out[f"{lay}.e"] = tokens * self._row_width(lay)
         return out
 
     def _size_factored(self, calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
@@ -207,7 +251,8 @@ class FeaturePlanning:
         with ``factored=True``; the others are formed per example. Inner products of factored
         layers take the cheaper of token pairs and gradients formed in cache
         (:func:`~datatrace.features.featurizer.layer_products`), so smaller features cost
-        no speed."""
+        no speed. An Embedding keeps its N tokens' ids and output gradients when they are
+        smaller than its gradient (``N·(1 + dim) < rows·dim``: always for a vocabulary)."""
         if self.spec.factored is False or self.projector is not None:
             return
         for lay, (w, _) in self._candidates().items():
@@ -224,12 +269,19 @@ class FeaturePlanning:
                     tokens,
                     tokens,
                 )
+        params = dict(self.task.model.named_parameters())
+        for lay, name in self._index_candidates.items():
+            rows, dim = params[name].shape
+            tokens = max(1, sum(x.numel() // max(1, x.shape[0]) for x, _ in calls[lay]))
+            if tokens * (1 + dim) < rows * dim:  # ids and output gradients: smaller
+                self.tokens[lay] = tokens
 
     def describe(self) -> dict[str, Any]:
         return {
             **self.spec.describe(),
             "selected": self.names,
             "factored_layers": sorted(self.layers),
+            "indexed_layers": sorted(self.indexed),
             "layout": self.layout(),
         }
 
