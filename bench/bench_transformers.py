@@ -208,9 +208,6 @@ AGREEMENT = {
 }
 #: rows that take another row's damping: {row: the row whose fitted damping it uses}
 DAMPING_FROM = {"kronfluence-ekfac-linear": "ekfac-linear"}
-#: rows left out of --quick: exact features of all 22.7M parameters are 91 MB per example
-#: (query features alone 4.5 GB for 50 queries, more than this shared machine allows)
-FULL_ONLY = {"tracin-exact-all"}
 
 
 def work(spec: dict[str, Any]) -> dict[str, Any]:
@@ -243,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     libs = args.libraries
     torch.set_num_threads(args.threads)
     n_train, n_query = (64, 8) if args.tiny else (200, 50) if args.quick else (1000, 50)
-    names = args.methods.split(",") if args.methods else [
-        m for m in METHODS if args.tiny or not (args.quick and m in FULL_ONLY)
-    ]  # fmt: skip
+    names = args.methods.split(",") if args.methods else list(METHODS)
     if unknown := set(names) - set(METHODS):
         args.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     env = harness.environment(("captum", "transformers", "kronfluence"), n_train=n_train, n_query=n_query,
