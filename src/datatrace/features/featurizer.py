@@ -246,12 +246,8 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
             )
         have = sum(t.left.shape[1] for t in terms)
         tokens = self._fit_tokens(lay, have, offset, n, measurement)
-        a, e = (
-            d
-            if d is not None and d.is_contiguous() and d.shape[1] == tokens * k
-            else terms[0].right.new_empty(n, tokens * k)
-            for d, k in ((dest_a, n_in), (dest_e, n_out))
-        )
+        a = _rows_into(dest_a, n, tokens * n_in, terms[0].right)
+        e = _rows_into(dest_e, n, tokens * n_out, terms[0].right)
         a3, e3 = a.view(n, tokens, n_in), e.view(n, tokens, n_out)
         pos = 0
         for t in terms:  # the calls' tokens one after another, written in place
@@ -300,12 +296,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         have = sum(t.left.shape[1] for t in terms)
         tokens = self._fit_tokens(lay, have, offset, n, measurement)
         p = dict(self.task.model.named_parameters())[self._index_candidates[lay]]
-        i, e = (
-            d
-            if d is not None and d.is_contiguous() and d.shape[1] == tokens * k
-            else p.new_empty(n, tokens * k)
-            for d, k in ((dest_i, 1), (dest_e, dim))
-        )
+        i, e = _rows_into(dest_i, n, tokens, p), _rows_into(dest_e, n, tokens * dim, p)
         e3 = e.view(n, tokens, dim)
         pos = 0
         for t in terms:
@@ -456,6 +447,14 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         layout's, or more for queries longer than any training sequence."""
         width = self._row_width(lay)
         return qe.shape[1] // width, ge.shape[1] // width
+
+
+def _rows_into(dest: torch.Tensor | None, n: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """``dest`` (e.g. rows of a feature store) when it is a contiguous (n, width) array,
+    else a new one like ``like``."""
+    if dest is not None and dest.is_contiguous() and dest.shape == (n, width):
+        return dest
+    return like.new_empty(n, width)
 
 
 def _tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
