@@ -123,7 +123,8 @@ def test_cuda_sequence_products_formed_in_cache_match_cpu(monkeypatch):
         )
         assert fitted.features.tokens == {"mix": 16}
         out.append(fitted.attribute({k: v[:20] for k, v in batch.items()}).cpu())
-        assert fitted.features._padding.verdicts == {"loss": True, "measurement": True}
+        padding = fitted.features._padding
+        assert padding.verdict("loss") is True and padding.verdict("measurement") is True
     assert len(formed) == 2  # one scoring call per device, by the formed route
     torch.testing.assert_close(out[1], out[0], rtol=1e-7, atol=1e-9)
 

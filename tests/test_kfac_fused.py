@@ -257,7 +257,7 @@ def test_fused_passes_cut_extra_padding_and_score_the_same():
     assert isinstance(fused, FittedKroneckerInfluence)
     assert fused.damping == pytest.approx(ref.damping, rel=1e-10)
     scores = fused.attribute(_padded_more(queries, 4))
-    assert fused._padding.verdicts == {"loss": True, "measurement": True}
+    assert fused._padding.verdict("loss") is True and fused._padding.verdict("measurement") is True
     torch.testing.assert_close(scores, ref.attribute(queries), rtol=1e-9, atol=1e-13)
 
 

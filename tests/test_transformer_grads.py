@@ -402,7 +402,7 @@ def test_trailing_padding_is_cut_only_where_the_model_masks_it(caplog):
         f = feats.compute(params, buffers, longer, False, 0)
         model.bert.embeddings.word_embeddings._forward_hooks.clear()
         assert seen[-1] == 7 and 11 in seen  # the features' pass ran on the cut batch
-        assert feats._padding.verdicts == {"loss": True}
+        assert feats._padding.verdict("loss") is True
         torch.testing.assert_close(feats.pairwise(f, f), ref.pairwise(r, r), rtol=1e-9, atol=1e-12)
 
     torch.manual_seed(0)
@@ -413,8 +413,106 @@ def test_trailing_padding_is_cut_only_where_the_model_masks_it(caplog):
     seen = _widths_seen(reader.tok)
     with caplog.at_level(logging.INFO, logger="datatrace"):
         f = feats.compute(params, buffers, longer, False, 0)
-    assert feats._padding.verdicts == {"loss": False} and seen[-1] == 11
+    assert feats._padding.verdict("loss") is False and seen[-1] == 11
     assert "the model reads its padding" in caplog.text
     names = select_parameters(reader, None)
     g, _ = per_example_grads_loop(task, params, buffers, longer, names)
     torch.testing.assert_close(f["dense"], flatten_grads(g, names), rtol=1e-12, atol=1e-14)
+
+
+class _EncoderDecoder(nn.Module):
+    """A masked-mean encoder and a decoder of ``labels.shape[1]`` positions: its labels are
+    (batch, T_dec), which equals the encoder's T in some batches by chance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.dpos = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 30)
+
+    def forward(self, input_ids, attention_mask, n_dec):
+        h = self.emb(input_ids)
+        m = attention_mask.to(h.dtype)[..., None]
+        ctx = (h * m).sum(1) / m.sum(1)
+        return self.head(torch.tanh(ctx[:, None, :] + self.dpos(torch.arange(n_dec))[None]))
+
+
+def test_a_batch_that_would_cut_other_tensors_is_checked_anew():
+    """Batches padded to their own lengths: the first (T_enc 10, T_dec 6) is cut and
+    checked; in the second T_enc = T_dec = 6, so its decoder labels would be cut too: that
+    batch is checked anew, not cut, and its gradients are exact."""
+    torch.manual_seed(0)
+    model = _EncoderDecoder().double()
+
+    def loss(m, b):
+        logits = m(b["input_ids"], b["attention_mask"], b["labels"].shape[1])
+        return F.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none").sum(1)
+
+    def batch(t_enc, lengths, seed):
+        g = torch.Generator().manual_seed(seed)
+        mask = (torch.arange(t_enc)[None, :] < torch.tensor(lengths)[:, None]).long()
+        ids = torch.randint(1, 30, (len(lengths), t_enc), generator=g) * mask
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.randint(0, 30, (len(lengths), 6), generator=g)}  # fmt: skip
+
+    task = dt.Task(model, loss, loss)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    feats = GradientFeatures(FeatureSpec(factored=False), task)
+    feats.compute(params, buffers, batch(10, [3, 5, 2, 4], 1), False, 0)
+    second = batch(6, [3, 2, 3, 1], 2)
+    f = feats.compute(params, buffers, second, False, 4)
+    assert feats._padding.verdict("loss") is False  # the second kind of batch disagreed
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, second, names)
+    torch.testing.assert_close(f["dense"], flatten_grads(g, names), rtol=1e-12, atol=1e-14)
+
+
+class _Gated(nn.Module):
+    """Two Embedding+Linear paths; the second is used only when ``both`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.emb2 = nn.Embedding(50, 8), nn.Embedding(50, 8)
+        self.lin, self.lin2 = nn.Linear(8, 3), nn.Linear(8, 3)
+        self.both = False
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) + (self.emb2(input_ids) if self.both else 0)
+        pooled = h.mean(1)
+        return self.lin(pooled) + (self.lin2(pooled) if self.both else 0)
+
+
+def test_layers_not_called_on_the_first_batch_are_formed_later():
+    """An Embedding or Linear the first batch does not call has no layout to size: its
+    gradient is formed, and a later batch that calls it gets exact features."""
+    torch.manual_seed(0)
+    model = _Gated().double()
+    task = dt.ClassificationTask(model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    ids = torch.randint(0, 50, (4, 5))
+    data = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 1, 2, 0]),
+    }
+    feats = GradientFeatures(FeatureSpec(), task)
+    feats.compute(params, buffers, data, False, 0)
+    assert "emb" in feats.indexed and "emb2" not in feats.indexed and "lin2" not in feats.layers
+    model.both = True
+    f = feats.compute(params, buffers, data, False, 0)
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, data, names)
+    flat = flatten_grads(g, names)
+    torch.testing.assert_close(feats.pairwise(f, f), flat @ flat.T, rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_ids_are_kept_only_where_every_dtype_holds_them_exactly():
+    """A float32 embedding behind a bfloat16 first parameter (whose dtype stores and
+    scoring use): its ids would be rounded there, so its gradient is formed."""
+    model = nn.Sequential(nn.Linear(4, 3).to(torch.bfloat16), nn.Embedding(1000, 6))
+    spec = GradientFeatures(FeatureSpec(params=("1",)), dt.ClassificationTask(model))
+    assert spec.indexed == {}
+    model32 = nn.Sequential(nn.Linear(4, 3), nn.Embedding(1000, 6))
+    assert GradientFeatures(FeatureSpec(params=("1",)), dt.ClassificationTask(model32)).indexed
+    bf16 = FeatureSpec(params=("1",), feature_dtype=torch.bfloat16)
+    assert GradientFeatures(bf16, dt.ClassificationTask(model32)).indexed == {}

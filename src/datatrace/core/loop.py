@@ -167,16 +167,17 @@ class TrailingPadding:
     (``value_of``: the loss or the measurement at the current parameters) with and without
     the cut must agree to :data:`CUT_RTOL`, else this model reads its padding (no
     attention mask, pooling over every position, a (batch, T) input that is not
-    positional) and no batch of that kind is cut (logged once). One instance per pass
-    (verdicts per kind of value: ``"loss"``, ``"measurement"``)."""
+    positional) and no batch of that kind is cut (logged once). A batch that would cut
+    another set of tensors (batches padded to their own lengths, where a target's width
+    can equal T by chance) is checked anew. One instance per pass (verdicts per kind of
+    value, ``"loss"`` or ``"measurement"``, and set of tensors cut)."""
 
     def __init__(self, task: AbstractTask) -> None:
         self.task = task
-        self.verdicts: dict[str, bool] = {}
+        #: {(kind, the cut tensors' places in the batch): whether cutting is exact}
+        self.verdicts: dict[tuple[str, tuple[str, ...]], bool] = {}
 
     def __call__(self, batch: Batch, value_of: Callable[[Batch], torch.Tensor], kind: str) -> Batch:
-        if self.verdicts.get(kind) is False:
-            return batch
         mask = self.task.token_mask(batch)
         if mask is None or mask.dim() != 2:
             return batch
@@ -184,17 +185,29 @@ class TrailingPadding:
         length = int(live[-1]) + 1 if len(live) else mask.shape[1]
         if length == mask.shape[1]:
             return batch
-        cut = cut_positions(batch, (mask.shape[0], mask.shape[1]), length)
-        if kind not in self.verdicts:
-            self.verdicts[kind] = self._same(batch, cut, value_of)
-            if not self.verdicts[kind]:
+        shape = (mask.shape[0], mask.shape[1])
+        key = (kind, tuple(positional_places(batch, shape)))
+        if self.verdicts.get(key) is False:
+            return batch
+        cut = cut_positions(batch, shape, length)
+        if key not in self.verdicts:
+            self.verdicts[key] = self._same(batch, cut, value_of)
+            if not self.verdicts[key]:
                 log.info(
                     "the %s changes when the padding after every example's last real token "
-                    "is cut (the model reads its padding): batches keep their full length",
+                    "is cut (the model reads its padding, or %s is not positional): these "
+                    "batches keep their full length",
                     kind,
+                    ", ".join(key[1]),
                 )
                 return batch
         return cut
+
+    def verdict(self, kind: str) -> bool | None:
+        """Whether batches of this kind were cut (all checks agreed), were not (a check
+        disagreed), or ``None``: no batch needed a cut."""
+        found = [v for (k, _), v in self.verdicts.items() if k == kind]
+        return all(found) if found else None
 
     @staticmethod
     def _same(batch: Batch, cut: Batch, value_of: Callable[[Batch], torch.Tensor]) -> bool:
@@ -212,6 +225,18 @@ class TrailingPadding:
 #: :class:`TrailingPadding` cuts a model's padding when a batch's values agree this closely
 #: with and without it (float32 round-off of the shorter products is ~1e-7)
 CUT_RTOL = 1e-4
+
+
+def positional_places(batch: Batch, shape: tuple[int, int], at: str = "batch") -> list[str]:
+    """Where in ``batch`` the tensors that :func:`cut_positions` cuts are (``batch['ids']``,
+    ``batch[0]``...)."""
+    if isinstance(batch, torch.Tensor):
+        return [at] if batch.dim() >= 2 and (batch.shape[0], batch.shape[1]) == shape else []
+    if isinstance(batch, Mapping):
+        return [p for k, v in batch.items() for p in positional_places(v, shape, f"{at}[{k!r}]")]
+    if isinstance(batch, (tuple, list)):
+        return [p for i, v in enumerate(batch) for p in positional_places(v, shape, f"{at}[{i}]")]
+    return []
 
 
 def cut_positions(batch: Batch, shape: tuple[int, int], length: int) -> Batch:

@@ -6,9 +6,10 @@ gradient, never forming the full gradient), and the optional random projection. 
 are dicts of tensors with a leading example dimension:
 
 * ``"proj"``: the projected gradient, (batch, k), when a projection is set;
-* otherwise ``"dense"``: the flattened gradient of the non-factored parameters, (batch, p),
-  and for each factored layer ``"<layer>.a"`` (batch, in[+1 for the bias]) and
-  ``"<layer>.e"`` (batch, out).
+* otherwise ``"dense"``: the flattened gradient of the other parameters, (batch, p); for
+  each factored layer over N tokens ``"<layer>.a"`` (batch, N·(in[+1 for the bias])) and
+  ``"<layer>.e"`` (batch, N·out), token-major; for each indexed Embedding ``"<layer>.i"``
+  (batch, N: its tokens' ids, -1 for padding) and ``"<layer>.e"`` (batch, N·dim).
 
 ``⟨φ(z), φ(z')⟩`` is :meth:`GradientFeatures.pairwise`; its float64 twin is the dot product
 of flattened per-example gradients from :func:`datatrace.grads.per_example_grads_loop`.
@@ -110,7 +111,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         (in ``feature_dtype`` when one is set). With ``out`` (e.g. rows of the feature
         store), the dense gradients are formed straight into it: no per-batch copy.
         Measurement features of sequences longer than the training layout's have wider
-        factored arrays (more tokens; then ``out`` is not used)."""
+        factored arrays (more tokens); then new arrays are returned, not ``out``."""
         dtype = next(iter(params.values())).dtype if params else None
         cast = self.spec.feature_dtype is not None and self.spec.feature_dtype != dtype
         feats = self._compute(params, buffers, batch, measurement, offset, None if cast else out)
@@ -195,7 +196,7 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
             view = dest[:, start:stop].view(n, *shape)
             start = stop
             if name in grads:
-                view.copy_(grads[name].reshape(n, *shape))
+                view.copy_(grads[name].detach().reshape(n, *shape))  # never a graph in dest
             elif contrib.get(name):
                 form_into(view, contrib[name])
             else:
@@ -487,7 +488,8 @@ def layer_products(
     * :func:`formed_products`: each side's gradients ``Σ_t e_t ãᵀ_t`` formed over their
       non-zero rows, ``out·in'`` per pair plus the forming (once per example and block of
       queries). For sequences of tens of tokens through wide layers this is the cheaper
-      one by far, and it never holds more than :data:`FORM_SCRATCH` of formed gradients.
+      one by far; it holds at most :data:`FORM_SCRATCH` of formed gradients (or one of
+      each side, when a single gradient is larger).
 
     ``tq``/``tg``: each side's N (queries may be longer than the training layout).
     """

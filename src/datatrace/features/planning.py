@@ -100,9 +100,14 @@ class FeaturePlanning:
     def _find_index_candidates(self) -> dict[str, str]:
         """Embedding layers that may keep their tokens' ids and output gradients: {layer:
         weight parameter}, where the layer alone uses its weight and the ids are exact in
-        the features' dtype (float32/float64, at most 2²⁴ rows)."""
+        every dtype the features may be held in (float32/float64: the feature dtype, the
+        weight's, and the first parameter's, which stores and scoring use; at most 2²⁴
+        rows)."""
         params = dict(self.task.model.named_parameters())
         exact = (torch.float32, torch.float64)
+        held = {self.spec.feature_dtype} - {None}
+        first = [next(iter(params.values()), None), params.get(self.names[0] if self.names else "")]
+        held |= {p.dtype for p in first if p is not None}
         out = {}
         for lay, kind in self.plan.layers.items():
             sole = self._sole(lay) if kind == EMBEDDING else None
@@ -110,8 +115,7 @@ class FeaturePlanning:
                 continue
             name = self._param_of(lay, "weight")
             weight = params[name]
-            dtype_ok = weight.dtype in exact and self.spec.feature_dtype in (None, *exact)
-            if dtype_ok and weight.shape[0] <= 1 << 24:
+            if {weight.dtype, *held} <= set(exact) and weight.shape[0] <= 1 << 24:
                 out[lay] = name
         return out
 
@@ -258,7 +262,10 @@ class FeaturePlanning:
         for lay, (w, _) in self._candidates().items():
             n_in, n_out = self._dims(lay)
             tokens = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x, _ in calls[lay])
-            tokens = max(1, tokens) if w else 1
+            if w and tokens == 0:  # not called on the first batch: no layout to size
+                log.info("layer %r is not called on the first batch: its gradient is formed", lay)
+                continue
+            tokens = tokens if w else 1
             if self.spec.factored or tokens == 1 or tokens * (n_in + n_out) < n_in * n_out:
                 self.tokens[lay] = tokens
             else:
@@ -272,8 +279,8 @@ class FeaturePlanning:
         params = dict(self.task.model.named_parameters())
         for lay, name in self._index_candidates.items():
             rows, dim = params[name].shape
-            tokens = max(1, sum(x.numel() // max(1, x.shape[0]) for x, _ in calls[lay]))
-            if tokens * (1 + dim) < rows * dim:  # ids and output gradients: smaller
+            tokens = sum(x.numel() // max(1, x.shape[0]) for x, _ in calls[lay])
+            if tokens > 0 and tokens * (1 + dim) < rows * dim:  # ids and gradients: smaller
                 self.tokens[lay] = tokens
 
     def describe(self) -> dict[str, Any]:

@@ -24,9 +24,10 @@ class FeatureSpec:
             factors, per token for ``(B, T, d)`` inputs (``None``: without projection, where
             the factors of N tokens are smaller than the formed gradient,
             ``N(out + in) < out·in``, always for one token, their products by the cheaper of
-            token pairs and gradients formed in cache; ``True``: always). Where this is not
-            ``False``, an untied ``nn.Embedding`` likewise keeps its tokens' ids and output
-            gradients instead of a (rows × dim) gradient per example.
+            token pairs and gradients formed in cache; ``True``: always). Unprojected and
+            unless ``False``, an untied ``nn.Embedding`` likewise keeps its tokens' ids and
+            output gradients instead of a (rows × dim) gradient per example, where they
+            are smaller and exact in the features' dtypes (float32/float64).
         layer_hooks: per-example gradients of the layers with hook rules
             (:mod:`datatrace.grads.rules`: Linear, Conv1D, Conv2d, Embedding, LayerNorm;
             tied parameters get every layer's rule summed) from one batched backward pass
