@@ -100,12 +100,12 @@ class _Tokens(torch.nn.Module):
 def test_cuda_sequence_products_formed_in_cache_match_cpu(monkeypatch):
     """Factored (batch, T, d) layers whose products take the formed route, with padding
     cut after each batch's longest sequence: the same scores on CUDA as on the CPU."""
-    from datatrace.features import featurizer
+    from datatrace.features import products
 
     formed = []
-    real = featurizer.formed_products
+    real = products.formed_products
     monkeypatch.setattr(
-        featurizer, "formed_products", lambda *a, **k: formed.append(1) or real(*a, **k)
+        products, "formed_products", lambda *a, **k: formed.append(1) or real(*a, **k)
     )
     torch.manual_seed(0)
     ids = torch.randint(1, 50, (24, 16))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import MLP, perturbed
 
 import datatrace as dt
-from datatrace.features import featurizer
+from datatrace.features import products
 from datatrace.features.featurizer import GradientFeatures
 from datatrace.features.projector import KroneckerProjector, ProjectionSpec
 from datatrace.features.spec import FeatureSpec
@@ -126,7 +126,7 @@ def test_both_routes_of_factored_products_equal_formed_gradients(monkeypatch, sc
     with a scratch so small that queries and training examples are formed a few at a time)
     equal the dot products of the formed per-example gradients, in float64, with padding."""
     if scratch is not None:
-        monkeypatch.setattr(featurizer, "FORM_SCRATCH", scratch)
+        monkeypatch.setattr(products, "FORM_SCRATCH", scratch)
     g = torch.Generator().manual_seed(0)
     n_out, n_in = 4, 3
     for tq, tg in ((6, 6), (9, 6)):  # queries longer than the training layout: more tokens
@@ -139,9 +139,9 @@ def test_both_routes_of_factored_products_equal_formed_gradients(monkeypatch, sc
 
         ref = formed(qe, qa).flatten(1) @ formed(ge, ga).flatten(1).T
         for route in (
-            featurizer.token_products,
-            featurizer.formed_products,
-            featurizer.layer_products,
+            products.token_products,
+            products.formed_products,
+            products.layer_products,
         ):
             torch.testing.assert_close(route(qe, ge, qa, ga, tq, tg), ref, rtol=1e-12, atol=1e-12)
 
@@ -153,7 +153,7 @@ def test_indexed_embedding_products_equal_formed_gradients(monkeypatch, scratch)
     training tokens; also with a scratch so small that both sides go a few at a time)
     equal the dot products of the scattered (rows × dim) gradients, in float64."""
     if scratch is not None:
-        monkeypatch.setattr(featurizer, "FORM_SCRATCH", scratch)
+        monkeypatch.setattr(products, "FORM_SCRATCH", scratch)
     g = torch.Generator().manual_seed(0)
     rows, dim = 11, 5
 
@@ -176,7 +176,7 @@ def test_indexed_embedding_products_equal_formed_gradients(monkeypatch, scratch)
         return out.flatten(1)
 
     ref = formed(qi, qe, 4) @ formed(gi, ge, 6).T
-    got = featurizer.indexed_products(qi, qe, gi, ge, 4, 6)
+    got = products.indexed_products(qi, qe, gi, ge, 4, 6)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -185,15 +185,15 @@ def test_wide_layers_of_long_sequences_take_the_formed_route(monkeypatch):
     for a 384-wide layer over 64 tokens (MiniLM's) the second, for 4 tokens the first."""
     taken = []
     for name in ("token_products", "formed_products"):
-        real = getattr(featurizer, name)
+        real = getattr(products, name)
         monkeypatch.setattr(
-            featurizer, name, lambda *a, _r=real, _n=name, **k: taken.append(_n) or _r(*a, **k)
+            products, name, lambda *a, _r=real, _n=name, **k: taken.append(_n) or _r(*a, **k)
         )
     g = torch.Generator().manual_seed(0)
     for tokens in (64, 4):
         qe, qa = _token_factors(8, tokens, 384, 385, g)
         ge, ga = _token_factors(16, tokens, 384, 385, g)
-        featurizer.layer_products(qe.float(), ge.float(), qa.float(), ga.float(), tokens, tokens)
+        products.layer_products(qe.float(), ge.float(), qa.float(), ga.float(), tokens, tokens)
     assert taken == ["formed_products", "token_products"]
 
 

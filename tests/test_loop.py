@@ -310,7 +310,9 @@ def test_per_example_loop_twin_matches_featurized_gradients(mlp_data):
 def test_cut_positions_cuts_only_tensors_with_the_batch_and_token_axes():
     ids, mask = torch.arange(12).view(2, 6), torch.ones(2, 6)
     batch = {"x": (ids, [mask]), "labels": torch.tensor([1, 0]), "image": torch.zeros(2, 3, 6)}
-    cut = cut_positions(batch, (2, 6), 4)
+    places: list[str] = []
+    cut = cut_positions(batch, (2, 6), 4, places)
+    assert places == ["batch['x'][0]", "batch['x'][1][0]"]
     assert torch.equal(cut["x"][0], ids[:, :4]) and cut["x"][0].is_contiguous()
     assert cut["x"][1][0].shape == (2, 4) and isinstance(cut["x"][1], list)
     assert torch.equal(cut["labels"], batch["labels"])

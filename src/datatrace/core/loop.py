@@ -185,11 +185,11 @@ class TrailingPadding:
         length = int(live[-1]) + 1 if len(live) else mask.shape[1]
         if length == mask.shape[1]:
             return batch
-        shape = (mask.shape[0], mask.shape[1])
-        key = (kind, tuple(positional_places(batch, shape)))
+        places: list[str] = []
+        cut = cut_positions(batch, (mask.shape[0], mask.shape[1]), length, places)
+        key = (kind, tuple(places))
         if self.verdicts.get(key) is False:
             return batch
-        cut = cut_positions(batch, shape, length)
         if key not in self.verdicts:
             self.verdicts[key] = self._same(batch, cut, value_of)
             if not self.verdicts[key]:
@@ -227,29 +227,30 @@ class TrailingPadding:
 CUT_RTOL = 1e-4
 
 
-def positional_places(batch: Batch, shape: tuple[int, int], at: str = "batch") -> list[str]:
-    """Where in ``batch`` the tensors that :func:`cut_positions` cuts are (``batch['ids']``,
-    ``batch[0]``...)."""
-    if isinstance(batch, torch.Tensor):
-        return [at] if batch.dim() >= 2 and (batch.shape[0], batch.shape[1]) == shape else []
-    if isinstance(batch, Mapping):
-        return [p for k, v in batch.items() for p in positional_places(v, shape, f"{at}[{k!r}]")]
-    if isinstance(batch, (tuple, list)):
-        return [p for i, v in enumerate(batch) for p in positional_places(v, shape, f"{at}[{i}]")]
-    return []
-
-
-def cut_positions(batch: Batch, shape: tuple[int, int], length: int) -> Batch:
+def cut_positions(
+    batch: Batch,
+    shape: tuple[int, int],
+    length: int,
+    places: list[str] | None = None,
+    at: str = "batch",
+) -> Batch:
     """``batch`` with every tensor whose leading dimensions are ``shape`` (batch, T) cut to
-    its first ``length`` positions (contiguous copies); everything else as it is."""
+    its first ``length`` positions (contiguous copies); everything else as it is. Where
+    each cut tensor sits (``batch['ids']``, ``batch[0]``...) is appended to ``places``."""
     if isinstance(batch, torch.Tensor):
         if batch.dim() >= 2 and (batch.shape[0], batch.shape[1]) == shape:
+            if places is not None:
+                places.append(at)
             return batch[:, :length].contiguous()
         return batch
     if isinstance(batch, Mapping):
-        return {k: cut_positions(v, shape, length) for k, v in batch.items()}
+        return {
+            k: cut_positions(v, shape, length, places, f"{at}[{k!r}]") for k, v in batch.items()
+        }
     if isinstance(batch, (tuple, list)):
-        return type(batch)(cut_positions(v, shape, length) for v in batch)
+        return type(batch)(
+            cut_positions(v, shape, length, places, f"{at}[{i}]") for i, v in enumerate(batch)
+        )
     return batch
 
 

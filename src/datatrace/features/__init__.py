@@ -2,7 +2,8 @@
 
 * :mod:`~datatrace.features.spec`: :class:`FeatureSpec`, the frozen settings of φ.
 * :mod:`~datatrace.features.featurizer`: :class:`AbstractFeaturizer` and
-  :class:`GradientFeatures` (factored, dense or projected per-example gradients).
+  :class:`GradientFeatures` (factored, indexed, dense or projected per-example gradients).
+* :mod:`~datatrace.features.products`: the inner products of factored and indexed layers.
 * :mod:`~datatrace.features.projector`: :class:`AbstractProjector`, the seeded dense
   random projection and the per-layer Kronecker projection (one seed derivation).
 * :mod:`~datatrace.features.store`: the resumable, fingerprinted on-disk feature store.

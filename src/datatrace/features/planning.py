@@ -133,9 +133,7 @@ class FeaturePlanning:
     def _row_width(self, lay: str) -> int:
         """The width of a factored or indexed layer's ``e`` rows (out, or the embedding's)."""
         if lay in self._index_candidates:
-            return int(
-                dict(self.task.model.named_parameters())[self._index_candidates[lay]].shape[1]
-            )
+            return self.shapes[self._index_candidates[lay]][1]
         return self._dims(lay)[1]
 
     @property
@@ -254,7 +252,7 @@ class FeaturePlanning:
         numbers) are smaller than its formed gradient (``out·in'``), for one token, or always
         with ``factored=True``; the others are formed per example. Inner products of factored
         layers take the cheaper of token pairs and gradients formed in cache
-        (:func:`~datatrace.features.featurizer.layer_products`), so smaller features cost
+        (:func:`~datatrace.features.products.layer_products`), so smaller features cost
         no speed. An Embedding keeps its N tokens' ids and output gradients when they are
         smaller than its gradient (``N·(1 + dim) < rows·dim``: always for a vocabulary)."""
         if self.spec.factored is False or self.projector is not None:
@@ -276,9 +274,8 @@ class FeaturePlanning:
                     tokens,
                     tokens,
                 )
-        params = dict(self.task.model.named_parameters())
         for lay, name in self._index_candidates.items():
-            rows, dim = params[name].shape
+            rows, dim = self.shapes[name]
             tokens = sum(x.numel() // max(1, x.shape[0]) for x, _ in calls[lay])
             if tokens > 0 and tokens * (1 + dim) < rows * dim:  # ids and gradients: smaller
                 self.tokens[lay] = tokens

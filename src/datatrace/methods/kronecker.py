@@ -177,14 +177,12 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         examples, checked in index order when the fit began) every example's index."""
         pc = self._kron(c)
         params, buffers = self.states[c]
+        model = bound_model(self.task.model, {**buffers, **params})
         if isinstance(offset, int):
-            self._check_batch(c, batch, offset)
+            self.task.check_batch(model, batch, offset)
         modules = {lay.name: lay.module for lay in pc.layers}
         what = "measurement" if measurement else "loss"
-        value, model = (
-            value_fn(self.task, measurement),
-            bound_model(self.task.model, {**buffers, **params}),
-        )
+        value = value_fn(self.task, measurement)
         batch = self._padding(batch, lambda b: value(model, b), what)
         calls, values = capture(self.task, params, buffers, batch, modules, measurement)
         check_finite(values, [], offset, what)
