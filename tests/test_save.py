@@ -233,3 +233,33 @@ def test_scores_written_to_files_load_back_in_one_call(tmp_path: Path) -> None:
     assert dt.load_scores(tmp_path / "M.npy").shape == (6, 40)
     with pytest.raises(dt.DataError, match=r"\.npy"):
         dt.load_scores(tmp_path / "train.npz")
+
+
+@pytest.mark.parametrize("where", ["memory", "store"])
+def test_a_fit_saved_with_another_feature_layout_is_refused(
+    tmp_path: Path, monkeypatch, where: str
+) -> None:
+    """A fit saved by a datatrace that formed this Embedding's gradient (before embeddings
+    kept ids and output gradients) holds a ``dense`` array of another width: loading it
+    must refuse, not read its columns as other parameters' features (it crashed in a
+    matmul, or would score wrongly where the widths happened to agree)."""
+    from conftest import DictModel
+
+    from datatrace.features.planning import FeaturePlanning
+
+    torch.manual_seed(0)
+    model = DictModel().double()
+    ids = torch.randint(0, 11, (12, 6))
+    train = {"input_ids": ids, "attention_mask": torch.ones(12, 6), "labels": ids[:, 0] % 2}
+    ckpts = [dt.Checkpoint(state={k: v.clone() for k, v in model.state_dict().items()})]
+    task = dt.ClassificationTask(model)
+    store = tmp_path / "s" if where == "store" else None
+    with monkeypatch.context() as m:  # the older layout: the embedding's gradient formed
+        m.setattr(FeaturePlanning, "_find_index_candidates", lambda self: {})
+        old = dt.GradDot().fit(task, ckpts, train, store=store)
+        assert "emb.i" not in old.features.layout()
+        old.save(tmp_path / "saved")
+    fresh = dt.GradDot().fit(dt.ClassificationTask(model), ckpts, train)
+    assert "emb.i" in fresh.features.layout()  # today's layout differs
+    with pytest.raises(dt.StoreMismatchError, match=r"another layout.*'dense'.*fit again"):
+        dt.load(tmp_path / "saved", model, train)

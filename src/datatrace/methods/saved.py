@@ -231,7 +231,9 @@ def load(
         if meta["column_weights"]
         else None
     )
-    feature_store = _open_features(meta["features"], tensors, store, len(ckpts), device)
+    feature_store = _open_features(
+        folder, meta["features"], tensors, store, len(ckpts), device, per_ckpt[0].layout()
+    )
     cls = FittedKroneckerInfluence if meta.get("fused") else FittedGradientAttributor
     fitted = cls(
         method, scored, per_ckpt, states, list(meta["weights"]), source, feature_store,
@@ -274,15 +276,30 @@ def _check_same(folder: Path, saved: dict[str, Any], given: dict[str, Any]) -> N
 
 
 def _open_features(
+    folder: Path,
     saved: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     moved: str | Path | None,
     n_checkpoints: int,
     device: torch.device,
+    layout: dict[str, int],
 ) -> FeatureStore | MemoryFeatureStore | None:
+    """The saved fit's training features, in memory or in the store it refers to; refused
+    when their layout is not the one the featurizer computes today (a fit saved by another
+    datatrace version, whose arrays would be read as other parameters' features)."""
     kind = saved["kind"]
     if kind == "recompute":
         return None
+    had = saved["layout"] if kind == "inline" else saved["manifest"]["layout"]
+    if had != layout:
+        differs = sorted(k for k in set(had) | set(layout) if had.get(k) != layout.get(k))
+        raise StoreMismatchError(
+            f"the fit saved in {folder} holds training features in another layout than this "
+            f"datatrace computes for the same model and settings (it was saved by another "
+            f"version): arrays {differs[:4]} differ (saved widths "
+            f"{[had.get(k) for k in differs[:4]]}, now {[layout.get(k) for k in differs[:4]]}); "
+            "fit again"
+        )
     if kind == "inline":
         layout = saved["layout"]
         first = tensors[f"features/0/{next(iter(layout))}"]
