@@ -160,7 +160,21 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         report(r)
     env = harness.environment(seeds=args.seeds, quick=args.quick)
-    harness.write_json(args.json, {"environment": env, "results": results})
+    harness.write_json(args.json, {"environment": env, "rows": rows(results), "results": results})
+
+
+def rows(results: list[dict]) -> list[dict]:
+    """The rows ``suite.py`` reads: each method's Pearson with group leave-out retraining,
+    its seconds (the DDM's: offline + online)."""
+
+    def seconds(r: dict, label: str) -> float:
+        online = r["ddm_datamodel_s" if "datamodel" in label else "ddm_online_s"]
+        return r["method_s"].get(label, r["ddm_offline_s"] + online)
+
+    return [harness.row(workload=f"{r['workload']} groups", method=label, library="datatrace",
+                        seconds=seconds(r, label), agreement=a["pearson"][0],
+                        agreement_with="group leave-out retraining (Pearson)")
+            for r in results for label, a in r["agreement"].items()]  # fmt: skip
 
 
 if __name__ == "__main__":
