@@ -103,7 +103,7 @@ def kronecker_families(pc: Any, lam0: float, at: Any) -> dict[str, Any]:
     """Spectrum quantities of K-FAC/EK-FAC and the per-layer families' grids."""
     layers = pc.layers
     lam = torch.cat([lay.lam.flatten().double() for lay in layers])
-    res: dict[str, Any] = {"mean": float(lam.mean()) / lam0}
+    res: dict[str, Any] = {"mean": float(lam.mean()) / lam0, "spectrum": (lam / lam0).tolist()}
     res["quantiles"] = {q: float(torch.quantile(lam, q)) / lam0 for q in QUANTILES}
     means = [float(lay.lam.double().mean()) for lay in layers]
     factors = []
@@ -137,6 +137,39 @@ def kronecker_families(pc: Any, lam0: float, at: Any) -> dict[str, Any]:
     ]
     res["pi_lambda0"] = [at(lambda m=m: with_denominators(pi_damped(m * lam0))) for m in MULT]
     return res
+
+
+def add_spectra(r: dict[str, Any]) -> bool:
+    """Give a run saved before the spectra were kept its K-FAC/EK-FAC eigenvalues (× λ₀),
+    refitted on the same build (no ground truth needed); True if it had none."""
+    if all("spectrum" in r[m] for m in ("kfac", "ekfac")):
+        return False
+    t = defaults.build(r["task"], SIZES[r["n"]])
+    for m, method in (("kfac", dt.Influence(dt.KFAC())), ("ekfac", dt.Influence(dt.EKFAC()))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pc = method.fit(t.task, t.ckpts[-1:], t.train, progress=False).preconditioners[0]
+        lam = torch.cat([lay.lam.flatten().double() for lay in pc.layers]) / r["lambda0"]
+        if abs(float(lam.mean()) / r[m]["mean"] - 1) > 1e-3:
+            raise SystemExit(f"{r['task']}-{r['n']}: the refit is not the saved {m} fit")
+        r[m]["spectrum"] = lam.tolist()
+    return True
+
+
+def tail_mass(spectrum: list[float], c: float) -> float:
+    """The damping below which the smallest eigenvalues hold a fraction ``c`` of the trace."""
+    ev = np.sort(np.asarray(spectrum))
+    return float(np.interp(c, np.cumsum(ev) / ev.sum(), ev))
+
+
+def effective_dim(spectrum: list[float], c: float) -> float:
+    """The damping λ at which ``Σ σ/(σ+λ)`` is ``c ×`` the number of non-zero eigenvalues."""
+    ev = np.asarray(spectrum)
+    target, lo, hi = c * (ev > 1e-9 * ev.max()).sum(), 1e-12 * ev.max(), 1e6 * ev.max()
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if (ev / (ev + mid)).sum() > target else (lo, mid)
+    return mid
 
 
 def interp(ys: list[float], x: float) -> float:
@@ -194,6 +227,15 @@ def windows(rs: list[dict[str, Any]]) -> list[str]:
                 rs, lambda r, c: meets(interp(r[m]["grid"], c * scale(r, fam, m)), best(r, m)), cs
             )
             lines.append(f"{m} c × {fam}: {w}")
+        for label, rule in (
+            ("tail mass c", tail_mass),
+            ("effective dimension c × rank", effective_dim),
+        ):
+            if m not in ("kfac", "ekfac"):
+                break
+            w = window(rs, lambda r, c: meets(interp(r[m]["grid"], rule(r[m]["spectrum"], c)), best(r, m)),
+                       [10 ** (k / 16) for k in range(-64, 1)])  # fmt: skip
+            lines.append(f"{m} {label}: {w}")
         for key in ("perlayer_mean", "pi_lambda0") if m in ("kfac", "ekfac") else ():
             w = window(rs, lambda r, c: meets(r[m][key][MULT.index(c)], best(r, m)), MULT)
             lines.append(f"{m} {key} (c on the grid λ₀ × 10^(k/4)): {w}")
@@ -214,8 +256,9 @@ def main() -> None:
             path = out / f"{name}-{n}.json"
             if not path.exists():
                 path.write_text(json.dumps(measure(name, n, Path(args.cache))))
-            rs.append(json.loads(path.read_text()))
-            r = rs[-1]
+            rs.append(r := json.loads(path.read_text()))
+            if add_spectra(r):
+                path.write_text(json.dumps(r))
             print(f"{name}-{n}: λ₀ {r['lambda0']:.3g}; " + "; ".join(
                 f"{m} default {r[m]['lds_default']:.3f} / best {best(r, m):.3f}"
                 for m in ("kfac", "ekfac", "datainf", "gn")), flush=True)  # fmt: skip
