@@ -273,3 +273,43 @@ def test_fused_fit_names_an_out_of_range_label_before_any_pass():
         dt.Influence(dt.EKFAC()).fit(
             dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)], train, batch_size=3
         )
+
+
+@pytest.mark.parametrize("spec", [dt.KFAC(damping=0.05), dt.EKFAC(damping=0.05)])
+def test_padding_a_model_reads_counts_in_its_factors(spec, caplog, tmp_path):
+    """A model that pools over every position (its attention_mask unused) reads its padding:
+    the padded positions are part of its gradient, so they are part of its curvature.
+    Scores with the batch's ``attention_mask`` equal those with the same tensor under a key
+    the token mask does not read (every position counted), on the fused and stored paths;
+    they differed by up to 0.88 (relative) when the mask was trusted."""
+    import logging
+
+    from torch import nn
+
+    class PoolsEverything(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.h, self.fc = nn.Embedding(11, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, input_ids, attention_mask=None, unused=None):
+            return self.fc(torch.tanh(self.h(self.emb(input_ids))).mean(1))
+
+    torch.manual_seed(0)
+    model = PoolsEverything().double()
+    lengths = torch.randint(1, 5, (12,))
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 11, (12, 6)) * mask
+    y = torch.randint(0, 3, (12,))
+    masked = {"input_ids": ids, "attention_mask": mask, "labels": y}
+    renamed = {"input_ids": ids, "unused": mask, "labels": y}
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    for store in (None, tmp_path / "a"):
+        with caplog.at_level(logging.INFO, logger="datatrace"):
+            got = dt.Influence(spec).fit(task, ckpts, masked, batch_size=4, store=store)
+        want = dt.Influence(spec).fit(
+            task, ckpts, renamed, batch_size=4, store=None if store is None else tmp_path / "b"
+        )
+        q = {k: v[:3] for k, v in masked.items()}
+        qr = {k: v[:3] for k, v in renamed.items()}
+        torch.testing.assert_close(got.attribute(q), want.attribute(qr), rtol=1e-9, atol=1e-12)
+    assert "padded positions reach the loss through layer 'h'" in caplog.text

@@ -55,6 +55,8 @@ class KLayer:
     lam: torch.Tensor | None = None  # (out, in') eigenvalues in the U_S ⊗ U_A basis
     positions: float = field(default=0.0)  # counted positions seen (the mean of A)
     unmasked: bool = False  # warned that its input does not carry the token axis
+    #: said that padded positions reach the loss through this layer (runtime state)
+    reads_padding: bool = field(default=False, metadata={"saved": False})
 
     def patches(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Input activations per position, (batch, positions, in'), with the bias column,
@@ -91,6 +93,27 @@ class KLayer:
             return None
         view = tokens.reshape(*tokens.shape, *([1] * (x.dim() - 3)))
         return view.expand(*x.shape[:-1]).reshape(x.shape[0], -1).to(x.dtype)
+
+    def reached(self, mask: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The position mask, with every padded position counted where an output gradient
+        of ``grads`` (the pulled-back columns) is not zero there: the token mask says which
+        positions are padding, but only a model that masks its padding out keeps them out
+        of its gradient; one that reads it (pooling over every position, no attention
+        mask) makes them part of the curvature like any other position."""
+        hit = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+        for g in grads:
+            hit |= self.out_grads(g, None).ne(0).any(-1)
+        extra = hit & mask.eq(0)
+        if not bool(extra.any()):
+            return mask
+        if not self.reads_padding:
+            self.reads_padding = True
+            log.info(
+                "K-FAC: padded positions reach the loss through layer %r (the model reads its "
+                "padding): they count in its factors",
+                self.name,
+            )
+        return torch.where(extra, torch.ones_like(mask), mask)
 
     def weight_block(self, flat: torch.Tensor, out: int) -> torch.Tensor:
         """A weight's flat entries (m, out·in) as (m, out, in)."""

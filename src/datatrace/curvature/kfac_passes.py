@@ -117,6 +117,8 @@ def _pseudo_grads(
             for i, lay in enumerate(layers):
                 x = calls[lay.name][0][0].detach()
                 mask = lay.position_mask(x, tokens)
+                if mask is not None:
+                    mask = lay.reached(mask, pulled[i])
                 a = lay.patches(x, mask)
                 es = [lay.out_grads(g.detach(), mask) for g in pulled[i]]
                 pulled[i] = []  # free this layer's gradients as soon as they are used
