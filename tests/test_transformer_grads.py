@@ -420,6 +420,41 @@ def test_trailing_padding_is_cut_only_where_the_model_masks_it(caplog):
     torch.testing.assert_close(f["dense"], flatten_grads(g, names), rtol=1e-12, atol=1e-14)
 
 
+class _GatedPadding(nn.Module):
+    """A masked mean plus ``gate ×`` an unmasked mean, the gate at zero (ReZero, LoRA's B):
+    the losses do not read the padding at these parameters, the gate's gradient does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(11, 4), nn.Linear(4, 3)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.to(self.emb.weight.dtype)[..., None]
+        h = self.emb(input_ids)
+        return self.fc((h * m).sum(1) / m.sum(1) + self.gate * h.mean(1))
+
+
+def test_padding_read_only_through_a_closed_gate_is_not_cut():
+    """The padding check compares gradients as well as losses: cutting this model's padding
+    leaves every loss unchanged but moves the gate's gradient (by 0.38 relative before the
+    check compared gradients), so nothing is cut and the features equal the loop's."""
+    torch.manual_seed(0)
+    model = _GatedPadding().double()
+    lengths = torch.tensor([3, 1, 4, 2, 3])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 11, (5, 8)) * mask, "attention_mask": mask,
+             "labels": torch.tensor([0, 1, 2, 0, 1])}  # fmt: skip
+    task = dt.ClassificationTask(model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    feats = GradientFeatures(FeatureSpec(factored=False), task)
+    f = feats.compute(params, buffers, batch, False, 0)
+    assert feats._padding.verdict("loss") is False
+    names = select_parameters(model, None)
+    g, _ = per_example_grads_loop(task, params, buffers, batch, names)
+    torch.testing.assert_close(f["dense"], flatten_grads(g, names), rtol=1e-12, atol=1e-14)
+
+
 class _EncoderDecoder(nn.Module):
     """A masked-mean encoder and a decoder of ``labels.shape[1]`` positions: its labels are
     (batch, T_dec), which equals the encoder's T in some batches by chance."""

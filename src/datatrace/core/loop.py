@@ -164,10 +164,12 @@ class TrailingPadding:
     its positions from the end of the last real token on. That is exact when the model
     masks its padding out (attention masks; causal models' trailing tokens), and only
     then: the first batch that would be cut is checked, its per-example values
-    (``value_of``: the loss or the measurement at the current parameters) with and without
-    the cut must agree to :data:`CUT_RTOL`, else this model reads its padding (no
-    attention mask, pooling over every position, a (batch, T) input that is not
-    positional) and no batch of that kind is cut (logged once). A batch that would cut
+    (``value_of(batch, params)``: the loss or the measurement) and the gradient of a random
+    combination of them with respect to ``params`` must agree with and without the cut to
+    :data:`CUT_RTOL`, else this model reads its padding (no attention mask, pooling over
+    every position, a (batch, T) input that is not positional, or a path through the
+    padding that is closed only at these parameters, such as a gate at zero) and no batch
+    of that kind is cut (logged once). A batch that would cut
     another set of tensors (batches padded to their own lengths, where a target's width
     can equal T by chance) is checked anew. One instance per pass (verdicts per kind of
     value, ``"loss"`` or ``"measurement"``, and set of tensors cut)."""
@@ -177,7 +179,13 @@ class TrailingPadding:
         #: {(kind, the cut tensors' places in the batch): whether cutting is exact}
         self.verdicts: dict[tuple[str, tuple[str, ...]], bool] = {}
 
-    def __call__(self, batch: Batch, value_of: Callable[[Batch], torch.Tensor], kind: str) -> Batch:
+    def __call__(
+        self,
+        batch: Batch,
+        value_of: Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor],
+        kind: str,
+        params: dict[str, torch.Tensor],
+    ) -> Batch:
         mask = self.task.token_mask(batch)
         if mask is None or mask.dim() != 2:
             return batch
@@ -191,7 +199,7 @@ class TrailingPadding:
         if self.verdicts.get(key) is False:
             return batch
         if key not in self.verdicts:
-            self.verdicts[key] = self._same(batch, cut, value_of)
+            self.verdicts[key] = self._same(batch, cut, value_of, params)
             if not self.verdicts[key]:
                 log.info(
                     "the %s changes when the padding after every example's last real token "
@@ -210,16 +218,48 @@ class TrailingPadding:
         return all(found) if found else None
 
     @staticmethod
-    def _same(batch: Batch, cut: Batch, value_of: Callable[[Batch], torch.Tensor]) -> bool:
+    def _same(
+        batch: Batch,
+        cut: Batch,
+        value_of: Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+    ) -> bool:
+        leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
+        wrt = [v for v in leaves.values() if v.requires_grad]
         try:
-            with torch.no_grad():
-                full, short = value_of(batch), value_of(cut)
+            with torch.enable_grad():
+                full, short = value_of(batch, leaves), value_of(cut, leaves)
+                values = [full.detach()], [short.detach()]
+                if full.shape != short.shape or not _close(*values, floor=1.0):
+                    return False
+                if not (full.requires_grad and short.requires_grad and wrt):
+                    return full.requires_grad == short.requires_grad
+                g = torch.Generator().manual_seed(0)
+                w = torch.randn(full.shape, generator=g, dtype=full.dtype).to(full.device)
+                grads = [
+                    torch.autograd.grad((v * w).sum(), wrt, allow_unused=True)
+                    for v in (full, short)
+                ]
         except Exception:  # the cut batch does not fit the model: never cut
             return False
-        if full.shape != short.shape:
+        full_g, short_g = (
+            [torch.zeros_like(v) if d is None else d for d, v in zip(gs, wrt, strict=True)]
+            for gs in grads
+        )
+        return _close(full_g, short_g)
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor], floor: float = 0.0) -> bool:
+    """Each pair agrees to :data:`CUT_RTOL`, entries near zero to 1% of that times their
+    tensor's largest entry (+ a tenth of the largest of all, + ``floor``): float32 sums over
+    fewer positions round differently."""
+    top = max((float(x.abs().max()) for x in a if x.numel()), default=0.0)
+    for x, y in zip(a, b, strict=True):
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        atol = CUT_RTOL * 1e-2 * (floor + scale + 0.1 * top)
+        if not bool(torch.allclose(y, x, rtol=CUT_RTOL, atol=atol)):
             return False
-        scale = float(full.abs().max()) if full.numel() else 0.0
-        return bool(torch.allclose(short, full, rtol=CUT_RTOL, atol=CUT_RTOL * 1e-2 * (1 + scale)))
+    return True
 
 
 #: :class:`TrailingPadding` cuts a model's padding when a batch's values agree this closely

@@ -105,7 +105,12 @@ class CurvatureProblem:
     def _cut(self, batch: Any) -> Any:
         """The batch without the padding after every example's last real token, where
         the model's losses show it masks that padding out (:class:`TrailingPadding`)."""
-        return self._padding(batch, lambda b: self.task.loss(self.model_at(self.theta), b), "loss")
+        return self._padding(
+            batch,
+            lambda b, p: self.task.loss(self.model_at(p["theta"]), b),
+            "loss",
+            {"theta": self.theta},
+        )
 
     def loss_sum(self, flat: torch.Tensor, batch: Any) -> torch.Tensor:
         return self.task.loss(self.model_at(flat), batch).sum()

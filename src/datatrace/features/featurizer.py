@@ -141,7 +141,12 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
             self._probe(params, buffers, batch)
         value = value_fn(self.task, measurement)
         kind = "measurement" if measurement else "loss"
-        batch = self._padding(batch, lambda b: value(model, b), kind)
+        batch = self._padding(
+            batch,
+            lambda b, p: value(bound_model(self.task.model, {**buffers, **p}), b),
+            kind,
+            params,
+        )
         grads, values = self._dense_grads(params, buffers, batch, measurement)
         contrib: dict[str, list[Grad]] = {}
         if self.plan.layers:

@@ -183,7 +183,12 @@ class FittedKroneckerInfluence(FittedGradientAttributor):
         modules = {lay.name: lay.module for lay in pc.layers}
         what = "measurement" if measurement else "loss"
         value = value_fn(self.task, measurement)
-        batch = self._padding(batch, lambda b: value(model, b), what)
+        batch = self._padding(
+            batch,
+            lambda b, p: value(bound_model(self.task.model, {**buffers, **p}), b),
+            what,
+            params,
+        )
         calls, values = capture(self.task, params, buffers, batch, modules, measurement)
         check_finite(values, [], offset, what)
         for lay in pc.layers:
