@@ -220,6 +220,31 @@ def test_bad_batches_are_named():
         dt.LanguageModelingTask(model, length_normalised="yes")
 
 
+def test_a_dataloader_gets_the_checks_tensors_get():
+    """The whole-data checks ran only on tensors: through a DataLoader an all-padding
+    training row scored a column of zeros and a query whose prompt covers it a row of
+    zeros; now every batch is checked, and the error names the example."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    task = dt.LanguageModelingTask(model)
+    ckpt = [dt.Checkpoint.from_module(model)]
+    ids = torch.randint(0, VOCAB, (6, 5))
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[4] = 0
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(6)]
+    with pytest.raises(dt.DataError, match=r"examples \[4\] have no token"):
+        dt.GradDot().fit(task, ckpt, DataLoader(rows, batch_size=2))
+    fitted = dt.GradDot().fit(task, ckpt, DataLoader(rows[:4], batch_size=2))
+    queries = [{"input_ids": ids[i], "prompt_length": torch.tensor(p)} for i, p in ((0, 2), (1, 5))]
+    with pytest.raises(dt.DataError, match=r"examples \[1\] have no token"):
+        fitted.attribute(DataLoader(queries, batch_size=2))
+    halves = [{"input_ids": ids[0], "prompt_length": torch.tensor(1.5)}]
+    with pytest.raises(dt.DataError, match="prompt_length must be one integer"):
+        fitted.attribute(DataLoader(halves, batch_size=1))
+
+
 def test_gauss_newton_influence_uses_the_logits_and_matches_a_hand_built_matrix():
     torch.manual_seed(0)
     model = TinyLM().double()

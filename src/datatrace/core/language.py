@@ -168,6 +168,11 @@ class LanguageModelingTask(AbstractTask):
     # -- validation ----------------------------------------------------------------------------
 
     def check_data(self, data: Any, name: str) -> None:
+        self._check_fields(data, name, 0)
+
+    def _check_fields(self, data: Any, name: str, offset: int) -> None:
+        """Token ids, the masks' shapes, ``prompt_length`` and a token to predict in every
+        example (``offset``: the index of the first)."""
         fields = self._fields(data)
         ids = fields[self.input_key]
         if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -192,8 +197,8 @@ class LanguageModelingTask(AbstractTask):
         empty = (keep.sum(dim=1) == 0).nonzero().flatten()
         if empty.numel():
             raise DataError(
-                f"{name}: examples {empty[:10].tolist()} have no token to predict (need at "
-                "least two attended tokens, with labels not -100, after the prompt)"
+                f"{name}: examples {(empty[:10] + offset).tolist()} have no token to predict "
+                "(need at least two attended tokens, with labels not -100, after the prompt)"
             )
 
     def check_queries(self, queries: ExampleSource) -> None:
@@ -207,6 +212,8 @@ class LanguageModelingTask(AbstractTask):
             )
 
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:
+        # the whole-data checks again, per batch: a Dataset or DataLoader is not checked whole
+        self._check_fields(batch, "sequences", offset)
         ids = self._fields(batch)[self.input_key]
         labels = self._fields(batch).get("labels", ids)
         vocab = self._vocab
