@@ -59,6 +59,11 @@ def test_labels_out_of_range_and_wrong_dtype(mlp_data):
         fitted.attribute((x[:2], torch.tensor([0, 7])))
     with pytest.raises(dt.DataError, match="integer"):
         _fit(model, (x, y.double()))
+    # more classes than the model has logits: labels past them would index nothing
+    with pytest.raises(dt.ConfigError, match="num_classes=5, but the model gives 3 logits"):
+        dt.GradDot().fit(
+            dt.ClassificationTask(model, num_classes=5), [dt.Checkpoint.from_module(model)], (x, y)
+        )
 
 
 def test_nan_and_inf_losses_name_the_examples(mlp_data):

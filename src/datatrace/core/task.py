@@ -181,12 +181,17 @@ class ClassificationTask(AbstractTask):
     def check_batch(self, model: ModelFn, batch: Any, offset: int) -> None:
         _, _, y = _split_supervised(batch, self.target_key)
         _check_label_dtype(y, "labels")
-        classes = self.num_classes or self._inferred_classes
-        if classes is None:  # inferred once from the model (not a setting: not fingerprinted)
+        if self._inferred_classes is None:  # read once from the model (not fingerprinted)
             with torch.no_grad():
-                first = _take_first(batch)
-                classes = self._inferred_classes = int(self.logits(model, first)[0].shape[1])
-        _check_label_range(y, classes, offset, "labels")
+                width = int(self.logits(model, _take_first(batch))[0].shape[1])
+            if self.num_classes is not None and self.num_classes > width:
+                raise ConfigError(
+                    f"num_classes={self.num_classes}, but the model gives {width} logits per "
+                    f"example: labels {width}..{self.num_classes - 1} would have no logit; "
+                    "pass the model's number of classes"
+                )
+            self._inferred_classes = width
+        _check_label_range(y, self.num_classes or self._inferred_classes, offset, "labels")
 
     def check_data(self, data: Any, name: str) -> None:
         _, _, y = _split_supervised(data, self.target_key)
