@@ -77,6 +77,22 @@ def test_nan_and_inf_losses_name_the_examples(mlp_data):
     xb[11, 0] = float("inf")
     with pytest.raises(dt.NonFiniteError, match=r"\[11\]"):
         _fit(model, (xb, y), spec=dt.GradDot())
+    # an inf input in a later batch whose loss stays finite (tanh saturates) and whose
+    # gradient is NaN is named too: the scan of the rest reads the inputs as well
+    xb = x.clone()
+    xb[7] = float("nan")
+    xb[10, 0] = float("inf")
+    with pytest.raises(dt.NonFiniteError, match=r"at examples \[7, 10\]") as e:
+        _fit(model, (xb, y), spec=dt.GradDot(), batch_size=4)
+    assert e.value.indices == [7, 10]
+    # rows of a sampler's subset are named with their dataset indices too
+    xb = x.clone()
+    xb[7] = float("nan")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(xb, y), sampler=[1, 7, 10, 11], batch_size=2
+    )
+    with pytest.raises(dt.NonFiniteError, match=r"examples \[1\] \(dataset indices \[7\]\)"):
+        _fit(model, loader, spec=dt.GradDot())
 
 
 def test_nan_gradient_with_finite_loss_is_caught():

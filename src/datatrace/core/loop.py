@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, ExampleSource, batch_ranges, batch_to
+from .data import Batch, ExampleSource, batch_ranges, batch_to, leaves
 from .errors import NonFiniteError
 from .runtime import eval_mode, show_progress
 
@@ -339,12 +339,17 @@ def nonfinite_examples(
     device: torch.device | None,
 ) -> list[int]:
     """Indices of the examples in ``ranges`` whose value ``value_of(batch)`` ((batch,)) is
-    not finite, from forward passes only (no gradients)."""
+    not finite, or whose floating inputs are (an inf input can leave the loss finite and
+    make its gradient NaN), from forward passes only (no gradients)."""
     bad: list[int] = []
     with torch.no_grad():
         for s, _, batch in over_ranges(source, ranges, device=device):
             vals = value_of(batch)
-            bad += (torch.isfinite(vals).logical_not().nonzero().flatten() + s).tolist()
+            rows = torch.isfinite(vals).logical_not()
+            for t in leaves(batch):
+                if t.is_floating_point() and t.dim() >= 1 and t.shape[0] == rows.shape[0]:
+                    rows |= torch.isfinite(t.reshape(t.shape[0], -1)).all(1).logical_not()
+            bad += (rows.nonzero().flatten() + s).tolist()
     return bad
 
 
@@ -363,12 +368,17 @@ def naming_every_nonfinite(
         yield
     except NonFiniteError as exc:
         bad = list(exc.indices) + nonfinite_examples(value_of, source, rest, device)
-        if len(bad) == len(exc.indices):
+        if len(bad) == len(exc.indices) and source.indices is None:
             raise
         more = len(bad) - SHOWN_INDICES
+        where = (
+            ""
+            if source.indices is None  # a sampler's subset: rows are not the dataset's indices
+            else f" (dataset indices {source.indices[bad[:SHOWN_INDICES]].tolist()})"
+        )
         raise NonFiniteError(
             f"non-finite (NaN or inf) {what} or gradient at examples {bad[:SHOWN_INDICES]}"
-            f"{f' and {more} more' if more > 0 else ''}; check these inputs/labels or the "
-            "checkpoint (a diverged model)",
+            f"{where}{f' and {more} more' if more > 0 else ''}; check these inputs/labels or "
+            "the checkpoint (a diverged model)",
             indices=bad,
         ) from None
