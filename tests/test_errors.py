@@ -85,6 +85,10 @@ def test_nan_and_inf_losses_name_the_examples(mlp_data):
     with pytest.raises(dt.NonFiniteError, match=r"at examples \[7, 10\]") as e:
         _fit(model, (xb, y), spec=dt.GradDot(), batch_size=4)
     assert e.value.indices == [7, 10]
+    # K-FAC/EK-FAC passes (length groups, no indices at hand) name them as well
+    for spec in (dt.EKFAC(), dt.KFAC(fisher="empirical")):
+        with pytest.raises(dt.NonFiniteError, match=r"K-FAC pass at examples \[7, 10\]"):
+            _fit(model, (xb, y), spec=dt.Influence(spec), batch_size=4)
     # rows of a sampler's subset are named with their dataset indices too
     xb = x.clone()
     xb[7] = float("nan")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, NonFiniteError
+from ..core.loop import SHOWN_INDICES, nonfinite_examples
 from ..grads.layers import layer_calls
 from .base import symmetric_eigh
 from .fisher import (
@@ -99,6 +100,7 @@ def _pseudo_grads(
         ce_rows = problem.task.cross_entropy_rows(out, batch) if sample else None
         needs_grad = used is not Fisher.EXACT and not drawn and ce_rows is None
         grad = loss_gradient(problem.task, out, batch) if needs_grad else None
+        _check_finite(problem, out, grad)
         if used is Fisher.SAMPLED:
             if ce_rows is not None:  # a declared cross-entropy: no gradient to find or check
                 draws.append(draw_at_rows(out, ce_rows, settings.samples, generator))
@@ -132,6 +134,36 @@ def _pseudo_grads(
                 yield lay, _Step(a, es, count, rows)
 
         yield steps()
+
+
+def _check_finite(problem: CurvatureProblem, out: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Raise :class:`NonFiniteError` naming every training example with a non-finite loss
+    or input (a forward scan of the data: this batch is a length group, its examples'
+    indices are not at hand) when this batch's outputs or loss gradients are not finite."""
+    rows = [out.detach()] + ([grad] if grad is not None else [])
+    if all(bool(torch.isfinite(r.sum())) for r in rows):  # one pass, no boolean copy
+        return
+    if all(bool(torch.isfinite(r).all()) for r in rows):  # only the sum overflowed
+        return
+    model = problem.model_at(problem.theta)
+    source = problem.train
+    idx = nonfinite_examples(
+        lambda b: problem.task.loss(model, b),
+        source,
+        source.ranges(problem.batch_size),
+        problem.theta.device,
+    )
+    more = len(idx) - SHOWN_INDICES
+    raise NonFiniteError(
+        "non-finite (NaN or inf) model outputs or loss gradients in a K-FAC pass"
+        + (
+            f" at examples {idx[:SHOWN_INDICES]}{f' and {more} more' if more > 0 else ''}"
+            if idx
+            else ""
+        )
+        + "; check these inputs/labels or the checkpoint (a diverged model)",
+        indices=idx,
+    )
 
 
 #: the counted rows of a step are gathered before its covariance products when fewer than
