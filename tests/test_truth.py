@@ -276,6 +276,48 @@ def test_further_training_one_step_is_first_order() -> None:
     torch.testing.assert_close(down[0], gold[0], rtol=1e-6, atol=1e-12)  # same step, math-wise
 
 
+def test_further_training_cache_is_keyed_by_trained_parameters_and_buffers(
+    tmp_path: Path,
+) -> None:
+    """A cache filled with every parameter trained is refused once the first layer is frozen,
+    and one filled from a parameter-only checkpoint is refused once the batch-norm running
+    statistics it takes from the model change (both changed the scores silently before);
+    the loop twin runs a parameter-only checkpoint too (it used to fail to load it)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    q = (x[:3] + 0.1, y[:3])
+    kw = dict(indices=[0, 1, 2], steps=3, seeds=(0,), lr=0.5, batch_size=4)
+    model = MLP().double()
+    task, ck = dt.ClassificationTask(model), dt.Checkpoint.from_module(model)
+    dt.truth.further_training(task, ck, (x, y), q, cache=tmp_path / "a", **kw)
+    model.fc1.requires_grad_(False)
+    frozen = dt.truth.further_training(task, ck, (x, y), q, **kw)
+    with pytest.raises(StoreMismatchError, match=r"trained\.fc1\.weight"):
+        dt.truth.further_training(task, ck, (x, y), q, cache=tmp_path / "a", **kw)
+    assert frozen[-1].abs().max() > 0
+
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    net.train()
+    net(x * 2 + 1)
+    net.eval()
+    task = dt.ClassificationTask(net)
+    params_only = dt.Checkpoint(state={k: v.detach().clone() for k, v in net.named_parameters()})
+    fast = dt.truth.further_training(
+        task, params_only, (x, y), q, cache=tmp_path / "b", vectorize=4, **kw
+    )
+    slow = dt.truth.further_training(task, params_only, (x, y), q, vectorize=1, **kw)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
+    net.train()
+    net(x)  # the running statistics move; the checkpoint does not hold them
+    net.eval()
+    with pytest.raises(StoreMismatchError, match="buffers") as refused:
+        dt.truth.further_training(
+            task, params_only, (x, y), q, cache=tmp_path / "b", vectorize=4, **kw
+        )
+    assert "trained" not in str(refused.value) and "vectorize" not in str(refused.value)
+
+
 def test_further_training_bad_input() -> None:
     task, ck, train, q = mlp_further()
     with pytest.raises(ConfigError, match="exactly one"):

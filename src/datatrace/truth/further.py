@@ -25,7 +25,7 @@ from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
 from ..retrain import measure, measure_stacked, stacked_sgd_step
 from .gold import _base_settings, _indices, _seeds, _sources
-from .jobs import digest, run_jobs
+from .jobs import digest, run_jobs, state_digest
 
 
 class Removal(Choice):
@@ -91,7 +91,18 @@ class _FurtherTrainer:
             raise ConfigError("the model has no trainable parameters to further-train")
         self.start = {n: params[n] for n in self.names}
         self.fixed = {**buffers, **{k: v for k, v in params.items() if k not in self.start}}
+        #: the buffers every run uses: the checkpoint's, else the model's own (not in it)
+        self.buffers = buffers
         self.device = device
+
+    def settings(self) -> dict[str, Any]:
+        """What of the model the runs use beyond the checkpoint's bytes and the model's
+        fingerprint: which parameters are trained (and their dtypes: the runs compute in
+        them) and the buffers (a checkpoint of parameters only takes the model's)."""
+        return {
+            "trained": {n: str(p.dtype) for n, p in self.start.items()},
+            "buffers": state_digest(self.buffers),
+        }
 
     def _per_example(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return self.task.loss(bound_model(self.task.model, {**self.fixed, **params}), batch)
@@ -154,7 +165,8 @@ def _further_train_loop(
     one example's run at a time. Measurements (n_eval, n_query)."""
 
     model = copy.deepcopy(task.model).to(device)
-    model.load_state_dict(start.state)
+    params, buffers = start.parameters_for(model, device)  # buffers it lacks: the model's
+    model.load_state_dict({**params, **buffers})
     model.eval()
     opt = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
@@ -264,6 +276,7 @@ def further_training(
         vectorize=chunk,
     )
     trainer = _FurtherTrainer(task, start, tr, q, lr, momentum, weight_decay, removal, dev)
+    settings.update(trainer.settings())
     orders: dict[int, list[torch.Tensor]] = {}
 
     def job(k: int) -> torch.Tensor:

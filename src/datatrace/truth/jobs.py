@@ -40,6 +40,14 @@ def digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """One digest of named tensors (names, shapes, dtypes and bytes), in name order."""
+    h = hashlib.blake2b(digest_size=12)
+    for name in sorted(state):
+        h.update(f"{name}={digest(state[name])};".encode())
+    return h.hexdigest()
+
+
 def callable_name(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
