@@ -205,6 +205,25 @@ def test_save_load_and_resume_after_interruption(tmp_path: Path, monkeypatch) ->
         other.fit(task, ckpts, train, store=tmp_path / "run")
 
 
+def test_run_store_is_keyed_by_checkpoint_weights_and_trained_parameters(
+    tmp_path: Path,
+) -> None:
+    """The weights (learning rates) scale every point's Adam steps: a run store distilled
+    with other weights, or with other parameters trained, is refused, not resumed."""
+    task, ckpts, train, _ = trained()
+    ddm = dt.DistilledDatamodel(groups=torch.arange(24) % 3, synset_per_group=2, steps_per_point=3)
+    ddm.fit(task, ckpts, train, store=tmp_path / "run")
+    reweighted = [
+        dt.Checkpoint(state=c.state, weight=w)
+        for c, w in zip(ckpts, [0.001, 3.0, 0.3], strict=True)
+    ]
+    with pytest.raises(dt.StoreMismatchError, match="weights="):
+        ddm.fit(task, reweighted, train, store=tmp_path / "run")
+    task.model.fc1.requires_grad_(False)
+    with pytest.raises(dt.StoreMismatchError, match=r"trained\.fc1\.weight"):
+        ddm.fit(task, ckpts, train, store=tmp_path / "run")
+
+
 def test_bad_input() -> None:
     task, ckpts, train, _ = trained()
     with pytest.raises(dt.DataError, match="24 training examples"):

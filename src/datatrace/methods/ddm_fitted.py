@@ -29,6 +29,7 @@ from ..core.runtime import eval_mode, load_forward_ad_decompositions, model_devi
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
 from ..retrain import measure_stacked, stacked_sgd_step, subset_masks
+from ..truth.jobs import state_digest
 
 if TYPE_CHECKING:
     from .datamodel import DistilledDatamodel
@@ -42,6 +43,18 @@ _FITTED_FORMAT = persist.StoreFormat(
     files=("fitted.safetensors",),
     fix="fit and save the Distilled Datamodel again",
 )
+
+
+def trained_and_buffers(model: nn.Module, names: Sequence[str]) -> dict[str, Any]:
+    """What of the model the Distilled Datamodel uses beyond its fingerprint and the
+    checkpoints' bytes: the parameters it trains (``requires_grad``; name and dtype) and a
+    digest of the model's own buffers (distillation reads them from the model, and so does
+    unlearning for buffers the final checkpoint does not hold)."""
+    params = dict(model.named_parameters())
+    return {
+        "trained": {nm: str(params[nm].dtype) for nm in names},
+        "buffers": state_digest({k: v for k, v in model.named_buffers()}),
+    }
 
 
 class FittedDistilledDatamodel:

@@ -26,7 +26,7 @@ from ..core.loop import over_batches
 from ..core.runtime import model_device, show_progress
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
-from .ddm_fitted import FittedDistilledDatamodel
+from .ddm_fitted import FittedDistilledDatamodel, trained_and_buffers
 
 if TYPE_CHECKING:
     from .datamodel import DistilledDatamodel
@@ -259,7 +259,7 @@ class _Distiller:
         syn = self.syn_x.clone().requires_grad_(True)
         opt = torch.optim.Adam([syn], lr=ddm.lr * self.scale)
         start = 0
-        settings = self._settings(fingerprints)
+        settings = self._settings(fingerprints, [w for _, w in points])
         if path is not None and (path / "synset.safetensors").exists():
             start = self._resume(path, settings, syn, opt)
         total_w = sum(w for _, w in points) or 1.0
@@ -291,7 +291,8 @@ class _Distiller:
                 self._save(path, settings, syn, opt, p + 1)
         self.syn_x = syn.detach()
 
-    def _settings(self, fingerprints: list[str]) -> dict[str, Any]:
+    def _settings(self, fingerprints: list[str], weights: list[float]) -> dict[str, Any]:
+        """Everything the synsets depend on: a run store holding other settings is refused."""
         d = asdict(self.ddm)
         d["groups"] = None if self.ddm.groups is None else "given"
         return {
@@ -301,6 +302,9 @@ class _Distiller:
             "group_ids": self.ids.tolist(),
             "train": self.train.fingerprint(),
             "points": fingerprints,
+            # each point's Adam step size is scaled by its weight (the learning rate)
+            "weights": [float(w) for w in weights],
+            **trained_and_buffers(self.task.model, self.names),
         }
 
     def _save(
