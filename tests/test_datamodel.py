@@ -224,6 +224,48 @@ def test_run_store_is_keyed_by_checkpoint_weights_and_trained_parameters(
         ddm.fit(task, ckpts, train, store=tmp_path / "run")
 
 
+def test_batch_norm_statistics_come_from_each_checkpoint_else_from_the_model(
+    tmp_path: Path,
+) -> None:
+    """Each trajectory point is distilled with its own running statistics (they were the
+    live model's, whatever the checkpoint held); statistics no checkpoint holds are read
+    from the model, and a run store made with others is refused."""
+    torch.manual_seed(0)
+    x = torch.randn(18, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (18,))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    ckpts = []
+    for k in range(3):
+        net.train()
+        net(x * (k + 2) + k)  # running statistics that differ from point to point
+        with torch.no_grad():
+            net[0].weight.mul_(0.9)
+        ckpts.append(dt.Checkpoint.from_module(net, weight=0.5))
+    net.eval()
+    task = dt.ClassificationTask(net)
+    ddm = dt.DistilledDatamodel(groups=torch.arange(18) % 3, synset_per_group=2, steps_per_point=4)
+    before = ddm.fit(task, ckpts, (x, y))
+
+    def move_statistics() -> None:
+        net.train()
+        net(x - 3)
+        net.eval()
+
+    move_statistics()  # the checkpoints hold every buffer: nothing changes
+    torch.testing.assert_close(ddm.fit(task, ckpts, (x, y)).syn_x, before.syn_x, rtol=0, atol=0)
+
+    params_only = [
+        dt.Checkpoint(state={k: v for k, v in c.state.items() if "running" not in k}, weight=0.5)
+        for c in ckpts
+    ]
+    ddm.fit(task, params_only, (x, y), store=tmp_path / "run")
+    move_statistics()
+    with pytest.raises(dt.StoreMismatchError, match="buffers="):
+        ddm.fit(task, params_only, (x, y), store=tmp_path / "run")
+
+
 def test_bad_input() -> None:
     task, ckpts, train, _ = trained()
     with pytest.raises(dt.DataError, match="24 training examples"):

@@ -154,11 +154,12 @@ class DistilledDatamodel:
             # the online phase fast-learns from θ_T: its point gets the largest weight, not
             # its learning rate (≈ 0 at the end of a cosine schedule, issue 12)
             weights[0] = max(weights)
+            distiller.held = set.intersection(*(set(c.state) for c in points))
+            states = [c.parameters_for(task.model, distiller.device) for c in points]
             distiller.run(
-                [
-                    (c.parameters_for(task.model, distiller.device)[0], w)
-                    for c, w in zip(points, weights, strict=True)
-                ],
+                # each point's own buffers (batch-norm statistics), the model's where it
+                # holds none
+                [({**p, **b}, w) for (p, b), w in zip(states, weights, strict=True)],
                 [c.fingerprint() for c in points],
                 store,
                 progress,

@@ -7,7 +7,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,15 +45,17 @@ _FITTED_FORMAT = persist.StoreFormat(
 )
 
 
-def trained_and_buffers(model: nn.Module, names: Sequence[str]) -> dict[str, Any]:
+def trained_and_buffers(
+    model: nn.Module, names: Sequence[str], held: Collection[str]
+) -> dict[str, Any]:
     """What of the model the Distilled Datamodel uses beyond its fingerprint and the
     checkpoints' bytes: the parameters it trains (``requires_grad``; name and dtype) and a
-    digest of the model's own buffers (distillation reads them from the model, and so does
-    unlearning for buffers the final checkpoint does not hold)."""
+    digest of the buffers it reads from the model because the checkpoints (``held``: the
+    names every one of them holds) do not."""
     params = dict(model.named_parameters())
     return {
         "trained": {nm: str(params[nm].dtype) for nm in names},
-        "buffers": state_digest({k: v for k, v in model.named_buffers()}),
+        "buffers": state_digest({k: v for k, v in model.named_buffers() if k not in held}),
     }
 
 

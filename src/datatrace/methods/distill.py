@@ -187,6 +187,8 @@ class _Distiller:
         self.scale = float(self.x.std()) or 1.0
         self.names = [nm for nm, p in task.model.named_parameters() if p.requires_grad]
         self.final = final
+        #: state names every trajectory point holds (buffers not among them: the model's)
+        self.held: set[str] = set(final.state)
         self.history: list[tuple[float, float]] = []  # (objective before, after) per point
 
     # per-example loss of one synthetic / real example under params
@@ -304,7 +306,7 @@ class _Distiller:
             "points": fingerprints,
             # each point's Adam step size is scaled by its weight (the learning rate)
             "weights": [float(w) for w in weights],
-            **trained_and_buffers(self.task.model, self.names),
+            **trained_and_buffers(self.task.model, self.names, self.held),
         }
 
     def _save(
