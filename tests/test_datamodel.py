@@ -229,7 +229,7 @@ def test_batch_norm_statistics_come_from_each_checkpoint_else_from_the_model(
 ) -> None:
     """Each trajectory point is distilled with its own running statistics (they were the
     live model's, whatever the checkpoint held); statistics no checkpoint holds are read
-    from the model, and a run store made with others is refused."""
+    from the model, and a run store or a saved fit made with others is refused."""
     torch.manual_seed(0)
     x = torch.randn(18, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (18,))
@@ -260,10 +260,13 @@ def test_batch_norm_statistics_come_from_each_checkpoint_else_from_the_model(
         dt.Checkpoint(state={k: v for k, v in c.state.items() if "running" not in k}, weight=0.5)
         for c in ckpts
     ]
-    ddm.fit(task, params_only, (x, y), store=tmp_path / "run")
+    fitted = ddm.fit(task, params_only, (x, y), store=tmp_path / "run")
+    fitted.save(tmp_path / "saved")
     move_statistics()
     with pytest.raises(dt.StoreMismatchError, match="buffers="):
         ddm.fit(task, params_only, (x, y), store=tmp_path / "run")
+    with pytest.raises(dt.StoreMismatchError, match="buffers"):
+        dt.FittedDistilledDatamodel.load(tmp_path / "saved", task, params_only[-1])
 
 
 def test_bad_input() -> None:

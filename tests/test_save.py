@@ -207,6 +207,65 @@ def test_the_distilled_datamodel_loads_through_dt_load(tmp_path: Path) -> None:
     assert torch.equal(loaded.attribute(q), fitted.attribute(q))
 
 
+def smoothed_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, label_smoothing=0.5, reduction="none")
+
+
+def test_a_saved_distilled_datamodel_is_refused_for_another_model_task_or_data(
+    tmp_path: Path, caplog
+) -> None:
+    """Only the final checkpoint's bytes were checked: another activation (same state dict)
+    or another loss loaded silently. Now the model, the task, the trained parameters and,
+    when given, the training data are checked, by both load paths; a save without those
+    fingerprints (an older datatrace's) loads with a warning that it could not be checked."""
+    model, ckpts, train, q = trained(n=24)
+    task = dt.ClassificationTask(model)
+    ddm = dt.DistilledDatamodel(groups=torch.arange(24) % 4, synset_per_group=2, steps_per_point=3)
+    fitted = ddm.fit(task, ckpts, train)
+    fitted.save(tmp_path / "ddm")
+    want = fitted.attribute(q)
+    load = dt.FittedDistilledDatamodel.load
+    assert torch.equal(load(tmp_path / "ddm", task, ckpts[-1], train=train).attribute(q), want)
+
+    relu = MLP().double()
+    relu.act = torch.nn.ReLU()  # same class, same state dict, another activation
+    relu.load_state_dict(model.state_dict())
+    with pytest.raises(dt.StoreMismatchError, match="another model"):
+        load(tmp_path / "ddm", dt.ClassificationTask(relu), ckpts[-1])
+    with pytest.raises(dt.StoreMismatchError, match="another model"):
+        dt.load(tmp_path / "ddm", relu, checkpoints=ckpts)
+    smoothed = dt.Task(model, smoothed_loss)
+    with pytest.raises(dt.StoreMismatchError, match="another task"):
+        load(tmp_path / "ddm", smoothed, ckpts[-1])
+    with pytest.raises(dt.StoreMismatchError, match="another task"):
+        dt.load(tmp_path / "ddm", smoothed, checkpoints=ckpts)
+    other = (train[0] + 0.5, train[1])
+    with pytest.raises(dt.StoreMismatchError, match="another training data"):
+        load(tmp_path / "ddm", task, ckpts[-1], train=other)
+    frozen = MLP().double()
+    frozen.load_state_dict(model.state_dict())
+    frozen.fc1.requires_grad_(False)
+    with pytest.raises(dt.StoreMismatchError, match="parameters trained"):
+        load(tmp_path / "ddm", dt.ClassificationTask(frozen), ckpts[-1])
+
+    # as saved before the fingerprints were recorded: loads, with a warning
+    from datatrace.core import persist
+    from datatrace.methods.ddm_fitted import _FITTED_FORMAT as FORMAT
+
+    file = tmp_path / "ddm" / "fitted.safetensors"
+    tensors, meta = persist.load_tensors(file, FORMAT, "")
+    del meta["fingerprint"]
+    persist.save_tensors(file, tensors, meta)
+    with caplog.at_level("WARNING", logger="datatrace"):
+        old = load(tmp_path / "ddm", task, ckpts[-1])
+    assert "could be checked" in caplog.text
+    assert torch.equal(old.attribute(q), want)
+    old.save(tmp_path / "resaved")  # still without fingerprints: not laundered by a save
+    _, meta = persist.load_tensors(tmp_path / "resaved" / "fitted.safetensors", FORMAT, "")
+    assert "fingerprint" not in meta
+
+
 def test_scores_written_to_files_load_back_in_one_call(tmp_path: Path) -> None:
     from datatrace.app.cli import main
 

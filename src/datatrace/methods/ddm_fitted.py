@@ -25,6 +25,7 @@ from ..core.errors import (
     StoreCorruptError,
     StoreMismatchError,
 )
+from ..core.fingerprint import model_fingerprint, task_fingerprint
 from ..core.runtime import eval_mode, load_forward_ad_decompositions, model_device
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
@@ -72,8 +73,13 @@ class FittedDistilledDatamodel:
         group_ids: torch.Tensor,
         ddm: DistilledDatamodel,
         history: list[tuple[float, float]] | None = None,
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         self.task, self.final, self.ddm = task, final, ddm
+        #: what the synsets were distilled for (model, task, training data, trained
+        #: parameters, buffers from the model), saved and checked by :meth:`load`; ``None``
+        #: when loaded from a save that did not record it
+        self.fingerprint = fingerprint
         if weights.dim() == 1:  # saved before per-example weights: every slot live
             weights = weights[:, None].expand(syn_x.shape[0], syn_x.shape[1]).contiguous()
         #: weight of each synthetic example, (K, m): |G_k| / (n m_k), 0 on padding slots
@@ -311,7 +317,7 @@ class FittedDistilledDatamodel:
         persist.make_folder(p)
         d = asdict(self.ddm)
         d["groups"] = None
-        meta = {
+        meta: dict[str, Any] = {
             "format": _FITTED_FORMAT.tag,
             "version": _FITTED_FORMAT.version,
             "ddm": d,
@@ -319,6 +325,8 @@ class FittedDistilledDatamodel:
             "history": self.history,
             "step_size": self._step_size(),
         }
+        if self.fingerprint is not None:  # one loaded from an unchecked save stays unchecked
+            meta["fingerprint"] = self.fingerprint
         tensors = {
             "syn_x": self.syn_x,
             "syn_y": self.syn_y,
@@ -330,9 +338,22 @@ class FittedDistilledDatamodel:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], task: AbstractTask, final: Checkpoint
+        cls,
+        path: str | os.PathLike[str],
+        task: AbstractTask,
+        final: Checkpoint,
+        *,
+        train: Any = None,
     ) -> FittedDistilledDatamodel:
-        """Read what :meth:`save` wrote; ``final`` must be the checkpoint it was fitted at."""
+        """Read what :meth:`save` wrote, for the model and task it was fitted for; ``final``
+        must be the checkpoint it was fitted at. With ``train`` (the training data it was
+        distilled from) that is checked too.
+
+        Raises:
+            StoreMismatchError: another final checkpoint, model, task, trained parameters,
+                buffers the checkpoint does not hold, or training data than the fit's
+                (naming what differs).
+        """
         p = Path(path)
         if (p / "fitted.json").exists():
             raise StoreMismatchError(
@@ -354,6 +375,17 @@ class FittedDistilledDatamodel:
             raise StoreCorruptError(
                 f"{p / 'fitted.safetensors'} is incomplete; {_FITTED_FORMAT.fix}"
             )
+        saved = meta.get("fingerprint")
+        if saved is None:
+            log.warning(
+                "%s was saved without the fingerprints of its model, task and training "
+                "data (by an older datatrace): only its final checkpoint could be checked. "
+                "If the model's architecture or the loss changed since, its scores are "
+                "wrong; fit and save it again to have it checked",
+                p,
+            )
+        else:
+            _check_fit(p, saved, task, final, train)
         try:
             from .datamodel import DistilledDatamodel
 
@@ -375,6 +407,53 @@ class FittedDistilledDatamodel:
             t["group_ids"],
             ddm,
             [(float(a), float(b)) for a, b in meta.get("history", [])],
+            saved,
         )
         out._lr = meta.get("step_size", out._lr)
         return out
+
+
+def fit_fingerprint(
+    task: AbstractTask, train: ExampleSource, names: Sequence[str], held: Collection[str]
+) -> dict[str, Any]:
+    """What a fit is saved with and checked against on load: the model, task and training
+    data (as every saved fit), the trained parameters and the buffers taken from the model."""
+    from .saved import _fingerprint
+
+    return persist.as_json(
+        {**_fingerprint(task, train), **trained_and_buffers(task.model, names, held)}
+    )
+
+
+def _check_fit(
+    path: Path, saved: dict[str, Any], task: AbstractTask, final: Checkpoint, train: Any
+) -> None:
+    """Refuse a fit saved for another model, task or training data (the last only when
+    ``train`` is given), other trained parameters or other buffers from the model."""
+    from .saved import _check_same
+
+    names = [nm for nm, p in task.model.named_parameters() if p.requires_grad]
+    given = persist.as_json(
+        {
+            "model": model_fingerprint(task.model),
+            "task": task_fingerprint(task),
+            **trained_and_buffers(task.model, names, final.state),
+        }
+    )
+    keys = ["model", "task"]
+    if train is not None:
+        given["data"] = ExampleSource(train, "training data").fingerprint()
+        keys.append("data")
+    _check_same(path, {k: saved.get(k) for k in keys}, {k: given[k] for k in keys})
+    details = persist.diff(
+        {k: saved.get(k) for k in ("trained", "buffers")},
+        {k: given[k] for k in ("trained", "buffers")},
+    )
+    if details:
+        raise StoreMismatchError(
+            f"the Distilled Datamodel saved in {path} was fitted with other parameters "
+            "trained (requires_grad) or other model buffers (those the final checkpoint "
+            "does not hold) "
+            f"({'; '.join(details[:3]).replace('in the store', 'saved')}); load it with the "
+            "model as it was fitted, or fit again"
+        )

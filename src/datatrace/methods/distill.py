@@ -26,7 +26,7 @@ from ..core.loop import over_batches
 from ..core.runtime import model_device, show_progress
 from ..core.task import AbstractTask
 from ..grads.per_example import bound_model
-from .ddm_fitted import FittedDistilledDatamodel, trained_and_buffers
+from .ddm_fitted import FittedDistilledDatamodel, fit_fingerprint, trained_and_buffers
 
 if TYPE_CHECKING:
     from .datamodel import DistilledDatamodel
@@ -376,4 +376,5 @@ class _Distiller:
             self.ids,
             self.ddm,
             history=list(self.history),
+            fingerprint=fit_fingerprint(self.task, self.train, self.names, self.final.state),
         )
