@@ -2,13 +2,17 @@
 something that changes the scores changed.
 
 * :func:`model_fingerprint`: the model's class, its module tree (``repr``: layer types,
-  sizes, activations) and the code of every ``forward`` not defined by torch itself;
+  sizes, activations), every module's configuration (its plain attributes, such as
+  ``num_heads`` or ``norm_first``, and the code of its hooks), the parameters' dtypes and
+  the code of every method not defined by torch itself;
 * :func:`task_fingerprint`: the task's class, its settings, and the code of its loss and
   measurement (user functions of ``dt.Task``, methods of user subclasses);
 * :func:`code_fingerprint`: a hash of a callable's code (bytecode, constants, names,
-  closure values, ``functools.partial`` arguments), stable across processes.
+  closure values, defaults, ``functools.partial`` arguments, and the user functions and
+  plain values it reads as globals), stable across processes.
 
-What cannot be hashed (a callable's behaviour that depends on global state, files, or a
+Tensors and arrays among these values are hashed by their shape, dtype and bytes.
+What cannot be hashed (a callable's behaviour that depends on other state, files, or a
 random generator) is the user's to name: every cache takes ``fingerprint_extra=`` (any
 JSON-able value) and records it. Parameters and data are fingerprinted by their bytes
 elsewhere (:meth:`Checkpoint.fingerprint`, :meth:`ExampleSource.fingerprint`).
@@ -16,58 +20,119 @@ elsewhere (:meth:`Checkpoint.fingerprint`, :meth:`ExampleSource.fingerprint`).
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
-import inspect
 import json
+import sys
 import types
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 _TORCH_PREFIXES = ("torch.", "builtins.")
+#: what every nn.Module has (parameters, buffers, submodules, hooks, the training flag:
+#: scores are always computed in eval mode); the rest of a module's ``__dict__`` is its
+#: configuration
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+#: global functions of these packages are not user code: their code is not followed
+_LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "builtins", "triton"}
+_MAX_DEPTH = 8  # nested values (partials of partials, objects in objects) hashed this deep
+_DATA = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_MISSING = object()
 
 
 def code_fingerprint(fn: Any) -> str:
     """A hash of what ``fn`` computes, as far as its code shows (16 hex digits)."""
     h = hashlib.blake2b(digest_size=8)
-    _hash_callable(fn, h, depth=0)
+    _hash_callable(fn, h, 0, set())
     return h.hexdigest()
 
 
-def _hash_callable(fn: Any, h: Any, depth: int) -> None:
-    if depth > 8:  # deeply nested partials/closures: the names so far are enough
+def _hash_callable(fn: Any, h: Any, depth: int, seen: set[int]) -> None:
+    if depth > _MAX_DEPTH:  # deeply nested partials/closures: the names so far are enough
         return
     if isinstance(fn, functools.partial):
         h.update(b"partial")
-        _hash_callable(fn.func, h, depth + 1)
-        h.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+        _hash_callable(fn.func, h, depth + 1, seen)
+        h.update(_value_repr((fn.args, dict(fn.keywords)), depth + 1).encode())
         return
     if isinstance(fn, types.MethodType):
-        _hash_callable(fn.__func__, h, depth + 1)
+        _hash_callable(fn.__func__, h, depth + 1, seen)
         return
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
     h.update(name.encode())
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        _hash_code(code, h)
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if callable(value):
-                _hash_callable(value, h, depth + 1)
-            else:
-                h.update(_simple_repr(value).encode())
-        for value in getattr(fn, "__defaults__", None) or ():
-            h.update(_simple_repr(value).encode())
+    if isinstance(fn, types.FunctionType):
+        _hash_function(fn, h, depth, seen)
     elif not isinstance(fn, type) and callable(fn):
-        code = getattr(type(fn).__call__, "__code__", None)
-        if code is not None:  # a callable object: its class's code and settings
-            _hash_code(code, h)
-            h.update(_simple_repr(getattr(fn, "__dict__", {})).encode())
+        call = type(fn).__call__
+        if isinstance(call, types.FunctionType):  # a callable object: its class's code, settings
+            _hash_function(call, h, depth + 1, seen)
+            h.update(_value_repr(getattr(fn, "__dict__", {}), depth + 1).encode())
+
+
+def _hash_function(fn: types.FunctionType, h: Any, depth: int, seen: set[int]) -> None:
+    """A Python function's code, closure values, defaults, and the globals it reads: user
+    functions (followed once each: ``seen``) and, outside installed packages, plain values
+    (numbers, strings, tensors)."""
+    if id(fn) in seen:  # only within one hash: never part of the digest
+        h.update(b"seen")
+        return
+    seen.add(id(fn))
+    _hash_code(fn.__code__, h)
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(value) and not isinstance(value, (type, nn.Module)):
+            _hash_callable(value, h, depth + 1, seen)
+        else:
+            h.update(_value_repr(value, depth + 1).encode())
+    h.update(_value_repr(fn.__defaults__ or (), depth + 1).encode())
+    h.update(_value_repr(fn.__kwdefaults__ or {}, depth + 1).encode())
+    for name in _global_names(fn.__code__):
+        value = fn.__globals__.get(name, _MISSING)
+        if isinstance(value, types.FunctionType) and _user_code(value):
+            h.update(f"global {name}:".encode())
+            _hash_callable(value, h, depth, seen)
+        elif _plain(value, 0) and not _installed(fn):
+            h.update(f"global {name}={_value_repr(value, depth + 1)}".encode())
+
+
+def _global_names(code: types.CodeType) -> list[str]:
+    """The names a code object (and the functions defined in it) reads, in order."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += [n for n in _global_names(const) if n not in names]
+    return names
+
+
+def _user_code(fn: types.FunctionType) -> bool:
+    """Not a function of torch, numpy or the standard library."""
+    return (getattr(fn, "__module__", None) or "").partition(".")[0] not in _LIBRARIES
+
+
+def _installed(fn: types.FunctionType) -> bool:
+    """Code of an installed package (a library's globals are its own state: a session id)."""
+    path = fn.__code__.co_filename
+    return "site-packages" in path or "dist-packages" in path
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Data rather than an object: numbers, strings, tensors, arrays, containers of them."""
+    if isinstance(value, (*_DATA, torch.Tensor, np.ndarray, np.generic)):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)) and depth < 2 and len(value) <= 1000:
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict) and depth < 2 and len(value) <= 1000:
+        return all(_plain(v, depth + 1) for v in value.values())
+    return False
 
 
 def _hash_code(code: types.CodeType, h: Any) -> None:
@@ -77,48 +142,143 @@ def _hash_code(code: types.CodeType, h: Any) -> None:
         if isinstance(const, types.CodeType):
             _hash_code(const, h)
         else:
-            h.update(repr(const).encode())
+            h.update(_const_repr(const).encode())
 
 
-def _simple_repr(value: Any) -> str:
-    """``repr`` of plain settings; the type name only for anything large or opaque."""
-    if isinstance(value, (int, float, str, bool, type(None), torch.dtype)):
+def _const_repr(const: Any) -> str:
+    """``repr`` of a code constant, frozensets sorted (their order changes between
+    processes with the string hash seed)."""
+    if isinstance(const, frozenset):
+        return "frozenset(" + ",".join(sorted(_const_repr(c) for c in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_repr(c) for c in const) + ")"
+    return repr(const)
+
+
+def _value_repr(value: Any, depth: int = 0) -> str:
+    """A deterministic text for a setting: ``repr`` of plain values, the shape, dtype and a
+    hash of the bytes of tensors and arrays, the code of callables, an object's class and
+    public attributes (a few levels deep; not for objects of torch, numpy or the standard
+    library, whose attributes are runtime state)."""
+    if isinstance(value, (*_DATA, enum.Enum)):
         return repr(value)
+    if depth > _MAX_DEPTH:
+        return type(value).__qualname__
+    if isinstance(value, torch.Tensor):
+        return _tensor_repr(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return f"ndarray{value.shape}:" + _value_repr(value.tolist(), depth + 1)
+        digest = hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=8)
+        return f"ndarray{value.shape}:{value.dtype}:{digest.hexdigest()}"
+    if isinstance(value, np.generic):
+        return f"{value.dtype}:{value.item()!r}"
     if isinstance(value, (tuple, list)):
-        return "[" + ",".join(_simple_repr(v) for v in value) + "]"
+        return "[" + ",".join(_value_repr(v, depth + 1) for v in value) + "]"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ",".join(sorted(_value_repr(v, depth + 1) for v in value)) + "}"
     if isinstance(value, dict):
-        return (
-            "{"
-            + ",".join(f"{k!r}:{_simple_repr(v)}" for k, v in sorted(value.items(), key=str))
-            + "}"
-        )
-    if isinstance(value, torch.Tensor) and value.numel() <= 64:
-        return f"tensor{tuple(value.shape)}{value.detach().cpu().flatten().tolist()}"
+        items = sorted(value.items(), key=lambda kv: str(kv[0]))
+        return "{" + ",".join(f"{k!r}:{_value_repr(v, depth + 1)}" for k, v in items) + "}"
+    if isinstance(value, type):
+        return _qualname(value)
+    if isinstance(value, nn.Module):  # its tree and tensors (not its attributes: no cycles)
+        state = [(k, _tensor_repr(t)) for k, t in value.state_dict().items()]
+        return f"{_qualname(type(value))}:{_digest(repr(value))}:{_digest(repr(state))}"
+    if callable(value):
+        h = hashlib.blake2b(digest_size=8)
+        _hash_callable(value, h, depth + 1, set())
+        return f"code:{h.hexdigest()}"
+    if hasattr(value, "__dict__") and depth < 4 and not _library_object(value):
+        public = {k: v for k, v in vars(value).items() if not str(k).startswith("_")}
+        return _qualname(type(value)) + _value_repr(public, depth + 1)
     return type(value).__qualname__
 
 
+def _library_object(value: Any) -> bool:
+    """An object of torch, numpy or the standard library (a logger, a lock, a generator):
+    its attributes are runtime state, not settings."""
+    return type(value).__module__.partition(".")[0] in _LIBRARIES
+
+
+def _tensor_repr(t: torch.Tensor) -> str:
+    """A tensor's shape, dtype and a hash of its values."""
+    t = t.detach()
+    head = f"tensor{tuple(t.shape)}:{t.dtype}"
+    if t.is_meta:
+        return head + ":meta"
+    try:
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        raw: Any = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    except (RuntimeError, TypeError):  # e.g. quantized: its values as Python numbers
+        return head + ":" + _digest(repr(t.tolist()))
+    return head + ":" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The model's class, module tree and the code of its non-torch ``forward`` methods."""
+    """The model's class, module tree, modules' configuration and hooks, dtypes and the code
+    of its non-torch classes."""
     forwards = {}
     for module in model.modules():
         cls = type(module)
         if cls.__module__.startswith(_TORCH_PREFIXES) or cls.__qualname__ in forwards:
             continue
         forwards[cls.__qualname__] = _class_code(cls)
-    tree = hashlib.blake2b(repr(model).encode(), digest_size=8).hexdigest()
-    return {"class": _qualname(type(model)), "modules": tree, "code": forwards}
+    tree = _digest(repr(model))
+    dtypes = sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers())})
+    return {
+        "class": _qualname(type(model)),
+        "modules": tree,
+        "config": _module_config(model),
+        "dtypes": dtypes,
+        "code": forwards,
+    }
+
+
+def _module_config(model: nn.Module) -> str:
+    """A hash of every module's plain attributes (``num_heads``, ``norm_first``, a
+    ``temperature`` read in ``forward``: what neither ``repr`` nor the parameters show) and
+    of the code of the hooks registered on it, or on every module."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, module in model.named_modules():
+        h.update(f"module {name}".encode())
+        for key, value in sorted(vars(module).items()):
+            if key not in _MODULE_INTERNALS:
+                h.update(f"{key}={_value_repr(value, 1)}".encode())
+        for kind in _HOOKS:
+            for hook in getattr(module, kind, {}).values():
+                h.update(f"{kind}:{code_fingerprint(hook)}".encode())
+    for kind in _HOOKS:
+        for hook in getattr(_torch_module, "_global" + kind, {}).values():
+            h.update(f"global{kind}:{code_fingerprint(hook)}".encode())
+    return h.hexdigest()
 
 
 def _class_code(cls: type) -> str:
-    """A hash of the code of every function defined in ``cls`` and its non-torch bases."""
+    """A hash of the code of every function defined in ``cls`` and its non-torch bases
+    (methods, static and class methods, properties) and of the user functions they call."""
     h = hashlib.blake2b(digest_size=8)
+    seen: set[int] = set()
     for klass in cls.__mro__:
         if klass.__module__.startswith(_TORCH_PREFIXES) or klass is object:
             continue
         for name, member in sorted(vars(klass).items()):
-            if inspect.isfunction(member):
-                h.update(name.encode())
-                _hash_code(member.__code__, h)
+            fns: list[Any]
+            if isinstance(member, (staticmethod, classmethod)):
+                fns = [member.__func__]
+            elif isinstance(member, property):
+                fns = [member.fget, member.fset, member.fdel]
+            else:
+                fns = [member]
+            for fn in fns:
+                if isinstance(fn, types.FunctionType):
+                    h.update(name.encode())
+                    _hash_function(fn, h, 0, seen)
     return h.hexdigest()
 
 
@@ -131,12 +291,14 @@ def task_fingerprint(task: Any) -> dict[str, Any]:
             continue
         if isinstance(value, nn.Module):
             settings[key] = model_fingerprint(value)
+            if value is not getattr(task, "model", None):  # a loss module's class weights
+                settings[key]["state"] = _digest(_value_repr(dict(value.state_dict())))
         elif callable(value):
             settings[key] = code_fingerprint(value)
-        elif hasattr(value, "__dict__") and not isinstance(value, type):  # a wrapped task
+        elif isinstance(value, (torch.Tensor, np.ndarray, type)) or not hasattr(value, "__dict__"):
+            settings[key] = _value_repr(value)
+        else:  # a wrapped task
             settings[key] = task_fingerprint(value)
-        else:
-            settings[key] = _simple_repr(value)
     return {"class": _qualname(type(task)), "code": _class_code(type(task)), "settings": settings}
 
 
