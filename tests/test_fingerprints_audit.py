@@ -267,3 +267,60 @@ def test_the_model_dtype_is_in_store_and_saved_fit_fingerprints(tmp_path: Path) 
     with pytest.raises(dt.StoreMismatchError, match="model"):
         dt.load(tmp_path / "saved", dt.ClassificationTask(m32), (x, y))
     dt.load(tmp_path / "saved", dt.ClassificationTask(_mlp().double()), (x, y))  # same: loads
+
+
+# -- 4. buffers the checkpoint lacks -------------------------------------------------------------
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.register_buffer("scale", torch.ones(6), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.scale)
+
+
+def test_buffers_read_from_the_live_model_are_fingerprinted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Scaled().double()
+    ckpts = [dt.Checkpoint.from_module(model)]  # a non-persistent buffer is not in it
+    assert "scale" not in ckpts[0].state
+    _fit(dt.ClassificationTask(model), tmp_path / "a", ckpts=ckpts)
+    model.scale.fill_(2.0)
+    with pytest.raises(dt.StoreMismatchError, match="checkpoints"):
+        _fit(dt.ClassificationTask(model), tmp_path / "a", ckpts=ckpts)
+
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, _ = _data()
+    bn.train()
+    bn(x * 3 + 1)
+    bn.eval()
+    params_only = [dt.Checkpoint(state={k: v.clone() for k, v in bn.named_parameters()})]
+    _fit(dt.ClassificationTask(bn), tmp_path / "b", ckpts=params_only)
+    bn.train()
+    bn(x)  # the running statistics move on
+    bn.eval()
+    with pytest.raises(dt.StoreMismatchError, match="checkpoints"):
+        _fit(dt.ClassificationTask(bn), tmp_path / "b", ckpts=params_only)
+
+
+# -- 5. a checkpoint sharing the model's tensors --------------------------------------------------
+
+
+def test_a_checkpoint_of_a_model_trained_on_in_place_is_hashed_again(tmp_path: Path) -> None:
+    x, y = _data()
+    model = _mlp().double()
+    ckpts = [dt.Checkpoint(state=model.state_dict(), weight=0.1)]  # shares the model's memory
+    first = ckpts[0].fingerprint()
+    assert ckpts[0].fingerprint() == first
+    _fit(dt.ClassificationTask(model), tmp_path, ckpts=ckpts, method=dt.TracIn())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert ckpts[0].fingerprint() != first
+    with pytest.raises(dt.StoreMismatchError, match="checkpoints"):
+        _fit(dt.ClassificationTask(model), tmp_path, ckpts=ckpts, method=dt.TracIn())

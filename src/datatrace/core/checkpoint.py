@@ -36,7 +36,8 @@ class Checkpoint:
     state: Mapping[str, torch.Tensor]
     weight: float = 1.0
     name: str = ""
-    _fingerprint: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    #: [the state's tensor versions, the digest of its bytes] once computed
+    _fingerprint: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _weight(self.weight))
@@ -118,16 +119,26 @@ class Checkpoint:
             raise CheckpointError(f"no checkpoint files match {str(pattern)!r}")
         return [cls.from_file(p, weight=weight, **kwargs) for p in paths]
 
-    def fingerprint(self) -> str:
-        """SHA-256 (truncated) of names, shapes, dtypes and bytes of the state."""
-        if not self._fingerprint:
+    def fingerprint(self, module: nn.Module | None = None) -> str:
+        """SHA-256 (truncated) of names, shapes, dtypes and bytes of the state; with
+        ``module``, also of the module's buffers the state lacks (which
+        :meth:`parameters_for` reads from the module).
+
+        Remembered while no tensor of the state changed: a state shared with a model that
+        trains on in place (``Checkpoint(state=model.state_dict())``) is hashed again."""
+        key = _versions(self.state)
+        if not self._fingerprint or key is None or self._fingerprint[0] != key:
             h = hashlib.sha256()
-            for k in sorted(self.state):
-                t = self.state[k].detach().cpu().contiguous()
-                h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._fingerprint.append(h.hexdigest()[:16])
-        return self._fingerprint[0]
+            _hash_tensors(h, sorted(self.state.items()))
+            self._fingerprint[:] = [key, h.hexdigest()[:16]]
+        digest: str = self._fingerprint[1]
+        buffers = module.named_buffers() if module is not None else ()
+        live = [(k, b) for k, b in buffers if k not in self.state]
+        if not live:
+            return digest
+        h = hashlib.sha256(digest.encode())
+        _hash_tensors(h, live)
+        return h.hexdigest()[:16]
 
     def parameters_for(
         self, module: nn.Module, device: torch.device | None = None
@@ -167,6 +178,21 @@ class Checkpoint:
                 + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             )
         return params, buffers
+
+
+def _hash_tensors(h: Any, items: list[tuple[str, torch.Tensor]]) -> None:
+    for k, t in items:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _versions(state: Mapping[str, torch.Tensor]) -> tuple[Any, ...] | None:
+    """Where each tensor's memory is and how often it was changed in place (``None``: not
+    known for inference tensors, which count no versions)."""
+    if any(t.is_inference() for t in state.values()):
+        return None
+    return tuple((k, t.data_ptr(), t._version) for k, t in state.items())
 
 
 def _weight(weight: object) -> float:
