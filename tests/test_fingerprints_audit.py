@@ -269,6 +269,33 @@ def test_the_model_dtype_is_in_store_and_saved_fit_fingerprints(tmp_path: Path) 
     dt.load(tmp_path / "saved", dt.ClassificationTask(_mlp().double()), (x, y))  # same: loads
 
 
+# -- 2. which parameters are selected --------------------------------------------------------
+
+
+def test_freezing_a_layer_is_refused_by_a_projected_store_and_a_saved_fit(tmp_path: Path) -> None:
+    x, y = _data()
+    model = _mlp().double()
+    ckpts = [dt.Checkpoint.from_module(model)]
+    method = dt.GradDot(projection_dim=16)  # the layout ({"proj": 16}) does not change
+    fitted = _fit(dt.ClassificationTask(model), tmp_path / "store", ckpts=ckpts, method=method)
+    fitted.save(tmp_path / "by_reference")
+    method.fit(dt.ClassificationTask(model), ckpts, (x, y), progress=False).save(
+        tmp_path / "inline"
+    )
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    task = dt.ClassificationTask(model)
+    frozen = r"selected parameters differ.*\['0\.weight', '0\.bias'\] only in the store"
+    with pytest.raises(dt.StoreMismatchError, match=frozen):
+        _fit(task, tmp_path / "store", ckpts=ckpts, method=method)
+    for saved in ("by_reference", "inline"):
+        with pytest.raises(dt.StoreMismatchError, match="selection of parameters"):
+            dt.load(tmp_path / saved, task, (x, y))
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    dt.load(tmp_path / "inline", dt.ClassificationTask(model), (x, y))  # same again: loads
+
+
 # -- 4. buffers the checkpoint lacks -------------------------------------------------------------
 
 

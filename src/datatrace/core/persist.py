@@ -95,6 +95,11 @@ def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
         for k in sorted(set(old) | set(new)):
             out += diff(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
+    if prefix.endswith("parameters.") and isinstance(old, list) and isinstance(new, list):
+        gone, added = [x for x in old if x not in new], [x for x in new if x not in old]
+        if gone or added:
+            return [f"the selected parameters differ ({prefix[:-1]}): {_short(gone)} only in "
+                    f"the store, {_short(added)} only requested"]  # fmt: skip
     if old != new:
         return [f"{prefix[:-1]}={_short(old)} in the store, {_short(new)} requested"]
     return []

@@ -153,9 +153,9 @@ class GradientAttributor:
 
         The store is reused only when its fingerprint matches: the method's settings, the
         model (class, module tree, forward code), the task (class, settings, loss and
-        measurement code), every checkpoint's bytes (and the model's buffers it lacks), the
-        data's bytes, the dtype, the device kind and torch's version
-        (:mod:`datatrace.core.fingerprint`).
+        measurement code), the parameters selected, every checkpoint's bytes (and the
+        model's buffers it lacks), the data's bytes, the dtype, the device kind and torch's
+        version (:mod:`datatrace.core.fingerprint`).
         """
         for what, size in (("batch_size", batch_size), ("block_size", block_size)):
             if size is not None:
@@ -188,6 +188,7 @@ class GradientAttributor:
                 "model": model_fingerprint(task.model),
                 "task": task_fingerprint(scored),
                 "features": spec.describe(),
+                "parameters": list(per_ckpt[0].names),  # requires_grad decides them too
                 "checkpoints": [c.fingerprint(scored.model) for c in ckpts],
                 "data": source.fingerprint(),
                 "environment": environment_fingerprint(dtype, device),

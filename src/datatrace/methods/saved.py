@@ -49,6 +49,7 @@ from ..core.task import AbstractTask, ClassificationTask
 from ..curvature.base import AbstractFittedPreconditioner
 from ..features.memory import MemoryFeatureStore
 from ..features.store import FeatureStore
+from ..grads.per_example import select_parameters
 from .codec import FIX, Decoder, encode
 from .engine import GradientAttributor
 from .fitted import FittedGradientAttributor
@@ -81,7 +82,11 @@ def save_fitted(fitted: FittedGradientAttributor, path: str | Path) -> Path:
         "format": FORMAT.tag,
         "version": FORMAT.version,
         "method": encode(fitted.method, "method", tensors, model),
-        "fingerprint": _fingerprint(fitted.task, fitted.train),
+        # which parameters are selected: requires_grad decides them too
+        "fingerprint": {
+            **_fingerprint(fitted.task, fitted.train),
+            "parameters": list(fitted.features.names),
+        },
         "n_train": fitted.n_train,
         "weights": list(fitted.weights),
         "scale": fitted.scale,
@@ -221,9 +226,12 @@ def load(
         raise StoreCorruptError(f"{folder / TENSORS} holds no method; {FORMAT.fix}")
     scored = method.output.wrap(the_task) if method.output is not None else the_task
     source = ExampleSource(train, "training data")
-    _check_same(folder, meta["fingerprint"], _fingerprint(scored, source))
-    ckpts = [Checkpoint(state=_state(tensors, c), weight=w) for c, w in enumerate(meta["weights"])]
+    saved, given = meta["fingerprint"], _fingerprint(scored, source)
+    _check_same(folder, {k: v for k, v in saved.items() if k != "parameters"}, given)
     spec = method._features_for(scored, source)  # the preconditioner's parameter choice
+    chosen = select_parameters(scored.model, spec.params)  # as the featurizer chooses them
+    _check_same(folder, saved, {**given, "parameters": chosen})
+    ckpts = [Checkpoint(state=_state(tensors, c), weight=w) for c, w in enumerate(meta["weights"])]
     per_ckpt, states = method._bind(scored, ckpts, source, spec)
     device = model_device(net)
     column_weights = (
@@ -264,7 +272,12 @@ def _state(tensors: dict[str, torch.Tensor], c: int) -> dict[str, torch.Tensor]:
 
 
 def _check_same(folder: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
-    what = {"model": "model", "task": "task", "data": "training data"}
+    what = {
+        "model": "model",
+        "task": "task",
+        "data": "training data",
+        "parameters": "selection of parameters",
+    }
     differs = [what[k] for k in what if saved.get(k) != given.get(k)]
     if differs:
         details = persist.diff(saved, given)
