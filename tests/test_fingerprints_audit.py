@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import datatrace as dt
+from datatrace.core.data import ExampleSource
 from datatrace.core.fingerprint import code_fingerprint, model_fingerprint, task_fingerprint
 
 
@@ -351,3 +352,29 @@ def test_a_checkpoint_of_a_model_trained_on_in_place_is_hashed_again(tmp_path: P
     assert ckpts[0].fingerprint() != first
     with pytest.raises(dt.StoreMismatchError, match="checkpoints"):
         _fit(dt.ClassificationTask(model), tmp_path, ckpts=ckpts, method=dt.TracIn())
+
+
+# -- 6. the keys of dict data -------------------------------------------------------------------
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.la, self.lb = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.la(a) + self.lb(torch.tanh(b))
+
+
+def test_swapping_the_tensors_under_two_keys_is_a_store_mismatch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    model = _Two().double()
+    data = {"a": a, "b": b, "labels": y}
+    swapped = {"b": a, "a": b, "labels": y}
+    assert ExampleSource(data).fingerprint() != ExampleSource(swapped).fingerprint()
+    assert ExampleSource(data).fingerprint() == ExampleSource(dict(data)).fingerprint()
+    _fit(dt.ClassificationTask(model), tmp_path, data=data)
+    with pytest.raises(dt.StoreMismatchError, match="data"):
+        _fit(dt.ClassificationTask(model), tmp_path, data=swapped)

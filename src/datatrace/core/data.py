@@ -186,7 +186,7 @@ class ExampleSource:
         return batch_ranges(batch_size, 0, len(self))
 
     def fingerprint(self, batch_size: int = 1024) -> str:
-        """A hash of every example (shapes, dtypes and bytes), so that a store is never
+        """A hash of every example (keys, shapes, dtypes and bytes), so that a store is never
         reused for data that changed anywhere. Tensors are hashed in place; a Dataset is
         read once for it."""
         h = hashlib.blake2b(f"n={len(self)}".encode(), digest_size=16)
@@ -196,9 +196,12 @@ class ExampleSource:
             else (self.batch(s, e) for s, e in self.ranges(batch_size))
         )
         for part in parts:
-            for t in leaves(part):
+            for where, t in _keyed_leaves(part):  # the key too: swapped columns differ
+                if not isinstance(t, torch.Tensor):  # text or numbers a collate left as is
+                    h.update(f"{where}={t!r}".encode())
+                    continue
                 t = t.detach().cpu().contiguous()
-                h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(f"{where}:{tuple(t.shape)}:{t.dtype}".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         return h.hexdigest()
 
@@ -257,6 +260,17 @@ def leaves(batch: Batch) -> list[torch.Tensor]:
         return [t for v in batch.values() for t in leaves(v)]
     if isinstance(batch, (tuple, list)):
         return [t for v in batch for t in leaves(v)]
+    return []
+
+
+def _keyed_leaves(batch: Batch, where: str = "") -> list[tuple[str, Any]]:
+    """Every tensor (and string or number) of a (nested) batch with its key path."""
+    if isinstance(batch, (torch.Tensor, str, bytes, int, float)):
+        return [(where, batch)]
+    if isinstance(batch, Mapping):
+        return [x for k, v in batch.items() for x in _keyed_leaves(v, f"{where}/{k!r}")]
+    if isinstance(batch, (tuple, list)):
+        return [x for i, v in enumerate(batch) for x in _keyed_leaves(v, f"{where}/{i}")]
     return []
 
 
