@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import (
     DataLoader,
+    Sampler,
     SubsetRandomSampler,
     TensorDataset,
     WeightedRandomSampler,
@@ -68,6 +69,46 @@ def test_samplers_without_a_fixed_set_of_examples_are_refused(loader) -> None:
     task, ck, x, y = _setup()
     with pytest.raises(dt.DataError, match="sampler"):
         dt.GradDot().fit(task, ck, loader(TensorDataset(x, y)), progress=False)
+
+
+class _Permutation(Sampler):
+    """A user's own shuffling sampler: another order on every pass."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        lambda ds: DataLoader(
+            ds, batch_size=3, drop_last=True, sampler=SubsetRandomSampler(list(range(7)))
+        ),
+        lambda ds: DataLoader(ds, batch_size=4, drop_last=True, sampler=_Permutation(30)),
+    ],
+)
+def test_a_random_sampler_with_drop_last_is_refused_naming_the_fix(loader) -> None:
+    task, ck, x, y = _setup()
+    with pytest.raises(dt.DataError, match="drop_last=False"):
+        dt.GradDot().fit(task, ck, loader(TensorDataset(x, y)), progress=False)
+
+
+def test_a_fixed_order_sampler_with_drop_last_attributes_what_it_keeps() -> None:
+    task, ck, x, y = _setup()
+    backwards = list(range(29, -1, -1))  # drops examples 1 and 0, every time
+    loader = DataLoader(TensorDataset(x, y), batch_size=7, drop_last=True, sampler=backwards)
+    assert dt.GradDot().fit(task, ck, loader, progress=False).train.indices.tolist() == list(
+        range(2, 30)
+    )
+    chosen = SubsetRandomSampler(list(range(9)))  # nothing dropped: 9 = 3 batches of 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, drop_last=True, sampler=chosen)
+    assert dt.GradDot().fit(task, ck, loader, progress=False).n_train == 9
 
 
 def test_a_sequential_loader_with_drop_last_attributes_what_it_yields() -> None:

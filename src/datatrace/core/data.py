@@ -15,8 +15,9 @@ order, the same on every call):
   exactly the examples it yields, in increasing dataset index; ``source.indices[i]`` is the
   dataset index of row i;
 * a sampler that draws with replacement (``WeightedRandomSampler``,
-  ``RandomSampler(replacement=True)``) or repeats an example: refused (:class:`DataError`),
-  since it has no fixed set of examples.
+  ``RandomSampler(replacement=True)``) or repeats an example, or a random sampler whose
+  order decides what ``drop_last=True`` drops: refused (:class:`DataError`), since it has
+  no fixed set of examples.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.utils.data import (
     IterableDataset,
     RandomSampler,
     SequentialSampler,
+    SubsetRandomSampler,
     WeightedRandomSampler,
 )
 from torch.utils.data import default_collate as _default_collate
@@ -240,6 +242,12 @@ def _sampled_indices(loader: DataLoader, name: str) -> torch.Tensor | None:
         return None  # shuffling the whole dataset: read in dataset order
     drawn = [int(i) for batch in batch_sampler for i in batch]  # type: ignore[union-attr]
     chosen = torch.tensor(sorted(set(drawn)), dtype=torch.long)
+    if _another_set_each_pass(batch_sampler, sampler, drawn, whole=chosen.numel() == n):
+        raise DataError(
+            f"{name}: the DataLoader's sampler is random and drops other examples on every "
+            "pass (drop_last=True), or selects another subset each time, so the examples to "
+            "attribute are not fixed; pass drop_last=False (or a fixed Subset)"
+        )
     if chosen.numel() != len(drawn):
         raise DataError(
             f"{name}: the DataLoader's sampler yields some examples more than once; "
@@ -250,6 +258,23 @@ def _sampled_indices(loader: DataLoader, name: str) -> torch.Tensor | None:
     if chosen.numel() == n:
         return None
     return chosen
+
+
+def _another_set_each_pass(batch_sampler: Any, sampler: Any, drawn: list[int], whole: bool) -> bool:
+    """Whether a (non-sequential) loader keeps another set of examples on another pass: a
+    random sampler whose order decides what ``drop_last`` drops, or a random subset. Known
+    random samplers are refused outright; others are iterated again (three more passes
+    when ``drop_last`` drops some: a permutation may drop the same ones by chance)."""
+    if isinstance(sampler, SequentialSampler):
+        return False
+    dropping = isinstance(batch_sampler, BatchSampler) and batch_sampler.drop_last
+    if dropping and isinstance(sampler, SubsetRandomSampler) and len(drawn) < len(sampler):
+        return True
+    if whole and not dropping:
+        return False
+    kept = set(drawn)
+    passes = 3 if dropping else 1
+    return any({int(i) for b in batch_sampler for i in b} != kept for _ in range(passes))
 
 
 def leaves(batch: Batch) -> list[torch.Tensor]:
