@@ -100,12 +100,17 @@ class KLayer:
         positions are padding, but only a model that masks its padding out keeps them out
         of its gradient; one that reads it (pooling over every position, no attention
         mask) makes them part of the curvature like any other position."""
-        hit = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-        for g in grads:
-            hit |= self.out_grads(g, None).ne(0).any(-1)
-        extra = hit & mask.eq(0)
-        if not bool(extra.any()):
+        padded = mask.eq(0)
+        if not bool(padded.any()):
             return mask
+        at = padded.nonzero(as_tuple=True)
+        hit = torch.zeros(len(at[0]), dtype=torch.bool, device=mask.device)
+        for g in grads:  # the output gradients at the padded positions only
+            hit |= self.out_grads(g, None)[at].ne(0).any(-1)
+        if not bool(hit.any()):
+            return mask
+        extra = torch.zeros_like(padded)
+        extra[at] = hit
         if not self.reads_padding:
             self.reads_padding = True
             log.info(
