@@ -352,6 +352,52 @@ def test_a_checkpoint_of_a_model_trained_on_in_place_is_hashed_again(tmp_path: P
     assert ckpts[0].fingerprint() != first
     with pytest.raises(dt.StoreMismatchError, match="checkpoints"):
         _fit(dt.ClassificationTask(model), tmp_path, ckpts=ckpts, method=dt.TracIn())
+    # an update through .data counts no version: a state passed in is hashed at every call
+    second = ckpts[0].fingerprint()
+    for p in model.parameters():
+        p.data.mul_(3.0)
+    assert ckpts[0].fingerprint() != second
+    own = dt.Checkpoint.from_module(model)  # a copy of its own: remembered
+    assert own.fingerprint() == own.fingerprint() == ckpts[0].fingerprint()
+
+
+class _Aliases(nn.Module):
+    """Keeps its layers in a list as well, as many models do (an order, a tied pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.order = [self.a, self.b]
+        self.tied = self.b.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.order:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_attributes_pointing_at_the_models_own_weights_are_not_hashed_by_value(
+    tmp_path: Path,
+) -> None:
+    """The configuration hash names the model's own layers and weights where an attribute
+    points at them, and leaves torch's private state alone (an LSTM's ``_flat_weights``
+    point at whatever weights it last ran with): moving the live weights, or building the
+    model with another seed, keeps its fingerprint, and a store fitted from the same
+    checkpoint is reused."""
+    model = _Aliases().double()
+    ckpts = [dt.Checkpoint.from_module(model)]
+    before = model_fingerprint(model)
+    _fit(dt.ClassificationTask(model), tmp_path, ckpts=ckpts)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert model_fingerprint(model) == before
+    _fit(dt.ClassificationTask(model), tmp_path, ckpts=ckpts)  # reused, not refused
+    torch.manual_seed(1)
+    first = model_fingerprint(nn.LSTM(4, 3, batch_first=True))
+    torch.manual_seed(2)
+    assert model_fingerprint(nn.LSTM(4, 3, batch_first=True)) == first
+    assert model_fingerprint(nn.LSTM(4, 3, num_layers=2, batch_first=True)) != first
 
 
 # -- 6. the keys of dict data -------------------------------------------------------------------

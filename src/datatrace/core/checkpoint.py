@@ -38,6 +38,10 @@ class Checkpoint:
     name: str = ""
     #: [the state's tensor versions, the digest of its bytes] once computed
     _fingerprint: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
+    #: the state is this checkpoint's own copy (the ``from_*`` constructors): its digest is
+    #: remembered; a state passed in may be the model's own tensors, changed through
+    #: ``.data`` without a version count, so it is hashed at every call
+    _own: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _weight(self.weight))
@@ -49,7 +53,11 @@ class Checkpoint:
     def from_module(cls, module: nn.Module, weight: float = 1.0, name: str = "") -> Checkpoint:
         """Snapshot a module's current state (a detached copy)."""
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        return cls(state=state, weight=weight, name=name)
+        return cls(state=state, weight=weight, name=name)._owning()
+
+    def _owning(self) -> Checkpoint:
+        object.__setattr__(self, "_own", True)
+        return self
 
     @classmethod
     def from_state_dict(
@@ -60,7 +68,7 @@ class Checkpoint:
             state={k: v.detach().clone() for k, v in state_dict.items()},
             weight=weight,
             name=name,
-        )
+        )._owning()
 
     @classmethod
     def from_file(
@@ -104,7 +112,7 @@ class Checkpoint:
             if lr is None and path.suffix == ".safetensors":
                 lr = _metadata_learning_rate(path)
             weight = lr if lr is not None else 1.0
-        return cls(state=dict(state), weight=weight, name=name or path.stem)
+        return cls(state=dict(state), weight=weight, name=name or path.stem)._owning()
 
     @classmethod
     def glob(
@@ -124,9 +132,10 @@ class Checkpoint:
         ``module``, also of the module's buffers the state lacks (which
         :meth:`parameters_for` reads from the module).
 
-        Remembered while no tensor of the state changed: a state shared with a model that
-        trains on in place (``Checkpoint(state=model.state_dict())``) is hashed again."""
-        key = _versions(self.state)
+        Remembered for the constructors' own copies while no tensor of them changed in
+        place; a state passed in (``Checkpoint(state=model.state_dict())``, which shares the
+        model's tensors) is hashed at every call."""
+        key = _versions(self.state) if self._own else None
         if not self._fingerprint or key is None or self._fingerprint[0] != key:
             h = hashlib.sha256()
             _hash_tensors(h, sorted(self.state.items()))

@@ -20,6 +20,7 @@ elsewhere (:meth:`Checkpoint.fingerprint`, :meth:`ExampleSource.fingerprint`).
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import hashlib
@@ -44,6 +45,9 @@ _LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "builtins",
 _MAX_DEPTH = 8  # nested values (partials of partials, objects in objects) hashed this deep
 _DATA = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _MISSING = object()
+#: while a model's configuration is hashed: id -> name of its own parameters, buffers and
+#: submodules (hashed by name, not by value: they are weights, or the tree itself)
+_OWN: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("_OWN", default=None)
 
 
 def code_fingerprint(fn: Any) -> str:
@@ -162,6 +166,9 @@ def _value_repr(value: Any, depth: int = 0) -> str:
     library, whose attributes are runtime state)."""
     if isinstance(value, (*_DATA, enum.Enum)):
         return repr(value)
+    own = (_OWN.get() or {}).get(id(value))
+    if own is not None:  # the model's own parameter, buffer or submodule: by name
+        return f"own:{own}"
     if depth > _MAX_DEPTH:
         return type(value).__qualname__
     if isinstance(value, torch.Tensor):
@@ -245,14 +252,24 @@ def _module_config(model: nn.Module) -> str:
     ``temperature`` read in ``forward``: what neither ``repr`` nor the parameters show) and
     of the code of the hooks registered on it, or on every module."""
     h = hashlib.blake2b(digest_size=8)
-    for name, module in model.named_modules():
-        h.update(f"module {name}".encode())
-        for key, value in sorted(vars(module).items()):
-            if key not in _MODULE_INTERNALS:
-                h.update(f"{key}={_value_repr(value, 1)}".encode())
-        for kind in _HOOKS:
-            for hook in getattr(module, kind, {}).values():
-                h.update(f"{kind}:{code_fingerprint(hook)}".encode())
+    own = {id(v): n for n, v in model.named_parameters(remove_duplicate=False)}
+    own |= {id(v): n for n, v in model.named_buffers(remove_duplicate=False)}
+    own |= {id(m): f"module {n}" for n, m in model.named_modules(remove_duplicate=False)}
+    token = _OWN.set(own)  # an attribute pointing at the model's own weights names them
+    try:
+        for name, module in model.named_modules():
+            h.update(f"module {name}".encode())
+            library = type(module).__module__.startswith(_TORCH_PREFIXES)
+            for key, value in sorted(vars(module).items()):
+                # torch's private attributes are its runtime state (an LSTM's _flat_weights
+                # point at whichever weights it last ran with); its settings are public
+                if key not in _MODULE_INTERNALS and not (library and key.startswith("_")):
+                    h.update(f"{key}={_value_repr(value, 1)}".encode())
+            for kind in _HOOKS:
+                for hook in getattr(module, kind, {}).values():
+                    h.update(f"{kind}:{code_fingerprint(hook)}".encode())
+    finally:
+        _OWN.reset(token)
     for kind in _HOOKS:
         for hook in getattr(_torch_module, "_global" + kind, {}).values():
             h.update(f"global{kind}:{code_fingerprint(hook)}".encode())
