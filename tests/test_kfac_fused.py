@@ -313,3 +313,32 @@ def test_padding_a_model_reads_counts_in_its_factors(spec, caplog, tmp_path):
         qr = {k: v[:3] for k, v in renamed.items()}
         torch.testing.assert_close(got.attribute(q), want.attribute(qr), rtol=1e-9, atol=1e-12)
     assert "padded positions reach the loss through layer 'h'" in caplog.text
+
+
+@pytest.mark.parametrize("spec", [dt.KFAC(damping=0.05), dt.EKFAC(damping=0.05)])
+def test_a_class_masked_to_minus_inf_is_a_finite_output(spec):
+    """A classifier that masks a class with -inf has finite losses and gradients: the
+    passes' non-finite check refuses NaN and +inf outputs only, and the scores equal those
+    with the class masked by -1e4 (a probability of exactly 0 in float64 either way)."""
+    from torch import nn
+
+    class Masked(nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fill = nn.Linear(4, 5), nn.Linear(5, 3), fill
+
+        def forward(self, x):
+            out = self.fc2(torch.tanh(self.fc1(x)))
+            return out.masked_fill(torch.tensor([False, False, True]), self.fill)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 2, (10,))
+    scores = []
+    for fill in (float("-inf"), -1e4):
+        torch.manual_seed(1)
+        model = Masked(fill).double()
+        task = dt.ClassificationTask(model)
+        fitted = dt.Influence(spec).fit(task, [dt.Checkpoint.from_module(model)], (x, y))
+        scores.append(fitted.attribute((x[:3], y[:3])))
+    assert bool(torch.isfinite(scores[0]).all())
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-10, atol=1e-12)

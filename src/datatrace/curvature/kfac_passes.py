@@ -139,11 +139,15 @@ def _pseudo_grads(
 def _check_finite(problem: CurvatureProblem, out: torch.Tensor, grad: torch.Tensor | None) -> None:
     """Raise :class:`NonFiniteError` naming every training example with a non-finite loss
     or input (a forward scan of the data: this batch is a length group, its examples'
-    indices are not at hand) when this batch's outputs or loss gradients are not finite."""
-    rows = [out.detach()] + ([grad] if grad is not None else [])
-    if all(bool(torch.isfinite(r.sum())) for r in rows):  # one pass, no boolean copy
-        return
-    if all(bool(torch.isfinite(r).all()) for r in rows):  # only the sum overflowed
+    indices are not at hand) when this batch's outputs are NaN or +inf or its loss
+    gradients are not finite."""
+    out = out.detach()
+    if bool(torch.isfinite(out.sum())) and (grad is None or bool(torch.isfinite(grad.sum()))):
+        return  # one pass each, no boolean copy
+    # elementwise (a sum overflowed, or is -inf): -inf outputs are masked classes or tokens
+    # (a finite loss), NaN and +inf are not; a loss gradient must be finite
+    bad_out = bool((torch.isnan(out) | torch.isposinf(out)).any())
+    if not bad_out and (grad is None or bool(torch.isfinite(grad).all())):
         return
     model = problem.model_at(problem.theta)
     source = problem.train
