@@ -335,3 +335,28 @@ def test_no_pickle_in_cache(tmp_path: Path) -> None:
     dt.truth.leave_one_out(train_fn, task, train, queries, indices=[0], cache=tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [".lock", "job-000000.safetensors", "job-000001.safetensors", "manifest.json"]
+
+
+def test_further_training_loop_twin_keeps_a_non_persistent_buffer() -> None:
+    """The per-example loop (vectorize=1) loads the checkpoint into a copy of the model:
+    a non-persistent buffer (not in its state dict) stays the model's, and the loop equals
+    the stacked runs (it raised 'Unexpected key(s) in state_dict')."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+            self.register_buffer("scale", torch.full((5,), 0.5), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x * self.scale)
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    task = dt.ClassificationTask(model)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    kw = dict(indices=[0, 1], steps=3, seeds=(0,), lr=0.5, batch_size=4)
+    ck = dt.Checkpoint.from_module(model)
+    slow = dt.truth.further_training(task, ck, (x, y), (x[:3], y[:3]), vectorize=1, **kw)
+    fast = dt.truth.further_training(task, ck, (x, y), (x[:3], y[:3]), vectorize=2, **kw)
+    torch.testing.assert_close(slow, fast, rtol=1e-9, atol=1e-12)

@@ -166,7 +166,8 @@ def _further_train_loop(
 
     model = copy.deepcopy(task.model).to(device)
     params, buffers = start.parameters_for(model, device)  # buffers it lacks: the model's
-    model.load_state_dict({**params, **buffers})
+    state = {**params, **buffers}  # non-persistent buffers stay the model's own
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     model.eval()
     opt = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
