@@ -111,6 +111,26 @@ def test_a_fixed_order_sampler_with_drop_last_attributes_what_it_keeps() -> None
     assert dt.GradDot().fit(task, ck, loader, progress=False).n_train == 9
 
 
+def test_a_sampler_that_runs_once_is_taken_as_it_came() -> None:
+    """A sampler that yields its examples on one pass only (an iterator): the second pass
+    that looks for another set finds nothing to compare, and the first pass is kept."""
+    task, ck, x, y = _setup()
+
+    class Once(torch.utils.data.Sampler):
+        def __init__(self) -> None:
+            self.it = iter([1, 3, 5, 7, 9])
+
+        def __iter__(self):
+            return self.it
+
+        def __len__(self) -> int:
+            return 5
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=Once())
+    fitted = dt.GradDot().fit(task, ck, loader, progress=False)
+    assert fitted.train.indices.tolist() == [1, 3, 5, 7, 9]
+
+
 def test_a_sequential_loader_with_drop_last_attributes_what_it_yields() -> None:
     task, ck, x, y = _setup()
     loader = DataLoader(TensorDataset(x, y), batch_size=8, drop_last=True)

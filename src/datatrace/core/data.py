@@ -264,7 +264,8 @@ def _another_set_each_pass(batch_sampler: Any, sampler: Any, drawn: list[int], w
     """Whether a (non-sequential) loader keeps another set of examples on another pass: a
     random sampler whose order decides what ``drop_last`` drops, or a random subset. Known
     random samplers are refused outright; others are iterated again (three more passes
-    when ``drop_last`` drops some: a permutation may drop the same ones by chance)."""
+    when ``drop_last`` drops some: a permutation may drop the same ones by chance); one
+    that yields nothing on a second pass runs once and is taken as it came."""
     if isinstance(sampler, SequentialSampler):
         return False
     dropping = isinstance(batch_sampler, BatchSampler) and batch_sampler.drop_last
@@ -273,8 +274,13 @@ def _another_set_each_pass(batch_sampler: Any, sampler: Any, drawn: list[int], w
     if whole and not dropping:
         return False
     kept = set(drawn)
-    passes = 3 if dropping else 1
-    return any({int(i) for b in batch_sampler for i in b} != kept for _ in range(passes))
+    for _ in range(3 if dropping else 1):
+        again = {int(i) for b in batch_sampler for i in b}
+        if not again and kept:  # an iterator that runs once: nothing to compare, as before
+            return False
+        if again != kept:
+            return True
+    return False
 
 
 def leaves(batch: Batch) -> list[torch.Tensor]:
