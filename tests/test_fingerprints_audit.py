@@ -424,3 +424,30 @@ def test_swapping_the_tensors_under_two_keys_is_a_store_mismatch(tmp_path: Path)
     _fit(dt.ClassificationTask(model), tmp_path, data=data)
     with pytest.raises(dt.StoreMismatchError, match="data"):
         _fit(dt.ClassificationTask(model), tmp_path, data=swapped)
+
+
+_TWIN = 0.1  # a global that shares its name with an attribute the model reads
+
+
+class _ReadsTwin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self._TWIN = nn.Linear(3, 2), 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self._TWIN
+
+
+def test_an_attribute_named_like_a_global_is_not_the_global() -> None:
+    """Only globals the code loads are hashed, not every name it uses: ``self._TWIN`` does
+    not tie the fingerprint to a module-level ``_TWIN`` (a notebook's data, say)."""
+    global _TWIN
+    model = _ReadsTwin()
+    before = model_fingerprint(model)
+    try:
+        _TWIN = 0.7
+        assert model_fingerprint(model) == before
+    finally:
+        _TWIN = 0.1
+    model._TWIN = 0.6  # the attribute itself is configuration
+    assert model_fingerprint(model) != before

@@ -21,6 +21,7 @@ elsewhere (:meth:`Checkpoint.fingerprint`, :meth:`ExampleSource.fingerprint`).
 from __future__ import annotations
 
 import contextvars
+import dis
 import enum
 import functools
 import hashlib
@@ -109,8 +110,13 @@ def _hash_function(fn: types.FunctionType, h: Any, depth: int, seen: set[int]) -
 
 
 def _global_names(code: types.CodeType) -> list[str]:
-    """The names a code object (and the functions defined in it) reads, in order."""
-    names = list(code.co_names)
+    """The global names a code object (and the functions defined in it) reads, in order:
+    ``co_names`` also holds attribute names (``self.dropout``), which a global of the same
+    name must not stand for."""
+    names: list[str] = []
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and ins.argval not in names:
+            names.append(str(ins.argval))
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names += [n for n in _global_names(const) if n not in names]
