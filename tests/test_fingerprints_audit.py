@@ -451,3 +451,28 @@ def test_an_attribute_named_like_a_global_is_not_the_global() -> None:
         _TWIN = 0.1
     model._TWIN = 0.6  # the attribute itself is configuration
     assert model_fingerprint(model) != before
+
+
+def test_config_objects_are_settings_and_cycles_end() -> None:
+    """A namespace holding a model's or task's settings is hashed by its values, and an
+    object that refers to itself is hashed a few levels deep (it recursed without end)."""
+    import argparse
+    import types
+
+    model = nn.Linear(3, 2)
+    for make in (types.SimpleNamespace, argparse.Namespace):
+        model.cfg = make(temperature=1.0)
+        before = model_fingerprint(model)
+        model.cfg = make(temperature=2.0)
+        assert model_fingerprint(model) != before
+
+    class Config:
+        pass
+
+    cfg = Config()
+    cfg.me, cfg.scale = cfg, 3
+    task = dt.ClassificationTask(nn.Linear(3, 2))
+    task.cfg = cfg
+    before = task_fingerprint(task)
+    cfg.scale = 4
+    assert task_fingerprint(task) != before

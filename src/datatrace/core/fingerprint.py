@@ -20,6 +20,7 @@ elsewhere (:meth:`Checkpoint.fingerprint`, :meth:`ExampleSource.fingerprint`).
 
 from __future__ import annotations
 
+import argparse
 import contextvars
 import dis
 import enum
@@ -202,6 +203,8 @@ def _value_repr(value: Any, depth: int = 0) -> str:
         h = hashlib.blake2b(digest_size=8)
         _hash_callable(value, h, depth + 1, set())
         return f"code:{h.hexdigest()}"
+    if isinstance(value, (types.SimpleNamespace, argparse.Namespace)):  # a config object
+        return _qualname(type(value)) + _value_repr(vars(value), depth + 1)
     if hasattr(value, "__dict__") and depth < 4 and not _library_object(value):
         public = {k: v for k, v in vars(value).items() if not str(k).startswith("_")}
         return _qualname(type(value)) + _value_repr(public, depth + 1)
@@ -305,8 +308,9 @@ def _class_code(cls: type) -> str:
     return h.hexdigest()
 
 
-def task_fingerprint(task: Any) -> dict[str, Any]:
+def task_fingerprint(task: Any, _seen: frozenset[int] = frozenset()) -> dict[str, Any]:
     """The task's class and the code of its class; its settings and user functions."""
+    _seen = _seen | {id(task)}
     settings: dict[str, Any] = {}
     for key, value in sorted(vars(task).items()):
         # the model has its own fingerprint; runtime state (e.g. inferred sizes) is not a setting
@@ -318,10 +322,10 @@ def task_fingerprint(task: Any) -> dict[str, Any]:
                 settings[key]["state"] = _digest(_value_repr(dict(value.state_dict())))
         elif callable(value):
             settings[key] = code_fingerprint(value)
-        elif isinstance(value, (torch.Tensor, np.ndarray, type)) or not hasattr(value, "__dict__"):
+        elif hasattr(value, "loss") and hasattr(value, "model") and id(value) not in _seen:
+            settings[key] = task_fingerprint(value, _seen)  # a wrapped task
+        else:  # plain settings, or an object's public attributes (a few levels deep)
             settings[key] = _value_repr(value)
-        else:  # a wrapped task
-            settings[key] = task_fingerprint(value)
     return {"class": _qualname(type(task)), "code": _class_code(type(task)), "settings": settings}
 
 
