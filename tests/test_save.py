@@ -243,6 +243,8 @@ def test_a_saved_distilled_datamodel_is_refused_for_another_model_task_or_data(
     other = (train[0] + 0.5, train[1])
     with pytest.raises(dt.StoreMismatchError, match="another training data"):
         load(tmp_path / "ddm", task, ckpts[-1], train=other)
+    with pytest.raises(dt.StoreMismatchError, match="another training data"):
+        dt.load(tmp_path / "ddm", task, other, checkpoints=ckpts)
     frozen = MLP().double()
     frozen.load_state_dict(model.state_dict())
     frozen.fc1.requires_grad_(False)

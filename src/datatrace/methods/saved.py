@@ -186,7 +186,8 @@ def load(
         path: the folder given to ``save``.
         task: the task (or model) it was fitted for; its architecture, code and settings
             must be the same (fingerprints).
-        train: the training data (same bytes; needed by gradient attributors).
+        train: the training data (same bytes; needed by gradient attributors, checked for
+            a Distilled Datamodel when given).
         model: instead of ``task``: the model (``dt.ClassificationTask(model)``).
         checkpoints: a Distilled Datamodel's final checkpoint (``[final]``).
         store: where the feature store it refers to is now, if it moved.
@@ -212,7 +213,7 @@ def load(
                 f"{folder} holds a Distilled Datamodel: pass checkpoints=[final], the "
                 "checkpoint it was fitted at"
             )
-        return FittedDistilledDatamodel.load(folder, the_task, checkpoints[-1])
+        return FittedDistilledDatamodel.load(folder, the_task, checkpoints[-1], train=train)
     if not (folder / TENSORS).exists():
         raise StoreCorruptError(
             f"no saved fit in {folder} (no {TENSORS}); pass the folder given to fitted.save()"
