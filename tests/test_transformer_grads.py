@@ -551,3 +551,40 @@ def test_embedding_ids_are_kept_only_where_every_dtype_holds_them_exactly():
     assert GradientFeatures(FeatureSpec(params=("1",)), dt.ClassificationTask(model32)).indexed
     bf16 = FeatureSpec(params=("1",), feature_dtype=torch.bfloat16)
     assert GradientFeatures(bf16, dt.ClassificationTask(model32)).indexed == {}
+
+
+def _pad_each_batch(items):
+    """A collate that pads each batch to its own longest sequence (Hugging Face's
+    DataCollatorWithPadding does this)."""
+    width = max(len(r["input_ids"]) for r in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    mask = torch.zeros(len(items), width, dtype=torch.long)
+    for i, r in enumerate(items):
+        ids[i, : len(r["input_ids"])], mask[i, : len(r["input_ids"])] = r["input_ids"], 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.stack([r["labels"] for r in items])}  # fmt: skip
+
+
+def test_a_loader_that_pads_each_batch_to_its_own_length_is_attributed(tmp_path, caplog):
+    """The factored layout was sized on the first example, so a batch with a longer one
+    (the first batch here) was a DataError; it is now sized on the longest example, and
+    queries padded to another length than the training examples are taken. Scores equal
+    those of every example padded to the longest, in memory and in a store."""
+    from torch.utils.data import DataLoader
+
+    model, _ = _bert()
+    torch.manual_seed(0)
+    lengths = [3, 4, 3, 7, 5, 2, 6, 4]
+    rows = [{"input_ids": torch.randint(1, 100, (n,)), "labels": torch.tensor(i % 3)}
+            for i, n in enumerate(lengths)]  # fmt: skip
+    padded = _pad_each_batch(rows)
+    task, ckpts = dt.ClassificationTask(model), [dt.Checkpoint.from_module(model)]
+    queries = DataLoader(rows[3:6], batch_size=3, collate_fn=_pad_each_batch)
+    want = dt.GradDot().fit(task, ckpts, padded).attribute({k: v[3:6] for k, v in padded.items()})
+    loader = DataLoader(rows, batch_size=2, collate_fn=_pad_each_batch)
+    with caplog.at_level(logging.INFO, logger="datatrace"):
+        fitted = dt.GradDot().fit(task, ckpts, loader, batch_size=2)
+    assert "features sized on the longest training example (3)" in caplog.text
+    torch.testing.assert_close(fitted.attribute(queries), want, rtol=1e-10, atol=1e-13)
+    stored = dt.GradDot().fit(task, ckpts, loader, batch_size=2, store=tmp_path / "s")
+    torch.testing.assert_close(stored.attribute(queries), want, rtol=1e-10, atol=1e-13)

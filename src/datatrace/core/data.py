@@ -161,15 +161,31 @@ class ExampleSource:
             return None
         return dict(self._tensors) if isinstance(self._tensors, Mapping) else tuple(self._tensors)
 
+    def longest(self) -> int:
+        """The row of the example with the most entries (tensor elements, sequence items,
+        characters of text: what a collate function pads or tokenizes), read one example
+        at a time without collating; the first of equals. Tensor data: 0 (one shape)."""
+        if self._tensors is not None:
+            return 0
+        rows = range(len(self)) if self.indices is None else self.indices.tolist()
+        best, at = -1, 0
+        for row, i in enumerate(rows):
+            size = _entries(self._dataset[i])
+            if size > best:
+                best, at = size, row
+        return at
+
     def example_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape and dtype kind of one example's tensors, by position or key (from example 0)."""
         first = self.batch(0, 1)
         items = first.items() if isinstance(first, Mapping) else enumerate(first)
         return {str(k): tuple(v.shape[1:]) for k, v in items if isinstance(v, torch.Tensor)}
 
-    def check_like(self, other: ExampleSource) -> None:
+    def check_like(self, other: ExampleSource, sequences: bool = False) -> None:
         """Raise :class:`DataError` unless examples have ``other``'s structure and shapes
-        (queries scored against training features must be the same kind of example)."""
+        (queries scored against training features must be the same kind of example);
+        ``sequences``: token sequences, whose parts may differ in length (their first
+        dimension) but in nothing else."""
         mine, theirs = self.example_shapes(), other.example_shapes()
         if mine.keys() != theirs.keys():
             raise DataError(
@@ -177,7 +193,10 @@ class ExampleSource:
                 "pass queries in the same form as the training data"
             )
         for key in mine:
-            if mine[key] != theirs[key]:
+            a, b = mine[key], theirs[key]
+            if sequences and len(a) == len(b) >= 1 and a[1:] == b[1:]:
+                continue  # another length: a sequence padded to its batch's longest
+            if a != b:
                 raise DataError(
                     f"{self.name}: part {key} of each example has shape {mine[key]}, in "
                     f"{other.name} {theirs[key]}; queries must have the training data's shape"
@@ -281,6 +300,22 @@ def _another_set_each_pass(batch_sampler: Any, sampler: Any, drawn: list[int], w
         if again != kept:
             return True
     return False
+
+
+def _entries(example: Any) -> int:
+    """How many entries an example holds: the size of its tensors and arrays, the length of
+    its sequences and strings, summed over its parts."""
+    if isinstance(example, (torch.Tensor, np.ndarray)):
+        return int(example.size if isinstance(example, np.ndarray) else example.numel())
+    if isinstance(example, (str, bytes)):
+        return len(example)
+    if isinstance(example, Mapping):
+        return sum(_entries(v) for v in example.values())
+    if isinstance(example, (list, tuple)):
+        if example and isinstance(example[0], (int, float)):  # token ids: their count
+            return len(example)
+        return sum(_entries(v) for v in example)
+    return 1
 
 
 def leaves(batch: Batch) -> list[torch.Tensor]:

@@ -74,3 +74,8 @@ class AbstractFeaturizer(ABC):
         """Numbers held per example while a batch is featurized, beyond its features
         (default: as many as the features; activations not counted)."""
         return sum(self.layout().values())
+
+    def sized_by_example(self) -> bool:
+        """Whether the layout depends on the example it was probed on (sequence lengths):
+        then it is probed on the longest example (default: it does not)."""
+        return False

@@ -279,9 +279,9 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         if have > tokens:
             raise DataError(
                 f"examples {offset}..{offset + n - 1} give layer {lay!r} {have} tokens, more "
-                f"than the {tokens} its factored features were sized for on the first batch; "
-                "pad every example to one length (tokenizer padding='max_length') or pass "
-                "factored=False"
+                f"than the {tokens} its factored features were sized for on the training "
+                "example with the most entries; pad every example to one length (tokenizer "
+                "padding='max_length': padding is cut before the model) or pass factored=False"
             )
         return tokens
 

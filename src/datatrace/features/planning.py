@@ -280,6 +280,11 @@ class FeaturePlanning:
             if tokens > 0 and tokens * (1 + dim) < rows * dim:  # ids and gradients: smaller
                 self.tokens[lay] = tokens
 
+    def sized_by_example(self) -> bool:
+        """A factored or indexed layer keeps more than one token per example: the layout
+        holds as many tokens as the example it was probed on."""
+        return any(t > 1 for t in self.tokens.values())
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.spec.describe(),

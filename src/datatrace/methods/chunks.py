@@ -116,8 +116,8 @@ class BlockScoring:
         source = ExampleSource(queries, "queries")
         if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
             self.task.check_queries(source)
-        else:
-            source.check_like(self.train)
+        else:  # sequences (a token mask) may be padded to another length than training's
+            source.check_like(self.train, self.task.token_mask(source.batch(0, 1)) is not None)
         whole = source.whole()
         if whole is not None:
             self.task.check_data(whole, source.name)

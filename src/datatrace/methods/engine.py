@@ -320,15 +320,28 @@ class GradientAttributor:
     ) -> tuple[list[AbstractFeaturizer], list[State]]:
         """One featurizer per checkpoint (projected features get an independent matrix each)
         and the checkpoints' states on the model's device, probed on one example (which
-        fixes the factored layout before a store is sized)."""
-        per_ckpt: list[AbstractFeaturizer] = [
-            GradientFeatures(spec.for_checkpoint(c), scored) for c in range(len(ckpts))
-        ]
+        fixes the factored layout before a store is sized): the first, or, where the
+        layout holds each example's tokens and the examples may differ in length (a
+        Dataset or DataLoader whose collate pads each batch to its own longest), the
+        longest, so that every batch fits."""
         device = model_device(scored.model)
         distributed.ensure_initialized(device)
         states = [c.parameters_for(scored.model, device) for c in ckpts]
-        for f, st in zip(per_ckpt, states, strict=True):
-            featurize(f, st, source, False, 1, 0, 1, progress=False)
+
+        def probed(at: int) -> list[AbstractFeaturizer]:
+            per_ckpt: list[AbstractFeaturizer] = [
+                GradientFeatures(spec.for_checkpoint(c), scored) for c in range(len(ckpts))
+            ]
+            for f, st in zip(per_ckpt, states, strict=True):
+                featurize(f, st, source, False, 1, at, at + 1, progress=False)
+            return per_ckpt
+
+        per_ckpt = probed(0)
+        if per_ckpt[0].sized_by_example() and source.whole() is None:
+            longest = source.longest()
+            if longest != 0:
+                log.info("features sized on the longest training example (%d)", longest)
+                per_ckpt = probed(longest)
         return per_ckpt, states
 
 
