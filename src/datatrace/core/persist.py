@@ -10,6 +10,8 @@ On-disk format of a store folder::
 
     manifest.json      {"format": tag, "version": int, "fingerprint": ..., ...}; written
                        last when a store is created, so a folder without it is no store
+    creating.json      written first when a store is created, deleted after its manifest:
+                       with it and no manifest, a killed creation, made again
     .lock, .lock-*     lock files (``fcntl.flock``): opening, and each format's own; never
                        deleted (another process may be waiting on one)
     .tmp-*             a write in progress (or killed): ignored, removed on overwrite
@@ -55,6 +57,9 @@ from .locks import LOCK, acquire, locked, release
 log = logging.getLogger("datatrace")
 
 MANIFEST = "manifest.json"
+#: written before a store's data files and deleted after its manifest: a folder holding it,
+#: this format's files and no manifest is a creation that was killed, made again
+CREATING = "creating.json"
 TEMP_PREFIX = ".tmp-"
 
 
@@ -267,8 +272,10 @@ def open_store(
                 _read_manifest(folder, fmt)  # raises for a folder that is no store of fmt
                 clear(folder, fmt)
                 found = {"format": fmt.tag, "version": fmt.version, **expected}
+                write_json(folder / CREATING, {"format": fmt.tag})  # a creation is under way
                 create(found)
                 write_json(folder / MANIFEST, found)  # last: marks a valid store
+                (folder / CREATING).unlink(missing_ok=True)
                 overwrite = True  # i.e. created now
             key = acquire(folder, exclusive=False)  # kept when the exclusive hold ends
         return found, overwrite, key
@@ -313,6 +320,11 @@ def _read_manifest(folder: Path, fmt: StoreFormat) -> tuple[dict[str, Any] | Non
     try:
         m = json.loads(mfile.read_bytes())
     except (OSError, ValueError) as exc:
+        if not foreign and not mfile.exists() and CREATING in names:
+            # a creation killed before its manifest (written last; seen only under the lock,
+            # so its creator is gone): only this format's files and the creation's marker
+            # are there, nothing valid to keep; the store is made again
+            return None, None
         if foreign or not mfile.exists():
             raise StoreCorruptError(
                 f"{folder} is not empty and has no readable {MANIFEST}: not a datatrace store; "
@@ -329,7 +341,7 @@ def _read_manifest(folder: Path, fmt: StoreFormat) -> tuple[dict[str, Any] | Non
 
 def _is_store_file(name: str, fmt: StoreFormat) -> bool:
     return (
-        name == MANIFEST
+        name in (MANIFEST, CREATING)
         or name.startswith((LOCK, TEMP_PREFIX))
         or any(fnmatch.fnmatchcase(name, pat) for pat in fmt.files)
     )
