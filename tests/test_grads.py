@@ -336,6 +336,33 @@ def test_conv_patches_rejects_implicit_same_padding():
         conv_patches(conv, torch.randn(1, 1, 5, 5))
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_conv_padding_other_than_zeros_gets_exact_gradients(mode):
+    """F.unfold pads with zeros: a Conv2d padding by reflection, replication or wrapping
+    had its patches (and so its per-example gradients, K-FAC factors) built from zeros
+    (GradDot off by 0.4-1.1 relative). Such a layer now takes vmap's exact gradients, and
+    K-FAC leaves it out."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode=mode), torch.nn.Tanh(),
+        torch.nn.Flatten(), torch.nn.Linear(2 * 5 * 5, 3),
+    ).double()  # fmt: skip
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = dt.ClassificationTask(model)
+    ckpts = [dt.Checkpoint.from_module(model)]
+    got = dt.GradDot(params=["0.weight", "0.bias"]).fit(task, ckpts, (x, y)).attribute((x, y))
+
+    def grad(i):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, list(model[0].parameters()))
+        return torch.cat([g.flatten() for g in grads])
+
+    g = torch.stack([grad(i) for i in range(6)])
+    torch.testing.assert_close(got, g @ g.T, rtol=1e-10, atol=1e-12)
+    kfac = dt.Influence(dt.KFAC()).fit(task, ckpts, (x, y))
+    assert not any(n.startswith("0.") for n in kfac.features.names)
+
+
 def test_layer_calls_records_every_call_and_a_probe_gives_the_output_gradient():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2).double()

@@ -26,14 +26,16 @@ HOOKABLE = (nn.Linear, nn.Conv2d)
 
 
 def hookable(module: nn.Module) -> bool:
-    """Whether per-example gradients of this module's parameters can come from hooks."""
+    """Whether per-example gradients of this module's parameters can come from hooks: a
+    Linear, or a Conv2d whose patches ``F.unfold`` forms (one group; zero padding, or none:
+    reflect/replicate/circular padding is not what unfold pads with)."""
     if type(module) is nn.Linear:
         return True
-    return (
-        type(module) is nn.Conv2d
-        and module.groups == 1
-        and (not isinstance(module.padding, str) or module.padding == "valid")
-    )
+    if type(module) is not nn.Conv2d or module.groups != 1:
+        return False
+    if isinstance(module.padding, str):
+        return module.padding == "valid"
+    return module.padding_mode == "zeros" or not any(module.padding)
 
 
 Calls = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.data import batch_len
 from ..core.task import AbstractTask
-from .layers import NotFactorable, conv_patches, layer_calls
+from .layers import NotFactorable, conv_patches, hookable, layer_calls
 from .per_example import Params, bound_model, value_fn
 
 LINEAR, CONV1D, CONV2D, EMBEDDING, LAYERNORM = "linear", "conv1d", "conv2d", "embedding", "norm"
@@ -50,10 +50,7 @@ def rule_kind(module: nn.Module) -> str | None:
     if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
         return CONV1D
     if kind is nn.Conv2d:
-        ok = module.groups == 1 and (
-            not isinstance(module.padding, str) or module.padding == "valid"
-        )
-        return CONV2D if ok else None
+        return CONV2D if hookable(module) else None
     if kind is nn.Embedding:
         # max_norm renormalises the weight inside forward, scale_grad_by_freq rescales by
         # the batch's counts: neither gradient is a per-example scatter
