@@ -99,3 +99,39 @@ def test_cli_featurize_and_score_under_torchrun_equal_one_process(tmp_path: Path
     assert rows1 == rows2 and len(rows1) == 5 * 10
     best = [int(r["train_index"]) for r in rows1 if r["rank"] == "1"]
     assert best == [int(i) for i in np.argmax(a, axis=1)]
+
+
+DDM_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from conftest import MLP
+import datatrace as dt
+import datatrace.core.locks as locks
+locks.LOCK_TIMEOUT_S = 0.5  # shorter than the distillation: a rank must not give up on it
+from datatrace.retrain import sgd_train
+torch.manual_seed(0)
+x = torch.randn(40, 5, dtype=torch.float64)
+y = torch.randint(0, 3, (40,))
+model, ckpts = sgd_train(lambda: MLP().double(), x, y, 0, epochs=4, lr=0.3, batch_size=8,
+                         momentum=0.0, checkpoints=4)
+ddm = dt.DistilledDatamodel(groups=torch.arange(40) % 4, synset_per_group=3, steps_per_point=60)
+fitted = ddm.fit(dt.ClassificationTask(model), ckpts, (x, y), store={store!r})
+out = {{"syn": fitted.syn_x, "scores": fitted.attribute((x[:5] + 0.05, y[:5]))}}
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+torch.save(out, {out!r}.format(rank))
+"""
+
+
+def test_a_distilled_datamodel_store_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    """The distillation is one sequence of steps: every rank took the store's lock in turn
+    and gave up after the lock timeout when the distillation took longer (10 minutes by
+    default). Rank 0 now distils while the others wait for it as long as it lives, then
+    read the finished run: every rank's synthetic set and scores equal one process's."""
+    tests = str(Path(__file__).parent)
+
+    def make(out: str, sharded: bool) -> str:
+        store = str(tmp_path / ("d2" if sharded else "d1"))
+        return DDM_SCRIPT.format(tests=tests, store=store, out=out)
+
+    assert_two_ranks_equal_one_process(tmp_path, make)

@@ -34,20 +34,26 @@ _held_guard = threading.Lock()
 
 
 @contextmanager
-def locked(folder: Path, exclusive: bool = True, name: str = LOCK) -> Iterator[None]:
+def locked(
+    folder: Path, exclusive: bool = True, name: str = LOCK, patient: bool = False
+) -> Iterator[None]:
     """Hold the store's lock (``fcntl.flock`` on ``folder/name``) for the block.
 
     Locks are per process: a process never waits for itself (a notebook replacing a store
-    that an earlier fitted object still reads), only for other processes.
+    that an earlier fitted object still reads), only for other processes. ``patient``:
+    wait as long as the holder lives (a lock dies with its process), not
+    :data:`LOCK_TIMEOUT_S`.
     """
-    key = acquire(folder, exclusive, name)
+    key = acquire(folder, exclusive, name, patient)
     try:
         yield
     finally:
         release(key, exclusive)
 
 
-def acquire(folder: Path, exclusive: bool, name: str = LOCK) -> tuple[int, int] | None:
+def acquire(
+    folder: Path, exclusive: bool, name: str = LOCK, patient: bool = False
+) -> tuple[int, int] | None:
     """Take the lock ``folder/name`` (waiting up to :data:`LOCK_TIMEOUT_S`); ``None`` where no
     lock file can exist (a read-only folder: nobody can write there either)."""
     fd = _open_lock(folder / name)
@@ -62,9 +68,9 @@ def acquire(folder: Path, exclusive: bool, name: str = LOCK) -> tuple[int, int] 
         else:
             os.close(fd)
         if exclusive and held.exclusive == 0:
-            _flock(held.fd, fcntl.LOCK_EX, folder)
+            _flock(held.fd, fcntl.LOCK_EX, folder, patient)
         elif not exclusive and held.shared == 0 and held.exclusive == 0:
-            _flock(held.fd, fcntl.LOCK_SH, folder)
+            _flock(held.fd, fcntl.LOCK_SH, folder, patient)
         if exclusive:
             held.exclusive += 1
         else:
@@ -106,8 +112,8 @@ def _open_lock(path: Path) -> int | None:
         return None
 
 
-def _flock(fd: int, mode: int, folder: Path) -> None:
-    deadline = time.monotonic() + LOCK_TIMEOUT_S
+def _flock(fd: int, mode: int, folder: Path, patient: bool = False) -> None:
+    deadline = float("inf") if patient else time.monotonic() + LOCK_TIMEOUT_S
     waited = False
     while True:
         try:

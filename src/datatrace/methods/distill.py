@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import grad, vmap
 
-from ..core import persist
+from ..core import distributed, persist
 from ..core.checkpoint import Checkpoint
 from ..core.data import ExampleSource
 from ..core.errors import (
@@ -247,8 +247,22 @@ class _Distiller:
             return
         path = Path(store)
         persist.make_folder(path)
-        with persist.locked(path):  # another fitter of this store waits, then resumes its end
-            self._run(points, fingerprints, path, progress)
+        distributed.ensure_initialized(self.device)  # under torchrun: its process group
+        rank, size = distributed.world()
+        if size == 1:
+            with persist.locked(path):  # another fitter of this store waits, resumes its end
+                self._run(points, fingerprints, path, progress)
+            return
+        # torchrun: the distillation is one sequence of steps, not shared out. Rank 0 takes
+        # the lock, then the others wait for it as long as rank 0 lives (however long the
+        # distillation takes), and read the finished run (or, if rank 0 died, resume it)
+        key = persist.acquire(path, exclusive=True) if rank == 0 else None
+        distributed.barrier()
+        try:
+            with persist.locked(path, patient=True):
+                self._run(points, fingerprints, path, progress)
+        finally:
+            persist.release(key, exclusive=True)
 
     def _run(
         self,
