@@ -47,6 +47,7 @@ _LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "builtins",
 _MAX_DEPTH = 8  # nested values (partials of partials, objects in objects) hashed this deep
 _DATA = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _MISSING = object()
+_ARRAYS = (torch.Tensor, np.ndarray)
 #: while a model's configuration is hashed: id -> name of its own parameters, buffers and
 #: submodules (hashed by name, not by value: they are weights, or the tree itself)
 _OWN: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("_OWN", default=None)
@@ -322,10 +323,16 @@ def task_fingerprint(task: Any, _seen: frozenset[int] = frozenset()) -> dict[str
                 settings[key]["state"] = _digest(_value_repr(dict(value.state_dict())))
         elif callable(value):
             settings[key] = code_fingerprint(value)
-        elif hasattr(value, "loss") and hasattr(value, "model") and id(value) not in _seen:
-            settings[key] = task_fingerprint(value, _seen)  # a wrapped task
-        else:  # plain settings, or an object's public attributes (a few levels deep)
-            settings[key] = _value_repr(value)
+        elif (
+            isinstance(value, (*_ARRAYS, type, types.SimpleNamespace, argparse.Namespace))
+            or not hasattr(value, "__dict__")
+            or _library_object(value)
+        ):
+            settings[key] = _value_repr(value)  # plain settings, a namespace by its values
+        elif id(value) not in _seen:  # a wrapped task or a config object: its class's code
+            settings[key] = task_fingerprint(value, _seen)  # and all its attributes
+        else:
+            settings[key] = "(itself)"  # an object that refers back to one hashed above
     return {"class": _qualname(type(task)), "code": _class_code(type(task)), "settings": settings}
 
 
