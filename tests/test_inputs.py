@@ -131,6 +131,27 @@ def test_a_sampler_that_runs_once_is_taken_as_it_came() -> None:
     assert fitted.train.indices.tolist() == [1, 3, 5, 7, 9]
 
 
+def test_the_longest_example_is_found_whatever_the_order_of_its_parts() -> None:
+    """Examples (label, token ids) as Python lists: a label first must not make every
+    example count as two entries (the first example was then taken as the longest)."""
+    from datatrace.core.data import ExampleSource
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, items: list) -> None:
+            self.items = items
+
+        def __getitem__(self, i: int):
+            return self.items[i]
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+    rows = [(0, [5, 6, 7]), (1, [5, 6, 7, 8, 9]), (2, [5])]
+    assert ExampleSource(Items(rows)).longest() == 1
+    assert ExampleSource(Items([(ids, label) for label, ids in rows])).longest() == 1
+    assert ExampleSource(Items([{"input_ids": r[1], "label": r[0]} for r in rows])).longest() == 1
+
+
 def test_a_sequential_loader_with_drop_last_attributes_what_it_yields() -> None:
     task, ck, x, y = _setup()
     loader = DataLoader(TensorDataset(x, y), batch_size=8, drop_last=True)

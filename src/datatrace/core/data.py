@@ -181,11 +181,12 @@ class ExampleSource:
         items = first.items() if isinstance(first, Mapping) else enumerate(first)
         return {str(k): tuple(v.shape[1:]) for k, v in items if isinstance(v, torch.Tensor)}
 
-    def check_like(self, other: ExampleSource, sequences: bool = False) -> None:
+    def check_like(self, other: ExampleSource, lengths: tuple[int, int] | None = None) -> None:
         """Raise :class:`DataError` unless examples have ``other``'s structure and shapes
         (queries scored against training features must be the same kind of example);
-        ``sequences``: token sequences, whose parts may differ in length (their first
-        dimension) but in nothing else."""
+        ``lengths``: token sequences of these lengths (this source's first example's,
+        ``other``'s), so a part whose first dimension is that length may differ there
+        (padded to its batch's longest) but in nothing else."""
         mine, theirs = self.example_shapes(), other.example_shapes()
         if mine.keys() != theirs.keys():
             raise DataError(
@@ -194,7 +195,7 @@ class ExampleSource:
             )
         for key in mine:
             a, b = mine[key], theirs[key]
-            if sequences and len(a) == len(b) >= 1 and a[1:] == b[1:]:
+            if lengths and len(a) == len(b) >= 1 and (a[0], b[0]) == lengths and a[1:] == b[1:]:
                 continue  # another length: a sequence padded to its batch's longest
             if a != b:
                 raise DataError(
@@ -312,9 +313,9 @@ def _entries(example: Any) -> int:
     if isinstance(example, Mapping):
         return sum(_entries(v) for v in example.values())
     if isinstance(example, (list, tuple)):
-        if example and isinstance(example[0], (int, float)):  # token ids: their count
+        if all(isinstance(v, (int, float)) for v in example):  # token ids: their count
             return len(example)
-        return sum(_entries(v) for v in example)
+        return sum(_entries(v) for v in example)  # parts: a label counts one
     return 1
 
 

@@ -117,7 +117,11 @@ class BlockScoring:
         if isinstance(self.task, LanguageModelingTask):  # sequences: any length, own keys
             self.task.check_queries(source)
         else:  # sequences (a token mask) may be padded to another length than training's
-            source.check_like(self.train, self.task.token_mask(source.batch(0, 1)) is not None)
+            masks = [self.task.token_mask(s.batch(0, 1)) for s in (source, self.train)]
+            lengths = None
+            if all(m is not None and m.dim() == 2 for m in masks):
+                lengths = (int(masks[0].shape[1]), int(masks[1].shape[1]))  # type: ignore[union-attr]
+            source.check_like(self.train, lengths)
         whole = source.whole()
         if whole is not None:
             self.task.check_data(whole, source.name)
