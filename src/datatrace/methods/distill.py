@@ -19,6 +19,7 @@ from ..core.data import ExampleSource
 from ..core.errors import (
     DataError,
     StoreCorruptError,
+    StoreError,
     StoreMismatchError,
 )
 from ..core.fingerprint import model_fingerprint, task_fingerprint
@@ -253,11 +254,20 @@ class _Distiller:
             with persist.locked(path):  # another fitter of this store waits, resumes its end
                 self._run(points, fingerprints, path, progress)
             return
-        # torchrun: the distillation is one sequence of steps, not shared out. Rank 0 takes
-        # the lock, then the others wait for it as long as rank 0 lives (however long the
-        # distillation takes), and read the finished run (or, if rank 0 died, resume it)
-        key = persist.acquire(path, exclusive=True) if rank == 0 else None
-        distributed.barrier()
+        # torchrun (every rank calls fit): the distillation is one sequence of steps, not
+        # shared out. Rank 0 takes the lock, then the others wait for it as long as rank 0
+        # lives (however long the distillation takes), and read the finished run (or, if
+        # rank 0 died, resume it). If rank 0 cannot take it, every rank says so.
+        key, error = None, None
+        if rank == 0:
+            try:
+                key = persist.acquire(path, exclusive=True)
+            except StoreError as exc:
+                error = exc
+        ok = float(rank == 0 and error is None)  # summed over ranks: rank 0's alone
+        taken = distributed.all_sum(torch.tensor([ok], device=self.device))
+        if float(taken[0]) == 0.0:
+            raise error or StoreError(f"rank 0 could not take the lock of {path}; see its error")
         try:
             with persist.locked(path, patient=True):
                 self._run(points, fingerprints, path, progress)
