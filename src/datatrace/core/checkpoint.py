@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import hash_tensor
 from .errors import CheckpointError
 
 
@@ -191,9 +192,7 @@ class Checkpoint:
 
 def _hash_tensors(h: Any, items: list[tuple[str, torch.Tensor]]) -> None:
     for k, t in items:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_tensor(h, k, t)
 
 
 def _versions(state: Mapping[str, torch.Tensor]) -> tuple[Any, ...] | None:

@@ -222,9 +222,7 @@ class ExampleSource:
                 if not isinstance(t, torch.Tensor):  # text or numbers a collate left as is
                     h.update(f"{where}={t!r}".encode())
                     continue
-                t = t.detach().cpu().contiguous()
-                h.update(f"{where}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+                hash_tensor(h, where, t)
         return h.hexdigest()
 
 
@@ -330,6 +328,14 @@ def leaves(batch: Batch) -> list[torch.Tensor]:
     return []
 
 
+def hash_tensor(h: Any, label: str, t: torch.Tensor) -> None:
+    """Feed ``label``, the shape, dtype and bytes of ``t`` to the hash ``h`` (the data's and
+    the checkpoints' fingerprints)."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{label}:{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+
+
 def _keyed_leaves(batch: Batch, where: str = "") -> list[tuple[str, Any]]:
     """Every tensor (and string or number) of a (nested) batch with its key path."""
     if isinstance(batch, (torch.Tensor, str, bytes, int, float)):
@@ -341,26 +347,26 @@ def _keyed_leaves(batch: Batch, where: str = "") -> list[tuple[str, Any]]:
     return []
 
 
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor of it (nested dicts, tuples and lists
+    keep their form; anything else is kept as it is)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def batch_to(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor of a batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: batch_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(batch_to(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device))
 
 
 def as_single_batch(example: Any) -> Any:
     """One example (no leading dimension) as a batch of one."""
-    if isinstance(example, torch.Tensor):
-        return example.unsqueeze(0)
-    if isinstance(example, Mapping):
-        return {k: as_single_batch(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(as_single_batch(v) for v in example)
-    return example
+    return map_tensors(example, lambda t: t.unsqueeze(0))
 
 
 def batch_len(batch: Any) -> int:
@@ -374,13 +380,7 @@ def batch_len(batch: Any) -> int:
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Examples start..stop-1 of a batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(v, start, stop) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t[start:stop])
 
 
 def batch_ranges(batch_size: int, start: int, stop: int) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, ExampleSource, batch_ranges, batch_to, leaves
+from .data import Batch, ExampleSource, batch_ranges, batch_to, leaves, map_tensors
 from .errors import NonFiniteError
 from .runtime import eval_mode, show_progress
 
@@ -257,13 +257,7 @@ class TrailingPadding:
 
 def _rows(batch: Batch, rows: torch.Tensor, n: int) -> Batch:
     """The examples ``rows`` of a batch of ``n``: every tensor with ``n`` rows, indexed."""
-    if isinstance(batch, torch.Tensor):
-        return batch[rows.to(batch.device)] if batch.dim() and batch.shape[0] == n else batch
-    if isinstance(batch, Mapping):
-        return {k: _rows(v, rows, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_rows(v, rows, n) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t[rows.to(t.device)] if t.dim() and t.shape[0] == n else t)
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], floor: float = 0.0) -> bool:
