@@ -236,8 +236,8 @@ class GradientFeatures(FeaturePlanning, AbstractFeaturizer):
         dest_e: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A factored layer's ``a`` (n, N·in') and ``e`` (n, N·out): its calls' tokens
-        concatenated, a 1 appended to each input for the bias, zero-padded to the N of the
-        first batch (zero tokens add nothing), or to this batch's own when it has more
+        concatenated, a 1 appended to each input for the bias, zero-padded to the layout's
+        N (zero tokens add nothing), or to this batch's own when it has more
         and these are measurement features (queries of any length); written into
         ``dest_a``/``dest_e`` (e.g. rows of a feature store) when they have that width."""
         n_in, n_out = self._dims(lay)
