@@ -385,15 +385,22 @@ def naming_every_nonfinite(
         bad = list(exc.indices) + nonfinite_examples(value_of, source, rest, device)
         if len(bad) == len(exc.indices) and source.indices is None:
             raise
-        more = len(bad) - SHOWN_INDICES
-        where = (
-            ""
-            if source.indices is None  # a sampler's subset: rows are not the dataset's indices
-            else f" (dataset indices {source.indices[bad[:SHOWN_INDICES]].tolist()})"
-        )
-        raise NonFiniteError(
-            f"non-finite (NaN or inf) {what} or gradient at examples {bad[:SHOWN_INDICES]}"
-            f"{where}{f' and {more} more' if more > 0 else ''}; check these inputs/labels or "
-            "the checkpoint (a diverged model)",
-            indices=bad,
-        ) from None
+        raise nonfinite_error(f"{what} or gradient", bad, source) from None
+
+
+def nonfinite_error(what: str, bad: list[int], source: ExampleSource) -> NonFiniteError:
+    """The error naming the examples (rows of ``source``, and their dataset indices where
+    a sampler picked a subset) whose ``what`` is NaN or inf; none named if ``bad`` is
+    empty."""
+    more = len(bad) - SHOWN_INDICES
+    where = (
+        ""
+        if source.indices is None or not bad
+        else f" (dataset indices {source.indices[bad[:SHOWN_INDICES]].tolist()})"
+    )
+    at = f" at examples {bad[:SHOWN_INDICES]}{where}{f' and {more} more' if more > 0 else ''}"
+    return NonFiniteError(
+        f"non-finite (NaN or inf) {what}{at if bad else ''}; check these inputs/labels or "
+        "the checkpoint (a diverged model)",
+        indices=bad,
+    )

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import ConfigError, NonFiniteError
-from ..core.loop import SHOWN_INDICES, nonfinite_examples
+from ..core.errors import ConfigError
+from ..core.loop import nonfinite_error, nonfinite_examples
 from ..grads.layers import layer_calls
 from .base import symmetric_eigh
 from .fisher import (
@@ -157,17 +157,7 @@ def _check_finite(problem: CurvatureProblem, out: torch.Tensor, grad: torch.Tens
         source.ranges(problem.batch_size),
         problem.theta.device,
     )
-    more = len(idx) - SHOWN_INDICES
-    raise NonFiniteError(
-        "non-finite (NaN or inf) model outputs or loss gradients in a K-FAC pass"
-        + (
-            f" at examples {idx[:SHOWN_INDICES]}{f' and {more} more' if more > 0 else ''}"
-            if idx
-            else ""
-        )
-        + "; check these inputs/labels or the checkpoint (a diverged model)",
-        indices=idx,
-    )
+    raise nonfinite_error("model outputs or loss gradients in a K-FAC pass", idx, source)
 
 
 #: the counted rows of a step are gathered before its covariance products when fewer than
